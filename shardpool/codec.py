@@ -1,0 +1,120 @@
+"""Wire protocol between the front and its workers: one CBOR array per ZeroMQ frame.
+
+Front → worker (on the worker's own PUSH/PULL pipe)::
+
+    [BATCH, epoch, first_wseq, redelivered, [cid, cseq, payload], ...]   many messages per frame
+    [STATS, epoch, request_id]                                            in-band: answered after
+    [CONTROL, epoch, op, cid]                                             everything sent before it
+    [STOP, epoch]                                                         finish, acknowledge, exit
+
+Worker → front (every worker PUSHes to the front's single PULL)::
+
+    [READY, worker, epoch, pid]
+    [ACK, worker, epoch, ranges, results, failures]
+        ranges   = [a0, b0, a1, b1, ...]  finished wseqs a..b-1 whose handler returned None
+        results  = [[wseq, value], ...]   finished with a value, in completion order
+        failures = [[wseq, exc_type, message, traceback, action], ...]
+    [STATS, worker, epoch, request_id, {counter: value}]
+    [HEARTBEAT, worker, epoch, loop_lag_s]
+    [FATAL, worker, epoch, exc_type, message, traceback]     worker could not start
+    [BYE, worker, epoch, {counter: value}]                   clean exit after STOP
+
+``wseq`` numbers the messages the front sent to one worker incarnation stream (implicit in a batch:
+``first_wseq + i``); acknowledgements name *what* finished, not a watermark, because channels
+finish out of per-worker order. ``cseq`` is the per-channel sequence number stamped by the front.
+``epoch`` names the worker incarnation; frames of another epoch are dropped on both sides.
+
+The payload travels as a CBOR byte string holding the caller's CBOR (or raw bytes): the front never
+decodes it (the bytes fast path), and a malformed payload fails only its own message in the worker
+instead of the whole frame. Batch frames are assembled from pre-built byte pieces rather than by
+re-encoding, which is what keeps the front near the bare transport's speed.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+import cbor2
+
+# Front → worker frame kinds.
+BATCH = 0
+STATS = 1
+CONTROL = 2
+STOP = 3
+
+# Worker → front frame kinds.
+READY = 0
+ACK = 1
+STATS_REPLY = 2
+HEARTBEAT = 3
+FATAL = 4
+BYE = 5
+
+dumps = cbor2.dumps
+loads = cbor2.loads
+CBORDecodeError = cbor2.CBORDecodeError
+
+# uint64 cseq + byte-string header with a 32-bit length: fixed width, one struct call per message.
+# CBOR decoders accept these non-shortest heads (RFC 8949 §4.2 makes shortest form a preference).
+_ITEM_TAIL = struct.Struct(">BQBI").pack
+
+
+def item_prefix(channel_id: bytes) -> bytes:
+    """The constant start of every batch item of ``channel_id``: array(3) head + the id."""
+    return b"\x83" + dumps(channel_id)
+
+
+def item_head(cseq: int, payload_len: int) -> bytes:
+    """The bytes between an item's prefix and its payload: ``cseq`` and the payload's length."""
+    return _ITEM_TAIL(0x1B, cseq, 0x5A, payload_len)
+
+
+def _head(major: int, n: int) -> bytes:
+    """CBOR initial byte(s) for major type ``major`` with argument ``n`` (shortest form)."""
+    mt = major << 5
+    if n < 24:
+        return bytes((mt | n,))
+    if n < 0x100:
+        return bytes((mt | 24, n))
+    if n < 0x10000:
+        return bytes((mt | 25,)) + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return bytes((mt | 26,)) + n.to_bytes(4, "big")
+    return bytes((mt | 27,)) + n.to_bytes(8, "big")
+
+
+def batch_header(epoch: int, first_wseq: int, redelivered: bool, count: int) -> bytes:
+    """Head of a BATCH frame carrying ``count`` items; the items' bytes follow it directly."""
+    return (
+        _head(4, 4 + count)
+        + b"\x00"  # BATCH
+        + _head(0, epoch)
+        + _head(0, first_wseq)
+        + (b"\xf5" if redelivered else b"\xf4")
+    )
+
+
+def encode_batch(
+    epoch: int,
+    first_wseq: int,
+    redelivered: bool,
+    items: Iterable[tuple[bytes, int, bytes]],
+) -> bytes:
+    """Encode ``(channel_id, cseq, payload)`` items as one BATCH frame (the slow, simple path)."""
+    parts: list[bytes] = []
+    for cid, cseq, payload in items:
+        parts.append(item_prefix(cid))
+        parts.append(item_head(cseq, len(payload)))
+        parts.append(payload)
+    return batch_header(epoch, first_wseq, redelivered, len(parts) // 3) + b"".join(parts)
+
+
+def encode(obj: Any) -> bytes:
+    """CBOR-encode ``obj``.
+
+    Raises:
+        TypeError: ``obj`` holds a value CBOR cannot represent (cbor2's CBOREncodeError is one).
+    """
+    return dumps(obj)

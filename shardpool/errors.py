@@ -1,0 +1,150 @@
+"""The error tree: everything shardpool raises derives from :class:`ShardPoolError`.
+
+::
+
+    ShardPoolError
+    ├── ConfigError            a config value is missing, of the wrong type or out of range
+    ├── InputError             a message was refused at the door (ValueError too)
+    │   ├── ChannelIdError     channel id is not 1..64 bytes
+    │   └── PayloadTooLarge    encoded payload is over ``transport.max_message_bytes``
+    ├── PoolClosed             you closed the pool (or it is closing); nothing is wrong
+    ├── PoolBroken             something else broke it: a worker could not start or keeps dying
+    │   └── WorkerStartError   a worker failed before READY (import error, crash, deadline)
+    ├── HandlerError           the handler raised; carries the worker's traceback
+    └── DrainTimeout           ``drain``/``close`` ran past its deadline (TimeoutError too)
+
+"Closed by you" (:class:`PoolClosed`) and "broken by something else" (:class:`PoolBroken`) are
+deliberately different types: the first is a programming-order issue in the caller, the second is an
+operational failure that an operator has to look at.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ShardPoolError(Exception):
+    """Base of every error raised by shardpool."""
+
+
+class ConfigError(ShardPoolError):
+    """One or more config values are invalid.
+
+    ``problems`` lists ``(key, value, allowed)`` triples; ``str()`` names each key, the bad value and
+    what is allowed, one per line.
+    """
+
+    def __init__(self, problems: list[tuple[str, Any, str]] | str) -> None:
+        if isinstance(problems, str):
+            problems = [("", None, problems)]
+        self.problems: list[tuple[str, Any, str]] = problems
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        lines = []
+        for key, value, allowed in self.problems:
+            if key:
+                lines.append(f"{key} = {value!r}: {allowed}")
+            else:
+                lines.append(allowed)
+        return "\n".join(lines)
+
+    @property
+    def key(self) -> str:
+        """The first offending key (convenience for the common single-problem case)."""
+        return self.problems[0][0]
+
+
+class InputError(ShardPoolError, ValueError):
+    """A message was refused before it was accepted; nothing else is affected."""
+
+
+class ChannelIdError(InputError):
+    """The channel id is not ``bytes`` of 1 to 64 bytes."""
+
+
+class PayloadTooLarge(InputError):
+    """The encoded payload is larger than ``transport.max_message_bytes``."""
+
+
+class PoolClosed(ShardPoolError):
+    """The pool was closed by its owner (or is shutting down); submit no more work."""
+
+
+class PoolBroken(ShardPoolError):
+    """The pool cannot go on: a worker could not be started or kept dying.
+
+    ``exitcodes`` maps worker index to its last exit code (negative: killed by that signal).
+    """
+
+    def __init__(self, message: str, *, exitcodes: dict[int, int | None] | None = None) -> None:
+        super().__init__(message)
+        self.exitcodes: dict[int, int | None] = dict(exitcodes or {})
+
+
+class WorkerStartError(PoolBroken):
+    """A worker failed before its READY handshake; ``__cause__`` holds its traceback when it had one."""
+
+
+class RemoteTraceback(Exception):
+    """The formatted traceback of an exception raised in a worker process.
+
+    Attached as ``__cause__`` of :class:`HandlerError` / :class:`WorkerStartError` so that the
+    worker's stack prints under the local one, as :mod:`concurrent.futures` does.
+    """
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+class HandlerError(ShardPoolError):
+    """The handler raised while processing one message.
+
+    Attributes: ``channel_id``, ``seq`` (per-channel sequence number), ``exc_type`` (name of the
+    remote exception type), ``policy`` (the failure policy that was applied) and ``traceback``
+    (the worker-side traceback text, also chained as ``__cause__``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        channel_id: bytes,
+        seq: int,
+        exc_type: str,
+        policy: str,
+        traceback: str,
+    ) -> None:
+        super().__init__(message)
+        self.channel_id = channel_id
+        self.seq = seq
+        self.exc_type = exc_type
+        self.policy = policy
+        self.traceback = traceback
+        self.__cause__ = RemoteTraceback(traceback)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild_handler_error,
+            (str(self), self.channel_id, self.seq, self.exc_type, self.policy, self.traceback),
+        )
+
+
+def _rebuild_handler_error(
+    message: str, channel_id: bytes, seq: int, exc_type: str, policy: str, tb: str
+) -> HandlerError:
+    return HandlerError(
+        message, channel_id=channel_id, seq=seq, exc_type=exc_type, policy=policy, traceback=tb
+    )
+
+
+class DrainTimeout(ShardPoolError, TimeoutError):
+    """Work was still in flight when the deadline passed; ``pending`` counts it."""
+
+    def __init__(self, message: str, *, pending: int) -> None:
+        super().__init__(message)
+        self.pending = pending

@@ -1,0 +1,77 @@
+"""Channel id → slot → worker.
+
+``slot = xxh64(channel_id, seed=0) % slots`` and ``worker = table[slot]``. xxh64 is stable across
+processes, runs, machines and Python versions (unlike the salted built-in ``hash()``), so a channel
+always lands on the same worker for a given slot table. The slot table is the indirection that later
+lets the pool move a slot (resize, hot-channel relief) without rehashing every channel: a slot may
+only move after its old owner has acknowledged every in-flight message of that slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import xxhash
+
+from .errors import ChannelIdError
+
+MAX_CHANNEL_ID_BYTES = 64
+"""Longest accepted channel id in bytes (Lightning channel ids are 32)."""
+
+_xxh64 = xxhash.xxh64_intdigest
+
+
+def check_channel_id(channel_id: object) -> bytes:
+    """Return ``channel_id`` if it is ``bytes`` of 1..64 bytes.
+
+    Raises:
+        ChannelIdError: wrong type, empty or longer than :data:`MAX_CHANNEL_ID_BYTES`.
+    """
+    if type(channel_id) is not bytes:
+        if isinstance(channel_id, (bytearray, memoryview)):
+            channel_id = bytes(channel_id)
+        else:
+            raise ChannelIdError(
+                f"channel id must be bytes (1..{MAX_CHANNEL_ID_BYTES} bytes), "
+                f"got {type(channel_id).__name__}"
+            )
+    n = len(channel_id)  # type: ignore[arg-type]
+    if not 1 <= n <= MAX_CHANNEL_ID_BYTES:
+        raise ChannelIdError(
+            f"channel id must be 1..{MAX_CHANNEL_ID_BYTES} bytes long, got {n} bytes"
+        )
+    return channel_id  # type: ignore[return-value]
+
+
+def slot_of(channel_id: bytes, slots: int) -> int:
+    """The slot of ``channel_id`` among ``slots`` slots (stable everywhere)."""
+    return _xxh64(channel_id) % slots
+
+
+def default_slot_table(slots: int, workers: int) -> tuple[int, ...]:
+    """Spread ``slots`` slots over ``workers`` workers round-robin (slot ``s`` → ``s % workers``)."""
+    if slots < 1 or workers < 1:
+        raise ValueError(f"need slots >= 1 and workers >= 1, got slots={slots}, workers={workers}")
+    return tuple(s % workers for s in range(slots))
+
+
+class Router:
+    """Maps channel ids to worker indexes through a fixed slot count and a slot table."""
+
+    __slots__ = ("slots", "table")
+
+    def __init__(self, slots: int, workers: int, table: Sequence[int] | None = None) -> None:
+        """Raises ValueError if ``table`` has the wrong length or names a worker outside 0..workers-1."""
+        self.slots = slots
+        if table is None:
+            table = default_slot_table(slots, workers)
+        if len(table) != slots:
+            raise ValueError(f"slot table has {len(table)} entries, expected {slots}")
+        bad = [w for w in table if not 0 <= w < workers]
+        if bad:
+            raise ValueError(f"slot table names worker {bad[0]}, allowed 0..{workers - 1}")
+        self.table: tuple[int, ...] = tuple(table)
+
+    def worker_of(self, channel_id: bytes) -> int:
+        """Worker index for ``channel_id`` (assumed already checked)."""
+        return self.table[_xxh64(channel_id) % self.slots]
