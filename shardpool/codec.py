@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from typing import Any
 
 import cbor2
 
@@ -58,7 +57,7 @@ CBORDecodeError = cbor2.CBORDecodeError
 
 # uint64 cseq + byte-string header with a 32-bit length: fixed width, one struct call per message.
 # CBOR decoders accept these non-shortest heads (RFC 8949 §4.2 makes shortest form a preference).
-_ITEM_TAIL = struct.Struct(">BQBI").pack
+ITEM_HEAD = struct.Struct(">BQBI").pack
 
 
 def item_prefix(channel_id: bytes) -> bytes:
@@ -68,7 +67,7 @@ def item_prefix(channel_id: bytes) -> bytes:
 
 def item_head(cseq: int, payload_len: int) -> bytes:
     """The bytes between an item's prefix and its payload: ``cseq`` and the payload's length."""
-    return _ITEM_TAIL(0x1B, cseq, 0x5A, payload_len)
+    return ITEM_HEAD(0x1B, cseq, 0x5A, payload_len)
 
 
 def _head(major: int, n: int) -> bytes:
@@ -109,12 +108,3 @@ def encode_batch(
         parts.append(item_head(cseq, len(payload)))
         parts.append(payload)
     return batch_header(epoch, first_wseq, redelivered, len(parts) // 3) + b"".join(parts)
-
-
-def encode(obj: Any) -> bytes:
-    """CBOR-encode ``obj``.
-
-    Raises:
-        TypeError: ``obj`` holds a value CBOR cannot represent (cbor2's CBOREncodeError is one).
-    """
-    return dumps(obj)

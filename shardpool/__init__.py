@@ -1,0 +1,40 @@
+"""shardpool: a multiprocess sharded worker pool with strict per-channel order.
+
+Every message of one channel is handled by one handler call at a time, in arrival order, while
+channels are spread over worker processes (one asyncio event loop each) by a stable hash.
+"""
+
+from .errors import (
+    ChannelIdError,
+    ConfigError,
+    DrainTimeout,
+    HandlerError,
+    InputError,
+    PayloadTooLarge,
+    PoolBroken,
+    PoolClosed,
+    ShardPoolError,
+    WorkerStartError,
+)
+from .front import CloseReport
+from .handler import Channel
+from .pool import ShardPool
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Channel",
+    "ChannelIdError",
+    "CloseReport",
+    "ConfigError",
+    "DrainTimeout",
+    "HandlerError",
+    "InputError",
+    "PayloadTooLarge",
+    "PoolBroken",
+    "PoolClosed",
+    "ShardPool",
+    "ShardPoolError",
+    "WorkerStartError",
+    "__version__",
+]

@@ -1,0 +1,1021 @@
+"""The front: routing, batching, in-flight windows, result delivery and supervision.
+
+::
+
+  producer threads ── submit(cid, payload) ──┐
+                                             │ route: xxh64(cid) % slots → slot table → worker i
+                                             │ stamp: per-channel seq (cseq), per-worker seq (wseq)
+                                             ▼
+               ┌────────── window[i]: every sent-but-unacknowledged message, in order ──────────┐
+               │ pending batch[i] ── flush on size, on linger, or at once when i is idle ──▶ PUSH i
+               └────────────────────────────────────────────────────────────────────────────────┘
+                                                                                   │ BATCH frames
+                       worker 0 … worker N-1 (one asyncio loop each, FIFO per channel)
+                                                                                   │ ACK / READY /
+  I/O thread ◀── one PULL ◀────────────────────────────────────────────────────────┘ HEARTBEAT / …
+    ├─ ACK: pop the window, deliver results/failures in per-channel order, wake blocked producers
+    ├─ sentinel readable: worker died → restart with backoff (crash-loop guard) → READY → replay the
+    │  window to the new epoch, marked redelivered, before anything newer
+    ├─ heartbeat silence past the timeout: kill the hung worker (then as above)
+    └─ linger deadline: flush half-full batches
+
+Producers only take the lock, append and occasionally send a full batch; everything that waits
+(acknowledgements, deaths, timers) happens on the one I/O thread, which is also the only thread that
+spawns workers (with SIGINT/SIGTERM blocked, so children inherit them blocked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import zmq
+
+from . import codec
+from .errors import (
+    ChannelIdError,
+    DrainTimeout,
+    HandlerError,
+    PayloadTooLarge,
+    PoolBroken,
+    PoolClosed,
+    RemoteTraceback,
+    WorkerStartError,
+)
+from .routing import Router, check_channel_id
+from .supervisor import RestartGuard, WorkerProcess, describe_exit
+from .worker import FINAL_ACTIONS, WorkerSpec
+
+log = logging.getLogger("shardpool.front")
+
+ResultCallback = Callable[[bytes, int, Any], None]
+FailureCallback = Callable[[HandlerError], None]
+
+# Link states.
+STARTING = "starting"
+READY = "ready"
+DEAD = "dead"  # waiting for its restart
+STOPPING = "stopping"
+STOPPED = "stopped"
+BROKEN = "broken"
+
+# Pool states.
+_RUNNING = "running"
+_CLOSING = "closing"
+_CLOSED = "closed"
+_BROKEN = "broken"
+
+_Entry = tuple[bytes, int, bytes]  # (channel_id, cseq, payload) as kept in a window
+_item_head = codec.ITEM_HEAD  # (0x1B, cseq, 0x5A, payload length) → bytes
+
+
+@dataclass
+class FrontSettings:
+    """What the front needs from the config, flattened (units in the names)."""
+
+    workers: int
+    handler: Any
+    handler_options: dict[str, Any]
+    slots: int = 4096
+    payload: str = "cbor"
+    failure_policy: str = "halt"
+    retry_limit: int = 3
+    retry_backoff_s: float = 0.05
+    runtime_dir: str = ""
+    batch_size: int = 256
+    batch_linger_s: float = 0.0005
+    max_inflight: int = 16384
+    max_message_bytes: int = 1 << 20
+    ready_timeout_s: float = 20.0
+    heartbeat_interval_s: float = 0.5
+    heartbeat_timeout_s: float = 10.0
+    stop_timeout_s: float = 10.0
+    restart_backoff_s: float = 0.05
+    restart_backoff_max_s: float = 2.0
+    max_restarts: int = 10
+    restart_window_s: float = 60.0
+
+
+@dataclass
+class CloseReport:
+    """What :meth:`Front.close` could not finish: every accepted message is processed, failed, or
+    listed here as handed back (``(channel_id, seq, payload)`` in per-channel order)."""
+
+    unfinished: list[_Entry] = field(default_factory=list)
+    exitcodes: dict[int, int | None] = field(default_factory=dict)
+    drained: bool = True
+
+
+class _Link:
+    """The front's view of one worker slot across its incarnations."""
+
+    __slots__ = (
+        "index",
+        "epoch",
+        "state",
+        "proc",
+        "sock",
+        "window",
+        "parts",
+        "sent_upto",
+        "next_wseq",
+        "batch_t0",
+        "last_seen",
+        "futures",
+        "deadline",
+        "guard",
+        "restarts",
+        "last_exit",
+        "last_error",
+        "ps",
+        "stats",
+    )
+
+    def __init__(self, index: int, guard: RestartGuard) -> None:
+        self.index = index
+        self.epoch = 0
+        self.state = STARTING
+        self.proc: WorkerProcess | None = None
+        self.sock: zmq.Socket[bytes] | None = None
+        self.window: dict[int, _Entry] = {}
+        self.parts: list[bytes] = []  # pending batch: [header placeholder, (prefix, head, payload)*]
+        self.sent_upto = 0  # every wseq below this was handed to the current epoch's socket
+        self.next_wseq = 0
+        self.batch_t0 = 0.0
+        self.last_seen = 0.0
+        self.futures: dict[int, concurrent.futures.Future[Any]] = {}
+        self.deadline = 0.0  # READY deadline while STARTING, restart time while DEAD
+        self.guard = guard
+        self.restarts = 0
+        self.last_exit: int | None = None
+        self.last_error: str = ""
+        self.ps: psutil.Process | None = None
+        self.stats: dict[str, Any] = {}
+
+
+class Front:
+    """The engine behind :class:`~shardpool.pool.ShardPool` (see the module diagram).
+
+    Thread-safe: any number of producer threads may call :meth:`submit` concurrently.
+    """
+
+    def __init__(
+        self,
+        settings: FrontSettings,
+        *,
+        on_result: ResultCallback | None = None,
+        on_failure: FailureCallback | None = None,
+    ) -> None:
+        """Start the workers and wait for every READY.
+
+        Raises:
+            WorkerStartError: a worker failed to import/set up its handler (the worker's traceback
+                is the ``__cause__``), died before READY, or missed the READY deadline.
+        """
+        self.s = settings
+        self._on_result = on_result
+        self._on_failure = on_failure
+        self._router = Router(settings.slots, settings.workers)
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._state = _RUNNING
+        self._broken: PoolBroken | None = None
+        self._channels: dict[bytes, list[Any]] = {}  # cid → [worker, next cseq, item prefix]
+        self._halted: dict[bytes, int] = {}  # cid → cseq of the message it is halted on
+        self._room_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._stats_replies: dict[int, dict[int, dict[str, Any]]] = {}
+        self._stats_ids = itertools.count(1)
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("acknowledged", "results", "failures", "restarts", "replayed"), 0
+        )
+        self._batch_parts = 1 + 3 * settings.batch_size
+        self._max_inflight = settings.max_inflight
+        self._limit = settings.max_inflight  # drops to 0 when not running: one test on the hot path
+        self._max_bytes = settings.max_message_bytes
+        self._linger = settings.batch_linger_s
+
+        self._rundir = tempfile.mkdtemp(prefix="shardpool-", dir=settings.runtime_dir or None)
+        os.chmod(self._rundir, 0o700)
+        self._ctx = zmq.Context()
+        self._pull = self._ctx.socket(zmq.PULL)
+        self._pull.rcvhwm = 0
+        self._pull.linger = 0
+        self._front_endpoint = f"ipc://{self._rundir}/front"
+        self._pull.bind(self._front_endpoint)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._links = [
+            _Link(
+                i,
+                RestartGuard(
+                    settings.max_restarts,
+                    settings.restart_window_s,
+                    settings.restart_backoff_s,
+                    settings.restart_backoff_max_s,
+                ),
+            )
+            for i in range(settings.workers)
+        ]
+        self._start_error: BaseException | None = None
+        self._io_idle = False  # the I/O thread is in a poll with no linger deadline
+        self._thread = threading.Thread(target=self._io_main, name="shardpool-front", daemon=True)
+        self._thread.start()
+        try:
+            self._await_started()
+        except BaseException:
+            self._teardown(reap_timeout=0.5)
+            raise
+
+    # -- producer side -----------------------------------------------------------------------
+
+    def submit_bytes(
+        self,
+        channel_id: bytes,
+        payload: bytes,
+        *,
+        block: bool = True,
+        _future: concurrent.futures.Future[Any] | None = None,
+    ) -> int:
+        """Queue pre-encoded ``payload`` for ``channel_id``; returns its per-channel seq.
+
+        Blocks while the worker's in-flight window is full (backpressure, never a drop).
+
+        Raises:
+            ChannelIdError: ``channel_id`` is not bytes of 1..64 bytes.
+            PayloadTooLarge: ``payload`` is longer than ``max_message_bytes``.
+            PoolClosed / PoolBroken: the pool does not accept work any more.
+            BlockingIOError: ``block=False`` and the window is full.
+        """
+        # The hot path of the whole pool: every line here runs once per message.
+        size = len(payload)
+        if size > self._max_bytes:
+            raise PayloadTooLarge(
+                f"payload is {size} bytes, over transport.max_message_bytes = {self._max_bytes}"
+            )
+        with self._lock:
+            try:
+                st = self._channels[channel_id]
+            except (KeyError, TypeError):
+                st = self._new_channel(channel_id)
+            link: _Link = st[0]
+            window = link.window
+            if len(window) >= self._limit:  # full, or not running (the limit is then 0)
+                self._wait_room(link, block)
+            cseq = st[1]
+            st[1] = cseq + 1
+            wseq = link.next_wseq
+            link.next_wseq = wseq + 1
+            window[wseq] = (channel_id, cseq, payload)
+            if _future is not None:
+                link.futures[wseq] = _future
+            parts = link.parts
+            if parts:
+                parts += (st[2], _item_head(0x1B, cseq, 0x5A, size), payload)
+                if len(parts) >= self._batch_parts:
+                    self._flush(link)
+            else:
+                parts += (b"", st[2], _item_head(0x1B, cseq, 0x5A, size), payload)
+                self._batch_started(link)
+            return cseq
+
+    def request_bytes(self, channel_id: bytes, payload: bytes) -> concurrent.futures.Future[Any]:
+        """Like :meth:`submit_bytes`, but returns a future of the handler's result.
+
+        The future raises :class:`HandlerError` if the handler failed on this message.
+        """
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.submit_bytes(channel_id, payload, _future=fut)
+        return fut
+
+    def _batch_started(self, link: _Link) -> None:
+        """A message opened a new batch (lock held): send it now if the worker is idle, else
+        let the I/O thread flush it when the linger runs out (unless it fills up first)."""
+        if len(link.window) == 1 or self._linger <= 0:
+            # Nothing in flight: the worker is idle, and holding the message back gains nothing.
+            self._flush(link)
+        else:
+            link.batch_t0 = time.monotonic()
+            if self._io_idle:
+                # Only an idle I/O thread needs the nudge; a busy one polls with the linger
+                # deadline already, and a wake per batch would cost a GIL round trip each.
+                self._io_idle = False
+                self._wake()
+
+    def _new_channel(self, channel_id: Any) -> list[Any]:
+        """First message of a channel: check its id, route it, pre-encode its item prefix."""
+        channel_id = check_channel_id(channel_id)
+        st = self._channels.get(channel_id)
+        if st is None:
+            link = self._links[self._router.worker_of(channel_id)]
+            st = [link, 0, codec.item_prefix(channel_id)]
+            self._channels[channel_id] = st
+        return st
+
+    def _wait_room(self, link: _Link, block: bool) -> None:
+        """Wait (lock held by caller, released while waiting) until ``link`` has room."""
+        while True:
+            if self._state != _RUNNING:
+                raise self._not_running_error()
+            if len(link.window) < self._max_inflight:
+                return
+            if not block:
+                raise BlockingIOError("in-flight window full")
+            if threading.current_thread() is self._thread:
+                # A result callback submitting more work: blocking here would stop the very
+                # thread that frees the window, so let it overshoot instead.
+                return
+            self._cv.wait(0.5)
+
+    def _not_running_error(self) -> Exception:
+        if self._state == _BROKEN and self._broken is not None:
+            return PoolBroken(str(self._broken), exitcodes=self._broken.exitcodes)
+        return PoolClosed("the pool is closed")
+
+    def channel_worker(self, channel_id: bytes) -> int:
+        """The worker index that serves ``channel_id``."""
+        return self._router.worker_of(check_channel_id(channel_id))
+
+    async def wait_room_async(self, channel_id: bytes) -> None:
+        """Return once ``channel_id``'s worker has room in its window (or the pool stopped)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._lock:
+                if self._state is not _RUNNING:
+                    raise self._not_running_error()
+                st = self._channels.get(channel_id)
+                link = st[0] if st is not None else self._links[self.channel_worker(channel_id)]
+                if len(link.window) < self._max_inflight:
+                    return
+                fut: asyncio.Future[None] = loop.create_future()
+                self._room_waiters.append((loop, fut))
+            try:
+                await asyncio.wait_for(fut, 0.5)
+            except asyncio.TimeoutError:
+                pass
+
+    # -- batches -----------------------------------------------------------------------------
+
+    def _flush(self, link: _Link) -> None:
+        """Send ``link``'s pending batch (lock held). While the worker is not READY the messages
+        stay in the window only; the replay after READY sends them."""
+        parts = link.parts
+        if link.state != READY:
+            parts.clear()
+            return
+        n = (len(parts) - 1) // 3
+        first = link.next_wseq - n
+        parts[0] = codec.batch_header(link.epoch, first, False, n)
+        assert link.sock is not None
+        link.sock.send(b"".join(parts), copy=False)
+        link.sent_upto = link.next_wseq
+        parts.clear()
+
+    def _flush_stale(self, now: float) -> float | None:
+        """Flush batches older than the linger; return seconds until the next one is due."""
+        due: float | None = None
+        for link in self._links:
+            if link.parts:
+                left = link.batch_t0 + self._linger - now
+                if left <= 0:
+                    self._flush(link)
+                elif due is None or left < due:
+                    due = left
+        return due
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: the I/O thread is awake anyway
+
+    # -- draining, stats, control ------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Send every pending batch now."""
+        with self._lock:
+            for link in self._links:
+                if link.parts:
+                    self._flush(link)
+
+    def _unfinished(self) -> int:
+        """Messages in flight that are not parked behind a halted channel (lock held)."""
+        total = sum(len(link.window) for link in self._links)
+        if total and self._halted:
+            halted = self._halted
+            total -= sum(
+                1 for link in self._links for e in link.window.values() if e[0] in halted
+            )
+        return total
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Wait until every accepted message is processed or failed (halted channels excepted).
+
+        Raises:
+            DrainTimeout: ``timeout`` seconds passed first.
+            PoolBroken: the pool broke while waiting.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            for link in self._links:
+                if link.parts:
+                    self._flush(link)
+            while True:
+                left = self._unfinished()
+                if left == 0:
+                    return
+                if self._state == _BROKEN:
+                    raise self._not_running_error()
+                wait = 0.5
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise DrainTimeout(
+                            f"{left} messages still in flight after {timeout} s", pending=left
+                        )
+                    wait = min(wait, remaining)
+                self._cv.wait(wait)
+
+    def control(self, channel_id: bytes, op: str) -> None:
+        """Send ``resume`` or ``skip`` for a halted channel to its worker (in band, in order)."""
+        with self._lock:
+            cid = check_channel_id(channel_id)
+            if cid not in self._halted:
+                raise ValueError(f"channel {cid.hex()} is not halted")
+            del self._halted[cid]
+            link = self._links[self._router.worker_of(cid)]
+            if link.parts:
+                self._flush(link)
+            if link.state == READY:
+                assert link.sock is not None
+                link.sock.send(codec.dumps([codec.CONTROL, link.epoch, op, cid]))
+            self._cv.notify_all()
+
+    def halted_channels(self) -> dict[bytes, int]:
+        """Channels parked by the halt policy → seq of the message they are halted on."""
+        with self._lock:
+            return dict(self._halted)
+
+    def stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Front counters and a fresh per-worker report (asked in band, so it reflects every
+        message sent before the call). A worker that does not answer in ``timeout`` seconds keeps
+        its last known figures."""
+        with self._lock:
+            req = next(self._stats_ids)
+            self._stats_replies[req] = {}
+            asked = []
+            for link in self._links:
+                if link.parts:
+                    self._flush(link)
+                if link.state == READY and link.sock is not None:
+                    link.sock.send(codec.dumps([codec.STATS, link.epoch, req]))
+                    asked.append(link.index)
+            deadline = time.monotonic() + timeout
+            replies = self._stats_replies[req]
+            while len(replies) < len(asked) and time.monotonic() < deadline:
+                self._cv.wait(deadline - time.monotonic())
+            del self._stats_replies[req]
+            for index, reply in replies.items():
+                self._links[index].stats = reply
+            workers = [self._link_report(link) for link in self._links]
+            return {
+                "state": self._state,
+                "submitted": sum(st[1] for st in self._channels.values()),
+                **self.counters,
+                "inflight": sum(len(link.window) for link in self._links),
+                "halted_channels": len(self._halted),
+                "workers": workers,
+            }
+
+    def _link_report(self, link: _Link) -> dict[str, Any]:
+        rep: dict[str, Any] = dict(link.stats)
+        rep.update(
+            index=link.index,
+            state=link.state,
+            epoch=link.epoch,
+            restarts=link.restarts,
+            inflight=len(link.window),
+            last_exit=describe_exit(link.last_exit) if link.last_exit is not None else None,
+        )
+        ps = link.ps
+        if ps is not None:
+            try:
+                with ps.oneshot():
+                    rep["cpu_percent"] = ps.cpu_percent(None)
+                    rep["rss_bytes"] = ps.memory_info().rss
+            except psutil.Error:
+                pass
+        return rep
+
+    def worker_pids(self) -> list[int | None]:
+        """Current pid of each worker (None while it is not running)."""
+        with self._lock:
+            return [
+                link.proc.pid if link.proc is not None and link.state != STOPPED else None
+                for link in self._links
+            ]
+
+    # -- startup -----------------------------------------------------------------------------
+
+    def _await_started(self) -> None:
+        deadline = time.monotonic() + self.s.ready_timeout_s + 5.0
+        with self._lock:
+            while True:
+                if self._start_error is not None:
+                    raise self._start_error
+                if all(link.state == READY for link in self._links):
+                    return
+                if time.monotonic() > deadline:  # the I/O thread enforces the real deadline
+                    raise WorkerStartError("workers did not report READY in time")
+                self._cv.wait(0.2)
+
+    def _spawn(self, link: _Link) -> None:
+        """Start the next incarnation of ``link`` (I/O thread)."""
+        link.epoch += 1
+        spec = WorkerSpec(
+            index=link.index,
+            epoch=link.epoch,
+            data_endpoint=f"ipc://{self._rundir}/w{link.index}.{link.epoch}",
+            front_endpoint=self._front_endpoint,
+            handler=self.s.handler,
+            handler_options=self.s.handler_options,
+            payload=self.s.payload,
+            failure_policy=self.s.failure_policy,
+            retry_limit=self.s.retry_limit,
+            retry_backoff_s=self.s.retry_backoff_s,
+            heartbeat_interval_s=self.s.heartbeat_interval_s,
+            parent_pid=os.getpid(),
+        )
+        proc = WorkerProcess(spec)
+        proc.start()
+        link.proc = proc
+        link.state = STARTING
+        link.deadline = time.monotonic() + self.s.ready_timeout_s
+        try:
+            link.ps = psutil.Process(proc.pid)
+            link.ps.cpu_percent(None)
+        except psutil.Error:
+            link.ps = None
+
+    def _on_ready(self, link: _Link) -> None:
+        """READY from the current epoch: connect and replay whatever the window holds (lock held)."""
+        sock = self._ctx.socket(zmq.PUSH)
+        # The window bounds what is queued; a blocking send under the lock could deadlock.
+        sock.sndhwm = 0
+        sock.linger = 0
+        sock.connect(f"ipc://{self._rundir}/w{link.index}.{link.epoch}")
+        link.sock = sock
+        link.state = READY
+        link.last_seen = time.monotonic()
+        if link.window:
+            self._replay(link)
+        self._cv.notify_all()
+
+    def _replay(self, link: _Link) -> None:
+        """Re-send the whole window to a fresh incarnation, in order, renumbered for its epoch.
+
+        Messages the dead incarnation had been sent are marked redelivered; ones that were still
+        waiting in a pending batch are not. Halted channels are re-halted first so that the replay
+        does not silently run past the failure an operator has not resolved yet.
+        """
+        old = link.window
+        sent_upto = link.sent_upto
+        link.parts.clear()
+        futures = link.futures
+        link.window = {}
+        link.futures = {}
+        halted = [cid for cid in self._halted if self._channels[cid][0] == link.index]
+        assert link.sock is not None
+        for cid in halted:
+            link.sock.send(codec.dumps([codec.CONTROL, link.epoch, "halt", cid]))
+        redelivered: list[_Entry] = []
+        fresh: list[_Entry] = []
+        for wseq, entry in old.items():
+            new = link.next_wseq
+            link.next_wseq = new + 1
+            link.window[new] = entry
+            fut = futures.get(wseq)
+            if fut is not None:
+                link.futures[new] = fut
+            (redelivered if wseq < sent_upto else fresh).append(entry)
+        first = link.next_wseq - len(old)
+        size = self.s.batch_size
+        for flag, entries in ((True, redelivered), (False, fresh)):
+            for i in range(0, len(entries), size):
+                chunk = entries[i : i + size]
+                link.sock.send(codec.encode_batch(link.epoch, first, flag, chunk))
+                first += len(chunk)
+        link.sent_upto = link.next_wseq
+        self.counters["replayed"] += len(redelivered)
+
+    # -- the I/O thread ----------------------------------------------------------------------
+
+    def _io_main(self) -> None:
+        # Signals go to the main thread; blocking them here also makes every worker we spawn
+        # start with them blocked (the mask survives fork and exec).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            self._io_loop()
+        except BaseException as exc:  # noqa: BLE001 - a dead I/O thread must not hang producers
+            log.exception("front I/O thread failed")
+            with self._lock:
+                if self._state == _RUNNING:
+                    self._break(PoolBroken(f"front I/O thread failed: {exc!r}"))
+                if self._start_error is None:
+                    self._start_error = WorkerStartError(f"front I/O thread failed: {exc!r}")
+                self._cv.notify_all()
+
+    def _io_loop(self) -> None:
+        with self._lock:
+            for link in self._links:
+                try:
+                    self._spawn(link)
+                except Exception as exc:
+                    self._start_error = WorkerStartError(
+                        f"worker {link.index} could not be spawned: {exc!r}"
+                    )
+                    self._start_error.__cause__ = exc
+                    self._cv.notify_all()
+                    return
+        pull = self._pull
+        poller = zmq.Poller()
+        poller.register(pull, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        sentinels: dict[int, _Link] = {}
+        recv = pull.recv
+        while True:
+            with self._lock:
+                if self._state == _CLOSED:
+                    return
+                current = {
+                    link.proc.sentinel: link
+                    for link in self._links
+                    if link.proc is not None and link.state in (STARTING, READY, STOPPING)
+                }
+                now = time.monotonic()
+                due = self._flush_stale(now)
+                due = self._check_timers(now, due)
+                self._io_idle = due is None
+            for fd in sentinels.keys() - current.keys():
+                poller.unregister(fd)
+            for fd in current.keys() - sentinels.keys():
+                poller.register(fd, zmq.POLLIN)
+            sentinels = current
+            timeout_ms = 100.0 if due is None else max(0.0, min(100.0, due * 1000.0))
+            events = dict(poller.poll(timeout_ms))
+            if self._wake_r in events:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            if pull in events:
+                frames = []
+                try:
+                    while len(frames) < 256:
+                        frames.append(recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    pass
+                self._on_frames(frames)
+            dead = [sentinels[fd] for fd in events if fd in sentinels]
+            if dead:
+                with self._lock:
+                    for link in dead:
+                        self._on_death(link)
+
+    def _check_timers(self, now: float, due: float | None) -> float | None:
+        """READY deadlines, restart times and heartbeat silence (lock held)."""
+        for link in self._links:
+            if link.state == STARTING and now > link.deadline:
+                link.last_error = f"no READY within {self.s.ready_timeout_s} s"
+                assert link.proc is not None
+                link.proc.kill()  # its sentinel then reports the death
+            elif link.state == DEAD and now >= link.deadline:
+                try:
+                    self._spawn(link)
+                except Exception as exc:  # noqa: BLE001
+                    self._break(PoolBroken(f"worker {link.index} could not be respawned: {exc!r}"))
+            elif link.state == READY and now - link.last_seen > self.s.heartbeat_timeout_s:
+                link.last_error = (
+                    f"no heartbeat for {now - link.last_seen:.1f} s "
+                    f"(heartbeat_timeout_s = {self.s.heartbeat_timeout_s})"
+                )
+                log.warning("worker %d is hung: %s; killing it", link.index, link.last_error)
+                assert link.proc is not None
+                link.proc.kill()
+                link.last_seen = now  # one kill is enough; the sentinel takes it from here
+            if link.state == DEAD:
+                left = link.deadline - now
+                due = left if due is None else min(due, left)
+        return due
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        outcomes: list[tuple[Any, ...]] = []
+        now = time.monotonic()
+        with self._lock:
+            for frame in frames:
+                try:
+                    msg = codec.loads(frame)
+                    kind, index, epoch = msg[0], msg[1], msg[2]
+                    link = self._links[index]
+                except Exception:  # noqa: BLE001 - never let a bad frame stop the front
+                    log.warning("dropped a malformed frame from a worker (%d bytes)", len(frame))
+                    continue
+                if epoch != link.epoch:
+                    continue  # a dead incarnation's last words
+                link.last_seen = now
+                if kind == codec.ACK:
+                    self._on_ack(link, msg[3], msg[4], msg[5], outcomes)
+                elif kind == codec.HEARTBEAT:
+                    pass
+                elif kind == codec.READY:
+                    if link.state == STARTING:
+                        self._on_ready(link)
+                elif kind == codec.STATS_REPLY:
+                    replies = self._stats_replies.get(msg[3])
+                    if replies is not None:
+                        replies[index] = msg[4]
+                        self._cv.notify_all()
+                elif kind == codec.FATAL:
+                    link.last_error = f"{msg[3]}: {msg[4]}"
+                    err = WorkerStartError(
+                        f"worker {index} failed to start its handler: {msg[3]}: {msg[4]}"
+                    )
+                    err.__cause__ = RemoteTraceback(msg[5])
+                    if self._start_error is None and self._state == _RUNNING and link.restarts == 0:
+                        self._start_error = err
+                    # An import or setup error will not fix itself by restarting.
+                    self._break(err)
+                elif kind == codec.BYE:
+                    link.stats = msg[3]
+            if self._room_waiters:
+                for loop, fut in self._room_waiters:
+                    loop.call_soon_threadsafe(_set_done, fut)
+                self._room_waiters.clear()
+        for outcome in outcomes:
+            self._deliver(outcome)
+
+    def _on_ack(
+        self,
+        link: _Link,
+        ranges: list[int],
+        results: list[list[Any]],
+        failures: list[list[Any]],
+        outcomes: list[tuple[Any, ...]],
+    ) -> None:
+        window = link.window
+        futures = link.futures
+        pop = window.pop
+        n = 0
+        if link.parts:
+            # Ack-clocked batching (as Nagle's algorithm): the worker just finished work, so hand
+            # it the next batch now rather than when the linger runs out.
+            self._flush(link)
+        for i in range(0, len(ranges), 2):
+            a, b = ranges[i], ranges[i + 1]
+            if futures:
+                for w in range(a, b):
+                    pop(w, None)
+                    fut = futures.pop(w, None)
+                    if fut is not None:
+                        outcomes.append(("future", fut, None))
+            else:
+                for w in range(a, b):
+                    pop(w, None)
+            n += b - a
+        for wseq, value in results:
+            entry = pop(wseq, None)
+            if entry is None:
+                continue
+            n += 1
+            fut = futures.pop(wseq, None) if futures else None
+            if fut is not None:
+                outcomes.append(("future", fut, value))
+            elif self._on_result is not None:
+                outcomes.append(("result", entry[0], entry[1], value))
+        for wseq, exc_type, message, tb, action in failures:
+            entry = window.get(wseq)
+            if entry is None:
+                continue
+            cid, cseq = entry[0], entry[1]
+            err = HandlerError(
+                f"handler failed on channel {cid.hex()} seq {cseq}: {exc_type}: {message} "
+                f"(policy: {action})",
+                channel_id=cid,
+                seq=cseq,
+                exc_type=exc_type,
+                policy=action,
+                traceback=tb,
+            )
+            self.counters["failures"] += 1
+            if action in FINAL_ACTIONS:
+                del window[wseq]
+                n += 1
+                fut = futures.pop(wseq, None) if futures else None
+                if fut is not None:
+                    outcomes.append(("future", fut, err))
+                    continue
+            else:
+                self._halted[cid] = cseq
+            outcomes.append(("failure", err))
+        self.counters["acknowledged"] += n
+        self.counters["results"] += len(results)
+        if n or failures:
+            self._cv.notify_all()
+
+    def _deliver(self, outcome: tuple[Any, ...]) -> None:
+        """Hand one outcome to its future or callback (I/O thread, lock not held)."""
+        kind = outcome[0]
+        try:
+            if kind == "future":
+                fut, value = outcome[1], outcome[2]
+                if isinstance(value, HandlerError):
+                    fut.set_exception(value)
+                else:
+                    fut.set_result(value)
+            elif kind == "result":
+                assert self._on_result is not None
+                self._on_result(outcome[1], outcome[2], outcome[3])
+            elif kind == "failure":
+                if self._on_failure is not None:
+                    self._on_failure(outcome[1])
+                else:
+                    log.error("%s\n%s", outcome[1], outcome[1].traceback)
+        except concurrent.futures.InvalidStateError:
+            pass  # the caller cancelled it
+        except Exception:  # noqa: BLE001 - a failing callback must not stop delivery
+            log.exception("result/failure callback raised")
+
+    def _on_death(self, link: _Link) -> None:
+        """A worker process ended (lock held): restart it, or give up (crash loop)."""
+        proc = link.proc
+        assert proc is not None
+        code = proc.join(1.0)
+        link.last_exit = code
+        if link.sock is not None:
+            link.sock.close(linger=0)
+            link.sock = None
+        if link.state == STOPPING or self._state in (_BROKEN, _CLOSED):
+            link.state = STOPPED
+            self._cv.notify_all()
+            return
+        what = describe_exit(code)
+        cause = f" ({link.last_error})" if link.last_error else ""
+        if link.state == STARTING and link.restarts == 0:
+            # Dying before the first READY is a start failure, not something to retry.
+            err = WorkerStartError(
+                f"worker {link.index} {what} before READY{cause}", exitcodes={link.index: code}
+            )
+            if self._start_error is None:
+                self._start_error = err
+            link.state = STOPPED
+            self._break(err)
+            return
+        delay = link.guard.next_delay()
+        if delay is None:
+            link.state = BROKEN
+            self._break(
+                PoolBroken(
+                    f"worker {link.index} keeps dying ({link.guard.max_restarts} restarts within "
+                    f"{link.guard.window_s} s); last: {what}{cause}",
+                    exitcodes={link.index: code},
+                )
+            )
+            return
+        log.warning(
+            "worker %d (pid %s, epoch %d) %s%s; restarting in %.2f s, %d messages to replay",
+            link.index,
+            proc.pid,
+            link.epoch,
+            what,
+            cause,
+            delay,
+            len(link.window),
+        )
+        link.proc = None  # joined; dropping it closes its sentinel
+        link.last_error = ""
+        link.state = DEAD
+        link.restarts += 1
+        self.counters["restarts"] += 1
+        link.deadline = time.monotonic() + delay
+
+    def _set_state(self, state: str) -> None:
+        """Change the pool state (lock held); anything but running shuts the window."""
+        self._state = state
+        self._limit = self._max_inflight if state == _RUNNING else 0
+
+    def _break(self, err: PoolBroken) -> None:
+        """Mark the pool broken (lock held): producers get ``err``, nothing restarts any more."""
+        if self._state in (_BROKEN, _CLOSED):
+            return
+        exitcodes = {link.index: link.last_exit for link in self._links if link.last_exit is not None}
+        err.exitcodes.update(exitcodes)
+        log.error("pool broken: %s", err)
+        self._set_state(_BROKEN)
+        self._broken = err
+        for link in self._links:
+            if link.state == DEAD:
+                link.state = BROKEN
+        self._cv.notify_all()
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._state == _CLOSED
+
+    @property
+    def broken(self) -> PoolBroken | None:
+        return self._broken
+
+    def close(self, timeout: float | None = None) -> CloseReport:
+        """Shut down in phases: stop intake, drain, stop workers, reap, report.
+
+        ``timeout`` (seconds, default ``stop_timeout_s``) bounds the drain and the workers' exit
+        together. Messages not finished by then are returned in the report (never dropped
+        silently). Idempotent.
+        """
+        if self._state == _CLOSED:
+            return CloseReport()
+        timeout = self.s.stop_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        report = CloseReport()
+        # Phase 1: stop intake.
+        with self._lock:
+            was_broken = self._state == _BROKEN
+            if not was_broken:
+                self._set_state(_CLOSING)
+            self._cv.notify_all()
+        # Phase 2: drain within the deadline.
+        if not was_broken:
+            try:
+                self.drain(max(0.0, deadline - time.monotonic()))
+            except (DrainTimeout, PoolBroken):
+                report.drained = False
+        # Phase 3: ask every running worker to finish and leave.
+        with self._lock:
+            for link in self._links:
+                if link.state == READY and link.sock is not None:
+                    link.sock.send(codec.dumps([codec.STOP, link.epoch]))
+                    link.state = STOPPING
+                elif link.state in (STARTING, DEAD):
+                    link.state = STOPPING if link.state == STARTING else STOPPED
+            while any(link.state == STOPPING for link in self._links):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(min(left, 0.2))
+            # Phase 4: report what is left.
+            for link in self._links:
+                report.unfinished.extend(link.window.values())
+                for fut in link.futures.values():
+                    fut.cancel()
+            if report.unfinished:
+                report.drained = False
+                log.warning("closing with %d messages not processed", len(report.unfinished))
+            self._set_state(_CLOSED)
+            self._cv.notify_all()
+            for loop, fut in self._room_waiters:
+                loop.call_soon_threadsafe(_set_done, fut)
+            self._room_waiters.clear()
+        # Phase 5: reap the processes and release sockets and the runtime directory.
+        report.exitcodes = self._teardown(reap_timeout=max(0.5, deadline - time.monotonic()))
+        return report
+
+    def _teardown(self, reap_timeout: float) -> dict[int, int | None]:
+        with self._lock:
+            self._set_state(_CLOSED)
+            self._cv.notify_all()
+        self._wake()
+        self._thread.join(5.0)
+        codes: dict[int, int | None] = {}
+        for link in self._links:
+            if link.proc is not None:
+                codes[link.index] = link.proc.reap(reap_timeout)
+                reap_timeout = 0.5
+            if link.sock is not None:
+                link.sock.close(linger=0)
+                link.sock = None
+        self._pull.close(linger=0)
+        self._ctx.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        shutil.rmtree(self._rundir, ignore_errors=True)
+        return codes
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -1,0 +1,114 @@
+"""Loading user handlers: ``"module:attr"`` or an object, normalised into one :class:`HandlerSpec`.
+
+A handler is called as ``handle(channel, seq, message, redelivered)`` where ``channel`` is the
+per-channel :class:`Channel` (``channel.id`` and a free ``channel.state`` slot), ``seq`` the
+per-channel sequence number, ``message`` the decoded payload and ``redelivered`` is True when the
+message is re-sent after a worker crash (it may have been handled before: use ``seq`` to tell).
+It may be a plain or an ``async`` function. The target may be:
+
+* a function — used as is;
+* a class — instantiated once per worker with ``handler_options`` as keyword arguments;
+* an object with a ``handle`` method.
+
+An object (or class instance) may define ``setup(worker_index)`` and ``teardown()``, called once
+per worker process (either may be ``async``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+HandleFn = Callable[[Any, int, Any, bool], Any]
+
+
+class Channel:
+    """What the handler sees of one channel: its ``id`` and a ``state`` slot it may use freely.
+
+    The worker also keeps its queue and order-check bookkeeping here (underscore attributes).
+    """
+
+    __slots__ = ("id", "state", "_queue", "_busy", "_halted", "_expect", "_count")
+
+    def __init__(self, channel_id: bytes) -> None:
+        self.id = channel_id
+        self.state: Any = None
+        self._queue: Any = None  # deque of waiting messages, created on first need
+        self._busy = False  # a handler call (or a retry wait) is in progress
+        self._halted = False  # parked after a failure under the halt policy
+        self._expect = -1  # next expected cseq; -1 until the first message of this incarnation
+        self._count = 0
+
+    def __repr__(self) -> str:
+        return f"Channel(id={self.id.hex()}, state={self.state!r})"
+
+
+@dataclass(frozen=True)
+class HandlerSpec:
+    """A resolved handler: the call, whether it is a coroutine function, and the hooks."""
+
+    handle: HandleFn
+    is_async: bool
+    setup: Callable[[int], Any] | None
+    teardown: Callable[[], Any] | None
+
+
+def resolve(target: str | object) -> object:
+    """Import ``"package.module:attr.path"`` or return ``target`` as is.
+
+    Raises:
+        ImportError / AttributeError: the module or attribute does not exist.
+        ValueError: the string is not of the ``module:attr`` form.
+    """
+    if not isinstance(target, str):
+        return target
+    module_name, sep, attr_path = target.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise ValueError(f"handler must be 'module:attr', got {target!r}")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr_path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_handler(target: str | object, options: Mapping[str, Any] | None = None) -> HandlerSpec:
+    """Resolve ``target`` into a :class:`HandlerSpec`, instantiating a class with ``options``.
+
+    Raises:
+        ImportError, AttributeError, ValueError: see :func:`resolve`.
+        TypeError: the target is not callable and has no ``handle`` method, or ``options`` were
+            given for a plain function.
+    """
+    obj = resolve(target)
+    options = dict(options or {})
+    if inspect.isclass(obj):
+        obj = obj(**options)
+    elif options:
+        raise TypeError(f"handler_options given, but handler {target!r} is not a class")
+    handle = getattr(obj, "handle", None)
+    if handle is None:
+        if not callable(obj):
+            raise TypeError(f"handler {target!r} is neither callable nor has a handle() method")
+        handle = obj
+    setup = getattr(obj, "setup", None) if handle is not obj else None
+    teardown = getattr(obj, "teardown", None) if handle is not obj else None
+    return HandlerSpec(
+        handle=handle,
+        is_async=inspect.iscoroutinefunction(handle)
+        or inspect.iscoroutinefunction(getattr(handle, "__call__", None)),
+        setup=setup,
+        teardown=teardown,
+    )
+
+
+async def maybe_await(value: Any) -> Any:
+    """Await ``value`` if it is awaitable (hooks may be sync or async)."""
+    if inspect.isawaitable(value):
+        return await value  # type: ignore[misc]
+    return value
+
+
+__all__ = ["Channel", "HandlerSpec", "HandleFn", "load_handler", "resolve", "maybe_await"]

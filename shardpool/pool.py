@@ -1,0 +1,265 @@
+"""The public library API: :class:`ShardPool`.
+
+::
+
+    from shardpool import ShardPool
+
+    def handle(channel, seq, message, redelivered):
+        channel.state = (channel.state or 0) + message["amount"]
+        return channel.state
+
+    with ShardPool(handle, workers=4) as pool:
+        pool.submit(b"chan-1", {"amount": 5})                 # fire and forget, in order per channel
+        total = pool.request(b"chan-1", {"amount": 1}).result(timeout=5)   # wait for one result
+        pool.drain(timeout=30)                                 # everything accepted is finished
+
+Every message of one channel is handled by one handler call at a time, in the order ``submit`` was
+called for that channel, on the worker its channel id hashes to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from . import codec
+from .config import Config, load_config, with_overrides
+from .errors import InputError, PayloadTooLarge
+from .front import CloseReport, FailureCallback, Front, FrontSettings, ResultCallback
+
+_SECTIONS_FOR_SHORT_NAMES = ("pool", "transport", "supervisor")
+
+
+def _dotted(config: Config, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Map ``workers=4``-style keyword options onto dotted config keys."""
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        if "." in name:
+            out[name] = value
+            continue
+        for section in _SECTIONS_FOR_SHORT_NAMES:
+            if hasattr(getattr(config, section), name):
+                out[f"{section}.{name}"] = value
+                break
+        else:
+            raise TypeError(f"ShardPool() got an unexpected option {name!r}")
+    return out
+
+
+def settings_from_config(config: Config, handler: Any = None) -> FrontSettings:
+    """Flatten a validated :class:`Config` into what the front needs."""
+    p, t, s = config.pool, config.transport, config.supervisor
+    return FrontSettings(
+        workers=p.workers,
+        handler=p.handler if handler is None else handler,
+        handler_options=dict(p.handler_options),
+        slots=p.slots,
+        payload=p.payload,
+        failure_policy=p.failure_policy,
+        retry_limit=p.retry_limit,
+        retry_backoff_s=p.retry_backoff_ms / 1000.0,
+        runtime_dir=t.runtime_dir,
+        batch_size=t.batch_size,
+        batch_linger_s=t.batch_linger_ms / 1000.0,
+        max_inflight=t.max_inflight,
+        max_message_bytes=t.max_message_bytes,
+        ready_timeout_s=s.ready_timeout_s,
+        heartbeat_interval_s=s.heartbeat_interval_s,
+        heartbeat_timeout_s=s.heartbeat_timeout_s,
+        stop_timeout_s=s.stop_timeout_s,
+        restart_backoff_s=s.restart_backoff_s,
+        restart_backoff_max_s=s.restart_backoff_max_s,
+        max_restarts=s.max_restarts,
+        restart_window_s=s.restart_window_s,
+    )
+
+
+class ShardPool:
+    """A pool of worker processes with strict per-channel order.
+
+    Args:
+        handler: ``"module:attr"`` or a handler object/function (see :mod:`shardpool.handler`);
+            defaults to ``pool.handler`` of the config.
+        config: a :class:`Config`, a path to a TOML file, or None for the built-in defaults
+            (``SHARDPOOL_*`` environment overrides apply in every case a file or defaults are
+            loaded).
+        on_result: called as ``on_result(channel_id, seq, value)`` for every message whose handler
+            returned a value other than None (except those submitted with :meth:`request`), in
+            per-channel order, on the pool's I/O thread. It must not block for long.
+        on_failure: called with a :class:`~shardpool.errors.HandlerError` for every failure.
+            Without it, failures are logged.
+        **options: config overrides by key name (``workers=4``, ``max_inflight=64``,
+            ``failure_policy="skip"``) or dotted key (``**{"pool.slots": 1024}``).
+
+    Raises:
+        ConfigError: an option or the config file is invalid.
+        WorkerStartError: a worker could not start its handler (the cause carries its traceback).
+    """
+
+    def __init__(
+        self,
+        handler: Any = None,
+        *,
+        config: Config | str | os.PathLike[str] | None = None,
+        on_result: ResultCallback | None = None,
+        on_failure: FailureCallback | None = None,
+        **options: Any,
+    ) -> None:
+        if not isinstance(config, Config):
+            config = load_config(Path(config) if config is not None else None)
+        if options:
+            config = with_overrides(config, _dotted(config, options))
+        self.config = config
+        self._front = Front(
+            settings_from_config(config, handler), on_result=on_result, on_failure=on_failure
+        )
+        self._encode = codec.dumps
+        # The bytes fast path is the front's own method: one Python call less per message.
+        self.submit_bytes = self._front.submit_bytes  # type: ignore[method-assign]
+
+    @classmethod
+    async def open(cls, handler: Any = None, **kwargs: Any) -> ShardPool:
+        """Start a pool without blocking the running event loop (the start takes ~a second)."""
+        return await asyncio.to_thread(cls, handler, **kwargs)
+
+    # -- submitting --------------------------------------------------------------------------
+
+    def _payload(self, message: Any) -> bytes:
+        try:
+            return self._encode(message)
+        except Exception as exc:  # noqa: BLE001 - cbor2 raises several types for one problem
+            raise InputError(f"message cannot be CBOR-encoded: {exc}") from exc
+
+    def submit(self, channel_id: bytes, message: Any) -> int:
+        """Queue ``message`` (CBOR-encoded here) for ``channel_id``; returns its per-channel seq.
+
+        Blocks while the channel's worker has ``max_inflight`` messages unacknowledged.
+
+        Raises:
+            InputError: bad channel id, unencodable message or oversize payload.
+            PoolClosed / PoolBroken: the pool no longer accepts work.
+        """
+        return self._front.submit_bytes(channel_id, self._payload(message))
+
+    def submit_bytes(self, channel_id: bytes, payload: bytes) -> int:
+        """The fast path: ``payload`` is already CBOR (or raw bytes with ``payload = "raw"``) and
+        is forwarded without being decoded. Same blocking and errors as :meth:`submit`."""
+        return self._front.submit_bytes(channel_id, payload)
+
+    def request(self, channel_id: bytes, message: Any) -> concurrent.futures.Future[Any]:
+        """Submit and return a future of the handler's result (raises HandlerError on failure)."""
+        return self._front.request_bytes(channel_id, self._payload(message))
+
+    def request_bytes(self, channel_id: bytes, payload: bytes) -> concurrent.futures.Future[Any]:
+        """:meth:`request` for a pre-encoded payload."""
+        return self._front.request_bytes(channel_id, payload)
+
+    def call(self, channel_id: bytes, message: Any, timeout: float | None = None) -> Any:
+        """Submit and wait up to ``timeout`` seconds for the result.
+
+        Raises:
+            HandlerError: the handler failed. TimeoutError: no result in time.
+        """
+        return self.request(channel_id, message).result(timeout)
+
+    async def asubmit(self, channel_id: bytes, message: Any) -> int:
+        """:meth:`submit` that awaits (instead of blocking the loop) while the window is full."""
+        return await self.asubmit_bytes(channel_id, self._payload(message))
+
+    async def asubmit_bytes(self, channel_id: bytes, payload: bytes) -> int:
+        """:meth:`submit_bytes` that awaits while the window is full."""
+        front = self._front
+        while True:
+            try:
+                return front.submit_bytes(channel_id, payload, block=False)
+            except BlockingIOError:
+                await front.wait_room_async(channel_id)
+
+    async def arequest(self, channel_id: bytes, message: Any) -> Any:
+        """Submit (awaiting room) and await the handler's result."""
+        payload = self._payload(message)
+        if len(payload) > self.config.transport.max_message_bytes:
+            raise PayloadTooLarge(f"payload is {len(payload)} bytes, over the maximum")
+        await self._front.wait_room_async(channel_id)
+        return await asyncio.wrap_future(self._front.request_bytes(channel_id, payload))
+
+    # -- waiting and operating ---------------------------------------------------------------
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Wait until every accepted message is finished (messages parked behind a halted channel
+        excepted). Raises DrainTimeout after ``timeout`` seconds, PoolBroken if the pool broke."""
+        self._front.drain(timeout)
+
+    async def adrain(self, timeout: float | None = None) -> None:
+        """:meth:`drain` without blocking the event loop."""
+        await asyncio.to_thread(self._front.drain, timeout)
+
+    def stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Pool counters and fresh per-worker figures (see :meth:`Front.stats`)."""
+        return self._front.stats(timeout)
+
+    def halted_channels(self) -> dict[bytes, int]:
+        """Channels parked after a failure under the ``halt`` policy → the failed message's seq."""
+        return self._front.halted_channels()
+
+    def resume(self, channel_id: bytes) -> None:
+        """Retry the failed message of a halted channel, then continue with the rest in order."""
+        self._front.control(channel_id, "resume")
+
+    def skip(self, channel_id: bytes) -> None:
+        """Record the failed message of a halted channel as skipped and continue in order."""
+        self._front.control(channel_id, "skip")
+
+    def worker_of(self, channel_id: bytes) -> int:
+        """Index of the worker that serves ``channel_id``."""
+        return self._front.channel_worker(channel_id)
+
+    def worker_pids(self) -> list[int | None]:
+        """The current pid of each worker."""
+        return self._front.worker_pids()
+
+    @property
+    def broken(self) -> bool:
+        return self._front.broken is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._front.closed
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def close(self, timeout: float | None = None) -> CloseReport:
+        """Stop intake, drain within ``timeout`` (default ``supervisor.stop_timeout_s``), stop the
+        workers and reap them. Returns what was not finished (never dropped silently)."""
+        return self._front.close(timeout)
+
+    async def aclose(self, timeout: float | None = None) -> CloseReport:
+        return await asyncio.to_thread(self._front.close, timeout)
+
+    def __enter__(self) -> ShardPool:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # On an exception there is no point draining for the full deadline.
+        self.close(0.0 if exc_type is not None else None)
+
+    async def __aenter__(self) -> ShardPool:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose(0.0 if exc_type is not None else None)
