@@ -61,6 +61,7 @@ from .worker import FINAL_ACTIONS, WorkerSpec
 log = logging.getLogger("shardpool.front")
 
 ResultCallback = Callable[[bytes, int, Any], None]
+DoneCallback = Callable[[Any, "BaseException | None"], None]
 FailureCallback = Callable[[HandlerError], None]
 
 # Link states.
@@ -133,7 +134,7 @@ class _Link:
         "next_wseq",
         "batch_t0",
         "last_seen",
-        "futures",
+        "waiters",
         "deadline",
         "guard",
         "restarts",
@@ -155,7 +156,7 @@ class _Link:
         self.next_wseq = 0
         self.batch_t0 = 0.0
         self.last_seen = 0.0
-        self.futures: dict[int, concurrent.futures.Future[Any]] = {}
+        self.waiters: dict[int, DoneCallback] = {}  # wseq → on_done of that message
         self.deadline = 0.0  # READY deadline while STARTING, restart time while DEAD
         self.guard = guard
         self.restarts = 0
@@ -247,11 +248,15 @@ class Front:
         payload: bytes,
         *,
         block: bool = True,
-        _future: concurrent.futures.Future[Any] | None = None,
+        on_done: DoneCallback | None = None,
     ) -> int:
         """Queue pre-encoded ``payload`` for ``channel_id``; returns its per-channel seq.
 
         Blocks while the worker's in-flight window is full (backpressure, never a drop).
+        ``on_done(value, error)``, if given, is called once for this message (on the I/O thread)
+        instead of ``on_result``/``on_failure``: with the handler's return value, or with the
+        :class:`HandlerError` of a final failure, or with a :class:`PoolClosed` error if the pool
+        closed first. A halted message calls it only once resumed or skipped.
 
         Raises:
             ChannelIdError: ``channel_id`` is not bytes of 1..64 bytes.
@@ -279,8 +284,8 @@ class Front:
             wseq = link.next_wseq
             link.next_wseq = wseq + 1
             window[wseq] = (channel_id, cseq, payload)
-            if _future is not None:
-                link.futures[wseq] = _future
+            if on_done is not None:
+                link.waiters[wseq] = on_done
             parts = link.parts
             if parts:
                 parts += (st[2], _item_head(0x1B, cseq, 0x5A, size), payload)
@@ -297,7 +302,16 @@ class Front:
         The future raises :class:`HandlerError` if the handler failed on this message.
         """
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self.submit_bytes(channel_id, payload, _future=fut)
+
+        def done(value: Any, error: BaseException | None) -> None:
+            if not fut.set_running_or_notify_cancel():
+                return
+            if error is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(error)
+
+        self.submit_bytes(channel_id, payload, on_done=done)
         return fut
 
     def _batch_started(self, link: _Link) -> None:
@@ -593,9 +607,9 @@ class Front:
         old = link.window
         sent_upto = link.sent_upto
         link.parts.clear()
-        futures = link.futures
+        waiters = link.waiters
         link.window = {}
-        link.futures = {}
+        link.waiters = {}
         halted = [cid for cid in self._halted if self._channels[cid][0] == link.index]
         assert link.sock is not None
         for cid in halted:
@@ -606,9 +620,9 @@ class Front:
             new = link.next_wseq
             link.next_wseq = new + 1
             link.window[new] = entry
-            fut = futures.get(wseq)
-            if fut is not None:
-                link.futures[new] = fut
+            waiter = waiters.get(wseq)
+            if waiter is not None:
+                link.waiters[new] = waiter
             (redelivered if wseq < sent_upto else fresh).append(entry)
         first = link.next_wseq - len(old)
         size = self.s.batch_size
@@ -776,7 +790,7 @@ class Front:
         outcomes: list[tuple[Any, ...]],
     ) -> None:
         window = link.window
-        futures = link.futures
+        waiters = link.waiters
         pop = window.pop
         n = 0
         if link.parts:
@@ -785,12 +799,12 @@ class Front:
             self._flush(link)
         for i in range(0, len(ranges), 2):
             a, b = ranges[i], ranges[i + 1]
-            if futures:
+            if waiters:
                 for w in range(a, b):
                     pop(w, None)
-                    fut = futures.pop(w, None)
-                    if fut is not None:
-                        outcomes.append(("future", fut, None))
+                    waiter = waiters.pop(w, None)
+                    if waiter is not None:
+                        outcomes.append(("done", waiter, None, None))
             else:
                 for w in range(a, b):
                     pop(w, None)
@@ -800,9 +814,9 @@ class Front:
             if entry is None:
                 continue
             n += 1
-            fut = futures.pop(wseq, None) if futures else None
-            if fut is not None:
-                outcomes.append(("future", fut, value))
+            waiter = waiters.pop(wseq, None) if waiters else None
+            if waiter is not None:
+                outcomes.append(("done", waiter, value, None))
             elif self._on_result is not None:
                 outcomes.append(("result", entry[0], entry[1], value))
         for wseq, exc_type, message, tb, action in failures:
@@ -823,9 +837,9 @@ class Front:
             if action in FINAL_ACTIONS:
                 del window[wseq]
                 n += 1
-                fut = futures.pop(wseq, None) if futures else None
-                if fut is not None:
-                    outcomes.append(("future", fut, err))
+                waiter = waiters.pop(wseq, None) if waiters else None
+                if waiter is not None:
+                    outcomes.append(("done", waiter, None, err))
                     continue
             else:
                 self._halted[cid] = cseq
@@ -839,12 +853,8 @@ class Front:
         """Hand one outcome to its future or callback (I/O thread, lock not held)."""
         kind = outcome[0]
         try:
-            if kind == "future":
-                fut, value = outcome[1], outcome[2]
-                if isinstance(value, HandlerError):
-                    fut.set_exception(value)
-                else:
-                    fut.set_result(value)
+            if kind == "done":
+                outcome[1](outcome[2], outcome[3])
             elif kind == "result":
                 assert self._on_result is not None
                 self._on_result(outcome[1], outcome[2], outcome[3])
@@ -853,8 +863,6 @@ class Front:
                     self._on_failure(outcome[1])
                 else:
                     log.error("%s\n%s", outcome[1], outcome[1].traceback)
-        except concurrent.futures.InvalidStateError:
-            pass  # the caller cancelled it
         except Exception:  # noqa: BLE001 - a failing callback must not stop delivery
             log.exception("result/failure callback raised")
 
@@ -978,10 +986,11 @@ class Front:
                     break
                 self._cv.wait(min(left, 0.2))
             # Phase 4: report what is left.
+            handed_back: list[DoneCallback] = []
             for link in self._links:
                 report.unfinished.extend(link.window.values())
-                for fut in link.futures.values():
-                    fut.cancel()
+                handed_back.extend(link.waiters.values())
+                link.waiters.clear()
             if report.unfinished:
                 report.drained = False
                 log.warning("closing with %d messages not processed", len(report.unfinished))
@@ -990,6 +999,8 @@ class Front:
             for loop, fut in self._room_waiters:
                 loop.call_soon_threadsafe(_set_done, fut)
             self._room_waiters.clear()
+        for waiter in handed_back:
+            self._deliver(("done", waiter, None, PoolClosed("closed before this message was processed")))
         # Phase 5: reap the processes and release sockets and the runtime directory.
         report.exitcodes = self._teardown(reap_timeout=max(0.5, deadline - time.monotonic()))
         return report
