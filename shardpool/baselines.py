@@ -1,0 +1,655 @@
+"""The two baselines shardpool's benchmarks are compared against, measured in the same run.
+
+* :func:`run_bare_zmq` — the *ceiling*: the least a ZeroMQ + CBOR pool can do. The caller's process
+  is the front (route with :class:`~shardpool.routing.Router`, batch per worker, one PUSH per worker
+  over ipc://); each worker decodes the frame, decodes every payload and calls a trivial handler.
+  No acknowledgements, no in-flight window, no recovery: what shardpool adds is measured against it.
+* :func:`run_mp_queue` — the *naive alternative*: one ``Queue`` per worker, one message per ``put``.
+
+Both start real worker processes with the spawn start method, wait for a READY handshake from every
+worker before the clock starts, stop the clock when the last worker has reported how many messages
+its handler saw, and always reap every process they started (join with a deadline, then terminate,
+then kill), also when they raise.
+
+Frame layout of the bare harness: one CBOR array per ZeroMQ frame, *flat*:
+``[cid0, payload0, cid1, payload1, ...]`` with each payload a CBOR byte string holding the
+pre-encoded message. Measured on the 2-core development machine (200k messages, ~190 B payloads,
+2 workers, front side only: route + batch + encode, best of 9, two sessions on a shared machine):
+``cbor2.dumps`` of the flat list 2.3-3.4 M msgs/s; hand-built array header + concatenated items
+2.1-2.8 M msgs/s for the nested ``[[cid, payload], ...]`` form and 2.2-2.6 M msgs/s for the flat
+one; ``cbor2.dumps`` of the nested form 1.5-1.9 M msgs/s. The flat list also decodes faster in the
+worker (~0.77 vs ~0.70 M msgs/s including each payload's ``cbor2.loads``), so the ceiling uses
+``cbor2.dumps`` of the flat list.
+
+Run ``python -m shardpool.baselines`` for a manual check (both baselines, 1 and 2 workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import multiprocessing
+import os
+import queue as queue_mod
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import cbor2
+import multiprocess
+import zmq
+
+from .routing import Router
+
+__all__ = ["BaselineResult", "make_stream", "run_bare_zmq", "run_mp_queue", "main", "SLOTS"]
+
+SLOTS = 4096
+"""Slot count used to route in both baselines (the pool's default)."""
+
+_READY = "ready"
+_DONE = "done"
+_END = b""
+"""Data frame that ends the stream: an empty frame is never a valid CBOR batch."""
+_EXIT = b"exit"
+"""Sent after every DONE arrived: lets a worker close with linger=0 without losing its DONE."""
+
+_SEND_RETRY_MS = 200
+"""How long one blocked send waits before the front re-checks its deadline and worker liveness."""
+_REPORT_POLL_S = 0.05
+"""Seconds a queue ``get`` blocks before worker liveness is re-checked (detection delay)."""
+_EXIT_GRACE_S = 5.0
+"""How long finished workers get to exit on their own before they are terminated."""
+_TERM_GRACE_S = 2.0
+"""How long a terminated (SIGTERM) worker gets before it is killed (SIGKILL)."""
+_ORPHAN_CHECK_S = 0.5
+"""How often a worker checks whether its parent is gone (it then exits on its own)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BaselineResult:
+    """Outcome of one baseline run.
+
+    ``elapsed_s`` (seconds) runs from the front's first routed message to the last worker's done
+    report; ``msgs_per_s`` is ``messages / elapsed_s``; ``per_worker[i]`` is how many messages the
+    handler of worker ``i`` was called with.
+    """
+
+    name: str
+    workers: int
+    messages: int
+    elapsed_s: float
+    msgs_per_s: float
+    per_worker: list[int]
+
+
+# --------------------------------------------------------------------------------------------
+# workload
+
+
+def make_stream(
+    messages: int, channels: int, *, payload_size: int = 190, seed: int = 0
+) -> list[tuple[bytes, bytes]]:
+    """Build ``messages`` interleaved ``(channel_id, cbor_payload)`` pairs over ``channels`` ids.
+
+    Channel ids are 32 random bytes; each message goes to a channel drawn uniformly at random, so
+    channels interleave as they do on a busy node. Each payload is a CBOR map shaped like an
+    ``update_add_htlc`` (``type``, per-channel ``id``, ``amount_msat``, ``payment_hash``,
+    ``cltv_expiry``, ``onion``), where the ``onion`` byte string pads the encoding to
+    ``payload_size`` bytes (±1 where a CBOR length header changes size; a size below the ~100 bytes
+    the other fields need gives an empty onion and a larger payload). The same ``seed`` gives the
+    same stream in every process and run.
+
+    Raises:
+        ValueError: ``messages < 0``, ``channels < 1`` or ``payload_size < 0``.
+    """
+    if messages < 0:
+        raise ValueError(f"messages must be >= 0, got {messages}")
+    if channels < 1:
+        raise ValueError(f"channels must be >= 1, got {channels}")
+    if payload_size < 0:
+        raise ValueError(f"payload_size must be >= 0, got {payload_size}")
+    rng = random.Random(seed)
+    cids = [rng.randbytes(32) for _ in range(channels)]
+    next_id = [0] * channels
+    # Onion bytes are slices of one random blob: realistic entropy without 200k randbytes calls.
+    blob = rng.randbytes(max(payload_size, 1) * 2)
+    stream: list[tuple[bytes, bytes]] = []
+    append = stream.append
+    dumps = cbor2.dumps
+    for _ in range(messages):
+        c = rng.randrange(channels)
+        htlc_id = next_id[c]
+        next_id[c] = htlc_id + 1
+        msg: dict[str, Any] = {
+            "type": "update_add_htlc",
+            "id": htlc_id,
+            "amount_msat": rng.randrange(1_000, 5_000_000_000),
+            "payment_hash": rng.randbytes(32),
+            "cltv_expiry": rng.randrange(800_000, 900_000),
+            "onion": b"",
+        }
+        k = _onion_len(payload_size, len(dumps(msg)))
+        if k:
+            off = rng.randrange(len(blob) - k + 1)
+            msg["onion"] = blob[off : off + k]
+        append((cids[c], dumps(msg)))
+    return stream
+
+
+def _bstr_head_len(n: int) -> int:
+    """Bytes of the CBOR header of a byte string of length ``n``."""
+    return 1 if n < 24 else 2 if n < 256 else 3 if n < 65536 else 5
+
+
+def _onion_len(target: int, size_with_empty_onion: int) -> int:
+    """Onion length that makes the payload ``target`` bytes (or 1 byte over, or 0 if too small)."""
+    fixed = size_with_empty_onion - 1  # everything but the empty byte string's 1-byte header
+    for head in (1, 2, 3, 5):
+        k = target - fixed - head
+        if k >= 0 and _bstr_head_len(k) == head:
+            return k
+    # target falls where the header grows by one byte: come as close as possible from above
+    for head in (2, 3, 5):
+        k = target - fixed - head + 1
+        if k >= 0 and _bstr_head_len(k) == head:
+            return k
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# worker side (module level so that spawn can import them by reference)
+
+
+def _count(counts: dict[bytes, int], channel_id: bytes, message: object) -> None:
+    """The trivial handler: counts messages per channel."""
+    counts[channel_id] = counts.get(channel_id, 0) + 1
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """Start a daemon thread that ends this process when its parent is gone.
+
+    A parent killed with SIGKILL runs no cleanup, and a worker blocked in ``recv``/``get`` would
+    otherwise wait forever; being re-parented changes ``os.getppid()``.
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(_ORPHAN_CHECK_S)
+            if os.getppid() != parent_pid:
+                os._exit(70)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
+def _zmq_worker(index: int, data_endpoint: str, report_endpoint: str, parent_pid: int) -> None:
+    """Bare-harness worker: PULL batches, decode frame and payloads, call the handler, report."""
+    _exit_when_orphaned(parent_pid)
+    ctx = zmq.Context()  # created here, not inherited: a ZeroMQ context never crosses a process
+    pull = ctx.socket(zmq.PULL)
+    push = ctx.socket(zmq.PUSH)
+    try:
+        pull.bind(data_endpoint)
+        push.connect(report_endpoint)
+        push.send(cbor2.dumps([_READY, index]))
+        counts: dict[bytes, int] = {}
+        loads = cbor2.loads
+        recv = pull.recv
+        handle = _count
+        while True:
+            frame = recv()
+            if not frame:
+                break
+            it = iter(loads(frame))
+            for cid, payload in zip(it, it):
+                handle(counts, cid, loads(payload))
+        push.send(cbor2.dumps([_DONE, index, sum(counts.values()), len(counts)]))
+        # Closing with linger=0 right now could discard DONE; the front says EXIT once it has it.
+        recv()
+    finally:
+        pull.close(linger=0)
+        push.close(linger=0)
+        ctx.term()
+
+
+def _queue_worker(index: int, inbox: Any, reports: Any, parent_pid: int) -> None:
+    """Naive worker: one ``get`` per message, decode the payload, call the handler, report."""
+    _exit_when_orphaned(parent_pid)
+    reports.put((_READY, index))
+    counts: dict[bytes, int] = {}
+    loads = cbor2.loads
+    get = inbox.get
+    handle = _count
+    while True:
+        item = get()
+        if item is None:
+            break
+        cid, payload = item
+        handle(counts, cid, loads(payload))
+    # The queue's feeder thread is joined at process exit, so DONE reaches the pipe before we die.
+    reports.put((_DONE, index, sum(counts.values()), len(counts)))
+
+
+# --------------------------------------------------------------------------------------------
+# front side helpers
+
+
+def _check_common(workers: int, timeout: float) -> None:
+    """Raises ValueError for a worker count below 1 or a non-positive/non-finite timeout."""
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    if not (timeout > 0 and math.isfinite(timeout)):
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+
+
+def _raise_if_dead(procs: Sequence[Any], reported: set[int] | dict[int, Any], what: str) -> None:
+    """Raises RuntimeError if a worker that has not reported ``what`` yet has exited."""
+    for i, p in enumerate(procs):
+        if i not in reported and not p.is_alive():
+            raise RuntimeError(
+                f"baseline worker {i} (pid {p.pid}) exited with code {p.exitcode} before {what}"
+            )
+
+
+def _reap(procs: Sequence[Any], grace_s: float) -> None:
+    """Join every process within ``grace_s`` seconds, then terminate, then kill what is left.
+
+    Never raises for a process that will not die; after SIGKILL + join it is gone.
+    """
+    end = time.monotonic() + grace_s
+    for p in procs:
+        p.join(max(0.0, end - time.monotonic()))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.terminate()
+    end = time.monotonic() + _TERM_GRACE_S
+    for p in alive:
+        p.join(max(0.0, end - time.monotonic()))
+    for p in alive:
+        if p.is_alive():
+            p.kill()
+            p.join(_TERM_GRACE_S)
+    for p in procs:
+        try:
+            p.close()  # releases the sentinel fd now rather than at garbage collection
+        except ValueError:
+            pass  # still running after SIGKILL + join: nothing more we can do here
+
+
+def _await_zmq_reports(
+    sock: zmq.Socket[bytes], procs: Sequence[Any], kind: str, deadline: float
+) -> tuple[dict[int, list[Any]], float]:
+    """Wait for one ``kind`` report from every worker on ``sock``.
+
+    Returns the reports by worker index and the ``perf_counter()`` time the last one arrived.
+
+    Raises:
+        TimeoutError: ``deadline`` (``time.monotonic()`` seconds) passed first.
+        RuntimeError: a worker exited before sending its report.
+    """
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    # Process sentinels become readable when the process ends: a dead worker wakes us at once.
+    by_fd = {p.sentinel: i for i, p in enumerate(procs)}
+    for fd in by_fd:
+        poller.register(fd, zmq.POLLIN)
+    got: dict[int, list[Any]] = {}
+    last = time.perf_counter()
+    while len(got) < len(procs):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            missing = sorted(set(range(len(procs))) - set(got))
+            raise TimeoutError(f"baseline workers {missing} did not report {kind!r} in time")
+        events = dict(poller.poll(max(1, int(remaining * 1000))))
+        if sock in events:
+            while True:
+                try:
+                    frame = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                report = cbor2.loads(frame)
+                if report[0] == kind:
+                    got[report[1]] = report
+                    last = time.perf_counter()
+        for fd, i in list(by_fd.items()):
+            if fd in events:
+                if i not in got:
+                    # Its sentinel fired, so it is ending even if waitpid() cannot tell yet.
+                    p = procs[i]
+                    p.join(1.0)
+                    raise RuntimeError(
+                        f"baseline worker {i} (pid {p.pid}) exited with code {p.exitcode} "
+                        f"before {kind!r}"
+                    )
+                # a worker that reported and then exited is no failure; stop polling its sentinel
+                poller.unregister(fd)
+                del by_fd[fd]
+    return got, last
+
+
+def _send_blocked(
+    sock: zmq.Socket[bytes], frame: bytes, procs: Sequence[Any], deadline: float
+) -> None:
+    """Retry a send that hit the high-water mark until it goes through.
+
+    Raises:
+        TimeoutError: ``deadline`` passed first.
+        RuntimeError: a worker died (a dead worker never drains its pipe).
+    """
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError("bare_zmq: a worker stopped draining its pipe before the deadline")
+        _raise_if_dead(procs, set(), "the end of the stream")
+        try:
+            sock.send(frame)
+            return
+        except zmq.Again:
+            continue
+
+
+# --------------------------------------------------------------------------------------------
+# the baselines
+
+
+def run_bare_zmq(
+    stream: Sequence[tuple[bytes, bytes]],
+    workers: int,
+    *,
+    batch_size: int = 256,
+    timeout: float = 120.0,
+) -> BaselineResult:
+    """The ceiling harness: route, batch and forward pre-encoded payloads over ZeroMQ ipc://.
+
+    The caller's process is the front. ``stream`` holds ``(channel_id, cbor_payload)`` pairs; each
+    is routed with ``Router(SLOTS, workers)`` and appended to its worker's batch; a full batch
+    (``batch_size`` messages) goes out as ONE frame (``cbor2.dumps`` of the flat list, see the
+    module docstring), then a partial batch and an end marker per worker. Workers (spawned
+    ``multiprocess`` processes, each with its own ZeroMQ context) bind a PULL on an endpoint in a
+    private temporary directory, decode each frame and each payload, call a counting handler, and
+    report their count on a PUSH to the front's PULL.
+
+    The clock (``elapsed_s``, seconds) starts after every worker has sent READY, just before the
+    first message is routed, and stops when the last worker's done report arrives. ``timeout``
+    (seconds) bounds the whole run, worker start-up included. Every socket is closed with
+    linger=0, every worker reaped and the temporary directory removed, also when this raises.
+
+    Raises:
+        ValueError: ``workers < 1``, ``batch_size < 1`` or a non-positive ``timeout``.
+        TimeoutError: the run (start-up, READY, streaming, done reports) did not finish in time.
+        RuntimeError: a worker exited before it reported (e.g. a payload that is not CBOR).
+    """
+    _check_common(workers, timeout)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    deadline = time.monotonic() + timeout
+    router = Router(SLOTS, workers)
+    spawn = multiprocess.get_context("spawn")
+    rundir = tempfile.mkdtemp(prefix="shardpool-bare-")
+    ctx = zmq.Context()
+    sockets: list[zmq.Socket[bytes]] = []
+    procs: list[Any] = []
+    finished = False
+    try:
+        report = ctx.socket(zmq.PULL)
+        sockets.append(report)
+        report_ep = f"ipc://{rundir}/report"
+        report.bind(report_ep)
+        data_eps = [f"ipc://{rundir}/w{i}" for i in range(workers)]
+        for i, ep in enumerate(data_eps):
+            p = spawn.Process(
+                target=_zmq_worker,
+                args=(i, ep, report_ep, os.getpid()),
+                name=f"shardpool-bare-zmq-{i}",
+                daemon=True,
+            )
+            p.start()
+            procs.append(p)
+        _await_zmq_reports(report, procs, _READY, deadline)
+        pushes: list[zmq.Socket[bytes]] = []
+        for ep in data_eps:
+            s = ctx.socket(zmq.PUSH)
+            sockets.append(s)
+            # bounded blocking so a stalled or dead worker turns into an error, not a hang
+            s.sndtimeo = _SEND_RETRY_MS
+            s.connect(ep)
+            pushes.append(s)
+
+        sends = [s.send for s in pushes]
+        bufs: list[list[bytes]] = [[] for _ in range(workers)]
+        limit = 2 * batch_size  # the flat list holds two items per message
+        worker_of = router.worker_of
+        dumps = cbor2.dumps
+        monotonic = time.monotonic
+        t0 = time.perf_counter()
+        for cid, payload in stream:
+            w = worker_of(cid)
+            buf = bufs[w]
+            buf += (cid, payload)
+            if len(buf) >= limit:
+                frame = dumps(buf)
+                buf.clear()
+                try:
+                    sends[w](frame)
+                except zmq.Again:
+                    _send_blocked(pushes[w], frame, procs, deadline)
+                if monotonic() > deadline:
+                    raise TimeoutError("bare_zmq: the stream was not sent before the deadline")
+        for w, buf in enumerate(bufs):
+            for frame in ([dumps(buf)] if buf else []) + [_END]:
+                try:
+                    sends[w](frame)
+                except zmq.Again:
+                    _send_blocked(pushes[w], frame, procs, deadline)
+        dones, t1 = _await_zmq_reports(report, procs, _DONE, deadline)
+        finished = True
+    finally:
+        if finished:
+            for s in sockets[1:]:
+                try:
+                    s.send(_EXIT, zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # that worker will be terminated by _reap instead
+        # sockets stay open while workers exit so that EXIT reaches them; linger=0 afterwards
+        _reap(procs, _EXIT_GRACE_S if finished else 0.0)
+        for s in sockets:
+            s.close(linger=0)
+        ctx.term()
+        shutil.rmtree(rundir, ignore_errors=True)
+
+    elapsed = t1 - t0
+    per_worker = [int(dones[i][2]) for i in range(workers)]
+    n = len(stream)
+    return BaselineResult(
+        name="bare_zmq",
+        workers=workers,
+        messages=n,
+        elapsed_s=elapsed,
+        msgs_per_s=n / elapsed if elapsed > 0 else math.inf,
+        per_worker=per_worker,
+    )
+
+
+def run_mp_queue(
+    stream: Sequence[tuple[bytes, bytes]],
+    workers: int,
+    *,
+    timeout: float = 120.0,
+    queue_impl: Literal["multiprocessing", "multiprocess"] = "multiprocessing",
+) -> BaselineResult:
+    """The naive alternative: one ``Queue`` per worker, one ``(channel_id, payload)`` per ``put``.
+
+    Routing, readiness handshake, clock and reaping are as in :func:`run_bare_zmq`; workers
+    ``cbor2.loads`` each payload and call the same counting handler.
+
+    ``queue_impl`` picks the library. The default is the standard library's ``multiprocessing``:
+    what a user writing the naive version reaches for, and the faster of the two, so ratios against
+    it are not flattered. ``"multiprocess"`` pickles through dill's pure-Python pickler (measured
+    ~9 µs per put vs ~2 µs, ~3 µs per get vs ~0.25 µs) and is several times slower; its result is
+    named ``mp_queue_dill``.
+
+    Raises:
+        ValueError: ``workers < 1``, a non-positive ``timeout`` or an unknown ``queue_impl``.
+        TimeoutError: the run (start-up, READY, streaming, done reports) did not finish in
+            ``timeout`` seconds.
+        RuntimeError: a worker exited before it reported (e.g. a payload that is not CBOR).
+    """
+    _check_common(workers, timeout)
+    if queue_impl == "multiprocessing":
+        spawn: Any = multiprocessing.get_context("spawn")
+        name = "mp_queue"
+    elif queue_impl == "multiprocess":
+        spawn = multiprocess.get_context("spawn")
+        name = "mp_queue_dill"
+    else:
+        raise ValueError(
+            f"queue_impl must be 'multiprocessing' or 'multiprocess', got {queue_impl!r}"
+        )
+    deadline = time.monotonic() + timeout
+    router = Router(SLOTS, workers)
+    inboxes: list[Any] = []
+    reports: Any = None
+    procs: list[Any] = []
+    finished = False
+    try:
+        reports = spawn.Queue()
+        for _ in range(workers):
+            q = spawn.Queue()
+            # After a worker is killed, the feeder thread's writes fail with EPIPE; stay quiet
+            # about it, as concurrent.futures does for its call queue.
+            q._ignore_epipe = True
+            inboxes.append(q)
+        for i in range(workers):
+            p = spawn.Process(
+                target=_queue_worker,
+                args=(i, inboxes[i], reports, os.getpid()),
+                name=f"shardpool-mp-queue-{i}",
+                daemon=True,
+            )
+            p.start()
+            procs.append(p)
+        _await_queue_reports(reports, procs, _READY, deadline)
+
+        puts = [q.put for q in inboxes]
+        worker_of = router.worker_of
+        monotonic = time.monotonic
+        t0 = time.perf_counter()
+        for k, item in enumerate(stream):
+            puts[worker_of(item[0])](item)
+            # put never blocks (unbounded queue); check the deadline now and then, not per message
+            if not k & 4095 and monotonic() > deadline:
+                raise TimeoutError("mp_queue: the stream was not sent before the deadline")
+        for put in puts:
+            put(None)
+        dones, t1 = _await_queue_reports(reports, procs, _DONE, deadline)
+        finished = True
+    finally:
+        _reap(procs, _EXIT_GRACE_S if finished else 0.0)
+        for q in inboxes:
+            if finished:
+                q.close()
+                q.join_thread()  # everything was consumed, so the feeder ends at once
+            else:
+                # Nobody reads any more: close our read end so a feeder blocked on a full pipe
+                # gets EPIPE and ends, instead of hanging on (and hanging interpreter exit).
+                q.cancel_join_thread()
+                q._reader.close()
+                q.close()
+        if reports is not None:
+            reports.close()
+
+    elapsed = t1 - t0
+    per_worker = [int(dones[i][2]) for i in range(workers)]
+    n = len(stream)
+    return BaselineResult(
+        name=name,
+        workers=workers,
+        messages=n,
+        elapsed_s=elapsed,
+        msgs_per_s=n / elapsed if elapsed > 0 else math.inf,
+        per_worker=per_worker,
+    )
+
+
+def _await_queue_reports(
+    reports: Any, procs: Sequence[Any], kind: str, deadline: float
+) -> tuple[dict[int, tuple[Any, ...]], float]:
+    """Wait for one ``kind`` report from every worker on the ``reports`` queue.
+
+    Returns the reports by worker index and the ``perf_counter()`` time the last one arrived.
+
+    Raises:
+        TimeoutError: ``deadline`` (``time.monotonic()`` seconds) passed first.
+        RuntimeError: a worker exited with a non-zero code before sending its report.
+    """
+    got: dict[int, tuple[Any, ...]] = {}
+    last = time.perf_counter()
+    while len(got) < len(procs):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            missing = sorted(set(range(len(procs))) - set(got))
+            raise TimeoutError(f"baseline workers {missing} did not report {kind!r} in time")
+        try:
+            report = reports.get(timeout=min(_REPORT_POLL_S, remaining))
+        except queue_mod.Empty:
+            # A worker that exited 0 has flushed its report into the pipe: keep reading. Any
+            # other exit before reporting is a failure.
+            for i, p in enumerate(procs):
+                if i not in got and p.exitcode not in (None, 0):
+                    raise RuntimeError(
+                        f"baseline worker {i} (pid {p.pid}) exited with code {p.exitcode} "
+                        f"before {kind!r}"
+                    )
+            continue
+        if report[0] == kind:
+            got[report[1]] = report
+            last = time.perf_counter()
+    return got, last
+
+
+# --------------------------------------------------------------------------------------------
+# manual check
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print both baselines (and the dill-pickling queue) for each worker count; returns 0."""
+    parser = argparse.ArgumentParser(
+        prog="python -m shardpool.baselines", description="Run shardpool's baselines once."
+    )
+    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--channels", type=int, default=1_000)
+    parser.add_argument("--payload-size", type=int, default=190, help="bytes per payload")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args(argv)
+    # Run through the importable module even under ``-m``: spawn must find the worker functions
+    # by reference, and dill would otherwise pickle ``__main__`` functions by value.
+    mod = importlib.import_module("shardpool.baselines")
+    stream = mod.make_stream(args.messages, args.channels, payload_size=args.payload_size)
+    size = sum(len(p) for _, p in stream) / max(1, len(stream))
+    print(
+        f"{len(stream)} messages over {args.channels} channels, payload {size:.0f} B avg, "
+        f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
+    )
+    print(f"{'baseline':<14} {'workers':>7} {'msgs/s':>12} {'elapsed s':>10}  per worker")
+    for w in args.workers:
+        runs = [
+            mod.run_bare_zmq(stream, w, batch_size=args.batch_size),
+            mod.run_mp_queue(stream, w),
+            mod.run_mp_queue(stream, w, queue_impl="multiprocess"),
+        ]
+        for r in runs:
+            print(
+                f"{r.name:<14} {r.workers:>7} {r.msgs_per_s:>12,.0f} {r.elapsed_s:>10.3f}  "
+                f"{r.per_worker}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
