@@ -135,11 +135,15 @@ class _Link:
         "batch_t0",
         "last_seen",
         "waiters",
+        "parked",
         "deadline",
         "guard",
         "restarts",
         "last_exit",
         "last_error",
+        "last_cause",
+        "died_at",
+        "recovery_s",
         "ps",
         "stats",
     )
@@ -157,11 +161,15 @@ class _Link:
         self.batch_t0 = 0.0
         self.last_seen = 0.0
         self.waiters: dict[int, DoneCallback] = {}  # wseq → on_done of that message
+        self.parked = 0  # window entries of halted channels: they do not count against the limit
         self.deadline = 0.0  # READY deadline while STARTING, restart time while DEAD
         self.guard = guard
         self.restarts = 0
         self.last_exit: int | None = None
-        self.last_error: str = ""
+        self.last_error: str = ""  # what the front saw before a death (hang, missed READY)
+        self.last_cause: str = ""  # how the last incarnation ended, in words
+        self.died_at = 0.0
+        self.recovery_s: list[float] = []  # death → successor READY and replay sent, per restart
         self.ps: psutil.Process | None = None
         self.stats: dict[str, Any] = {}
 
@@ -277,10 +285,15 @@ class Front:
                 st = self._new_channel(channel_id)
             link: _Link = st[0]
             window = link.window
-            if len(window) >= self._limit:  # full, or not running (the limit is then 0)
+            if len(window) - link.parked >= self._limit:  # full, or not running (limit 0)
                 self._wait_room(link, block)
             cseq = st[1]
             st[1] = cseq + 1
+            if st[3] is not None:
+                # Halted channel: hold the message here, in order, outside the window, so a
+                # parked channel cannot fill its worker's window and stall the other channels.
+                st[3].append((cseq, payload, on_done))
+                return cseq
             wseq = link.next_wseq
             link.next_wseq = wseq + 1
             window[wseq] = (channel_id, cseq, payload)
@@ -334,7 +347,8 @@ class Front:
         st = self._channels.get(channel_id)
         if st is None:
             link = self._links[self._router.worker_of(channel_id)]
-            st = [link, 0, codec.item_prefix(channel_id)]
+            # [link, next cseq, item prefix, held messages while halted (else None)]
+            st = [link, 0, codec.item_prefix(channel_id), None]
             self._channels[channel_id] = st
         return st
 
@@ -343,7 +357,7 @@ class Front:
         while True:
             if self._state != _RUNNING:
                 raise self._not_running_error()
-            if len(link.window) < self._max_inflight:
+            if len(link.window) - link.parked < self._max_inflight:
                 return
             if not block:
                 raise BlockingIOError("in-flight window full")
@@ -371,7 +385,7 @@ class Front:
                     raise self._not_running_error()
                 st = self._channels.get(channel_id)
                 link = st[0] if st is not None else self._links[self.channel_worker(channel_id)]
-                if len(link.window) < self._max_inflight:
+                if len(link.window) - link.parked < self._max_inflight:
                     return
                 fut: asyncio.Future[None] = loop.create_future()
                 self._room_waiters.append((loop, fut))
@@ -426,13 +440,33 @@ class Front:
 
     def _unfinished(self) -> int:
         """Messages in flight that are not parked behind a halted channel (lock held)."""
-        total = sum(len(link.window) for link in self._links)
-        if total and self._halted:
-            halted = self._halted
-            total -= sum(
-                1 for link in self._links for e in link.window.values() if e[0] in halted
-            )
-        return total
+        return sum(len(link.window) - link.parked for link in self._links)
+
+    def _recount_parked(self, link: _Link) -> None:
+        """Count ``link``'s in-flight messages of halted channels (lock held; only on halt,
+        resume and replay, so a scan of the window is fine)."""
+        halted = self._halted
+        link.parked = (
+            sum(1 for e in link.window.values() if e[0] in halted) if halted else 0
+        )
+
+    def _place(self, link: _Link, st: list[Any], cid: bytes, cseq: int, payload: bytes,
+               on_done: DoneCallback | None) -> None:
+        """Put an already-numbered message into ``link``'s window and pending batch (lock held).
+        The same steps as the inlined hot path of :meth:`submit_bytes`."""
+        wseq = link.next_wseq
+        link.next_wseq = wseq + 1
+        link.window[wseq] = (cid, cseq, payload)
+        if on_done is not None:
+            link.waiters[wseq] = on_done
+        head = _item_head(0x1B, cseq, 0x5A, len(payload))
+        if link.parts:
+            link.parts += (st[2], head, payload)
+            if len(link.parts) >= self._batch_parts:
+                self._flush(link)
+        else:
+            link.parts += (b"", st[2], head, payload)
+            self._batch_started(link)
 
     def drain(self, timeout: float | None = None) -> None:
         """Wait until every accepted message is processed or failed (halted channels excepted).
@@ -468,14 +502,32 @@ class Front:
             cid = check_channel_id(channel_id)
             if cid not in self._halted:
                 raise ValueError(f"channel {cid.hex()} is not halted")
-            del self._halted[cid]
-            link = self._links[self._router.worker_of(cid)]
+            failed_cseq = self._halted.pop(cid)
+            st = self._channels[cid]
+            link: _Link = st[0]
             if link.parts:
                 self._flush(link)
+            outcomes: list[tuple[Any, ...]] = []
             if link.state == READY:
                 assert link.sock is not None
                 link.sock.send(codec.dumps([codec.CONTROL, link.epoch, op, cid]))
+            elif op == "skip":
+                # The worker is being restarted: the replay will not re-halt the channel, so drop
+                # the failed message here instead (a resume needs nothing: the replay runs it).
+                for wseq, entry in link.window.items():
+                    if entry[0] == cid and entry[1] == failed_cseq:
+                        self._on_ack(
+                            link, [], [], [[wseq, "Skipped", "skipped by operator", "", "skipped"]],
+                            outcomes,
+                        )
+                        break
+            held, st[3] = st[3] or [], None
+            self._recount_parked(link)
+            for cseq, payload, on_done in held:
+                self._place(link, st, cid, cseq, payload, on_done)
             self._cv.notify_all()
+        for outcome in outcomes:
+            self._deliver(outcome)
 
     def halted_channels(self) -> dict[bytes, int]:
         """Channels parked by the halt policy → seq of the message they are halted on."""
@@ -521,7 +573,8 @@ class Front:
             epoch=link.epoch,
             restarts=link.restarts,
             inflight=len(link.window),
-            last_exit=describe_exit(link.last_exit) if link.last_exit is not None else None,
+            last_exit=link.last_cause or None,
+            recovery_s=list(link.recovery_s[-20:]),
         )
         ps = link.ps
         if ps is not None:
@@ -595,6 +648,9 @@ class Front:
         link.last_seen = time.monotonic()
         if link.window:
             self._replay(link)
+        if link.died_at:
+            link.recovery_s.append(time.monotonic() - link.died_at)
+            link.died_at = 0.0
         self._cv.notify_all()
 
     def _replay(self, link: _Link) -> None:
@@ -610,7 +666,7 @@ class Front:
         waiters = link.waiters
         link.window = {}
         link.waiters = {}
-        halted = [cid for cid in self._halted if self._channels[cid][0] == link.index]
+        halted = [cid for cid in self._halted if self._channels[cid][0] is link]
         assert link.sock is not None
         for cid in halted:
             link.sock.send(codec.dumps([codec.CONTROL, link.epoch, "halt", cid]))
@@ -632,6 +688,7 @@ class Front:
                 link.sock.send(codec.encode_batch(link.epoch, first, flag, chunk))
                 first += len(chunk)
         link.sent_upto = link.next_wseq
+        self._recount_parked(link)
         self.counters["replayed"] += len(redelivered)
 
     # -- the I/O thread ----------------------------------------------------------------------
@@ -843,6 +900,10 @@ class Front:
                     continue
             else:
                 self._halted[cid] = cseq
+                st = self._channels[cid]
+                if st[3] is None:
+                    st[3] = []
+                self._recount_parked(link)
             outcomes.append(("failure", err))
         self.counters["acknowledged"] += n
         self.counters["results"] += len(results)
@@ -913,7 +974,9 @@ class Front:
             len(link.window),
         )
         link.proc = None  # joined; dropping it closes its sentinel
+        link.last_cause = f"{what}{cause}"
         link.last_error = ""
+        link.died_at = time.monotonic()
         link.state = DEAD
         link.restarts += 1
         self.counters["restarts"] += 1
@@ -991,6 +1054,11 @@ class Front:
                 report.unfinished.extend(link.window.values())
                 handed_back.extend(link.waiters.values())
                 link.waiters.clear()
+            for cid, st in self._channels.items():
+                for cseq, payload, on_done in st[3] or ():
+                    report.unfinished.append((cid, cseq, payload))
+                    if on_done is not None:
+                        handed_back.append(on_done)
             if report.unfinished:
                 report.drained = False
                 log.warning("closing with %d messages not processed", len(report.unfinished))

@@ -80,3 +80,97 @@ class Counting:
 
 
 BROKEN_IMPORT = "tests_missing_module_for_shardpool:handle"
+
+
+class Ledger:
+    """A durable per-worker ledger, the model of a node's channel database.
+
+    Each applied message appends ``A <cid> <seq> <digest> <redelivered>`` to ``<dir>/w<i>.log``
+    with one ``os.write`` (the kernel keeps it even if the process is SIGKILLed right after), and
+    the log is reloaded by the next incarnation of the same worker, so handler-side state survives
+    crashes. A redelivered message whose ``seq`` was already applied is a recognised duplicate
+    (``D`` line); an unmarked duplicate is a violation (``V`` line) and a gap is logged (``G``
+    line: seq and the last applied seq).
+
+    ``message["fault"]`` injects a fault before the message is applied:
+    ``exit`` (os._exit(70)), ``segv`` (read address 0) and ``raise`` fire once per message (a
+    marker file makes the replayed copy succeed); ``raise_n`` raises ``message["n"]`` times.
+    """
+
+    def __init__(self, dir: str) -> None:
+        self.dir = dir
+        self.applied: dict[str, tuple[int, int]] = {}
+        self.attempts: dict[tuple[str, int], int] = {}
+        self.fd = -1
+
+    def setup(self, worker_index: int) -> None:
+        path = os.path.join(self.dir, f"w{worker_index}.log")
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) == 5 and parts[0] == "A":
+                        self.applied[parts[1]] = (int(parts[2]), int(parts[3]))
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def teardown(self) -> None:
+        os.close(self.fd)
+
+    def _once(self, name: str) -> bool:
+        try:
+            os.close(os.open(os.path.join(self.dir, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True
+
+    def handle(self, channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+        key = channel.id.hex()
+        last, digest = self.applied.get(key, (-1, 0))
+        if seq <= last:
+            kind = "D" if redelivered else "V"
+            os.write(self.fd, f"{kind} {key} {seq} 0 {int(redelivered)}\n".encode())
+            return None
+        if seq != last + 1:
+            # A gap: legitimate only where the missing messages were skipped by policy.
+            os.write(self.fd, f"G {key} {seq} {last} {int(redelivered)}\n".encode())
+        fault = message.get("fault")
+        if fault in ("exit", "segv", "raise") and self._once(f"fault-{key}-{seq}"):
+            if fault == "exit":
+                os._exit(70)
+            if fault == "segv":
+                import ctypes
+
+                ctypes.string_at(0)
+            raise ValueError(f"injected failure on seq {seq}")
+        if fault == "always_exit":
+            os._exit(71)
+        if fault == "raise_n":
+            n = self.attempts.get((key, seq), 0)
+            self.attempts[(key, seq)] = n + 1
+            if n < message["n"]:
+                raise ValueError(f"injected failure {n + 1} of {message['n']} on seq {seq}")
+        digest = (digest * 1_000_003 + message["v"]) % (1 << 61)
+        os.write(self.fd, f"A {key} {seq} {digest} {int(redelivered)}\n".encode())
+        self.applied[key] = (seq, digest)
+        return None
+
+
+def ledger_digest(values: list[int]) -> int:
+    """The state a channel must end in: its messages' values applied serially."""
+    digest = 0
+    for v in values:
+        digest = (digest * 1_000_003 + v) % (1 << 61)
+    return digest
+
+
+def read_ledgers(dir: str) -> dict[str, list[tuple[str, int, int, int]]]:
+    """Every ledger line of every worker, per channel, in the order written."""
+    out: dict[str, list[tuple[str, int, int, int]]] = {}
+    for name in sorted(os.listdir(dir)):
+        if not name.endswith(".log"):
+            continue
+        with open(os.path.join(dir, name)) as f:
+            for line in f:
+                kind, key, seq, digest, redelivered = line.split()
+                out.setdefault(key, []).append((kind, int(seq), int(digest), int(redelivered)))
+    return out
