@@ -660,12 +660,13 @@ class Front:
         waiting in a pending batch are not. Halted channels are re-halted first so that the replay
         does not silently run past the failure an operator has not resolved yet.
         """
-        old = link.window
+        # Rebuilt in place: a producer blocked in _wait_room holds a reference to these dicts.
+        old = dict(link.window)
+        waiters = dict(link.waiters)
+        link.window.clear()
+        link.waiters.clear()
         sent_upto = link.sent_upto
         link.parts.clear()
-        waiters = link.waiters
-        link.window = {}
-        link.waiters = {}
         halted = [cid for cid in self._halted if self._channels[cid][0] is link]
         assert link.sock is not None
         for cid in halted:

@@ -31,16 +31,18 @@ class Channel:
     The worker also keeps its queue and order-check bookkeeping here (underscore attributes).
     """
 
-    __slots__ = ("id", "state", "_queue", "_busy", "_halted", "_expect", "_count")
+    __slots__ = ("id", "state", "_queue", "_busy", "_halted", "_expect", "_first")
 
     def __init__(self, channel_id: bytes) -> None:
         self.id = channel_id
         self.state: Any = None
-        self._queue: Any = None  # deque of waiting messages, created on first need
+        # None exactly while the channel is idle and not halted (the worker's inline fast path);
+        # otherwise the deque of messages waiting their turn, the one in progress first.
+        self._queue: Any = None
         self._busy = False  # a handler call (or a retry wait) is in progress
         self._halted = False  # parked after a failure under the halt policy
         self._expect = -1  # next expected cseq; -1 until the first message of this incarnation
-        self._count = 0
+        self._first = 0  # first cseq seen by this incarnation (messages seen = _expect - _first)
 
     def __repr__(self) -> str:
         return f"Channel(id={self.id.hex()}, state={self.state!r})"

@@ -72,6 +72,10 @@ def worker_main(spec: WorkerSpec) -> None:
     sys.exit(asyncio.run(Worker(spec).run()))
 
 
+def _identity(payload: bytes) -> bytes:
+    return payload
+
+
 def _failure_entry(wseq: int, exc: BaseException, action: str) -> list[Any]:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return [wseq, type(exc).__qualname__, str(exc), tb, action]
@@ -207,6 +211,7 @@ class Worker:
     # -- dispatch ----------------------------------------------------------------------------
 
     def _on_batch(self, msg: list[Any]) -> None:
+        # The worker's hot path: the loop body runs once per message.
         wseq: int = msg[2]
         redelivered: bool = msg[3]
         channels = self.channels
@@ -215,61 +220,71 @@ class Worker:
         assert handler is not None
         handle = handler.handle
         inline = not handler.is_async
-        decode = codec.loads if self.decode else None
-        ranges = self._ranges
+        decode = codec.loads if self.decode else _identity
+        results = self._results
         processed = 0
+        run_start = run_end = wseq  # the current run of wseqs finished with a None result
         if redelivered:
             counters["redelivered"] += len(msg) - 4
-        for i in range(4, len(msg)):
+        for item in msg[4:]:
             try:
-                cid, cseq, payload = msg[i]
-                ch = channels.get(cid)
-            except Exception:  # noqa: BLE001 - one malformed item fails alone
+                cid, cseq, payload = item
+                ch = channels[cid]
+            except KeyError:
+                ch = channels[cid] = Channel(cid)
+            except (TypeError, ValueError):  # only a forged frame gets here; skip the item
                 counters["bad_frames"] += 1
                 wseq += 1
                 continue
-            if ch is None:
-                ch = channels[cid] = Channel(cid)
             exp = ch._expect
-            if cseq != exp:
-                if exp >= 0:
-                    self._order_violation(cseq, exp)
-                if cseq < exp:
-                    cseq_next = exp
-                else:
-                    cseq_next = cseq + 1
+            if cseq == exp:
+                ch._expect = cseq + 1
             else:
-                cseq_next = cseq + 1
-            ch._expect = cseq_next
-            ch._count += 1
-            if inline and not ch._busy and not ch._halted:
+                self._order_check(ch, cseq, exp)
+            if inline and ch._queue is None:  # idle, not halted: run it right here
                 try:
-                    result = handle(ch, cseq, decode(payload) if decode else payload, redelivered)
+                    result = handle(ch, cseq, decode(payload), redelivered)
                 except Exception as exc:  # noqa: BLE001 - handler failures follow the policy
                     self._inline_failure(ch, (wseq, cseq, payload, redelivered), exc)
                 else:
                     processed += 1
                     if result is None:
-                        if ranges and ranges[-1] == wseq:
-                            ranges[-1] = wseq + 1
+                        if wseq == run_end:
+                            run_end = wseq + 1
                         else:
-                            ranges.append(wseq)
-                            ranges.append(wseq + 1)
+                            self._ack_range(run_start, run_end)
+                            run_start, run_end = wseq, wseq + 1
                     else:
-                        self._results.append([wseq, result])
+                        results.append([wseq, result])
             else:
                 self._enqueue(ch, (wseq, cseq, payload, redelivered))
             wseq += 1
+        self._ack_range(run_start, run_end)
         counters["processed"] += processed
         self._flush_acks()
 
-    def _order_violation(self, cseq: int, expected: int) -> None:
-        if cseq > expected:
+    def _order_check(self, ch: Channel, cseq: int, expected: int) -> None:
+        """``cseq`` is not the expected next one: classify, then move the expectation on."""
+        if expected < 0:
+            ch._first = cseq  # first message of this incarnation: it sets the baseline
+        elif cseq > expected:
             self.counters["gaps"] += 1
         elif cseq == expected - 1:
             self.counters["duplicates"] += 1
         else:
             self.counters["reorders"] += 1
+        if cseq >= expected:
+            ch._expect = cseq + 1
+
+    def _ack_range(self, a: int, b: int) -> None:
+        if a == b:
+            return
+        ranges = self._ranges
+        if ranges and ranges[-1] == a:
+            ranges[-1] = b
+        else:
+            ranges.append(a)
+            ranges.append(b)
 
     def _enqueue(self, ch: Channel, item: tuple[int, int, bytes, bool]) -> None:
         q = ch._queue
@@ -296,6 +311,8 @@ class Worker:
                 attempt = 0
         finally:
             ch._busy = False
+            if not q and not ch._halted:
+                ch._queue = None  # idle again: back to the inline fast path
             self._active -= 1
             if self._active == 0 and self._idle is not None:
                 self._idle.set()
@@ -354,6 +371,8 @@ class Worker:
             if ch is None:
                 ch = self.channels[cid] = Channel(cid)
             ch._halted = True
+            if ch._queue is None:
+                ch._queue = collections.deque()
             return
         if ch is None or not ch._halted:
             return
@@ -363,8 +382,12 @@ class Worker:
             wseq = q.popleft()[0]
             self._failures.append([wseq, "Skipped", "skipped by operator", "", "skipped"])
             self._schedule_flush()
-        if q and not ch._busy:
+        if ch._busy:
+            return
+        if q:
             self._start_channel(ch, first_attempt=0)
+        else:
+            ch._queue = None
 
     # -- acknowledgements --------------------------------------------------------------------
 
@@ -439,7 +462,9 @@ class Worker:
                 queued += len(ch._queue)
             if ch._halted:
                 halted += 1
-        hot = heapq.nlargest(HOT_CHANNELS, self.channels.values(), key=lambda c: c._count)
+        hot = heapq.nlargest(
+            HOT_CHANNELS, self.channels.values(), key=lambda c: c._expect - c._first
+        )
         return {
             **self.counters,
             "pid": os.getpid(),
@@ -449,5 +474,5 @@ class Worker:
             "halted_channels": halted,
             "busy_channels": self._active,
             "loop_lag_s": self.loop_lag_s,
-            "hot_channels": [[c.id, c._count] for c in hot],
+            "hot_channels": [[c.id, c._expect - c._first] for c in hot],
         }

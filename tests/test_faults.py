@@ -322,7 +322,7 @@ def test_chaos_repeated_sigkill_under_20000_channels(tmp_path: Path) -> None:
     for c in range(channels):
         lines = ledger[cid(c).hex()]
         applied = [x for x in lines if x[0] == "A"]
-        assert [x[1] for x in applied] == list(range(rounds)), f"channel {c}"
+        assert [x[1] for x in applied] == list(range(rounds)), f"channel {c}: {lines}"
         assert applied[-1][2] == handlers.ledger_digest([value(c, i) for i in range(rounds)])
         assert [x for x in lines if x[0] in "VG"] == [], f"channel {c}"
         dups = [x for x in lines if x[0] == "D"]
