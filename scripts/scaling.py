@@ -1,0 +1,340 @@
+#!/usr/bin/env python3
+"""Throughput versus worker count: JSON + PNG, with the issue-5 ratios measured in the same run.
+
+Two series, each point the median of ``--repeats`` runs:
+
+* **trivial** — the bytes fast path with a handler that does nothing (the worker still decodes each
+  CBOR payload), on ``make_stream`` traffic (~190 B ``update_add_htlc``-shaped payloads). At every
+  worker count the bare pyzmq+cbor2 harness (the ceiling) and the ``multiprocessing.Queue``-per-
+  worker pool (the naive alternative) run on the same stream, interleaved with the pool run by run
+  (pool, bare, queue, pool, ...) so that the noise of a shared machine hits all three alike.
+* **cpu** — the Lightning handler burning ``--cpu-cost-us`` of real CPU per ``commitment_signed``
+  (~18% of the demo traffic), the case where adding cores must pay off.
+
+``speedup = throughput(w) / throughput(1)`` and ``efficiency = speedup / w`` per point. The targets
+(issue 5): trivial 1-worker pool ≥ 0.6 × bare and ≥ 5 × mp.Queue; cpu 1→2 workers ≥ 1.7×;
+efficiency ≥ 0.8 up to cores − 1 workers. They are reported, never enforced: benchmarks do not
+decide pass/fail.
+
+Usage::
+
+    python3 scripts/scaling.py                               # 1, 2, 4, … up to the CPUs here
+    python3 scripts/scaling.py --workers 1 2 4 8 12 --out results/scaling-16core.json
+    python3 scripts/scaling.py --replot results/scaling-16core.json --plot scaling-16core.png
+
+The plot needs matplotlib (``pip install 'shardpool[plot]'``); without it only the JSON is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+try:
+    import shardpool  # noqa: F401
+except ImportError:  # run from a checkout without an install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TARGETS = {
+    "trivial_1w_pool_over_bare": 0.6,
+    "trivial_1w_pool_over_mp_queue": 5.0,
+    "cpu_speedup_1_to_2": 1.7,
+    "cpu_efficiency_up_to_cores_minus_1": 0.8,
+}
+
+
+def _log(text: str, t0: float = time.perf_counter()) -> None:
+    print(f"[{time.perf_counter() - t0:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+
+def default_workers(cpus: int) -> list[int]:
+    """1, 2, 4, … below ``cpus``, then ``cpus`` itself (e.g. 2 → [1, 2]; 12 → [1, 2, 4, 8, 12])."""
+    out = [1]
+    while out[-1] * 2 < cpus:
+        out.append(out[-1] * 2)
+    if cpus > 1:
+        out.append(cpus)
+    return out
+
+
+def _median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else 0.0
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Run both series and return the JSON document (see the module docstring).
+
+    Raises:
+        ShardPoolError / TimeoutError / RuntimeError: a pool or baseline run failed.
+    """
+    import cbor2
+
+    from shardpool.baselines import make_stream, run_bare_zmq, run_mp_queue
+    from shardpool.demo.traffic import encode_stream
+    from shardpool.loadtest import LIGHTNING_HANDLER, TRIVIAL_HANDLER, available_cpus, run_pool
+
+    workers: list[int] = sorted(set(args.workers or default_workers(available_cpus())))
+    wmax = max(workers)
+    n_trivial = [max(args.messages, args.messages_per_worker * w) for w in workers]
+    # The same messages at every worker count: a prefix of another length has another share of
+    # costly commitment_signed, and the speed-up would compare different work.
+    n_cpu = [args.cpu_messages for _ in workers]
+    _log(f"workers {workers}; trivial: up to {max(n_trivial):,} messages, cpu: up to "
+         f"{max(n_cpu):,} messages at {args.cpu_cost_us:g} us per commitment_signed")
+    trivial_stream = make_stream(max(n_trivial), args.channels, seed=args.seed)
+    cpu_peers = max(1, args.cpu_channels // 10)
+    # A prefix of a valid demo stream is valid: one stream serves every worker count. Channels
+    # open with a run of adds, so a prefix short against the channel count under-represents the
+    # commitment_signed that carry the cost; the share is measured and reported per point.
+    cpu_stream = encode_stream(cpu_peers, -(-args.cpu_channels // cpu_peers), max(n_cpu), args.seed)
+    costly = [cbor2.loads(p).get("type") == "commitment_signed" for _, p in cpu_stream]
+    common = {"batch_size": args.batch_size, "timeout_s": args.timeout}
+
+    trivial: list[dict[str, Any]] = []
+    for w, n in zip(workers, n_trivial):
+        stream = trivial_stream[:n]
+        queue_stream = stream[: args.queue_messages]
+        pool_runs: list[float] = []
+        bare_runs: list[float] = []
+        queue_runs: list[float] = []
+        steps: list[tuple[str, Callable[[], float]]] = [
+            ("pool", lambda: run_pool(stream, w, handler=TRIVIAL_HANDLER, **common).msgs_per_s),
+            ("bare", lambda: run_bare_zmq(stream, w, batch_size=args.batch_size,
+                                          timeout=args.timeout).msgs_per_s),
+        ]
+        if not args.no_queue:
+            steps.append(("mp_queue", lambda: run_mp_queue(queue_stream, w,
+                                                           timeout=args.timeout).msgs_per_s))
+        sinks = {"pool": pool_runs, "bare": bare_runs, "mp_queue": queue_runs}
+        for r in range(args.repeats):
+            shift = r % len(steps)
+            for name, fn in steps[shift:] + steps[:shift]:
+                rate = fn()
+                sinks[name].append(rate)
+                _log(f"trivial  w={w:<3} repeat {r + 1}/{args.repeats}  {name:<8} "
+                     f"{rate:>12,.0f} msgs/s")
+        point = {
+            "workers": w,
+            "messages": n,
+            "msgs_per_s": round(_median(pool_runs), 1),
+            "runs": [round(x, 1) for x in pool_runs],
+            "bare_msgs_per_s": round(_median(bare_runs), 1),
+            "bare_runs": [round(x, 1) for x in bare_runs],
+            "mp_queue_msgs_per_s": round(_median(queue_runs), 1) if queue_runs else None,
+            "mp_queue_runs": [round(x, 1) for x in queue_runs],
+            "mp_queue_messages": len(queue_stream),
+        }
+        point["pool_over_bare"] = _ratio(point["msgs_per_s"], point["bare_msgs_per_s"])
+        point["pool_over_mp_queue"] = _ratio(point["msgs_per_s"], point["mp_queue_msgs_per_s"])
+        trivial.append(point)
+
+    cpu: list[dict[str, Any]] = []
+    for w, n in zip(workers, n_cpu):
+        stream = cpu_stream[:n]
+        runs = []
+        for r in range(args.repeats):
+            res = run_pool(stream, w, handler=LIGHTNING_HANDLER,
+                           handler_options={"cpu_cost_us": args.cpu_cost_us}, **common)
+            if res.violations or any(res.sequence_errors.values()):
+                raise RuntimeError(f"order violated at {w} workers: {res.violations_by_code} "
+                                   f"{res.sequence_errors}")
+            runs.append(res.msgs_per_s)
+            _log(f"cpu      w={w:<3} repeat {r + 1}/{args.repeats}  pool     "
+                 f"{res.msgs_per_s:>12,.0f} msgs/s")
+        share = sum(costly[:n]) / n
+        cpu.append({"workers": w, "messages": n, "msgs_per_s": round(_median(runs), 1),
+                    "runs": [round(x, 1) for x in runs], "costly_share": round(share, 4),
+                    "cost_us_per_message": round(share * args.cpu_cost_us, 1)})
+
+    for series in (trivial, cpu):
+        base = next((p["msgs_per_s"] for p in series if p["workers"] == 1), None)
+        for p in series:
+            p["speedup"] = _ratio(p["msgs_per_s"], base) if base else None
+            p["efficiency"] = (round(p["speedup"] / p["workers"], 3)
+                               if p["speedup"] is not None else None)
+
+    cpus = available_cpus()
+    doc: dict[str, Any] = {
+        "version": 1,
+        "machine": {"cpus": cpus, "python": platform.python_version(),
+                    "platform": platform.platform(terse=True)},
+        "options": {
+            "workers": workers, "messages": args.messages,
+            "messages_per_worker": args.messages_per_worker,
+            "cpu_messages": args.cpu_messages,
+            "queue_messages": args.queue_messages, "channels": args.channels,
+            "cpu_channels": args.cpu_channels,
+            "repeats": args.repeats, "cpu_cost_us": args.cpu_cost_us, "seed": args.seed,
+            "batch_size": args.batch_size,
+        },
+        "trivial": trivial,
+        "cpu": cpu,
+    }
+    doc["targets"] = targets(doc)
+    return doc
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b or not math.isfinite(a) or not math.isfinite(b):
+        return None
+    return round(a / b, 3)
+
+
+def targets(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each issue-5 target: the measured value, the target and whether it was met (None: the
+    run did not include the points needed)."""
+    by_w = {p["workers"]: p for p in doc["trivial"]}
+    cpu_w = {p["workers"]: p for p in doc["cpu"]}
+    one = by_w.get(1, {})
+    eff_limit = max(1, doc["machine"]["cpus"] - 1)
+    effs = [p["efficiency"] for p in doc["cpu"]
+            if 1 < p["workers"] <= eff_limit and p["efficiency"] is not None]
+    values = {
+        "trivial_1w_pool_over_bare": one.get("pool_over_bare"),
+        "trivial_1w_pool_over_mp_queue": one.get("pool_over_mp_queue"),
+        "cpu_speedup_1_to_2": cpu_w.get(2, {}).get("speedup"),
+        "cpu_efficiency_up_to_cores_minus_1": min(effs) if effs else None,
+    }
+    return {
+        name: {"value": v, "target": TARGETS[name], "met": None if v is None else v >= TARGETS[name]}
+        for name, v in values.items()
+    }
+
+
+def plot(doc: dict[str, Any], path: Path) -> bool:
+    """Write the PNG; False (and a note on stderr) if matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        _log("matplotlib is not installed (pip install 'shardpool[plot]'): no plot written")
+        return False
+    tr, cpu = doc["trivial"], doc["cpu"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    w = [p["workers"] for p in tr]
+    ax1.plot(w, [p["msgs_per_s"] / 1e3 for p in tr], "o-", label="shardpool, trivial handler")
+    ax1.plot(w, [p["bare_msgs_per_s"] / 1e3 for p in tr], "s--", label="bare pyzmq+cbor2 (ceiling)")
+    if any(p["mp_queue_msgs_per_s"] for p in tr):
+        ax1.plot(w, [(p["mp_queue_msgs_per_s"] or float("nan")) / 1e3 for p in tr], "^:",
+                 label="multiprocessing.Queue per worker")
+    wc = [p["workers"] for p in cpu]
+    ax1.plot(wc, [p["msgs_per_s"] / 1e3 for p in cpu], "D-",
+             label=f"shardpool, LightningHandler ({doc['options']['cpu_cost_us']:g} µs/commit)")
+    ax1.set_xlabel("workers")
+    ax1.set_ylabel("thousand messages / s (median)")
+    ax1.set_yscale("log")
+    ax1.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax1.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax1.set_xticks(sorted(set(w) | set(wc)))
+    ax1.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=8)
+    ax1.set_title("throughput")
+    ax2.plot(w, [p["efficiency"] for p in tr], "o-", label="trivial handler")
+    ax2.plot(wc, [p["efficiency"] for p in cpu], "D-", label="CPU-costed LightningHandler")
+    ax2.axhline(1.0, color="grey", lw=0.8)
+    ax2.axhline(TARGETS["cpu_efficiency_up_to_cores_minus_1"], color="red", lw=0.8, ls="--",
+                label="goal 0.8 (CPU-costed)")
+    ax2.set_xlabel("workers")
+    ax2.set_ylabel("efficiency = speed-up ÷ workers")
+    ax2.set_ylim(0, 1.15)
+    ax2.set_xticks(sorted(set(w) | set(wc)))
+    ax2.grid(True, alpha=0.3)
+    ax2.legend(fontsize=8)
+    ax2.set_title("scaling efficiency")
+    m = doc["machine"]
+    fig.suptitle(f"shardpool scaling — {m['cpus']} CPUs, Python {m['python']}", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def summary(doc: dict[str, Any]) -> str:
+    """A plain-text table of both series and the targets."""
+    lines = [f"{'series':<8}{'workers':>8}{'msgs/s':>12}{'speed-up':>10}{'effic.':>8}"
+             f"{'bare':>12}{'mp.Queue':>11}{'÷bare':>7}{'÷Queue':>8}"]
+    for name in ("trivial", "cpu"):
+        for p in doc[name]:
+            extra = ""
+            if name == "trivial":
+                q = p["mp_queue_msgs_per_s"]
+                extra = (f"{p['bare_msgs_per_s']:>12,.0f}{(f'{q:,.0f}' if q else '-'):>11}"
+                         f"{p['pool_over_bare'] or '-':>7}{p['pool_over_mp_queue'] or '-':>8}")
+            elif "cost_us_per_message" in p:
+                extra = f"   handler CPU {p['cost_us_per_message']} us/msg on average"
+            lines.append(f"{name:<8}{p['workers']:>8}{p['msgs_per_s']:>12,.0f}"
+                         f"{p['speedup'] if p['speedup'] is not None else '-':>10}"
+                         f"{p['efficiency'] if p['efficiency'] is not None else '-':>8}{extra}")
+    lines.append("targets:")
+    for name, t in doc["targets"].items():
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        lines.append(f"  {name:<36} {t['value']!s:>8}  (target >= {t['target']})  {verdict}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, measure (or reload ``--replot``), write JSON/PNG, print the summary."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, nargs="+", default=None,
+                   help="worker counts (default: 1, 2, 4, … up to the CPUs available)")
+    p.add_argument("--messages", type=int, default=200_000,
+                   help="trivial series: at least this many messages per run")
+    p.add_argument("--messages-per-worker", type=int, default=100_000,
+                   help="trivial series: messages per run = max(--messages, this × workers)")
+    p.add_argument("--queue-messages", type=int, default=200_000,
+                   help="mp.Queue runs use at most this many messages (it does not scale)")
+    p.add_argument("--no-queue", action="store_true", help="skip the mp.Queue baseline")
+    p.add_argument("--cpu-messages", type=int, default=40_000,
+                   help="cpu series: messages per run (the same at every worker count)")
+    p.add_argument("--cpu-cost-us", type=float, default=500.0,
+                   help="CPU microseconds per commitment_signed in the cpu series")
+    p.add_argument("--channels", type=int, default=4096, help="channels in the trivial series")
+    p.add_argument("--cpu-channels", type=int, default=1000, help="channels in the cpu series")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per single run")
+    p.add_argument("--out", type=Path, default=Path("results/scaling.json"))
+    p.add_argument("--plot", type=Path, default=None,
+                   help="PNG path (default: --out with .png); see --no-plot")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                   help="do not measure: re-plot and summarise an earlier JSON")
+    args = p.parse_args(argv)
+    for name in ("messages", "messages_per_worker", "queue_messages", "cpu_messages",
+                 "channels", "cpu_channels", "repeats", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.workers and min(args.workers) < 1:
+        p.error("--workers must all be >= 1")
+
+    if args.replot is not None:
+        doc = json.loads(args.replot.read_text())
+        out_png = args.plot or args.replot.with_suffix(".png")
+    else:
+        doc = measure(args)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=2) + "\n")
+        _log(f"wrote {args.out}")
+        out_png = args.plot or args.out.with_suffix(".png")
+    if not args.no_plot and plot(doc, out_png):
+        _log(f"wrote {out_png}")
+    print(summary(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""``shardpool bench`` end to end, as a user runs it: a subprocess with small arguments. Checks the
+report's structure and that shardpool kept the order — never a speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shardpool.loadtest import format_report
+
+pytestmark = pytest.mark.multiprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_json_report_has_every_section_and_zero_violations() -> None:
+    cmd = [
+        sys.executable, "-m", "shardpool", "bench", "--json",
+        "--workers", "2", "--messages", "4000", "--channels", "300", "--repeats", "1",
+        "--bytype-messages", "800", "--cpu-cost-us", "20", "--timeout", "60",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "repeat 1/1" in proc.stderr  # progress goes to stderr, the report alone to stdout
+    report = json.loads(proc.stdout)
+
+    assert report["ok"] is True
+    assert report["traffic"]["messages"] == 4000
+    sp = report["shardpool"]
+    assert sp["violations"] == 0 and sp["force_closed_channels"] == 0 and sp["failures"] == 0
+    assert sp["sequence_errors"] == {"gaps": 0, "duplicates": 0, "reorders": 0}
+    assert sp["digest"]["mismatches"] == 0
+    assert sp["digest"]["channels_checked"] == report["traffic"]["channel_ids"]
+    assert len(sp["runs"]) == 1 and sum(sp["per_worker"]) == 4000
+    assert len(sp["balance"]["shares"]) == 2
+    for lat in (sp["latency"], sp["latency_saturated"]):
+        us = lat["us"]
+        assert us["count"] > 0
+        assert 0 < us["p50"] <= us["p90"] <= us["p99"] <= us["p99.9"] <= us["max"]
+
+    assert report["shardpool_trivial"]["msgs_per_s"] > 0
+    for name in ("bare_zmq", "mp_queue"):
+        base = report["baselines"][name]
+        assert base["msgs_per_s"] > 0 and sum(base["runs"][0]["per_worker"]) == 4000
+    bt = report["baselines"]["by_type"]
+    assert bt["messages"] == 800
+    assert bt["violations"] == sum(bt["violations_by_code"].values())
+    same = bt["shardpool_same_traffic"]
+    assert same["violations"] == 0 and same["digest_mismatches"] == 0
+    assert set(report["ratios"]) == {"pool_over_bare", "pool_over_mp_queue",
+                                     "lightning_over_bare", "lightning_over_mp_queue"}
+    assert all(v > 0 for v in report["ratios"].values())
+
+    text = format_report(report)
+    for needle in ("shardpool÷bare", "shardpool÷mp.Queue", "p99.9", "per-worker balance",
+                   "by-type dispatch", "verdict: OK"):
+        assert needle in text
