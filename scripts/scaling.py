@@ -70,8 +70,12 @@ def _median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs)) if xs else 0.0
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Run both series and return the JSON document (see the module docstring).
+def measure(
+    args: argparse.Namespace, save: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Run both series and return the JSON document (see the module docstring). ``save`` is
+    called with the document after every point (``"complete": false`` until the last), so a run
+    cut short by a deadline still leaves its figures behind.
 
     Raises:
         ShardPoolError / TimeoutError / RuntimeError: a pool or baseline run failed.
@@ -83,7 +87,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from shardpool.loadtest import LIGHTNING_HANDLER, TRIVIAL_HANDLER, available_cpus, run_pool
 
     workers: list[int] = sorted(set(args.workers or default_workers(available_cpus())))
-    wmax = max(workers)
     n_trivial = [max(args.messages, args.messages_per_worker * w) for w in workers]
     # The same messages at every worker count: a prefix of another length has another share of
     # costly commitment_signed, and the speed-up would compare different work.
@@ -100,6 +103,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     common = {"batch_size": args.batch_size, "timeout_s": args.timeout}
 
     trivial: list[dict[str, Any]] = []
+    cpu: list[dict[str, Any]] = []
+    doc: dict[str, Any] = {
+        "version": 1,
+        "machine": {"cpus": available_cpus(), "python": platform.python_version(),
+                    "platform": platform.platform(terse=True)},
+        "options": {
+            "workers": workers, "messages": args.messages,
+            "messages_per_worker": args.messages_per_worker,
+            "cpu_messages": args.cpu_messages,
+            "queue_messages": args.queue_messages, "channels": args.channels,
+            "cpu_channels": args.cpu_channels,
+            "repeats": args.repeats, "cpu_cost_us": args.cpu_cost_us, "seed": args.seed,
+            "batch_size": args.batch_size,
+        },
+        "trivial": trivial,
+        "cpu": cpu,
+        "complete": False,
+    }
     for w, n in zip(workers, n_trivial):
         stream = trivial_stream[:n]
         queue_stream = stream[: args.queue_messages]
@@ -136,51 +157,46 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         point["pool_over_bare"] = _ratio(point["msgs_per_s"], point["bare_msgs_per_s"])
         point["pool_over_mp_queue"] = _ratio(point["msgs_per_s"], point["mp_queue_msgs_per_s"])
         trivial.append(point)
+        _finish(doc, save)
 
-    cpu: list[dict[str, Any]] = []
-    for w, n in zip(workers, n_cpu):
-        stream = cpu_stream[:n]
-        runs = []
-        for r in range(args.repeats):
-            res = run_pool(stream, w, handler=LIGHTNING_HANDLER,
+    # Worker counts interleave within each repeat (1, 2, 4, 1, 2, 4, ...): the speed-up is the
+    # figure here, and a slow spell of the machine then hits every worker count alike.
+    cpu_runs: dict[int, list[float]] = {w: [] for w in workers}
+    for r in range(args.repeats):
+        for w, n in zip(workers, n_cpu):
+            res = run_pool(cpu_stream[:n], w, handler=LIGHTNING_HANDLER,
                            handler_options={"cpu_cost_us": args.cpu_cost_us}, **common)
             if res.violations or any(res.sequence_errors.values()):
                 raise RuntimeError(f"order violated at {w} workers: {res.violations_by_code} "
                                    f"{res.sequence_errors}")
-            runs.append(res.msgs_per_s)
+            cpu_runs[w].append(res.msgs_per_s)
             _log(f"cpu      w={w:<3} repeat {r + 1}/{args.repeats}  pool     "
                  f"{res.msgs_per_s:>12,.0f} msgs/s")
-        share = sum(costly[:n]) / n
-        cpu.append({"workers": w, "messages": n, "msgs_per_s": round(_median(runs), 1),
-                    "runs": [round(x, 1) for x in runs], "costly_share": round(share, 4),
-                    "cost_us_per_message": round(share * args.cpu_cost_us, 1)})
+        cpu.clear()
+        for w, n in zip(workers, n_cpu):
+            share = sum(costly[:n]) / n
+            cpu.append({"workers": w, "messages": n, "msgs_per_s": round(_median(cpu_runs[w]), 1),
+                        "runs": [round(x, 1) for x in cpu_runs[w]],
+                        "costly_share": round(share, 4),
+                        "cost_us_per_message": round(share * args.cpu_cost_us, 1)})
+        _finish(doc, save)
 
-    for series in (trivial, cpu):
+    doc["complete"] = True
+    _finish(doc, save)
+    return doc
+
+
+def _finish(doc: dict[str, Any], save: Callable[[dict[str, Any]], None] | None) -> None:
+    """Recompute speed-ups, efficiencies and targets from the points so far; save if asked."""
+    for series in (doc["trivial"], doc["cpu"]):
         base = next((p["msgs_per_s"] for p in series if p["workers"] == 1), None)
         for p in series:
             p["speedup"] = _ratio(p["msgs_per_s"], base) if base else None
             p["efficiency"] = (round(p["speedup"] / p["workers"], 3)
                                if p["speedup"] is not None else None)
-
-    cpus = available_cpus()
-    doc: dict[str, Any] = {
-        "version": 1,
-        "machine": {"cpus": cpus, "python": platform.python_version(),
-                    "platform": platform.platform(terse=True)},
-        "options": {
-            "workers": workers, "messages": args.messages,
-            "messages_per_worker": args.messages_per_worker,
-            "cpu_messages": args.cpu_messages,
-            "queue_messages": args.queue_messages, "channels": args.channels,
-            "cpu_channels": args.cpu_channels,
-            "repeats": args.repeats, "cpu_cost_us": args.cpu_cost_us, "seed": args.seed,
-            "batch_size": args.batch_size,
-        },
-        "trivial": trivial,
-        "cpu": cpu,
-    }
     doc["targets"] = targets(doc)
-    return doc
+    if save is not None:
+        save(doc)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -325,9 +341,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc = json.loads(args.replot.read_text())
         out_png = args.plot or args.replot.with_suffix(".png")
     else:
-        doc = measure(args)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=2) + "\n")
+
+        def save(doc: dict[str, Any]) -> None:
+            tmp = args.out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(doc, indent=2) + "\n")
+            tmp.replace(args.out)  # a reader (or a kill) never sees half a file
+
+        doc = measure(args, save)
         _log(f"wrote {args.out}")
         out_png = args.plot or args.out.with_suffix(".png")
     if not args.no_plot and plot(doc, out_png):

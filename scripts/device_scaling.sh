@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Scaling run on a lent many-core machine (16 cores) where shardpool's dependencies are not
+# installed and nothing can be downloaded. Self-contained: installs the wheels carried in .whl/
+# (prepared on the development machine, see bench/README.md), runs scripts/scaling.py for
+# 1, 2, 4, 8 and 12 workers (trivial handler + CPU-costed LightningHandler), and leaves in $OUT:
+#   scaling-device.json  every point, the ratios and the targets (written after each point, so a
+#                        run cut short still leaves what it measured; "complete" says which)
+#   scaling-device.png   the plot, where matplotlib is installed on the machine
+#   scaling-device.log   the whole output
+# Budget: ~3 minutes of measurement on 16 cores, hard-stopped at 330 s (inside a 6-minute slot).
+#
+# Run from the repository root, with .whl carried:  bash scripts/device_scaling.sh
+set -u -o pipefail
+
+OUT="${OUT:-$PWD/results/device}"
+mkdir -p "$OUT"
+LOG="$OUT/scaling-device.log"
+export PYTHONUNBUFFERED=1
+
+{
+  echo "== $(date -u +%FT%TZ) $(uname -srm)"
+  python3 --version
+  echo "cpus: $(nproc) (affinity), $(getconf _NPROCESSORS_ONLN) online"
+
+  if ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "no wheels in .whl/: prepare them first (bench/README.md), and carry .whl" >&2
+    exit 2
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 3
+  export PYTHONPATH=/tmp/site:$PWD
+  python3 -c 'import zmq, cbor2, xxhash, psutil, multiprocess, dill, shardpool;
+print("pyzmq", zmq.__version__, "| libzmq", zmq.zmq_version(), "| multiprocess",
+      multiprocess.__version__, "| psutil", psutil.__version__)' || exit 4
+
+  # Sizes: the trivial series grows with the worker count (50k messages per worker, at least
+  # 200k) so every run lasts long enough to time; the CPU-costed series runs the same 100k
+  # messages at every count (~85 us of handler CPU per message on average: ~9 s at 1 worker).
+  # SCALING_ARGS / SCALING_TIMEOUT_S replace these for a local smoke test of this script.
+  ARGS=${SCALING_ARGS:-"--workers 1 2 4 8 12 --messages 200000 --messages-per-worker 50000
+    --queue-messages 200000 --cpu-messages 100000 --cpu-cost-us 500 --repeats 3"}
+  # shellcheck disable=SC2086  # ARGS is a list of words on purpose
+  timeout -k 10 "${SCALING_TIMEOUT_S:-330}" python3 scripts/scaling.py $ARGS \
+    --out "$OUT/scaling-device.json" --plot "$OUT/scaling-device.png"
+  rc=$?
+  echo "== scaling.py exit code $rc"
+  exit $rc
+} 2>&1 | tee "$LOG"
+exit "${PIPESTATUS[0]}"
