@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -150,6 +150,12 @@ class ShardPool:
         """The fast path: ``payload`` is already CBOR (or raw bytes with ``payload = "raw"``) and
         is forwarded without being decoded. Same blocking and errors as :meth:`submit`."""
         return self._front.submit_bytes(channel_id, payload)
+
+    def submit_many_bytes(self, items: Iterable[tuple[bytes, bytes]]) -> int:
+        """The fastest way in: ``(channel_id, payload)`` pairs, each as :meth:`submit_bytes`
+        (same order, blocking and errors), with the locking cost shared by a chunk of messages.
+        Returns how many were accepted."""
+        return self._front.submit_many_bytes(items)
 
     def request(self, channel_id: bytes, message: Any) -> concurrent.futures.Future[Any]:
         """Submit and return a future of the handler's result (raises HandlerError on failure)."""

@@ -211,30 +211,32 @@ class Worker:
     # -- dispatch ----------------------------------------------------------------------------
 
     def _on_batch(self, msg: list[Any]) -> None:
-        # The worker's hot path: the loop body runs once per message.
-        wseq: int = msg[2]
+        # The worker's hot path: the loop body runs once per message, so it does only what every
+        # message needs. Messages that do not finish inline with a None result are noted as
+        # holes; the acknowledged ranges are the batch minus the holes, computed once at the end.
+        first: int = msg[2]
         redelivered: bool = msg[3]
+        items = msg[4:]
         channels = self.channels
-        counters = self.counters
         handler = self.handler
         assert handler is not None
         handle = handler.handle
         inline = not handler.is_async
         decode = codec.loads if self.decode else _identity
         results = self._results
-        processed = 0
-        run_start = run_end = wseq  # the current run of wseqs finished with a None result
+        results_before = len(results)
+        holes: list[int] = []
         if redelivered:
-            counters["redelivered"] += len(msg) - 4
-        for item in msg[4:]:
+            self.counters["redelivered"] += len(items)
+        for wseq, item in enumerate(items, first):
             try:
                 cid, cseq, payload = item
                 ch = channels[cid]
             except KeyError:
                 ch = channels[cid] = Channel(cid)
             except (TypeError, ValueError):  # only a forged frame gets here; skip the item
-                counters["bad_frames"] += 1
-                wseq += 1
+                self.counters["bad_frames"] += 1
+                holes.append(wseq)
                 continue
             exp = ch._expect
             if cseq == exp:
@@ -245,22 +247,23 @@ class Worker:
                 try:
                     result = handle(ch, cseq, decode(payload), redelivered)
                 except Exception as exc:  # noqa: BLE001 - handler failures follow the policy
+                    holes.append(wseq)
                     self._inline_failure(ch, (wseq, cseq, payload, redelivered), exc)
-                else:
-                    processed += 1
-                    if result is None:
-                        if wseq == run_end:
-                            run_end = wseq + 1
-                        else:
-                            self._ack_range(run_start, run_end)
-                            run_start, run_end = wseq, wseq + 1
-                    else:
-                        results.append([wseq, result])
+                    continue
+                if result is not None:
+                    holes.append(wseq)
+                    results.append([wseq, result])
             else:
+                holes.append(wseq)
                 self._enqueue(ch, (wseq, cseq, payload, redelivered))
-            wseq += 1
-        self._ack_range(run_start, run_end)
-        counters["processed"] += processed
+        end = first + len(items)
+        start = first
+        for hole in holes:
+            self._ack_range(start, hole)
+            start = hole + 1
+        self._ack_range(start, end)
+        # Finished here: everything but the holes, plus the holes that returned a value.
+        self.counters["processed"] += len(items) - len(holes) + len(results) - results_before
         self._flush_acks()
 
     def _order_check(self, ch: Channel, cseq: int, expected: int) -> None:

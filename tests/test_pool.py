@@ -301,3 +301,21 @@ def test_workers_exit_when_the_front_process_dies(tmp_path: Path) -> None:
     for p in alive:
         p.kill()
     assert alive == []
+
+
+def test_submit_many_bytes_keeps_order_and_stops_at_bad_input() -> None:
+    got: dict[bytes, list[int]] = collections.defaultdict(list)
+    with ShardPool(
+        handlers.record, workers=2, batch_size=16, max_inflight=64,
+        on_result=lambda c, s, v: got[c].append(v[1]),
+    ) as pool:
+        stream = [(_channel(c), cbor2.dumps({"i": i})) for i in range(200) for c in range(20)]
+        assert pool.submit_many_bytes(stream) == len(stream)
+        with pytest.raises(ChannelIdError):
+            pool.submit_many_bytes([(_channel(0), cbor2.dumps({"i": 200})), (b"", b"\x00")])
+        pool.drain(timeout=60)
+        stats = pool.stats()
+    # The pair before the bad one was accepted and processed, in order, after the first 200.
+    assert got[_channel(0)] == list(range(201))
+    assert all(got[_channel(c)] == list(range(200)) for c in range(1, 20))
+    _check_counters(stats)
