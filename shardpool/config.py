@@ -408,6 +408,7 @@ class PoolConfig(_Section):
         0, 60_000, default=50.0, unit="milliseconds", doc="wait before each retry"
     )
     payload: str = _choice("cbor", "raw", default="cbor", doc="payload encoding")
+    pin_workers: bool = _bool(default=False, doc="pin worker i to CPU i (shardpool run)")
 
 
 @dataclass(frozen=True)
@@ -485,6 +486,7 @@ class IngressConfig(_Section):
     )
     curve_public_key: str = _str(default="", doc="CURVE public key file")
     curve_secret_key: str = _str(default="", doc="CURVE secret key file")
+    curve_clients_dir: str = _str(default="", doc="authorised CURVE client keys; \"\" = any")
     max_producers: int = _int(1, 1_000_000, default=1024, doc="connected producers, at most")
 
 
