@@ -1,0 +1,369 @@
+"""The control socket of ``shardpool run`` and its clients: ``status``, ``drain``, ``stop``.
+
+Wire format (one CBOR frame each way, DEALER → ROUTER)::
+
+    request  [1, op, args]            op: "ping" | "status" | "drain" | "stop";  args: a map
+    reply    [1, ok, payload]         ok: true → payload is the answer; false → {"error": text}
+
+* ``ping``   → ``{"pid", "version", "state", "ingress", "control", "metrics"}``: the readiness
+  handshake (the socket is bound only once the pool, the ingress and the metrics are up).
+* ``status`` → a snapshot (see :meth:`shardpool.service.Service.snapshot`).
+* ``drain``  → stop intake, finish every accepted message (``args["timeout"]`` seconds at most),
+  then answer ``{"drained": bool, "pending": n}``; the backend stays up (status keeps working,
+  producers are answered ``draining``) until it is stopped.
+* ``stop``   → answered at once with ``{"stopping": true, "pid": n}``; the backend then shuts down
+  as on SIGTERM.
+
+A request that needs the main thread (drain, stop) is answered later; the server thread keeps
+answering others meanwhile, which is why this is a ROUTER and not a REP socket.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import cbor2
+import zmq
+
+from .errors import ShardPoolError
+from .security import ipc_path, secure_socket_file
+
+log = logging.getLogger("shardpool.control")
+
+__all__ = [
+    "ControlClient",
+    "ControlError",
+    "ControlServer",
+    "NotRunning",
+    "render_status",
+]
+
+VERSION = 1
+
+Respond = Callable[[bool, Any], None]
+Handler = Callable[[str, dict[str, Any], Respond], None]
+
+
+class ControlError(ShardPoolError):
+    """The backend answered a control request with an error."""
+
+
+class NotRunning(ShardPoolError):
+    """No backend answers on the control endpoint."""
+
+
+# ---------------------------------------------------------------------------------------- server
+
+
+class ControlServer:
+    """A ROUTER socket on ``endpoint`` served by its own thread.
+
+    ``handler(op, args, respond)`` runs on the server thread; it must call ``respond(ok,
+    payload)`` exactly once, from any thread, now or later.
+    """
+
+    def __init__(self, endpoint: str, handler: Handler) -> None:
+        self.endpoint = endpoint
+        self._handler = handler
+        self._replies: collections.deque[tuple[bytes, bytes]] = collections.deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stop = False
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="shardpool-control", daemon=True)
+
+    def start(self, timeout: float = 10.0) -> str:
+        """Bind in the server thread; return the bound endpoint.
+
+        Raises:
+            zmq.ZMQError: cannot bind. TimeoutError: the thread did not report in time.
+        """
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise TimeoutError(f"control socket did not bind {self.endpoint} in {timeout} s")
+        if self._error is not None:
+            self._thread.join(5.0)
+            self._close_pipe()
+            raise self._error
+        return self.endpoint
+
+    def close(self) -> None:
+        """Send replies already due, close the socket, join the thread. Idempotent."""
+        if self._thread.is_alive():
+            self._stop = True
+            self._wake()
+            self._thread.join(5.0)
+        self._close_pipe()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass
+
+    def _close_pipe(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+
+    def _main(self) -> None:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.linger = 500
+        sock.router_mandatory = 1
+        sock.maxmsgsize = 1 << 20  # requests are tiny; anything larger is not a client of ours
+        try:
+            sock.bind(self.endpoint)
+            secure_socket_file(self.endpoint)
+            self.endpoint = sock.last_endpoint.decode()
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._error = exc
+            sock.close(linger=0)
+            ctx.term()
+            self._started.set()
+            return
+        self._started.set()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while not self._stop:
+                events = dict(poller.poll(500))
+                if self._wake_r in events:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                self._send_replies(sock)
+                if sock in events:
+                    while True:
+                        try:
+                            parts = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_request(parts)
+                    self._send_replies(sock)
+            self._send_replies(sock)
+        except BaseException:  # noqa: BLE001
+            log.exception("control thread failed")
+        finally:
+            sock.close()
+            ctx.term()
+
+    def _send_replies(self, sock: zmq.Socket[bytes]) -> None:
+        while self._replies:
+            ident, frame = self._replies.popleft()
+            try:
+                sock.send_multipart((ident, frame))
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+                # The asking client gave up (e.g. Ctrl-C on `shardpool drain`).
+
+    def _on_request(self, parts: list[bytes]) -> None:
+        ident = parts[0]
+        answered = False
+
+        def respond(ok: bool, payload: Any) -> None:
+            nonlocal answered
+            if answered:
+                return
+            answered = True
+            try:
+                frame = cbor2.dumps([VERSION, ok, payload])
+            except Exception as exc:  # noqa: BLE001
+                frame = cbor2.dumps([VERSION, False, {"error": f"unencodable reply: {exc}"}])
+            self._replies.append((ident, frame))
+            if threading.current_thread() is not self._thread:
+                self._wake()
+
+        try:
+            if len(parts) != 2:
+                raise ValueError("a request must be one frame")
+            msg = cbor2.loads(parts[1])
+            if type(msg) is not list or len(msg) != 3 or msg[0] != VERSION:
+                raise ValueError("a request must be [1, op, args]")
+            _, op, args = msg
+            if not isinstance(op, str) or not isinstance(args, dict):
+                raise ValueError("op must be a string and args a map")
+        except Exception as exc:  # noqa: BLE001 - a bad request gets an error, nothing more
+            respond(False, {"error": f"bad control request: {exc}"})
+            return
+        try:
+            self._handler(op, args, respond)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("control request %r failed", op)
+            respond(False, {"error": f"{op} failed: {exc!r}"})
+
+
+# ---------------------------------------------------------------------------------------- client
+
+
+class ControlClient:
+    """Talks to a backend's control socket. One request at a time; not thread-safe.
+
+    Args:
+        endpoint: the control endpoint (see :func:`shardpool.security.resolve_endpoints`).
+        timeout: default seconds to wait for each answer.
+    """
+
+    def __init__(self, endpoint: str, timeout: float = 5.0) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._ctx = zmq.Context()
+        self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
+        self._sock.linger = 0
+        self._sock.connect(endpoint)
+
+    def request(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+        """Send one request and wait for its answer.
+
+        Raises:
+            NotRunning: no answer within ``timeout`` seconds (or the ipc socket does not exist).
+            ControlError: the backend answered with an error.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        path = ipc_path(self.endpoint)
+        if path is not None and not path.exists():
+            raise NotRunning(f"no shardpool backend at {self.endpoint} (is `shardpool run` running?)")
+        self._sock.send(cbor2.dumps([VERSION, op, args or {}]))
+        if not self._sock.poll(max(0.0, timeout) * 1000):
+            raise NotRunning(
+                f"no answer from {self.endpoint} within {timeout:g} s (is `shardpool run` running?)"
+            )
+        reply = cbor2.loads(self._sock.recv())
+        _, ok, payload = reply
+        if not ok:
+            raise ControlError(str(payload.get("error", payload)))
+        return payload
+
+    def wait_ready(self, timeout: float, alive: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Ping until the backend answers (it binds its control socket last, so an answer means
+        ready), ``timeout`` seconds at most; ``alive()`` false stops waiting early.
+
+        Raises:
+            NotRunning: no answer in time, or ``alive()`` turned false.
+        """
+        deadline = time.monotonic() + timeout
+        self._sock.send(cbor2.dumps([VERSION, "ping", {}]))
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NotRunning(f"backend at {self.endpoint} not ready within {timeout:g} s")
+            if alive is not None and not alive():
+                raise NotRunning("the backend process ended before it was ready")
+            # ZeroMQ queues the ping and keeps re-trying the connection until the socket exists;
+            # short polls only let alive() be checked in between.
+            if self._sock.poll(min(left, 0.1) * 1000):
+                _, ok, payload = cbor2.loads(self._sock.recv())
+                if not ok:
+                    raise ControlError(str(payload))
+                return dict(payload)
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------- render
+
+
+def _si(n: float) -> str:
+    """1234567 → '1.23M' (for per-second rates and counts in a narrow column)."""
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.{2 if abs(n) < 10 * div else 1}f}{unit}"
+    return f"{n:.0f}" if float(n).is_integer() or abs(n) >= 100 else f"{n:.1f}"
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def render_status(snap: dict[str, Any], width: int | None = None) -> str:
+    """The ``shardpool status`` table for one snapshot, as text (no terminal control codes)."""
+    width = width or shutil.get_terminal_size((120, 40)).columns
+    svc, pool, ing = snap["service"], snap["pool"], snap["ingress"]
+    order = snap["order"]
+    lines = [
+        f"shardpool {svc['version']}  pid {svc['pid']}  up {_duration(svc['uptime_s'])}  "
+        f"state {svc['state']}  pool {pool['state']}  workers {len(snap['workers'])}",
+        f"endpoints: ingress {svc['ingress']}  control {svc['control']}"
+        + (f"  metrics {svc['metrics']}" if svc.get("metrics") else ""),
+        f"messages:  submitted {pool['submitted']}  acknowledged {pool['acknowledged']}  "
+        f"in flight {pool['inflight']}  rate {_si(snap['rates']['processed_per_s'])}/s",
+        f"           failures {pool['failures']}  halted channels {pool['halted_channels']}  "
+        f"restarts {pool['restarts']}  replayed {pool['replayed']}",
+        f"ingress:   producers {ing['producers']}  accepted {ing['accepted']}  rejected "
+        f"{ing['rejected']}  frame errors {ing['frame_errors']}  "
+        f"rate {_si(snap['rates']['ingress_per_s'])}/s",
+        f"           replies {ing['replies']}  backpressure waits {ing['backpressure_waits']}  "
+        f"auth failures {ing['auth_failures']}"
+        + ("" if ing["accepting"] else "  (intake closed)"),
+    ]
+    if ing.get("errors"):
+        lines.append(
+            "  rejections by code: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(ing["errors"].items()))
+        )
+    lines.append(
+        f"order violations: gaps {order['gaps']}  duplicates {order['duplicates']}  "
+        f"reorders {order['reorders']}"
+        + ("" if not any(order.values()) else "   <-- should all be 0")
+    )
+    if snap.get("demo_load"):
+        d = snap["demo_load"]
+        lines.append(
+            f"demo load: sent {d['sent']}  replies {d['replies']}  protocol violations "
+            f"{d['violations']}  target {_si(d['rate'])}/s" if d["rate"] else
+            f"demo load: sent {d['sent']}  replies {d['replies']}  protocol violations "
+            f"{d['violations']}  (unpaced)"
+        )
+    lines.append("")
+    head = (
+        f"{'W':>2} {'PID':>7} {'STATE':<8} {'EPOCH':>5} {'RST':>3} {'CHANNELS':>8} {'QUEUED':>7} "
+        f"{'INFLIGHT':>8} {'PROC/S':>7} {'PROCESSED':>10} {'FAILED':>6} {'REDELIV':>7} "
+        f"{'LAG ms':>7} {'CPU%':>6} {'RSS MB':>7}"
+    )
+    lines.append(head)
+    for w in snap["workers"]:
+        rss = w.get("rss_bytes")
+        cpu = w.get("cpu_percent")
+        lag = w.get("loop_lag_s")
+        lines.append(
+            f"{w['index']:>2} {w.get('pid') or '-':>7} {w['state']:<8} {w['epoch']:>5} "
+            f"{w['restarts']:>3} {w.get('channels', 0):>8} {w.get('queued', 0):>7} "
+            f"{w['inflight']:>8} {_si(w.get('processed_per_s', 0.0)):>7} "
+            f"{w.get('processed', 0):>10} {w.get('failed', 0):>6} {w.get('redelivered', 0):>7} "
+            f"{'-' if lag is None else f'{lag * 1000:.1f}':>7} "
+            f"{'-' if cpu is None else f'{cpu:.1f}':>6} "
+            f"{'-' if rss is None else f'{rss / 1e6:.1f}':>7}"
+        )
+    hot = snap.get("hot_channels") or []
+    if hot:
+        lines.append("")
+        lines.append(f"hottest channels (top {len(hot)}, messages since worker start):")
+        for cid, count, worker in hot:
+            short = cid if len(cid) <= 16 else cid[:16] + "…"
+            lines.append(f"  {short:<17}  {count:>9}  worker {worker}")
+    return "\n".join(line[:width] for line in lines)

@@ -1,0 +1,179 @@
+"""Prometheus metrics of ``shardpool run`` (prometheus-client), off unless ``metrics.enabled``.
+
+The figures are those of ``shardpool status``, read from one snapshot per scrape (a custom
+collector, so nothing is double-counted or kept in sync by hand). Names are ``shardpool_*``;
+per-worker series carry a ``worker`` label, ingress rejections an ``error`` label (the protocol's
+error code), replies a ``status`` label. Worker counters restart at 0 when a worker is restarted,
+which Prometheus' ``rate()`` handles as a counter reset.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+log = logging.getLogger("shardpool.metrics")
+
+__all__ = ["MetricsServer", "SnapshotCollector"]
+
+Snapshot = Callable[[], dict[str, Any]]
+
+_POOL_COUNTERS = (
+    ("submitted", "messages accepted by the front"),
+    ("acknowledged", "messages finished (processed, or failed for good)"),
+    ("results", "messages whose handler returned a value"),
+    ("failures", "handler failures reported"),
+    ("restarts", "worker restarts"),
+    ("replayed", "messages re-sent to a restarted worker"),
+)
+_WORKER_COUNTERS = (
+    ("processed", "messages processed by this worker incarnation"),
+    ("failed", "handler failures"),
+    ("retried", "handler retries"),
+    ("redelivered", "messages received marked redelivered"),
+    ("gaps", "per-channel sequence gaps seen (order violation; 0 when healthy)"),
+    ("duplicates", "per-channel duplicate sequence numbers seen (0 when healthy)"),
+    ("reorders", "per-channel out-of-order sequence numbers seen (0 when healthy)"),
+)
+_WORKER_GAUGES = (
+    ("channels", "channels", "channels this worker has seen"),
+    ("queued", "queued", "messages waiting in per-channel queues"),
+    ("inflight", "inflight", "messages sent to this worker and not acknowledged"),
+    ("busy_channels", "busy_channels", "channels with a handler call running"),
+    ("halted_channels", "halted_channels", "channels parked after a failure"),
+    ("loop_lag_s", "loop_lag_seconds", "event-loop lag at the last heartbeat"),
+    ("cpu_percent", "cpu_percent", "CPU use of the worker process (100 = one core)"),
+    ("rss_bytes", "rss_bytes", "resident memory of the worker process"),
+    ("epoch", "epoch", "incarnation number of the worker"),
+)
+_INGRESS_COUNTERS = (
+    ("frames", "frames received"),
+    ("messages", "message items received"),
+    ("accepted", "messages accepted into the pool"),
+    ("frame_errors", "frames refused as unreadable"),
+    ("backpressure_waits", "times the ingress stopped reading because a window was full"),
+    ("auth_failures", "producers that failed the CURVE handshake"),
+    ("undeliverable", "replies whose producer had gone"),
+)
+
+
+class SnapshotCollector(Collector):
+    """Turns one status snapshot into metric families on every scrape."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            snap = self._snapshot()
+        except Exception:  # noqa: BLE001 - a scrape must not kill the server thread
+            log.exception("metrics snapshot failed")
+            up = GaugeMetricFamily("shardpool_up", "1 if the backend answered the scrape")
+            up.add_metric([], 0)
+            yield up
+            return
+        up = GaugeMetricFamily("shardpool_up", "1 if the backend answered the scrape")
+        up.add_metric([], 1)
+        yield up
+        pool = snap["pool"]
+        for key, doc in _POOL_COUNTERS:
+            c = CounterMetricFamily(f"shardpool_messages_{key}" if key in ("submitted", "acknowledged") else f"shardpool_{key}", doc)
+            c.add_metric([], pool[key])
+            yield c
+        for key, doc in (("inflight", "messages in flight"), ("halted_channels", "halted channels")):
+            g = GaugeMetricFamily(f"shardpool_{key}", doc)
+            g.add_metric([], pool[key])
+            yield g
+        workers = snap["workers"]
+        for key, doc in _WORKER_COUNTERS:
+            c = CounterMetricFamily(f"shardpool_worker_{key}", doc, labels=["worker"])
+            for w in workers:
+                c.add_metric([str(w["index"])], w.get(key, 0))
+            yield c
+        for key, name, doc in _WORKER_GAUGES:
+            g = GaugeMetricFamily(f"shardpool_worker_{name}", doc, labels=["worker"])
+            for w in workers:
+                if w.get(key) is not None:
+                    g.add_metric([str(w["index"])], w[key])
+            yield g
+        c = CounterMetricFamily(
+            "shardpool_worker_restarts", "restarts of this worker slot", labels=["worker"]
+        )
+        for w in workers:
+            c.add_metric([str(w["index"])], w["restarts"])
+        yield c
+        g = GaugeMetricFamily("shardpool_worker_ready", "1 if the worker is ready", labels=["worker"])
+        for w in workers:
+            g.add_metric([str(w["index"])], 1 if w["state"] == "ready" else 0)
+        yield g
+        ing = snap["ingress"]
+        for key, doc in _INGRESS_COUNTERS:
+            c = CounterMetricFamily(f"shardpool_ingress_{key}", doc)
+            c.add_metric([], ing[key])
+            yield c
+        c = CounterMetricFamily(
+            "shardpool_ingress_rejected", "messages or frames refused, by error code", labels=["error"]
+        )
+        for code, n in sorted(ing.get("errors", {}).items()):
+            c.add_metric([code], n)
+        yield c
+        c = CounterMetricFamily(
+            "shardpool_ingress_replies", "replies sent to producers, by status", labels=["status"]
+        )
+        for status in ("ok", "failed", "closed", "halted"):
+            c.add_metric([status], ing[status])
+        c.add_metric(["rejected"], ing["rejected"])
+        yield c
+        g = GaugeMetricFamily("shardpool_ingress_producers", "producers connected")
+        g.add_metric([], ing["producers"])
+        yield g
+        g = GaugeMetricFamily(
+            "shardpool_hot_channel_messages",
+            "messages of the hottest channels since their worker started",
+            labels=["channel", "worker"],
+        )
+        for cid, count, worker in snap.get("hot_channels") or ():
+            g.add_metric([cid, str(worker)], count)
+        yield g
+
+
+class MetricsServer:
+    """The HTTP endpoint (``/metrics``) on ``host:port``, served by prometheus-client's thread."""
+
+    def __init__(self, snapshot: Snapshot, host: str, port: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SnapshotCollector(snapshot))
+        self.host = host
+        self.port = port
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def start(self) -> str:
+        """Start serving; returns the URL.
+
+        Raises:
+            OSError: the address cannot be bound (in use, not local).
+        """
+        self._server, self._thread = start_http_server(self.port, addr=self.host, registry=self.registry)
+        # Port 0 (tests) picks a free port; report the real one.
+        self.port = self._server.server_address[1]
+        return self.url
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            if self._thread is not None:
+                self._thread.join(5.0)
+            self._server = None

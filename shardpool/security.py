@@ -1,0 +1,409 @@
+"""Socket security: the private runtime directory, endpoint resolution, CURVE keys, endpoint locks.
+
+* ipc:// sockets live in a runtime directory only the owner can enter (mode 0700): by default
+  ``$XDG_RUNTIME_DIR/shardpool`` (systemd's per-user tmpfs) or ``<tmp>/shardpool-<uid>``, unless
+  ``transport.runtime_dir`` names one. A socket file is also chmod-ed to 0600 right after bind.
+  An existing directory that is a symlink or owned by someone else is refused (another user could
+  otherwise pre-create it and watch or replace our sockets).
+* A tcp ingress on a non-loopback address must use ZeroMQ CURVE (encryption + authentication)
+  with an explicit list of authorised client keys; :func:`check_endpoints` refuses anything else
+  before a socket exists. The control socket (which can stop the backend) never leaves the host.
+* ``shardpool keys DIR`` (:func:`generate_keys`) writes a server and a client keypair.
+* ZeroMQ's ipc bind silently replaces a socket file another process is listening on, so
+  :func:`lock_endpoint` takes an ``flock`` on ``<socket>.lock`` first: a second ``shardpool run``
+  on the same endpoint fails with a clear error instead of stealing the first one's socket.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import os
+import stat
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+
+from .config import Config, IngressConfig
+from .errors import ConfigError, ShardPoolError
+
+__all__ = [
+    "CurveServerKeys",
+    "EndpointInUse",
+    "EndpointLock",
+    "InsecurePathError",
+    "KeyFiles",
+    "check_endpoints",
+    "default_runtime_dir",
+    "ensure_private_dir",
+    "generate_keys",
+    "ipc_path",
+    "is_loopback_endpoint",
+    "load_client_keys",
+    "load_public_key",
+    "lock_endpoint",
+    "resolve_endpoints",
+    "runtime_dir",
+    "secure_socket_file",
+]
+
+# sockaddr_un.sun_path is 108 bytes on Linux including the terminating NUL.
+MAX_IPC_PATH_BYTES = 107
+
+
+class InsecurePathError(ShardPoolError):
+    """A runtime directory or socket path is unsafe (symlink, foreign owner, not a directory)."""
+
+
+class EndpointInUse(ShardPoolError):
+    """Another ``shardpool run`` already listens on this ipc endpoint."""
+
+
+# ------------------------------------------------------------------------------ runtime directory
+
+
+def default_runtime_dir(env: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_RUNTIME_DIR/shardpool`` if that variable names an absolute directory, else
+    ``<tempdir>/shardpool-<uid>``. Pure: creates nothing."""
+    env = os.environ if env is None else env
+    xdg = env.get("XDG_RUNTIME_DIR", "")
+    if xdg and os.path.isabs(xdg) and os.path.isdir(xdg):
+        return Path(xdg) / "shardpool"
+    return Path(tempfile.gettempdir()) / f"shardpool-{os.getuid()}"
+
+
+def runtime_dir(cfg: Config, env: Mapping[str, str] | None = None) -> Path:
+    """The directory for the default ipc endpoints: ``transport.runtime_dir`` or the default."""
+    if cfg.transport.runtime_dir:
+        return Path(cfg.transport.runtime_dir)
+    return default_runtime_dir(env)
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` (mode 0700) or check an existing one; tighten it to 0700 if it is ours.
+
+    Raises:
+        InsecurePathError: ``path`` is a symlink, not a directory, or owned by another user.
+        OSError: it cannot be created.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise InsecurePathError(f"runtime directory {path} is a symlink; refusing to use it")
+    if not stat.S_ISDIR(st.st_mode):
+        raise InsecurePathError(f"runtime directory {path} exists and is not a directory")
+    if st.st_uid != os.getuid():
+        raise InsecurePathError(
+            f"runtime directory {path} belongs to uid {st.st_uid}, not to this user "
+            f"(uid {os.getuid()}); set transport.runtime_dir to a directory of your own"
+        )
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
+def resolve_endpoints(cfg: Config, env: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """``(ingress, control)`` endpoints: the configured ones, or ipc sockets in the runtime dir.
+
+    ``shardpool run`` and ``shardpool status`` both call this on the same config, which is how a
+    ``status`` with no flags finds a ``run`` started with no flags. Creates nothing.
+    """
+    rundir = runtime_dir(cfg, env)
+    ingress = cfg.ingress.endpoint or f"ipc://{rundir}/ingress"
+    control = cfg.control.endpoint or f"ipc://{rundir}/control"
+    return ingress, control
+
+
+def ipc_path(endpoint: str) -> Path | None:
+    """The socket file of an ``ipc://`` endpoint, else None."""
+    if endpoint.startswith("ipc://"):
+        return Path(endpoint[len("ipc://") :])
+    return None
+
+
+def prepare_ipc(endpoint: str, key: str) -> None:
+    """Before binding an ipc endpoint: create its directory privately (when it is missing, or is
+    our runtime directory) and check the path fits in a unix socket address.
+
+    Raises:
+        ConfigError: the path is too long (naming ``key``).
+        InsecurePathError: as :func:`ensure_private_dir`.
+    """
+    path = ipc_path(endpoint)
+    if path is None:
+        return
+    if len(os.fsencode(path)) > MAX_IPC_PATH_BYTES:
+        raise ConfigError(
+            [(key, endpoint, f"an ipc path of at most {MAX_IPC_PATH_BYTES} bytes (unix socket limit)")]
+        )
+    parent = path.parent
+    if not parent.exists():
+        ensure_private_dir(parent)
+
+
+def secure_socket_file(endpoint: str) -> None:
+    """chmod a freshly bound ipc socket file to 0600 (connecting to a unix socket needs write
+    permission, so only the owner can connect whatever directory it is in)."""
+    path = ipc_path(endpoint)
+    if path is not None and path.exists():
+        os.chmod(path, 0o600)
+
+
+# ------------------------------------------------------------------------------ endpoint checks
+
+
+def _tcp_host(endpoint: str) -> str | None:
+    if not endpoint.startswith("tcp://"):
+        return None
+    host = endpoint[len("tcp://") :].rpartition(":")[0]
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    # ZeroMQ allows "interface;address" source forms in connect only; bind takes host or iface.
+    return host
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """True for ipc/inproc endpoints and tcp endpoints bound to a loopback address or ``lo``."""
+    host = _tcp_host(endpoint)
+    if host is None:
+        return True
+    if host in ("localhost", "lo"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        # "*", "0.0.0.0"-like wildcards, interface names and host names are all reachable from
+        # elsewhere as far as we can tell.
+        return False
+
+
+@dataclass(frozen=True)
+class CurveServerKeys:
+    """The ingress socket's CURVE keypair (Z85 text) and the directory of authorised client
+    public keys (``None``: any client that knows the server's public key)."""
+
+    public: bytes
+    secret: bytes
+    clients_dir: str | None
+
+
+def _read_server_keys(ing: IngressConfig, problems: list[tuple[str, object, str]]) -> CurveServerKeys | None:
+    pub_path, sec_path = ing.curve_public_key, ing.curve_secret_key
+    if not pub_path and not sec_path:
+        return None
+    if not pub_path or not sec_path:
+        missing = "ingress.curve_public_key" if not pub_path else "ingress.curve_secret_key"
+        problems.append(
+            (missing, "", "both CURVE key files must be set, or neither (see `shardpool keys`)")
+        )
+        return None
+    try:
+        public = load_public_key(pub_path)
+    except (OSError, ValueError) as exc:
+        problems.append(("ingress.curve_public_key", pub_path, f"a readable CURVE key file ({exc})"))
+        return None
+    try:
+        pub2, secret = zmq.auth.load_certificate(sec_path)
+    except (OSError, ValueError) as exc:
+        problems.append(
+            ("ingress.curve_secret_key", sec_path, f"a readable CURVE secret key file ({exc})")
+        )
+        return None
+    if secret is None:
+        problems.append(
+            ("ingress.curve_secret_key", sec_path, "a CURVE *secret* key file (*.key_secret)")
+        )
+        return None
+    if pub2 != public:
+        problems.append(
+            ("ingress.curve_secret_key", sec_path, f"the secret key matching {pub_path}")
+        )
+        return None
+    clients = ing.curve_clients_dir or None
+    if clients is not None and not os.path.isdir(clients):
+        problems.append(
+            ("ingress.curve_clients_dir", clients, "a directory of authorised client *.key files")
+        )
+        return None
+    return CurveServerKeys(public, secret, clients)
+
+
+def check_endpoints(cfg: Config) -> CurveServerKeys | None:
+    """Validate the security of the configured endpoints before anything is bound; return the
+    ingress CURVE keys (None: no CURVE).
+
+    Rules: a tcp ingress on a non-loopback address needs ``ingress.curve_public_key``,
+    ``ingress.curve_secret_key`` and ``ingress.curve_clients_dir`` (an unauthenticated peer must
+    not be able to inject channel messages); the control endpoint must be ipc or loopback tcp.
+
+    Raises:
+        ConfigError: naming each offending key, its value and what is required.
+    """
+    problems: list[tuple[str, object, str]] = []
+    keys = _read_server_keys(cfg.ingress, problems)
+    endpoint = cfg.ingress.endpoint
+    if not problems and not is_loopback_endpoint(endpoint):
+        if keys is None:
+            problems.append(
+                (
+                    "ingress.endpoint",
+                    endpoint,
+                    "a loopback address (tcp://127.0.0.1:PORT) or ipc, unless CURVE is set up: a "
+                    "non-loopback ingress requires ingress.curve_public_key, "
+                    "ingress.curve_secret_key and ingress.curve_clients_dir (run `shardpool keys "
+                    "DIR` to create them)",
+                )
+            )
+        elif keys.clients_dir is None:
+            problems.append(
+                (
+                    "ingress.curve_clients_dir",
+                    "",
+                    "a directory of authorised client public keys: required for a non-loopback "
+                    f"ingress ({endpoint}), or any peer that knows the server's public key could "
+                    "send messages",
+                )
+            )
+    if not is_loopback_endpoint(cfg.control.endpoint):
+        problems.append(
+            (
+                "control.endpoint",
+                cfg.control.endpoint,
+                '"" (ipc in the runtime directory), "ipc://PATH" or a loopback tcp address: the '
+                "control socket can drain and stop the backend, so it never listens beyond this host",
+            )
+        )
+    if problems:
+        raise ConfigError(problems)
+    return keys
+
+
+# ------------------------------------------------------------------------------ CURVE key files
+
+
+@dataclass(frozen=True)
+class KeyFiles:
+    """What :func:`generate_keys` wrote."""
+
+    server_public: Path
+    server_secret: Path
+    client_public: Path
+    client_secret: Path
+    clients_dir: Path
+
+
+def generate_keys(directory: Path, *, force: bool = False) -> KeyFiles:
+    """Write a server and a client CURVE keypair into ``directory`` (created 0700), and authorise
+    the client by copying its public key into ``directory/authorized_clients``.
+
+    Files: ``server.key`` (public), ``server.key_secret``, ``client.key``, ``client.key_secret``
+    (secret files mode 0600) and ``authorized_clients/client.key``.
+
+    Raises:
+        FileExistsError: a key file exists and ``force`` is false (keys are never overwritten by
+            accident: a running backend or deployed producers may depend on them).
+        InsecurePathError: as :func:`ensure_private_dir`.
+    """
+    ensure_private_dir(directory)
+    clients = ensure_private_dir(directory / "authorized_clients")
+    names = ("server.key", "server.key_secret", "client.key", "client.key_secret")
+    if not force:
+        for name in names + (f"authorized_clients/client.key",):
+            if (directory / name).exists():
+                raise FileExistsError(
+                    errno.EEXIST, f"{directory / name} exists (use --force to replace the keys)"
+                )
+    # Secret files must never exist with looser permissions, not even for a moment.
+    old = os.umask(0o077)
+    try:
+        for name in names:
+            (directory / name).unlink(missing_ok=True)
+        server_public, server_secret = zmq.auth.create_certificates(str(directory), "server")
+        client_public, client_secret = zmq.auth.create_certificates(str(directory), "client")
+        authorised = clients / "client.key"
+        authorised.write_bytes(Path(client_public).read_bytes())
+    finally:
+        os.umask(old)
+    for p in (server_secret, client_secret):
+        os.chmod(p, 0o600)
+    return KeyFiles(
+        Path(server_public), Path(server_secret), Path(client_public), Path(client_secret), clients
+    )
+
+
+def load_public_key(path: str | os.PathLike[str]) -> bytes:
+    """The Z85 public key from a ZeroMQ certificate file (public or secret).
+
+    Raises:
+        OSError: unreadable. ValueError: not a certificate file.
+    """
+    public, _ = zmq.auth.load_certificate(os.fspath(path))
+    if not public:
+        raise ValueError(f"{path}: no public-key in this file")
+    return public
+
+
+def load_client_keys(secret_path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
+    """``(public, secret)`` Z85 keys from a client's ``*.key_secret`` file.
+
+    Raises:
+        OSError: unreadable. ValueError: not a secret certificate file.
+    """
+    public, secret = zmq.auth.load_certificate(os.fspath(secret_path))
+    if not secret:
+        raise ValueError(f"{secret_path}: not a secret key file (expected *.key_secret)")
+    return public, secret
+
+
+# ------------------------------------------------------------------------------ endpoint locks
+
+
+class EndpointLock:
+    """An exclusive ``flock`` on ``<socket path>.lock``, held while the socket is bound."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        # The lock file stays: unlinking it could let two processes lock two different inodes.
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def lock_endpoint(endpoint: str) -> EndpointLock | None:
+    """Lock an ipc endpoint for this process (None for other transports, which fail to bind
+    twice on their own).
+
+    Raises:
+        EndpointInUse: another live process holds it (its pid is named).
+        OSError: the lock file cannot be created.
+    """
+    path = ipc_path(endpoint)
+    if path is None:
+        return None
+    lock = path.with_name(path.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        finally:
+            os.close(fd)
+        raise EndpointInUse(
+            f"{endpoint} is in use by another shardpool run (pid {owner}); stop it first "
+            "(`shardpool stop`) or configure another endpoint"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return EndpointLock(lock, fd)
