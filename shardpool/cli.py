@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shardpool.config import config_to_dict, config_to_toml, find_config_path, load_config
 from shardpool.errors import ConfigError
@@ -176,10 +176,328 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK if report["ok"] else EXIT_FAILURE
 
 
+# ------------------------------------------------------------------------------ run (node backend)
+
+
+def _load_for_service(args: argparse.Namespace) -> tuple[Any, str] | int:
+    """The config named by ``-c`` (else the default search), or EXIT_CONFIG after printing why."""
+    path = find_config_path(args.config)
+    source = os.fspath(path) if path is not None else "<defaults>"
+    try:
+        return load_config(path), source
+    except ConfigError as e:
+        _print_problems(e, source)
+        return EXIT_CONFIG
+
+
+def _add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-c",
+        "--config",
+        metavar="PATH",
+        help="config file (default: $SHARDPOOL_CONFIG, else config/shardpool.toml if present, "
+        "else the built-in defaults)",
+    )
+
+
+def _add_run(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run the node backend: workers, ingress for producers, control socket, metrics",
+        description=(
+            "Start the pool, the producer ingress, the control socket (for `shardpool status`, "
+            "`drain`, `stop`) and, if metrics.enabled, the Prometheus endpoint; log where they "
+            "listen; run until SIGTERM/SIGINT, then stop intake, drain within "
+            "supervisor.stop_timeout_s and stop (a second signal stops at once). "
+            f"Exit {EXIT_OK} after a clean drain, {EXIT_FAILURE} otherwise, {EXIT_CONFIG} on an "
+            "invalid or insecure configuration."
+        ),
+    )
+    _add_config_arg(p)
+    p.add_argument(
+        "--demo-load",
+        nargs="?",
+        type=float,
+        const=10_000.0,  # = service.DEMO_DEFAULT_RATE (not imported: it would load zmq for --help)
+        metavar="RATE",
+        help="also drive the built-in Lightning traffic generator through the ingress, at RATE "
+        "messages/s (default 10000; 0 = as fast as the pool takes them)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="log level on stderr (default INFO)",
+    )
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the backend until signalled; the exit code says whether it drained cleanly."""
+    import logging
+
+    import zmq
+
+    from shardpool.errors import ShardPoolError
+    from shardpool.service import Service
+
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    loaded = _load_for_service(args)
+    if isinstance(loaded, int):
+        return loaded
+    cfg, source = loaded
+    if args.demo_load is not None and args.demo_load < 0:
+        print("shardpool run: --demo-load RATE must be >= 0", file=sys.stderr)
+        return EXIT_USAGE
+    service = Service(cfg, demo_load=args.demo_load)
+    try:
+        service.start()
+    except ConfigError as e:
+        _print_problems(e, source)
+        return EXIT_CONFIG
+    except (ShardPoolError, OSError, zmq.ZMQError) as e:
+        print(f"shardpool run: cannot start: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    return service.serve()
+
+
+# --------------------------------------------------------------------------- status, drain, stop
+
+
+def _add_endpoint_args(p: argparse.ArgumentParser, timeout: float) -> None:
+    _add_config_arg(p)
+    p.add_argument(
+        "--endpoint",
+        metavar="ENDPOINT",
+        help="control endpoint of the backend (default: the one its config names)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=timeout,
+        metavar="SECONDS",
+        help=f"how long to wait for the backend's answer (default {timeout:g})",
+    )
+
+
+def _control_endpoint(args: argparse.Namespace) -> str | int:
+    if args.endpoint:
+        return str(args.endpoint)
+    loaded = _load_for_service(args)
+    if isinstance(loaded, int):
+        return loaded
+    from shardpool.security import resolve_endpoints
+
+    return resolve_endpoints(loaded[0])[1]
+
+
+def _add_status(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "status",
+        help="live table of a running backend's workers (like top)",
+        description=(
+            "Show a running `shardpool run`: per-worker pid, state, epoch/restarts, channels, "
+            "queue depth, in-flight, processed/s, failures, redeliveries, event-loop lag, CPU and "
+            "RSS, plus order-violation counters, ingress figures and the hottest channels. "
+            "Refreshes every --interval seconds until Ctrl-C, or prints once with --once/--json. "
+            "With no flags it finds a backend started with no flags."
+        ),
+    )
+    _add_endpoint_args(p, timeout=5.0)
+    p.add_argument("--once", action="store_true", help="print one table and exit")
+    p.add_argument("--json", action="store_true", help="print one JSON snapshot and exit")
+    p.add_argument(
+        "--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period (default 1)"
+    )
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the status table (live, once, or as JSON). Exit 1 if no backend answers."""
+    import time
+
+    from shardpool.control import ControlClient, NotRunning, render_status
+    from shardpool.errors import ShardPoolError
+
+    endpoint = _control_endpoint(args)
+    if isinstance(endpoint, int):
+        return endpoint
+    try:
+        with ControlClient(endpoint, timeout=args.timeout) as client:
+            if args.json:
+                print(json.dumps(client.request("status"), indent=2, default=str))
+                return EXIT_OK
+            if args.once:
+                print(render_status(client.request("status")))
+                return EXIT_OK
+            tty = sys.stdout.isatty()
+            while True:
+                text = render_status(client.request("status"))
+                # Home + clear-to-end redraws in place without the flicker of a full clear.
+                sys.stdout.write(("\x1b[H" + text.replace("\n", "\x1b[K\n") + "\x1b[K\x1b[J")
+                                 if tty else text + "\n\n")
+                sys.stdout.flush()
+                time.sleep(max(0.1, args.interval))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except NotRunning as e:
+        print(f"shardpool status: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except ShardPoolError as e:
+        print(f"shardpool status: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _add_drain(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "drain",
+        help="stop intake and wait until every accepted message is finished",
+        description=(
+            "Ask a running backend to stop accepting messages (producers get 'draining' "
+            "rejections) and to finish everything it accepted. The backend stays up (status "
+            "keeps working) until `shardpool stop`. Exit 0 once drained, 1 if the deadline "
+            "passed first or no backend answers."
+        ),
+    )
+    _add_endpoint_args(p, timeout=30.0)
+    p.set_defaults(func=cmd_drain)
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Drain through the control socket; print the outcome."""
+    from shardpool.control import ControlClient
+    from shardpool.errors import ShardPoolError
+
+    endpoint = _control_endpoint(args)
+    if isinstance(endpoint, int):
+        return endpoint
+    try:
+        with ControlClient(endpoint) as client:
+            # The backend's own deadline is ours; a little slack so its answer still arrives.
+            reply = client.request("drain", {"timeout": args.timeout}, timeout=args.timeout + 5.0)
+    except ShardPoolError as e:
+        print(f"shardpool drain: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    if reply.get("drained"):
+        print("drained: every accepted message is finished; intake is closed")
+        return EXIT_OK
+    print(f"not drained: {reply.get('pending')} messages still in flight after {args.timeout:g} s")
+    return EXIT_FAILURE
+
+
+def _add_stop(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "stop",
+        help="shut a running backend down (as SIGTERM does) and wait for it to exit",
+        description=(
+            "Ask a running backend to stop intake, drain and exit, and wait (--timeout seconds) "
+            "until its process is gone. Exit 0 once it has exited, 1 otherwise."
+        ),
+    )
+    _add_endpoint_args(p, timeout=60.0)
+    p.add_argument("--no-wait", action="store_true", help="return once the backend has agreed")
+    p.set_defaults(func=cmd_stop)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop through the control socket, then wait for the process to end."""
+    import psutil
+
+    from shardpool.control import ControlClient
+    from shardpool.errors import ShardPoolError
+
+    endpoint = _control_endpoint(args)
+    if isinstance(endpoint, int):
+        return endpoint
+    try:
+        with ControlClient(endpoint, timeout=min(args.timeout, 10.0)) as client:
+            reply = client.request("stop")
+    except ShardPoolError as e:
+        print(f"shardpool stop: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    pid = int(reply["pid"])
+    if args.no_wait:
+        print(f"stopping backend pid {pid}")
+        return EXIT_OK
+    import time
+
+    deadline = time.monotonic() + args.timeout
+    try:
+        proc = psutil.Process(pid)
+        # Not our child, so there is nothing to wait() on: watch it until it is gone (a zombie
+        # is gone too: it has exited and only waits for its own parent to collect it).
+        while proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+            if time.monotonic() > deadline:
+                print(f"shardpool stop: pid {pid} still running after {args.timeout:g} s",
+                      file=sys.stderr)
+                return EXIT_FAILURE
+            time.sleep(0.05)
+    except psutil.NoSuchProcess:
+        pass
+    print(f"backend pid {pid} stopped")
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------------- keys
+
+
+def _add_keys(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "keys",
+        help="generate CURVE keys for a tcp ingress (a server and a client keypair)",
+        description=(
+            "Write DIR/server.key, DIR/server.key_secret, DIR/client.key, DIR/client.key_secret "
+            "and DIR/authorized_clients/client.key (DIR is created with mode 0700, secret files "
+            "0600), and print the [ingress] settings that use them."
+        ),
+    )
+    p.add_argument("directory", metavar="DIR", help="directory for the key files")
+    p.add_argument("--force", action="store_true", help="replace existing key files")
+    p.set_defaults(func=cmd_keys)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Generate the keypairs; print where they are and how to configure them."""
+    from pathlib import Path
+
+    from shardpool.errors import ShardPoolError
+    from shardpool.security import generate_keys
+
+    try:
+        files = generate_keys(Path(args.directory).absolute(), force=args.force)
+    except (OSError, ShardPoolError) as e:
+        print(f"shardpool keys: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(
+        f"wrote {files.server_public}, {files.server_secret}, {files.client_public}, "
+        f"{files.client_secret}, {files.clients_dir}/client.key\n\n"
+        "# backend config:\n[ingress]\n"
+        f'curve_public_key = "{files.server_public}"\n'
+        f'curve_secret_key = "{files.server_secret}"\n'
+        f'curve_clients_dir = "{files.clients_dir}"\n\n'
+        "# producer (copy client.key_secret and server.key to its host):\n"
+        f'#   Client(endpoint, server_public_key="{files.server_public}", '
+        f'client_secret_key="{files.client_secret}")'
+    )
+    return EXIT_OK
+
+
 # Further subcommands go here, each as one _add_<name>(sub) plus one cmd_<name>(args) -> int,
 # registered in _SUBCOMMANDS below: run, bench, status, drain, stop, keys.
 
-_SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (_add_check_config, _add_bench)
+_SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
+    _add_check_config,
+    _add_bench,
+    _add_run,
+    _add_status,
+    _add_drain,
+    _add_stop,
+    _add_keys,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
