@@ -1,0 +1,238 @@
+"""``shardpool run`` as users start it: a subprocess with producers in other processes, signals,
+the control socket (status/drain/stop), metrics and CPU pinning."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from service_handlers import backend_sections, in_process_backend, toml_config
+
+from shardpool.client import Client
+from shardpool.control import ControlClient
+
+pytestmark = pytest.mark.multiprocess
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(TESTS), str(REPO), env.get("PYTHONPATH", "")) if p
+    )
+    # The backend must not pick up overrides meant for something else.
+    for key in list(env):
+        if key.startswith("SHARDPOOL_"):
+            del env[key]
+    return env
+
+
+def _cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shardpool", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+    )
+
+
+@contextlib.contextmanager
+def backend_process(tmp_path: Path, sections: dict[str, dict[str, Any]]) -> Iterator[tuple[subprocess.Popen[bytes], Path, dict[str, Any]]]:
+    """Start ``shardpool run -c <config>``, wait for the control socket's answer (the readiness
+    handshake), and make sure it and its workers are gone afterwards."""
+    cfg = tmp_path / "backend.toml"
+    cfg.write_text(toml_config(sections))
+    log_path = tmp_path / "backend.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shardpool", "run", "-c", str(cfg)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            cwd=tmp_path,
+        )
+    try:
+        with ControlClient(sections["control"]["endpoint"]) as ctl:
+            info = ctl.wait_ready(60.0, alive=lambda: proc.poll() is None)
+        yield proc, cfg, info
+    finally:
+        if proc.poll() is None:
+            try:
+                kids = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.Error:
+                kids = []
+            proc.kill()
+            proc.wait(10)
+            for kid in kids:
+                with contextlib.suppress(psutil.Error):
+                    kid.kill()
+            psutil.wait_procs(kids, timeout=5)
+        print(log_path.read_text(errors="replace")[-4000:])
+
+
+def _status(cfg: Path) -> dict[str, Any]:
+    out = _cli("status", "--json", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def _wait_status(cfg_or_ctl: ControlClient, cond: Any, timeout: float = 20.0) -> dict[str, Any]:
+    """Ask for status until ``cond(snapshot)`` holds; each answer is a fresh reply, not a sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = cfg_or_ctl.request("status")
+        if cond(snap):
+            return snap
+        if time.monotonic() > deadline:
+            raise AssertionError(f"status never satisfied the condition; last: {snap}")
+        cfg_or_ctl.request("ping", timeout=1.0)  # one round trip between polls
+
+
+def test_end_to_end_producers_order_status_and_sigterm(tmp_path: Path) -> None:
+    channels, per_producer, producers = 3000, 10_000, 3
+    sections = backend_sections(tmp_path)
+    with backend_process(tmp_path, sections) as (proc, cfg, info):
+        assert info["pid"] == proc.pid and info["state"] == "running"
+        endpoint = sections["ingress"]["endpoint"]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "import service_handlers as s; s.produce_main()",
+                    endpoint,
+                    str(p),
+                    str(channels),
+                    str(per_producer),
+                    "7",
+                    "async" if p == 0 else "sync",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=_env(),
+            )
+            for p in range(producers)
+        ]
+        summaries = []
+        try:
+            for p in procs:
+                out, err = p.communicate(timeout=120)
+                assert p.returncode == 0, err.decode()
+                summaries.append(json.loads(out))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(10)
+        for s in summaries:
+            assert s["sent"] == s["replies"] == s["ok"] == per_producer, s
+            assert s["n_errors"] == 0, s["errors"]
+
+        total = producers * per_producer
+        snap = _status(cfg)
+        pool, ing = snap["pool"], snap["ingress"]
+        assert pool["state"] == "running"
+        assert pool["submitted"] == pool["acknowledged"] == pool["results"] == total
+        assert pool["failures"] == pool["inflight"] == pool["restarts"] == 0
+        assert ing["accepted"] == ing["replies"] == ing["ok"] == total
+        assert ing["rejected"] == ing["frame_errors"] == 0
+        assert sum(w["processed"] for w in snap["workers"]) == total
+        assert sum(w["channels"] for w in snap["workers"]) == channels
+        assert snap["order"] == {"gaps": 0, "duplicates": 0, "reorders": 0}
+        assert all(w["state"] == "ready" for w in snap["workers"])
+        pids = [w["pid"] for w in snap["workers"]]
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    for pid in pids:
+        assert not psutil.pid_exists(pid), f"worker {pid} outlived the backend"
+
+
+def test_drain_then_stop_through_the_control_socket(tmp_path: Path) -> None:
+    sections = backend_sections(tmp_path)
+    with backend_process(tmp_path, sections) as (proc, cfg, _):
+        with Client(sections["ingress"]["endpoint"], timeout=20.0) as client:
+            for i in range(200):
+                client.send(b"c%d" % (i % 7), {"p": 0, "i": i // 7})
+            client.wait(20.0)
+            out = _cli("drain", "-c", str(cfg), "--timeout", "20")
+            assert out.returncode == 0, out.stderr
+            assert "drained" in out.stdout
+            with pytest.raises(Exception) as exc:
+                client.call(b"c0", {"p": 0, "i": 29}, timeout=20.0)
+            assert getattr(exc.value, "code", None) == "draining"
+        snap = _status(cfg)
+        assert snap["service"]["state"] == "drained"
+        assert snap["ingress"]["accepting"] is False
+        assert snap["pool"]["acknowledged"] == 200
+        out = _cli("stop", "-c", str(cfg), "--timeout", "30")
+        assert out.returncode == 0, out.stderr
+        assert proc.wait(timeout=30) == 0
+
+
+def test_second_signal_forces_exit_and_unfinished_work_is_handed_back(tmp_path: Path) -> None:
+    gate = tmp_path / "never"
+    sections = backend_sections(
+        tmp_path,
+        pool={"workers": 1, "handler": "handlers:gated"},
+        supervisor={"stop_timeout_s": 120.0},
+    )
+    with backend_process(tmp_path, sections) as (proc, _cfg, _):
+        with Client(sections["ingress"]["endpoint"], timeout=20.0) as client, ControlClient(
+            sections["control"]["endpoint"]
+        ) as ctl:
+            corr = client.send(b"stuck", {"gate": str(gate), "i": 0})
+            client.flush()
+            _wait_status(ctl, lambda s: s["pool"]["inflight"] == 1)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            _wait_status(ctl, lambda s: s["service"]["state"] == "stopping")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 1
+            # Far less than the 120 s drain deadline: the second signal cut it short.
+            assert time.monotonic() - t0 < 30
+            replies = list(client.results(timeout=10.0))
+        assert [(r.corr, r.status) for r in replies] == [(corr, "closed")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_metrics_endpoint_and_worker_pinning(tmp_path: Path) -> None:
+    port = _free_port()
+    with in_process_backend(
+        tmp_path,
+        pool={"pin_workers": True},
+        metrics={"enabled": True, "host": "127.0.0.1", "port": port},
+    ) as svc:
+        with Client(svc.ingress_endpoint, timeout=20.0) as client:
+            for i in range(50):
+                client.send(b"m%d" % (i % 5), {"p": 0, "i": i // 5})
+            assert all(r.ok for r in client.results(timeout=20.0))
+        with urllib.request.urlopen(svc.metrics_url, timeout=10) as resp:
+            text = resp.read().decode()
+        assert "shardpool_up 1.0" in text
+        assert "shardpool_messages_acknowledged_total 50.0" in text
+        assert 'shardpool_ingress_replies_total{status="ok"} 50.0' in text
+        assert 'shardpool_worker_reorders_total{worker="0"} 0.0' in text
+        cpus = sorted(psutil.Process().cpu_affinity())
+        for i, pid in enumerate(svc.pool.worker_pids()):
+            assert psutil.Process(pid).cpu_affinity() == [cpus[i % len(cpus)]]
