@@ -45,6 +45,7 @@ import psutil
 import zmq
 
 from . import codec
+from .config import Config
 from .errors import (
     ChannelIdError,
     DrainTimeout,
@@ -81,33 +82,6 @@ _BROKEN = "broken"
 
 _Entry = tuple[bytes, int, bytes]  # (channel_id, cseq, payload) as kept in a window
 _item_head = codec.ITEM_HEAD  # (0x1B, cseq, 0x5A, payload length) → bytes
-
-
-@dataclass
-class FrontSettings:
-    """What the front needs from the config, flattened (units in the names)."""
-
-    workers: int
-    handler: Any
-    handler_options: dict[str, Any]
-    slots: int = 4096
-    payload: str = "cbor"
-    failure_policy: str = "halt"
-    retry_limit: int = 3
-    retry_backoff_s: float = 0.05
-    runtime_dir: str = ""
-    batch_size: int = 256
-    batch_linger_s: float = 0.0005
-    max_inflight: int = 16384
-    max_message_bytes: int = 1 << 20
-    ready_timeout_s: float = 20.0
-    heartbeat_interval_s: float = 0.5
-    heartbeat_timeout_s: float = 10.0
-    stop_timeout_s: float = 10.0
-    restart_backoff_s: float = 0.05
-    restart_backoff_max_s: float = 2.0
-    max_restarts: int = 10
-    restart_window_s: float = 60.0
 
 
 @dataclass
@@ -183,21 +157,25 @@ class Front:
 
     def __init__(
         self,
-        settings: FrontSettings,
+        config: Config,
+        handler: Any = None,
         *,
         on_result: ResultCallback | None = None,
         on_failure: FailureCallback | None = None,
     ) -> None:
-        """Start the workers and wait for every READY.
+        """Start the workers of ``config`` and wait for every READY. ``handler`` (an object or
+        ``"module:attr"``) replaces ``config.pool.handler`` when given.
 
         Raises:
             WorkerStartError: a worker failed to import/set up its handler (the worker's traceback
                 is the ``__cause__``), died before READY, or missed the READY deadline.
         """
-        self.s = settings
+        self.cfg = config
+        pool, transport, sup = config.pool, config.transport, config.supervisor
+        self._handler = pool.handler if handler is None else handler
         self._on_result = on_result
         self._on_failure = on_failure
-        self._router = Router(settings.slots, settings.workers)
+        self._router = Router(pool.slots, pool.workers)
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._state = _RUNNING
@@ -210,13 +188,13 @@ class Front:
         self.counters: dict[str, int] = dict.fromkeys(
             ("acknowledged", "results", "failures", "restarts", "replayed", "batches", "acks"), 0
         )
-        self._batch_parts = 1 + 3 * settings.batch_size
-        self._max_inflight = settings.max_inflight
-        self._limit = settings.max_inflight  # drops to 0 when not running: one test on the hot path
-        self._max_bytes = settings.max_message_bytes
-        self._linger = settings.batch_linger_s
+        self._batch_parts = 1 + 3 * transport.batch_size
+        self._max_inflight = transport.max_inflight
+        self._limit = transport.max_inflight  # 0 when not running: one test on the hot path
+        self._max_bytes = transport.max_message_bytes
+        self._linger = transport.batch_linger_ms / 1000.0  # seconds
 
-        self._rundir = tempfile.mkdtemp(prefix="shardpool-", dir=settings.runtime_dir or None)
+        self._rundir = tempfile.mkdtemp(prefix="shardpool-", dir=transport.runtime_dir or None)
         os.chmod(self._rundir, 0o700)
         self._ctx = zmq.Context()
         self._pull = self._ctx.socket(zmq.PULL)
@@ -231,13 +209,13 @@ class Front:
             _Link(
                 i,
                 RestartGuard(
-                    settings.max_restarts,
-                    settings.restart_window_s,
-                    settings.restart_backoff_s,
-                    settings.restart_backoff_max_s,
+                    sup.max_restarts,
+                    sup.restart_window_s,
+                    sup.restart_backoff_s,
+                    sup.restart_backoff_max_s,
                 ),
             )
-            for i in range(settings.workers)
+            for i in range(pool.workers)
         ]
         self._start_error: BaseException | None = None
         self._thread = threading.Thread(target=self._io_main, name="shardpool-front", daemon=True)
@@ -320,7 +298,7 @@ class Front:
         Raises: as :meth:`submit_bytes`.
         """
         it = iter(items)
-        chunk = max(1, self.s.batch_size)
+        chunk = self.cfg.transport.batch_size
         channels = self._channels
         max_bytes = self._max_bytes
         batch_parts = self._batch_parts
@@ -651,7 +629,7 @@ class Front:
     # -- startup -----------------------------------------------------------------------------
 
     def _await_started(self) -> None:
-        deadline = time.monotonic() + self.s.ready_timeout_s + 5.0
+        deadline = time.monotonic() + self.cfg.supervisor.ready_timeout_s + 5.0
         with self._lock:
             while True:
                 if self._start_error is not None:
@@ -665,25 +643,26 @@ class Front:
     def _spawn(self, link: _Link) -> None:
         """Start the next incarnation of ``link`` (I/O thread)."""
         link.epoch += 1
+        pool = self.cfg.pool
         spec = WorkerSpec(
             index=link.index,
             epoch=link.epoch,
             data_endpoint=f"ipc://{self._rundir}/w{link.index}.{link.epoch}",
             front_endpoint=self._front_endpoint,
-            handler=self.s.handler,
-            handler_options=self.s.handler_options,
-            payload=self.s.payload,
-            failure_policy=self.s.failure_policy,
-            retry_limit=self.s.retry_limit,
-            retry_backoff_s=self.s.retry_backoff_s,
-            heartbeat_interval_s=self.s.heartbeat_interval_s,
+            handler=self._handler,
+            handler_options=pool.handler_options.thaw(),
+            payload=pool.payload,
+            failure_policy=pool.failure_policy,
+            retry_limit=pool.retry_limit,
+            retry_backoff_s=pool.retry_backoff_ms / 1000.0,
+            heartbeat_interval_s=self.cfg.supervisor.heartbeat_interval_s,
             parent_pid=os.getpid(),
         )
         proc = WorkerProcess(spec)
         proc.start()
         link.proc = proc
         link.state = STARTING
-        link.deadline = time.monotonic() + self.s.ready_timeout_s
+        link.deadline = time.monotonic() + self.cfg.supervisor.ready_timeout_s
         try:
             link.ps = psutil.Process(proc.pid)
             link.ps.cpu_percent(None)
@@ -736,7 +715,7 @@ class Front:
                 link.waiters[new] = waiter
             (redelivered if wseq < sent_upto else fresh).append(entry)
         first = link.next_wseq - len(old)
-        size = self.s.batch_size
+        size = self.cfg.transport.batch_size
         for flag, entries in ((True, redelivered), (False, fresh)):
             for i in range(0, len(entries), size):
                 chunk = entries[i : i + size]
@@ -825,9 +804,10 @@ class Front:
 
     def _check_timers(self, now: float, due: float | None) -> float | None:
         """READY deadlines, restart times and heartbeat silence (lock held)."""
+        hb_timeout = self.cfg.supervisor.heartbeat_timeout_s
         for link in self._links:
             if link.state == STARTING and now > link.deadline:
-                link.last_error = f"no READY within {self.s.ready_timeout_s} s"
+                link.last_error = f"no READY within {self.cfg.supervisor.ready_timeout_s} s"
                 assert link.proc is not None
                 link.proc.kill()  # its sentinel then reports the death
             elif link.state == DEAD and now >= link.deadline:
@@ -835,10 +815,10 @@ class Front:
                     self._spawn(link)
                 except Exception as exc:  # noqa: BLE001
                     self._break(PoolBroken(f"worker {link.index} could not be respawned: {exc!r}"))
-            elif link.state == READY and now - link.last_seen > self.s.heartbeat_timeout_s:
+            elif link.state == READY and now - link.last_seen > hb_timeout:
                 link.last_error = (
                     f"no heartbeat for {now - link.last_seen:.1f} s "
-                    f"(heartbeat_timeout_s = {self.s.heartbeat_timeout_s})"
+                    f"(supervisor.heartbeat_timeout_s = {hb_timeout})"
                 )
                 log.warning("worker %d is hung: %s; killing it", link.index, link.last_error)
                 assert link.proc is not None
@@ -1078,7 +1058,7 @@ class Front:
         """
         if self._state == _CLOSED:
             return CloseReport()
-        timeout = self.s.stop_timeout_s if timeout is None else timeout
+        timeout = self.cfg.supervisor.stop_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
         report = CloseReport()
         # Phase 1: stop intake.

@@ -30,7 +30,7 @@ from typing import Any
 from . import codec
 from .config import Config, load_config, with_overrides
 from .errors import InputError, PayloadTooLarge
-from .front import CloseReport, FailureCallback, Front, FrontSettings, ResultCallback
+from .front import CloseReport, FailureCallback, Front, ResultCallback
 
 _SECTIONS_FOR_SHORT_NAMES = ("pool", "transport", "supervisor")
 
@@ -49,34 +49,6 @@ def _dotted(config: Config, options: Mapping[str, Any]) -> dict[str, Any]:
         else:
             raise TypeError(f"ShardPool() got an unexpected option {name!r}")
     return out
-
-
-def settings_from_config(config: Config, handler: Any = None) -> FrontSettings:
-    """Flatten a validated :class:`Config` into what the front needs."""
-    p, t, s = config.pool, config.transport, config.supervisor
-    return FrontSettings(
-        workers=p.workers,
-        handler=p.handler if handler is None else handler,
-        handler_options=dict(p.handler_options),
-        slots=p.slots,
-        payload=p.payload,
-        failure_policy=p.failure_policy,
-        retry_limit=p.retry_limit,
-        retry_backoff_s=p.retry_backoff_ms / 1000.0,
-        runtime_dir=t.runtime_dir,
-        batch_size=t.batch_size,
-        batch_linger_s=t.batch_linger_ms / 1000.0,
-        max_inflight=t.max_inflight,
-        max_message_bytes=t.max_message_bytes,
-        ready_timeout_s=s.ready_timeout_s,
-        heartbeat_interval_s=s.heartbeat_interval_s,
-        heartbeat_timeout_s=s.heartbeat_timeout_s,
-        stop_timeout_s=s.stop_timeout_s,
-        restart_backoff_s=s.restart_backoff_s,
-        restart_backoff_max_s=s.restart_backoff_max_s,
-        max_restarts=s.max_restarts,
-        restart_window_s=s.restart_window_s,
-    )
 
 
 class ShardPool:
@@ -115,9 +87,7 @@ class ShardPool:
         if options:
             config = with_overrides(config, _dotted(config, options))
         self.config = config
-        self._front = Front(
-            settings_from_config(config, handler), on_result=on_result, on_failure=on_failure
-        )
+        self._front = Front(config, handler, on_result=on_result, on_failure=on_failure)
         self._encode = codec.dumps
         # The bytes fast path is the front's own method: one Python call less per message.
         self.submit_bytes = self._front.submit_bytes  # type: ignore[method-assign]
