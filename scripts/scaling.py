@@ -39,14 +39,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-try:
-    import shardpool  # noqa: F401
-except ImportError:  # run from a checkout without an install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+_CHECKOUT = Path(__file__).resolve().parents[1]
+if (_CHECKOUT / "shardpool" / "__init__.py").is_file():
+    # Measure the code of the checkout this script belongs to, even where another copy is
+    # installed (spawned workers inherit this path).
+    sys.path.insert(0, str(_CHECKOUT))
 
 TARGETS = {
     "trivial_1w_pool_over_bare": 0.6,
     "trivial_1w_pool_over_mp_queue": 5.0,
+    "trivial_1w_pool_many_over_bare": 0.6,
+    "trivial_1w_pool_many_over_mp_queue": 5.0,
     "cpu_speedup_1_to_2": 1.7,
     "cpu_efficiency_up_to_cores_minus_1": 0.8,
 }
@@ -125,17 +128,21 @@ def measure(
         stream = trivial_stream[:n]
         queue_stream = stream[: args.queue_messages]
         pool_runs: list[float] = []
+        many_runs: list[float] = []
         bare_runs: list[float] = []
         queue_runs: list[float] = []
         steps: list[tuple[str, Callable[[], float]]] = [
             ("pool", lambda: run_pool(stream, w, handler=TRIVIAL_HANDLER, **common).msgs_per_s),
             ("bare", lambda: run_bare_zmq(stream, w, batch_size=args.batch_size,
                                           timeout=args.timeout).msgs_per_s),
+            ("pool_many", lambda: run_pool(stream, w, handler=TRIVIAL_HANDLER, many=True,
+                                           **common).msgs_per_s),
         ]
         if not args.no_queue:
             steps.append(("mp_queue", lambda: run_mp_queue(queue_stream, w,
                                                            timeout=args.timeout).msgs_per_s))
-        sinks = {"pool": pool_runs, "bare": bare_runs, "mp_queue": queue_runs}
+        sinks = {"pool": pool_runs, "pool_many": many_runs, "bare": bare_runs,
+                 "mp_queue": queue_runs}
         for r in range(args.repeats):
             shift = r % len(steps)
             for name, fn in steps[shift:] + steps[:shift]:
@@ -148,6 +155,8 @@ def measure(
             "messages": n,
             "msgs_per_s": round(_median(pool_runs), 1),
             "runs": [round(x, 1) for x in pool_runs],
+            "many_msgs_per_s": round(_median(many_runs), 1),
+            "many_runs": [round(x, 1) for x in many_runs],
             "bare_msgs_per_s": round(_median(bare_runs), 1),
             "bare_runs": [round(x, 1) for x in bare_runs],
             "mp_queue_msgs_per_s": round(_median(queue_runs), 1) if queue_runs else None,
@@ -156,6 +165,9 @@ def measure(
         }
         point["pool_over_bare"] = _ratio(point["msgs_per_s"], point["bare_msgs_per_s"])
         point["pool_over_mp_queue"] = _ratio(point["msgs_per_s"], point["mp_queue_msgs_per_s"])
+        point["pool_many_over_bare"] = _ratio(point["many_msgs_per_s"], point["bare_msgs_per_s"])
+        point["pool_many_over_mp_queue"] = _ratio(point["many_msgs_per_s"],
+                                                  point["mp_queue_msgs_per_s"])
         trivial.append(point)
         _finish(doc, save)
 
@@ -217,6 +229,8 @@ def targets(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     values = {
         "trivial_1w_pool_over_bare": one.get("pool_over_bare"),
         "trivial_1w_pool_over_mp_queue": one.get("pool_over_mp_queue"),
+        "trivial_1w_pool_many_over_bare": one.get("pool_many_over_bare"),
+        "trivial_1w_pool_many_over_mp_queue": one.get("pool_many_over_mp_queue"),
         "cpu_speedup_1_to_2": cpu_w.get(2, {}).get("speedup"),
         "cpu_efficiency_up_to_cores_minus_1": min(effs) if effs else None,
     }
@@ -240,7 +254,11 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     tr, cpu = doc["trivial"], doc["cpu"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
     w = [p["workers"] for p in tr]
-    ax1.plot(w, [p["msgs_per_s"] / 1e3 for p in tr], "o-", label="shardpool, trivial handler")
+    ax1.plot(w, [p["msgs_per_s"] / 1e3 for p in tr], "o-",
+             label="shardpool, trivial handler, submit_bytes")
+    if all(p.get("many_msgs_per_s") for p in tr):
+        ax1.plot(w, [p["many_msgs_per_s"] / 1e3 for p in tr], "o--",
+                 label="shardpool, trivial handler, submit_many_bytes")
     ax1.plot(w, [p["bare_msgs_per_s"] / 1e3 for p in tr], "s--", label="bare pyzmq+cbor2 (ceiling)")
     if any(p["mp_queue_msgs_per_s"] for p in tr):
         ax1.plot(w, [(p["mp_queue_msgs_per_s"] or float("nan")) / 1e3 for p in tr], "^:",
@@ -257,7 +275,7 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     ax1.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=8)
     ax1.set_title("throughput")
-    ax2.plot(w, [p["efficiency"] for p in tr], "o-", label="trivial handler")
+    ax2.plot(w, [p["efficiency"] for p in tr], "o-", label="trivial handler, submit_bytes")
     ax2.plot(wc, [p["efficiency"] for p in cpu], "D-", label="CPU-costed LightningHandler")
     ax2.axhline(1.0, color="grey", lw=0.8)
     ax2.axhline(TARGETS["cpu_efficiency_up_to_cores_minus_1"], color="red", lw=0.8, ls="--",
@@ -281,14 +299,19 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
 def summary(doc: dict[str, Any]) -> str:
     """A plain-text table of both series and the targets."""
     lines = [f"{'series':<8}{'workers':>8}{'msgs/s':>12}{'speed-up':>10}{'effic.':>8}"
-             f"{'bare':>12}{'mp.Queue':>11}{'÷bare':>7}{'÷Queue':>8}"]
+             f"{'bare':>12}{'mp.Queue':>11}{'÷bare':>7}{'÷Queue':>8}"
+             f"{'many msgs/s':>13}{'÷bare':>7}{'÷Queue':>8}"]
     for name in ("trivial", "cpu"):
         for p in doc[name]:
             extra = ""
             if name == "trivial":
                 q = p["mp_queue_msgs_per_s"]
+                many = p.get("many_msgs_per_s")
                 extra = (f"{p['bare_msgs_per_s']:>12,.0f}{(f'{q:,.0f}' if q else '-'):>11}"
-                         f"{p['pool_over_bare'] or '-':>7}{p['pool_over_mp_queue'] or '-':>8}")
+                         f"{p['pool_over_bare'] or '-':>7}{p['pool_over_mp_queue'] or '-':>8}"
+                         f"{(f'{many:,.0f}' if many else '-'):>13}"
+                         f"{p.get('pool_many_over_bare') or '-':>7}"
+                         f"{p.get('pool_many_over_mp_queue') or '-':>8}")
             elif "cost_us_per_message" in p:
                 extra = f"   handler CPU {p['cost_us_per_message']} us/msg on average"
             lines.append(f"{name:<8}{p['workers']:>8}{p['msgs_per_s']:>12,.0f}"

@@ -37,7 +37,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import cbor2
@@ -334,6 +334,7 @@ def run_pool(
     config: str | None = None,
     timeout_s: float = 120.0,
     name: str = "shardpool",
+    many: bool = False,
 ) -> PoolRun:
     """Start a pool, push ``stream`` through the bytes fast path, drain, report, close.
 
@@ -349,6 +350,8 @@ def run_pool(
             must be :class:`DigestLightningHandler`); in ``PoolRun.digests``.
         batch_size, max_inflight, config: pool settings.
         timeout_s: deadline for the drain and for the probes, each (seconds).
+        many: closed-loop, untimed messages go in through ``submit_many_bytes`` (one lock per
+            chunk) instead of one ``submit_bytes`` call each.
 
     Raises:
         ShardPoolError subclasses from the pool (start failure, broken pool, DrainTimeout).
@@ -387,6 +390,7 @@ def run_pool(
     )
     try:
         submit: Callable[..., int] = pool.submit_bytes
+        submit_many: Callable[..., int] = pool.submit_many_bytes
         partial = functools.partial
         t0 = time.perf_counter()
         if rate is None:
@@ -397,8 +401,13 @@ def run_pool(
                     sent[k] = clock()
                     submit(cid, payload, on_done=partial(done, k, cid))
                     k += 1
-                    for cid, payload in stream[j + 1 : j + sample_every]:
-                        submit(cid, payload)
+                    if many:
+                        submit_many(stream[j + 1 : j + sample_every])
+                    else:
+                        for cid, payload in stream[j + 1 : j + sample_every]:
+                            submit(cid, payload)
+            elif many:
+                submit_many(stream)
             else:
                 for cid, payload in stream:
                     submit(cid, payload)
@@ -541,6 +550,7 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
     rate = opts.rate if opts.rate is not None else 20_000.0
     lightning_runs: list[PoolRun] = []
     trivial_runs: list[PoolRun] = []
+    many_runs: list[PoolRun] = []
     bare_runs: list[Any] = []
     queue_runs: list[Any] = []
     common = {
@@ -554,7 +564,9 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
     for r in range(opts.repeats):
         tag = f"repeat {r + 1}/{opts.repeats}"
         # Rotating the order each repeat spreads slow phases of the machine over all contenders.
-        steps: list[str] = ["lightning"] + (["trivial", "bare", "queue"] if opts.baselines else [])
+        steps: list[str] = ["lightning"] + (
+            ["trivial", "bare", "many", "queue"] if opts.baselines else []
+        )
         shift = r % len(steps)
         for step in steps[shift:] + steps[:shift]:
             if step == "lightning":
@@ -579,6 +591,11 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
                                name="shardpool_trivial", **common)
                 trivial_runs.append(run)
                 say(f"{tag}  shardpool trivial handler   {run.msgs_per_s:>12,.0f} msgs/s")
+            elif step == "many":
+                run = run_pool(encoded, opts.workers, handler=TRIVIAL_HANDLER, many=True,
+                               name="shardpool_trivial_many", **common)
+                many_runs.append(run)
+                say(f"{tag}  shardpool trivial, batched  {run.msgs_per_s:>12,.0f} msgs/s")
             elif step == "bare":
                 res = run_bare_zmq(encoded, opts.workers, batch_size=opts.batch_size,
                                    timeout=opts.timeout_s)
@@ -685,22 +702,33 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
         trivial = _median([r.msgs_per_s for r in trivial_runs])
         bare = _median([r.msgs_per_s for r in bare_runs])
         mpq = _median([r.msgs_per_s for r in queue_runs])
+        many = _median([r.msgs_per_s for r in many_runs])
         report["shardpool_trivial"] = {
             "handler": "noop (payload decoded by the worker)",
+            "submit": "submit_bytes, one call per message",
             "msgs_per_s": round(trivial, 1),
             "runs": [r.summary() for r in trivial_runs],
             "sequence_errors": _sum_seq(trivial_runs),
+        }
+        report["shardpool_trivial_many"] = {
+            "handler": "noop (payload decoded by the worker)",
+            "submit": "submit_many_bytes, the whole stream in one call",
+            "msgs_per_s": round(many, 1),
+            "runs": [r.summary() for r in many_runs],
+            "sequence_errors": _sum_seq(many_runs),
         }
         report["baselines"]["bare_zmq"] = _baseline_summary(bare_runs, bare)
         report["baselines"]["mp_queue"] = _baseline_summary(queue_runs, mpq)
         report["ratios"] = {
             "pool_over_bare": _ratio(trivial, bare),
             "pool_over_mp_queue": _ratio(trivial, mpq),
+            "pool_many_over_bare": _ratio(many, bare),
+            "pool_many_over_mp_queue": _ratio(many, mpq),
             "lightning_over_bare": _ratio(lightning_median, bare),
             "lightning_over_mp_queue": _ratio(lightning_median, mpq),
         }
-        shardpool["failures"] += sum(r.failures for r in trivial_runs)
-        for k, v in _sum_seq(trivial_runs).items():
+        shardpool["failures"] += sum(r.failures for r in trivial_runs + many_runs)
+        for k, v in _sum_seq(trivial_runs + many_runs).items():
             shardpool["sequence_errors"][k] += v
     if bytype is not None:
         report["baselines"]["by_type"] = bytype
@@ -816,10 +844,6 @@ class AsyncDigestLightningHandler(DigestLightningHandler):
 # the text report
 
 
-def _fmt_rate(x: float | None) -> str:
-    return "-" if x is None else f"{x:,.0f}"
-
-
 def format_report(report: dict[str, Any]) -> str:
     """The human-readable report of :func:`run_bench` (a multi-line string)."""
     o = report["options"]
@@ -837,13 +861,17 @@ def format_report(report: dict[str, Any]) -> str:
     )
     add(f"machine: {m['cpus']} CPUs, Python {m['python']}, {m['platform']}")
     add("")
-    add(f"{'throughput (same traffic, interleaved runs)':<46}{'median msgs/s':>14}   each run")
+    add(f"{'throughput (same traffic, interleaved runs)':<50}{'median msgs/s':>14}   each run")
     rows: list[tuple[str, float, list[float]]] = [
         (f"shardpool, {sp['handler']}", sp["msgs_per_s"], [r["msgs_per_s"] for r in sp["runs"]]),
     ]
     if "shardpool_trivial" in report:
         st = report["shardpool_trivial"]
-        rows.append(("shardpool, trivial handler (bytes fast path)", st["msgs_per_s"],
+        rows.append(("shardpool, trivial handler, submit_bytes", st["msgs_per_s"],
+                     [r["msgs_per_s"] for r in st["runs"]]))
+    if "shardpool_trivial_many" in report:
+        st = report["shardpool_trivial_many"]
+        rows.append(("shardpool, trivial handler, submit_many_bytes", st["msgs_per_s"],
                      [r["msgs_per_s"] for r in st["runs"]]))
     b = report["baselines"]
     if "bare_zmq" in b:
@@ -854,13 +882,17 @@ def format_report(report: dict[str, Any]) -> str:
                      [r["msgs_per_s"] for r in b["mp_queue"]["runs"]]))
     for label, med, runs in rows:
         each = " ".join(f"{x / 1000:,.0f}k" for x in runs)
-        add(f"  {label:<44}{med:>14,.0f}   {each}")
+        add(f"  {label:<48}{med:>14,.0f}   {each}")
     r = report.get("ratios") or {}
     if r:
         add(
-            f"  ratios: shardpool÷bare {r['pool_over_bare']}   shardpool÷mp.Queue "
-            f"{r['pool_over_mp_queue']}   (trivial handler; with LightningHandler: "
-            f"{r['lightning_over_bare']} and {r['lightning_over_mp_queue']})"
+            f"  ratios, trivial handler: shardpool÷bare {r['pool_over_bare']} "
+            f"(submit_many_bytes {r['pool_many_over_bare']})   shardpool÷mp.Queue "
+            f"{r['pool_over_mp_queue']} (submit_many_bytes {r['pool_many_over_mp_queue']})"
+        )
+        add(
+            f"  ratios, LightningHandler: shardpool÷bare {r['lightning_over_bare']}   "
+            f"shardpool÷mp.Queue {r['lightning_over_mp_queue']}"
         )
     add("")
     lat = sp["latency"]
@@ -913,8 +945,3 @@ def format_report(report: dict[str, Any]) -> str:
     add(f"verdict: {'OK - order kept' if report['ok'] else 'FAILED - order broken'}   "
         f"(bench took {report['elapsed_s']:.1f} s)")
     return "\n".join(lines)
-
-
-def options_with(opts: BenchOptions, **changes: Any) -> BenchOptions:
-    """``opts`` with ``changes`` applied (a convenience for scripts)."""
-    return replace(opts, **changes)

@@ -51,7 +51,9 @@ def test_bench_json_report_has_every_section_and_zero_violations() -> None:
     assert bt["violations"] == sum(bt["violations_by_code"].values())
     same = bt["shardpool_same_traffic"]
     assert same["violations"] == 0 and same["digest_mismatches"] == 0
+    assert report["shardpool_trivial_many"]["msgs_per_s"] > 0
     assert set(report["ratios"]) == {"pool_over_bare", "pool_over_mp_queue",
+                                     "pool_many_over_bare", "pool_many_over_mp_queue",
                                      "lightning_over_bare", "lightning_over_mp_queue"}
     assert all(v > 0 for v in report["ratios"].values())
 

@@ -32,12 +32,15 @@ def test_scaling_script_writes_json_plot_and_targets(tmp_path: Path) -> None:
     assert [p["workers"] for p in doc["cpu"]] == [1, 2]
     for p in doc["trivial"]:
         assert p["msgs_per_s"] > 0 and p["bare_msgs_per_s"] > 0 and p["mp_queue_msgs_per_s"] > 0
+        assert p["many_msgs_per_s"] > 0 and p["pool_many_over_bare"] > 0
         assert p["messages"] == 3000 and p["mp_queue_messages"] == 2000
     for series in (doc["trivial"], doc["cpu"]):
         assert series[0]["speedup"] == 1.0 and series[0]["efficiency"] == 1.0
         assert series[1]["efficiency"] == pytest.approx(series[1]["speedup"] / 2, abs=1e-3)
     assert doc["cpu"][0]["messages"] == doc["cpu"][1]["messages"] == 1500
     assert set(doc["targets"]) == {"trivial_1w_pool_over_bare", "trivial_1w_pool_over_mp_queue",
+                                   "trivial_1w_pool_many_over_bare",
+                                   "trivial_1w_pool_many_over_mp_queue",
                                    "cpu_speedup_1_to_2", "cpu_efficiency_up_to_cores_minus_1"}
     assert doc["targets"]["cpu_speedup_1_to_2"]["value"] == doc["cpu"][1]["speedup"]
     assert "targets:" in proc.stdout
