@@ -52,6 +52,8 @@ LOG_INTERVAL_S = 10.0
 
 _READ_BURST = 64  # frames read per loop turn before replies get their turn again
 _ROOM_WAIT_S = 0.05  # backpressure: re-try a full window at least this often (seconds)
+# pyzmq's authenticator applies "*" only to sockets without a domain; name ours explicitly.
+_ZAP_DOMAIN = "shardpool"
 
 _MONITOR_EVENTS = (
     zmq.EVENT_ACCEPTED
@@ -330,12 +332,12 @@ class Ingress:
                 auth = ThreadAuthenticator(ctx, log=logging.getLogger("shardpool.ingress.auth"))
                 auth.start()
                 auth.configure_curve(
-                    domain="*", location=s.curve.clients_dir or zmq.auth.CURVE_ALLOW_ANY
+                    domain=_ZAP_DOMAIN, location=s.curve.clients_dir or zmq.auth.CURVE_ALLOW_ANY
                 )
                 sock.curve_secretkey = s.curve.secret
                 sock.curve_publickey = s.curve.public
                 sock.curve_server = True
-                sock.zap_domain = b"shardpool"
+                sock.zap_domain = _ZAP_DOMAIN.encode()
             mon = sock.get_monitor_socket(_MONITOR_EVENTS)
             sock.bind(s.endpoint)
             secure_socket_file(s.endpoint)

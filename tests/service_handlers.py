@@ -169,3 +169,23 @@ class in_process_backend:
     def __exit__(self, *exc: object) -> None:
         if self.service.state != "stopped":
             self.service.stop()
+
+
+def mixed(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+    """Returns None for even indexes and ``[seq, i]`` for odd ones: outcomes of one channel then
+    travel in different parts of an acknowledgement (ranges vs. results)."""
+    i = message["i"]
+    return None if i % 2 == 0 else [seq, i]
+
+
+async def gated_or_ordered(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+    """With a ``"gate"`` path: wait (inside the worker) until that file exists, return
+    ``[seq, i]``; otherwise as :func:`ordered` (``"p"`` defaults to 0)."""
+    gate = message.get("gate")
+    if gate:
+        import os
+
+        while not os.path.exists(gate):
+            await asyncio.sleep(0.002)
+        return [seq, message["i"]]
+    return ordered(channel, seq, {"p": message.get("p", 0), "i": message["i"]}, redelivered)
