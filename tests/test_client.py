@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
 from service_handlers import in_process_backend
 
 from shardpool.client import AsyncClient, Client, ReplyError
+from shardpool.control import ControlClient
 from shardpool.errors import ChannelIdError, PayloadTooLarge
 
 pytestmark = pytest.mark.multiprocess
@@ -118,6 +120,10 @@ def test_unfinished_messages_get_closed_replies_at_shutdown(tmp_path: Path) -> N
         assert done == [0, 0]
         corrs = [client.send(b"stuck", {"gate": str(gate), "i": i}) for i in range(5)]
         client.flush()
+        with ControlClient(svc.control_endpoint) as ctl:  # all five accepted before the stop
+            deadline = time.monotonic() + 20
+            while ctl.request("status")["ingress"]["accepted"] < 6:
+                assert time.monotonic() < deadline
         code = svc.stop()
         assert code == 1  # the drain ran out of time
         replies = list(client.results(timeout=20.0))
