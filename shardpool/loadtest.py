@@ -264,6 +264,12 @@ def _median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else 0.0
 
 
+def _paired(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Median of ``a[i] / b[i]`` over the pairs (None when there is none)."""
+    pairs = [x / y for x, y in zip(a, b) if y > 0]
+    return round(_median(pairs), 3) if pairs else None
+
+
 def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b > 0 and math.isfinite(a) and math.isfinite(b) else None
 
@@ -697,6 +703,7 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
         "shardpool": shardpool,
         "baselines": {},
         "ratios": {},
+        "ratios_paired": {},
     }
     if opts.baselines:
         trivial = _median([r.msgs_per_s for r in trivial_runs])
@@ -726,6 +733,18 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
             "pool_many_over_mp_queue": _ratio(many, mpq),
             "lightning_over_bare": _ratio(lightning_median, bare),
             "lightning_over_mp_queue": _ratio(lightning_median, mpq),
+        }
+        # Per repeat (its runs ran back to back), then the median: steadier than the ratio of
+        # the medians when the machine has slow spells.
+        report["ratios_paired"] = {
+            "pool_over_bare": _paired([r.msgs_per_s for r in trivial_runs],
+                                      [r.msgs_per_s for r in bare_runs]),
+            "pool_over_mp_queue": _paired([r.msgs_per_s for r in trivial_runs],
+                                          [r.msgs_per_s for r in queue_runs]),
+            "pool_many_over_bare": _paired([r.msgs_per_s for r in many_runs],
+                                           [r.msgs_per_s for r in bare_runs]),
+            "pool_many_over_mp_queue": _paired([r.msgs_per_s for r in many_runs],
+                                               [r.msgs_per_s for r in queue_runs]),
         }
         shardpool["failures"] += sum(r.failures for r in trivial_runs + many_runs)
         for k, v in _sum_seq(trivial_runs + many_runs).items():
@@ -890,6 +909,13 @@ def format_report(report: dict[str, Any]) -> str:
             f"(submit_many_bytes {r['pool_many_over_bare']})   shardpool÷mp.Queue "
             f"{r['pool_over_mp_queue']} (submit_many_bytes {r['pool_many_over_mp_queue']})"
         )
+        rp = report.get("ratios_paired") or {}
+        if rp:
+            add(
+                f"  same, median of per-repeat ratios: {rp['pool_over_bare']} "
+                f"({rp['pool_many_over_bare']}) and {rp['pool_over_mp_queue']} "
+                f"({rp['pool_many_over_mp_queue']})"
+            )
         add(
             f"  ratios, LightningHandler: shardpool÷bare {r['lightning_over_bare']}   "
             f"shardpool÷mp.Queue {r['lightning_over_mp_queue']}"
