@@ -35,8 +35,7 @@ import itertools
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import cbor2
 import zmq
@@ -66,10 +65,9 @@ class ReplyError(ShardPoolError):
         super().__init__(f"{status}: {info.get('message', self.code)}")
 
 
-@dataclass(frozen=True)
-class Reply:
+class Reply(NamedTuple):
     """One reply from the backend (``corr`` is None only for an item sent without a readable
-    correlation id, which this client never does)."""
+    correlation id, which this client never does). A named tuple: one is built per message."""
 
     corr: int | None
     status: str

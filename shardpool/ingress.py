@@ -123,7 +123,12 @@ class _Rec:
         else:
             self.value = {"error": P.E_HANDLER_FAILED, "message": repr(error)}
             self.status = P.FAILED
-        self.ing._post(self)
+        # Ingress._post inlined: this runs once per message on the pool's busiest thread.
+        ing = self.ing
+        ing._outcomes.append(self)
+        if not ing._wake_pending:
+            ing._wake_pending = True
+            ing._wake()
 
 
 def _failure_value(err: HandlerError) -> dict[str, Any]:
