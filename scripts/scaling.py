@@ -6,8 +6,10 @@ Two series, each point the median of ``--repeats`` runs:
 * **trivial** — the bytes fast path with a handler that does nothing (the worker still decodes each
   CBOR payload), on ``make_stream`` traffic (~190 B ``update_add_htlc``-shaped payloads). At every
   worker count the bare pyzmq+cbor2 harness (the ceiling) and the ``multiprocessing.Queue``-per-
-  worker pool (the naive alternative) run on the same stream, interleaved with the pool run by run
-  (pool, bare, queue, pool, ...) so that the noise of a shared machine hits all three alike.
+  worker pool (the naive alternative) run on the same stream, interleaved with the pool runs
+  (``submit_bytes``, ``submit_many_bytes``, and ``payload="raw"`` — the handler gets the bytes
+  undecoded: not like for like, it shows the front's own ceiling) in a rotating order, so the noise
+  of a shared machine hits all of them alike.
 * **cpu** — the Lightning handler burning ``--cpu-cost-us`` of real CPU per ``commitment_signed``
   (~18% of the demo traffic), the case where adding cores must pay off.
 
@@ -133,6 +135,7 @@ def measure(
         queue_stream = stream[: args.queue_messages]
         pool_runs: list[float] = []
         many_runs: list[float] = []
+        raw_runs: list[float] = []
         bare_runs: list[float] = []
         queue_runs: list[float] = []
         steps: list[tuple[str, Callable[[], float]]] = [
@@ -141,12 +144,15 @@ def measure(
                                           timeout=args.timeout).msgs_per_s),
             ("pool_many", lambda: run_pool(stream, w, handler=TRIVIAL_HANDLER, many=True,
                                            **common).msgs_per_s),
+            # Not like for like (the baselines decode every payload): the front's own ceiling.
+            ("pool_raw", lambda: run_pool(stream, w, handler=TRIVIAL_HANDLER, payload="raw",
+                                          **common).msgs_per_s),
         ]
         if not args.no_queue:
             steps.append(("mp_queue", lambda: run_mp_queue(queue_stream, w,
                                                            timeout=args.timeout).msgs_per_s))
-        sinks = {"pool": pool_runs, "pool_many": many_runs, "bare": bare_runs,
-                 "mp_queue": queue_runs}
+        sinks = {"pool": pool_runs, "pool_many": many_runs, "pool_raw": raw_runs,
+                 "bare": bare_runs, "mp_queue": queue_runs}
         for r in range(args.repeats):
             shift = r % len(steps)
             for name, fn in steps[shift:] + steps[:shift]:
@@ -161,6 +167,8 @@ def measure(
             "runs": [round(x, 1) for x in pool_runs],
             "many_msgs_per_s": round(_median(many_runs), 1),
             "many_runs": [round(x, 1) for x in many_runs],
+            "raw_msgs_per_s": round(_median(raw_runs), 1),
+            "raw_runs": [round(x, 1) for x in raw_runs],
             "bare_msgs_per_s": round(_median(bare_runs), 1),
             "bare_runs": [round(x, 1) for x in bare_runs],
             "mp_queue_msgs_per_s": round(_median(queue_runs), 1) if queue_runs else None,
@@ -176,10 +184,13 @@ def measure(
             "pool_over_mp_queue": _paired(pool_runs, queue_runs),
             "pool_many_over_bare": _paired(many_runs, bare_runs),
             "pool_many_over_mp_queue": _paired(many_runs, queue_runs),
+            "pool_raw_over_mp_queue": _paired(raw_runs, queue_runs),
         }
         point["pool_many_over_bare"] = _ratio(point["many_msgs_per_s"], point["bare_msgs_per_s"])
         point["pool_many_over_mp_queue"] = _ratio(point["many_msgs_per_s"],
                                                   point["mp_queue_msgs_per_s"])
+        point["pool_raw_over_mp_queue"] = _ratio(point["raw_msgs_per_s"],
+                                                 point["mp_queue_msgs_per_s"])
         trivial.append(point)
         _finish(doc, save)
 
@@ -288,6 +299,9 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     if all(p.get("many_msgs_per_s") for p in tr):
         ax1.plot(w, [p["many_msgs_per_s"] / 1e3 for p in tr], "o--",
                  label="shardpool, trivial handler, submit_many_bytes")
+    if all(p.get("raw_msgs_per_s") for p in tr):
+        ax1.plot(w, [p["raw_msgs_per_s"] / 1e3 for p in tr], "x:",
+                 label="shardpool, payload=raw (handler gets bytes)")
     ax1.plot(w, [p["bare_msgs_per_s"] / 1e3 for p in tr], "s--", label="bare pyzmq+cbor2 (ceiling)")
     if any(p["mp_queue_msgs_per_s"] for p in tr):
         ax1.plot(w, [(p["mp_queue_msgs_per_s"] or float("nan")) / 1e3 for p in tr], "^:",
@@ -330,18 +344,21 @@ def summary(doc: dict[str, Any]) -> str:
     """A plain-text table of both series and the targets."""
     lines = [f"{'series':<8}{'workers':>8}{'msgs/s':>12}{'speed-up':>10}{'effic.':>8}"
              f"{'bare':>12}{'mp.Queue':>11}{'÷bare':>7}{'÷Queue':>8}"
-             f"{'many msgs/s':>13}{'÷bare':>7}{'÷Queue':>8}"]
+             f"{'many msgs/s':>13}{'÷bare':>7}{'÷Queue':>8}{'raw msgs/s':>12}{'÷Queue':>8}"]
     for name in ("trivial", "cpu"):
         for p in doc[name]:
             extra = ""
             if name == "trivial":
                 q = p["mp_queue_msgs_per_s"]
                 many = p.get("many_msgs_per_s")
+                raw = p.get("raw_msgs_per_s")
                 extra = (f"{p['bare_msgs_per_s']:>12,.0f}{(f'{q:,.0f}' if q else '-'):>11}"
                          f"{p['pool_over_bare'] or '-':>7}{p['pool_over_mp_queue'] or '-':>8}"
                          f"{(f'{many:,.0f}' if many else '-'):>13}"
                          f"{p.get('pool_many_over_bare') or '-':>7}"
-                         f"{p.get('pool_many_over_mp_queue') or '-':>8}")
+                         f"{p.get('pool_many_over_mp_queue') or '-':>8}"
+                         f"{(f'{raw:,.0f}' if raw else '-'):>12}"
+                         f"{p.get('pool_raw_over_mp_queue') or '-':>8}")
             elif "cost_us_per_message" in p:
                 extra = f"   handler CPU {p['cost_us_per_message']} us/msg on average"
             lines.append(f"{name:<8}{p['workers']:>8}{p['msgs_per_s']:>12,.0f}"

@@ -341,6 +341,7 @@ def run_pool(
     timeout_s: float = 120.0,
     name: str = "shardpool",
     many: bool = False,
+    payload: str = "cbor",
 ) -> PoolRun:
     """Start a pool, push ``stream`` through the bytes fast path, drain, report, close.
 
@@ -358,6 +359,8 @@ def run_pool(
         timeout_s: deadline for the drain and for the probes, each (seconds).
         many: closed-loop, untimed messages go in through ``submit_many_bytes`` (one lock per
             chunk) instead of one ``submit_bytes`` call each.
+        payload: ``"cbor"`` (the worker decodes each payload for the handler) or ``"raw"`` (the
+            handler gets the bytes).
 
     Raises:
         ShardPoolError subclasses from the pool (start failure, broken pool, DrainTimeout).
@@ -390,6 +393,7 @@ def run_pool(
         "batch_size": batch_size,
         "max_inflight": max_inflight,
         "handler_options": dict(handler_options or {}),
+        "payload": payload,
     }
     pool = ShardPool(
         handler, config=config, on_result=on_result, on_failure=failures.append, **options
