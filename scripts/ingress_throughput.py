@@ -70,7 +70,10 @@ def producer_main(endpoint: str, messages: int, seed: int) -> None:
             else:
                 not_ok += 1
         elapsed = time.perf_counter() - t0
-    print(json.dumps({"sent": len(stream), "ok": ok, "not_ok": not_ok, "elapsed_s": elapsed}), flush=True)
+    print(
+        json.dumps({"sent": len(stream), "ok": ok, "not_ok": not_ok, "elapsed_s": elapsed}),
+        flush=True,
+    )
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -113,8 +116,14 @@ def _through_ingress(svc: Any, messages: int, producers: int, seed: int) -> floa
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     procs = [
         subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--producer", svc.ingress_endpoint,
-             str(share), str(seed * 100 + k)],
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--producer",
+                svc.ingress_endpoint,
+                str(share),
+                str(seed * 100 + k),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -152,11 +161,17 @@ def _through_ingress(svc: Any, messages: int, producers: int, seed: int) -> floa
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--producer", nargs=3, metavar=("ENDPOINT", "MESSAGES", "SEED"), help=argparse.SUPPRESS)
-    ap.add_argument("--messages", type=int, default=200_000, help="messages per round (default 200000)")
+    ap.add_argument(
+        "--producer", nargs=3, metavar=("ENDPOINT", "MESSAGES", "SEED"), help=argparse.SUPPRESS
+    )
+    ap.add_argument(
+        "--messages", type=int, default=200_000, help="messages per round (default 200000)"
+    )
     ap.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     ap.add_argument("--producers", default="1,2", help="producer counts to measure (default 1,2)")
-    ap.add_argument("--repeats", type=int, default=3, help="rounds per path; the median is reported")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="rounds per path; the median is reported"
+    )
     ap.add_argument("--json", action="store_true", help="print JSON")
     args = ap.parse_args()
     if args.producer:
@@ -192,8 +207,11 @@ def main() -> int:
                     seed += 1
                     rates[f"ingress x{k}"].append(_through_ingress(svc, args.messages, k, seed))
                 if not args.json:
-                    print(f"round {r + 1}: " + ", ".join(f"{name} {v[-1]:,.0f}/s" for name, v in rates.items()),
-                          file=sys.stderr)
+                    print(
+                        f"round {r + 1}: "
+                        + ", ".join(f"{name} {v[-1]:,.0f}/s" for name, v in rates.items()),
+                        file=sys.stderr,
+                    )
         finally:
             svc.stop()
     base = statistics.median(rates["in-process"])
@@ -203,16 +221,21 @@ def main() -> int:
         "handler": cfg.pool.handler,
         "repeats": args.repeats,
         "paths": {
-            name: {"median_msgs_per_s": statistics.median(v), "runs": v,
-                   "ratio_to_in_process": statistics.median(v) / base}
+            name: {
+                "median_msgs_per_s": statistics.median(v),
+                "runs": v,
+                "ratio_to_in_process": statistics.median(v) / base,
+            }
             for name, v in rates.items()
         },
     }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{args.messages:,} Lightning messages per round, {args.workers} workers, "
-              f"median of {args.repeats}")
+        print(
+            f"{args.messages:,} Lightning messages per round, {args.workers} workers, "
+            f"median of {args.repeats}"
+        )
         print(f"{'path':<14} {'msgs/s':>12} {'vs in-process':>14}")
         for name, p in report["paths"].items():
             print(f"{name:<14} {p['median_msgs_per_s']:>12,.0f} {p['ratio_to_in_process']:>13.2f}x")

@@ -114,7 +114,9 @@ def _curve_options(
     return server, public, secret
 
 
-def _make_socket(sock: zmq.Socket[Any], endpoint: str, curve: tuple[bytes, bytes, bytes] | None, sndhwm: int) -> None:
+def _make_socket(
+    sock: zmq.Socket[Any], endpoint: str, curve: tuple[bytes, bytes, bytes] | None, sndhwm: int
+) -> None:
     sock.linger = 0
     sock.sndhwm = sndhwm
     sock.rcvhwm = 0  # replies are bounded by what we sent; never let ZeroMQ drop one
@@ -337,7 +339,9 @@ class Client(_Core):
         to :meth:`results`). The message goes out with the next flush or the future's wait."""
         return self.request_bytes(channel_id, cbor2.dumps(message), timeout)
 
-    def request_bytes(self, channel_id: bytes, payload: bytes, timeout: float | None = None) -> ReplyFuture:
+    def request_bytes(
+        self, channel_id: bytes, payload: bytes, timeout: float | None = None
+    ) -> ReplyFuture:
         """:meth:`request` for a pre-encoded payload."""
         cid = _check(channel_id, payload, self.max_message_bytes)
         fut = ReplyFuture(self)
@@ -429,7 +433,9 @@ class Client(_Core):
         seconds for at least one if there is none yet."""
         self.flush()
         if not self._ready and timeout > 0 and self._pending_results > 0:
-            self._wait_for(lambda: bool(self._ready) or self._pending_results == 0, timeout, "reply")
+            self._wait_for(
+                lambda: bool(self._ready) or self._pending_results == 0, timeout, "reply"
+            )
         out = list(self._ready)
         self._ready.clear()
         return out
@@ -446,7 +452,9 @@ class Client(_Core):
                 yield self._ready.popleft()
             if self._pending_results <= 0:
                 return
-            self._wait_for(lambda: bool(self._ready) or self._pending_results <= 0, timeout, "reply")
+            self._wait_for(
+                lambda: bool(self._ready) or self._pending_results <= 0, timeout, "reply"
+            )
 
     def wait(self, timeout: float | None = None) -> None:
         """Flush and wait until every message sent so far has its final reply (replies to
@@ -534,14 +542,21 @@ class AsyncClient(_Core):
         self._loop = asyncio.get_running_loop()
         self._ctx = zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket = self._ctx.socket(zmq.DEALER)
-        _make_socket(self._sock, self.endpoint, _curve_options(cfg, server_public_key, client_secret_key), sndhwm)
+        _make_socket(
+            self._sock,
+            self.endpoint,
+            _curve_options(cfg, server_public_key, client_secret_key),
+            sndhwm,
+        )
         self._changed = asyncio.Event()  # set whenever replies arrive
         self._flush_handle: asyncio.Handle | None = None
         self._flush_lock = asyncio.Lock()
         self._reader = self._loop.create_task(self._read())
 
     @classmethod
-    async def connect(cls, endpoint: str | None = None, *, handshake: bool = True, **kwargs: Any) -> AsyncClient:
+    async def connect(
+        cls, endpoint: str | None = None, *, handshake: bool = True, **kwargs: Any
+    ) -> AsyncClient:
         """Create a client and (by default) handshake with the backend.
 
         Raises:
@@ -590,17 +605,23 @@ class AsyncClient(_Core):
         under flow control up to ``timeout`` seconds (then TimeoutError; it stays queued)."""
         return await self.send_bytes(channel_id, cbor2.dumps(message), timeout)
 
-    async def send_bytes(self, channel_id: bytes, payload: bytes, timeout: float | None = None) -> int:
+    async def send_bytes(
+        self, channel_id: bytes, payload: bytes, timeout: float | None = None
+    ) -> int:
         cid = _check(channel_id, payload, self.max_message_bytes)
         corr = self._add(cid, payload)
         await self._after_add(timeout)
         return corr
 
-    async def request(self, channel_id: bytes, message: Any, timeout: float | None = None) -> asyncio.Future[Any]:
+    async def request(
+        self, channel_id: bytes, message: Any, timeout: float | None = None
+    ) -> asyncio.Future[Any]:
         """Queue ``message`` and return a future of the handler's result (raises ReplyError)."""
         return await self.request_bytes(channel_id, cbor2.dumps(message), timeout)
 
-    async def request_bytes(self, channel_id: bytes, payload: bytes, timeout: float | None = None) -> asyncio.Future[Any]:
+    async def request_bytes(
+        self, channel_id: bytes, payload: bytes, timeout: float | None = None
+    ) -> asyncio.Future[Any]:
         cid = _check(channel_id, payload, self.max_message_bytes)
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._add(cid, payload, fut)
@@ -618,7 +639,9 @@ class AsyncClient(_Core):
         try:
             return await asyncio.wait_for(asyncio.shield(fut), t)
         except asyncio.TimeoutError:
-            raise TimeoutError(f"no reply from the backend at {self.endpoint} within {t} s") from None
+            raise TimeoutError(
+                f"no reply from the backend at {self.endpoint} within {t} s"
+            ) from None
 
     async def _after_add(self, timeout: float | None) -> None:
         if self._batch_due():
@@ -673,7 +696,9 @@ class AsyncClient(_Core):
                 yield self._ready.popleft()
             if self._pending_results <= 0:
                 return
-            await self._wait_for(lambda: bool(self._ready) or self._pending_results <= 0, timeout, "reply")
+            await self._wait_for(
+                lambda: bool(self._ready) or self._pending_results <= 0, timeout, "reply"
+            )
 
     async def wait(self, timeout: float | None = None) -> None:
         """Flush and await the final reply of everything sent so far."""
@@ -727,4 +752,3 @@ class AsyncClient(_Core):
 def _ignore_result(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()  # retrieved so asyncio does not log it; the next flush raises again
-

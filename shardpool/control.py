@@ -228,7 +228,9 @@ class ControlClient:
         self._sock.linger = 0
         self._sock.connect(endpoint)
 
-    def request(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+    def request(
+        self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> Any:
         """Send one request and wait for its answer.
 
         Raises:
@@ -238,7 +240,9 @@ class ControlClient:
         timeout = self.timeout if timeout is None else timeout
         path = ipc_path(self.endpoint)
         if path is not None and not path.exists():
-            raise NotRunning(f"no shardpool backend at {self.endpoint} (is `shardpool run` running?)")
+            raise NotRunning(
+                f"no shardpool backend at {self.endpoint} (is `shardpool run` running?)"
+            )
         self._sock.send(cbor2.dumps([VERSION, op, args or {}]))
         if not self._sock.poll(max(0.0, timeout) * 1000):
             raise NotRunning(
@@ -318,8 +322,7 @@ def render_status(snap: dict[str, Any], width: int | None = None) -> str:
         f"{ing['rejected']}  frame errors {ing['frame_errors']}  "
         f"rate {_si(snap['rates']['ingress_per_s'])}/s",
         f"           replies {ing['replies']}  backpressure waits {ing['backpressure_waits']}  "
-        f"auth failures {ing['auth_failures']}"
-        + ("" if ing["accepting"] else "  (intake closed)"),
+        f"auth failures {ing['auth_failures']}" + ("" if ing["accepting"] else "  (intake closed)"),
     ]
     if ing.get("errors"):
         lines.append(
@@ -335,8 +338,9 @@ def render_status(snap: dict[str, Any], width: int | None = None) -> str:
         d = snap["demo_load"]
         lines.append(
             f"demo load: sent {d['sent']}  replies {d['replies']}  protocol violations "
-            f"{d['violations']}  target {_si(d['rate'])}/s" if d["rate"] else
-            f"demo load: sent {d['sent']}  replies {d['replies']}  protocol violations "
+            f"{d['violations']}  target {_si(d['rate'])}/s"
+            if d["rate"]
+            else f"demo load: sent {d['sent']}  replies {d['replies']}  protocol violations "
             f"{d['violations']}  (unpaced)"
         )
     lines.append("")

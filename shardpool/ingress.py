@@ -2,10 +2,10 @@
 
 ::
 
-  producer DEALER ──[1, SUBMIT, items]──▶ ROUTER ──▶ check each item ──▶ pool.submit_bytes(on_done=rec)
-        ▲                                  │  (one thread owns the socket)          │
-        │                                  │                              pool I/O thread: rec(value, error)
-        └──[1, REPLIES, [[corr, status, value], ...]]◀── per-channel release ◀── outcomes deque + pipe wake
+  producer DEALER ─[1, SUBMIT, items]─▶ ROUTER ─▶ check items ─▶ pool.submit_bytes(on_done=rec)
+        ▲                               (one thread owns the socket)            │
+        │                                                     pool I/O thread: rec(value, error)
+        └─[1, REPLIES, [[corr, status, value], ...]]◀─ per-channel release ◀─ deque + pipe wake
 
 One thread (``shardpool-ingress``) owns the socket, its monitor and the CURVE authenticator's
 context. It reads frames, checks every item (see :mod:`shardpool.protocol` for the wire format and
@@ -32,6 +32,7 @@ import select
 import threading
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import zmq
@@ -70,9 +71,10 @@ _AUTH_FAILURES = (
 
 
 class _Submitter(Protocol):
-    def submit_bytes(
-        self, channel_id: bytes, payload: bytes, *, block: bool = ..., on_done: Any = ...
-    ) -> int: ...
+    # submit_bytes(channel_id, payload, *, block, on_done) -> per-channel seq (ShardPool's, which
+    # is typed without the keywords its bound front method takes).
+    @property
+    def submit_bytes(self) -> Callable[..., int]: ...
 
 
 @dataclass(frozen=True)
@@ -253,6 +255,11 @@ class Ingress:
     @property
     def accepting(self) -> bool:
         return self._intake_reason is None
+
+    @property
+    def alive(self) -> bool:
+        """False once the ingress thread has ended (closed, or failed: see the log)."""
+        return self._thread.is_alive()
 
     def close(self, timeout: float = 5.0) -> None:
         """Send every reply still due (waiting up to ``timeout`` seconds for outcomes of accepted
@@ -574,7 +581,6 @@ class Ingress:
 
     def _submit_items(self, sock: zmq.Socket[bytes], ident: bytes, items: list[Any]) -> None:
         max_bytes = self.settings.max_message_bytes
-        submit = self._submit
         chans = self._chans
         counters = self.counters
         counters["messages"] += len(items)
@@ -615,7 +621,9 @@ class Ingress:
                 continue
             n = len(cid)
             if n == 0:
-                self._reject(ident, corr, P.E_EMPTY_CHANNEL_ID, f"item {index}: empty channel id", index)
+                self._reject(
+                    ident, corr, P.E_EMPTY_CHANNEL_ID, f"item {index}: empty channel id", index
+                )
                 continue
             if n > MAX_CHANNEL_ID_BYTES:
                 self._reject(
@@ -646,40 +654,7 @@ class Ingress:
                 )
                 continue
             rec = _Rec(self, ident, corr, cid)
-            while True:
-                reason = self._intake_reason
-                if reason is not None:
-                    self._reject(
-                        ident,
-                        corr,
-                        reason,
-                        "the backend is shutting down" if reason == P.E_SHUTTING_DOWN
-                        else "the backend is draining and accepts no new messages",
-                        index,
-                    )
-                    rec = None
-                    break
-                try:
-                    rec.cseq = submit(cid, payload, block=False, on_done=rec)
-                    break
-                except BlockingIOError:
-                    # The worker's window is full: stop reading (the socket's queue then fills and
-                    # ZeroMQ pushes back on producers) and keep replies flowing until there is room.
-                    counters["backpressure_waits"] += 1
-                    self._wait_room(sock)
-                except PoolBroken as exc:
-                    self._reject(ident, corr, P.E_POOL_BROKEN, f"the pool is broken: {exc}", index)
-                    rec = None
-                    break
-                except PoolClosed:
-                    self._reject(ident, corr, P.E_SHUTTING_DOWN, "the backend is shutting down", index)
-                    rec = None
-                    break
-                except InputError as exc:  # checked above already; kept as a safety net
-                    self._reject(ident, corr, P.E_BAD_ITEM, f"item {index}: {exc}", index)
-                    rec = None
-                    break
-            if rec is None:
+            if not self._submit_one(sock, rec, payload, index):
                 continue
             accepted += 1
             q = chans.get(cid)
@@ -688,6 +663,42 @@ class Ingress:
             else:
                 q.append(rec)
         counters["accepted"] += accepted
+
+    def _submit_one(self, sock: zmq.Socket[bytes], rec: _Rec, payload: bytes, index: int) -> bool:
+        """Submit one checked message without blocking the socket's owner; True if accepted
+        (``rec.cseq`` set), False if it was answered with a rejection instead."""
+        submit = self._submit
+        while True:
+            reason = self._intake_reason
+            if reason is not None:
+                text = (
+                    "the backend is shutting down"
+                    if reason == P.E_SHUTTING_DOWN
+                    else "the backend is draining and accepts no new messages"
+                )
+                self._reject(rec.ident, rec.corr, reason, text, index)
+                return False
+            try:
+                rec.cseq = submit(rec.cid, payload, block=False, on_done=rec)
+                return True
+            except BlockingIOError:
+                # The worker's window is full: stop reading (the socket's queue then fills and
+                # ZeroMQ pushes back on producers) and keep replies flowing until there is room.
+                self.counters["backpressure_waits"] += 1
+                self._wait_room(sock)
+            except PoolBroken as exc:
+                self._reject(
+                    rec.ident, rec.corr, P.E_POOL_BROKEN, f"the pool is broken: {exc}", index
+                )
+                return False
+            except PoolClosed:
+                self._reject(
+                    rec.ident, rec.corr, P.E_SHUTTING_DOWN, "the backend is shutting down", index
+                )
+                return False
+            except InputError as exc:  # checked by the caller already; kept as a safety net
+                self._reject(rec.ident, rec.corr, P.E_BAD_ITEM, f"item {index}: {exc}", index)
+                return False
 
     def _wait_room(self, sock: zmq.Socket[bytes]) -> None:
         """Block up to :data:`_ROOM_WAIT_S` for an outcome (acknowledgements free window room),
@@ -718,4 +729,8 @@ def _encodable(entry: list[Any]) -> list[Any]:
         P.encode_replies([entry])
         return entry
     except Exception as exc:  # noqa: BLE001
-        return [entry[0], P.FAILED, {"error": P.E_HANDLER_FAILED, "message": f"result not encodable: {exc}"}]
+        return [
+            entry[0],
+            P.FAILED,
+            {"error": P.E_HANDLER_FAILED, "message": f"result not encodable: {exc}"},
+        ]

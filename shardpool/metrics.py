@@ -83,10 +83,18 @@ class SnapshotCollector(Collector):
         yield up
         pool = snap["pool"]
         for key, doc in _POOL_COUNTERS:
-            c = CounterMetricFamily(f"shardpool_messages_{key}" if key in ("submitted", "acknowledged") else f"shardpool_{key}", doc)
+            c = CounterMetricFamily(
+                f"shardpool_messages_{key}"
+                if key in ("submitted", "acknowledged")
+                else f"shardpool_{key}",
+                doc,
+            )
             c.add_metric([], pool[key])
             yield c
-        for key, doc in (("inflight", "messages in flight"), ("halted_channels", "halted channels")):
+        for key, doc in (
+            ("inflight", "messages in flight"),
+            ("halted_channels", "halted channels"),
+        ):
             g = GaugeMetricFamily(f"shardpool_{key}", doc)
             g.add_metric([], pool[key])
             yield g
@@ -108,7 +116,9 @@ class SnapshotCollector(Collector):
         for w in workers:
             c.add_metric([str(w["index"])], w["restarts"])
         yield c
-        g = GaugeMetricFamily("shardpool_worker_ready", "1 if the worker is ready", labels=["worker"])
+        g = GaugeMetricFamily(
+            "shardpool_worker_ready", "1 if the worker is ready", labels=["worker"]
+        )
         for w in workers:
             g.add_metric([str(w["index"])], 1 if w["state"] == "ready" else 0)
         yield g
@@ -118,7 +128,9 @@ class SnapshotCollector(Collector):
             c.add_metric([], ing[key])
             yield c
         c = CounterMetricFamily(
-            "shardpool_ingress_rejected", "messages or frames refused, by error code", labels=["error"]
+            "shardpool_ingress_rejected",
+            "messages or frames refused, by error code",
+            labels=["error"],
         )
         for code, n in sorted(ing.get("errors", {}).items()):
             c.add_metric([code], n)
@@ -165,7 +177,9 @@ class MetricsServer:
         Raises:
             OSError: the address cannot be bound (in use, not local).
         """
-        self._server, self._thread = start_http_server(self.port, addr=self.host, registry=self.registry)
+        self._server, self._thread = start_http_server(
+            self.port, addr=self.host, registry=self.registry
+        )
         # Port 0 (tests) picks a free port; report the real one.
         self.port = self._server.server_address[1]
         return self.url

@@ -4,8 +4,8 @@ Producers connect a ZeroMQ DEALER socket to the backend's ROUTER ingress socket.
 single ZeroMQ frame holding one CBOR array whose first element is the protocol version::
 
     producer → backend
-        [1, SUBMIT, [[corr, channel_id, payload], ...]]   a batch of messages, in the producer's order
-        [1, HELLO, token]                                  handshake / barrier; answered in turn
+        [1, SUBMIT, [[corr, channel_id, payload], ...]]   a batch, in the producer's order
+        [1, HELLO, token]                                  handshake / barrier
 
     backend → producer
         [1, REPLIES, [[corr, status, value], ...]]         outcomes, in per-channel order
@@ -79,7 +79,13 @@ REJECTED: Final = 2
 CLOSED: Final = 3
 HALTED: Final = 4
 
-STATUS_NAMES: Final = {OK: "ok", FAILED: "failed", REJECTED: "rejected", CLOSED: "closed", HALTED: "halted"}
+STATUS_NAMES: Final = {
+    OK: "ok",
+    FAILED: "failed",
+    REJECTED: "rejected",
+    CLOSED: "closed",
+    HALTED: "halted",
+}
 FINAL_STATUSES: Final = frozenset({OK, FAILED, REJECTED, CLOSED})
 
 MAX_CORR: Final = 2**64 - 1

@@ -142,7 +142,13 @@ def prepare_ipc(endpoint: str, key: str) -> None:
         return
     if len(os.fsencode(path)) > MAX_IPC_PATH_BYTES:
         raise ConfigError(
-            [(key, endpoint, f"an ipc path of at most {MAX_IPC_PATH_BYTES} bytes (unix socket limit)")]
+            [
+                (
+                    key,
+                    endpoint,
+                    f"an ipc path of at most {MAX_IPC_PATH_BYTES} bytes (unix socket limit)",
+                )
+            ]
         )
     parent = path.parent
     if not parent.exists():
@@ -195,7 +201,9 @@ class CurveServerKeys:
     clients_dir: str | None
 
 
-def _read_server_keys(ing: IngressConfig, problems: list[tuple[str, object, str]]) -> CurveServerKeys | None:
+def _read_server_keys(
+    ing: IngressConfig, problems: list[tuple[str, object, str]]
+) -> CurveServerKeys | None:
     pub_path, sec_path = ing.curve_public_key, ing.curve_secret_key
     if not pub_path and not sec_path:
         return None
@@ -208,7 +216,9 @@ def _read_server_keys(ing: IngressConfig, problems: list[tuple[str, object, str]
     try:
         public = load_public_key(pub_path)
     except (OSError, ValueError) as exc:
-        problems.append(("ingress.curve_public_key", pub_path, f"a readable CURVE key file ({exc})"))
+        problems.append(
+            ("ingress.curve_public_key", pub_path, f"a readable CURVE key file ({exc})")
+        )
         return None
     try:
         pub2, secret = zmq.auth.load_certificate(sec_path)
@@ -277,8 +287,9 @@ def check_endpoints(cfg: Config) -> CurveServerKeys | None:
             (
                 "control.endpoint",
                 cfg.control.endpoint,
-                '"" (ipc in the runtime directory), "ipc://PATH" or a loopback tcp address: the '
-                "control socket can drain and stop the backend, so it never listens beyond this host",
+                '"" (ipc in the runtime directory), "ipc://PATH" or a loopback tcp address: '
+                "the control socket can drain and stop the backend, so it never listens beyond "
+                "this host",
             )
         )
     if problems:
@@ -316,7 +327,7 @@ def generate_keys(directory: Path, *, force: bool = False) -> KeyFiles:
     clients = ensure_private_dir(directory / "authorized_clients")
     names = ("server.key", "server.key_secret", "client.key", "client.key_secret")
     if not force:
-        for name in names + (f"authorized_clients/client.key",):
+        for name in names + ("authorized_clients/client.key",):
             if (directory / name).exists():
                 raise FileExistsError(
                     errno.EEXIST, f"{directory / name} exists (use --force to replace the keys)"

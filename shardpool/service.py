@@ -113,6 +113,7 @@ class Service:
         self._started = time.monotonic()
         self._failure_log = _RateLimitedLog(log, 10.0)
         self.exit_code: int | None = None
+        self._failed: str | None = None
 
     # -- start -------------------------------------------------------------------------------
 
@@ -174,8 +175,11 @@ class Service:
             cfg.pool.workers,
             cfg.pool.handler,
         )
-        log.info("ingress (producers connect here): %s%s", self.ingress_endpoint,
-                 "  [CURVE]" if keys is not None else "")
+        log.info(
+            "ingress (producers connect here): %s%s",
+            self.ingress_endpoint,
+            "  [CURVE]" if keys is not None else "",
+        )
         log.info("control (shardpool status/drain/stop): %s", self.control_endpoint)
         if self.metrics_url:
             log.info("metrics: %s", self.metrics_url)
@@ -257,7 +261,7 @@ class Service:
     def serve(self, install_signals: bool = True) -> int:
         """Run until SIGTERM/SIGINT or a stop request, then shut down in phases; return the exit
         code (0 after a clean drain). Signal handlers are installed only in the main thread."""
-        restore: list[tuple[int, Any]] = []
+        restore: list[tuple[signal.Signals, Any]] = []
         old_fd: int | None = None
         if install_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -305,6 +309,10 @@ class Service:
                 return "stop request"
             if self.pool.broken:
                 return "pool broken"
+            if self.ingress is not None and not self.ingress.alive:
+                # Producers could get no replies any more: better down than silently deaf.
+                self._failed = "the ingress thread failed"
+                return self._failed
             while self._requests:
                 op, args, respond = self._requests.popleft()
                 if op == "drain":
@@ -380,7 +388,9 @@ class Service:
             self._demo.stop()
         self.ingress.stop_intake(P.E_SHUTTING_DOWN)
         broken = self.pool.broken
-        log.info("phase 2/4 drain: %d messages in flight, up to %.1f s", self._inflight(), stop_timeout)
+        log.info(
+            "phase 2/4 drain: %d messages in flight, up to %.1f s", self._inflight(), stop_timeout
+        )
         drained = False if broken else self._drain_until(deadline)
         forced = self._forced()
         if forced:
@@ -405,7 +415,14 @@ class Service:
         for lock in self._locks:
             lock.release()
         self._locks.clear()
-        clean = drained and report.drained and not unfinished and not broken and not forced
+        clean = (
+            drained
+            and report.drained
+            and not unfinished
+            and not broken
+            and not forced
+            and self._failed is None
+        )
         self.exit_code = EXIT_OK if clean else EXIT_FAILURE
         self.state = "stopped"
         log.info(
@@ -471,7 +488,9 @@ class Service:
                 w["processed_per_s"] = 0.0
         with self._sample_lock:
             self._samples.append((now, stats["acknowledged"], ing["accepted"], cur_workers))
-        order = {k: sum(int(w.get(k, 0)) for w in workers) for k in ("gaps", "duplicates", "reorders")}
+        order = {
+            k: sum(int(w.get(k, 0)) for w in workers) for k in ("gaps", "duplicates", "reorders")
+        }
         hot: list[tuple[int, str, int]] = []
         for w in workers:
             for cid, count in w.pop("hot_channels", None) or ():
@@ -569,7 +588,9 @@ class _DemoLoad:
         seed = 0
         try:
             while not self._stop.is_set():
-                for cid, payload in iter_encoded(self.PEERS, self.CHANNELS_PER_PEER, self.ROUND, seed):
+                for cid, payload in iter_encoded(
+                    self.PEERS, self.CHANNELS_PER_PEER, self.ROUND, seed
+                ):
                     while not self._stop.is_set():
                         try:
                             client.send_bytes(cid, payload, timeout=0.5)

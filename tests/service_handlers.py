@@ -59,7 +59,9 @@ def _check_replies(replies: list[Any], sent: dict[int, tuple[bytes, int]]) -> di
         cid, i = sent[r.corr]
         seq, got_i = r.value
         if got_i != i or i != next_i.get(cid, 0):
-            errors.append(f"channel {cid!r}: reply for index {got_i}, expected {next_i.get(cid, 0)}")
+            errors.append(
+                f"channel {cid!r}: reply for index {got_i}, expected {next_i.get(cid, 0)}"
+            )
         next_i[cid] = i + 1
         if seq <= last_seq.get(cid, -1):
             errors.append(f"channel {cid!r}: seq {seq} after {last_seq[cid]}")
@@ -67,7 +69,9 @@ def _check_replies(replies: list[Any], sent: dict[int, tuple[bytes, int]]) -> di
     return {"replies": len(replies), "ok": ok, "errors": errors[:10], "n_errors": len(errors)}
 
 
-def _plan(producer: int, channels: int, messages: int, seed: int) -> list[tuple[bytes, dict[str, Any]]]:
+def _plan(
+    producer: int, channels: int, messages: int, seed: int
+) -> list[tuple[bytes, dict[str, Any]]]:
     rng = random.Random(seed * 1000 + producer)
     cids = _channels(channels)
     counters: dict[bytes, int] = {}
@@ -80,7 +84,9 @@ def _plan(producer: int, channels: int, messages: int, seed: int) -> list[tuple[
     return out
 
 
-def produce_sync(endpoint: str, producer: int, channels: int, messages: int, seed: int) -> dict[str, Any]:
+def produce_sync(
+    endpoint: str, producer: int, channels: int, messages: int, seed: int
+) -> dict[str, Any]:
     from shardpool.client import Client
 
     sent: dict[int, tuple[bytes, int]] = {}
@@ -91,7 +97,9 @@ def produce_sync(endpoint: str, producer: int, channels: int, messages: int, see
     return {"sent": len(sent), **_check_replies(replies, sent)}
 
 
-async def _produce_async(endpoint: str, producer: int, channels: int, messages: int, seed: int) -> dict[str, Any]:
+async def _produce_async(
+    endpoint: str, producer: int, channels: int, messages: int, seed: int
+) -> dict[str, Any]:
     from shardpool.client import AsyncClient
 
     sent: dict[int, tuple[bytes, int]] = {}
@@ -106,7 +114,7 @@ async def _produce_async(endpoint: str, producer: int, channels: int, messages: 
 
 
 def produce_main() -> None:
-    """``ENDPOINT PRODUCER CHANNELS MESSAGES SEED sync|async``: send, check, print a JSON summary."""
+    """Args ``ENDPOINT PRODUCER CHANNELS MESSAGES SEED sync|async``: send, check, print JSON."""
     endpoint, producer, channels, messages, seed, mode = sys.argv[1:7]
     args = (endpoint, int(producer), int(channels), int(messages), int(seed))
     if mode == "async":

@@ -17,11 +17,14 @@ pytestmark = pytest.mark.multiprocess
 
 
 def test_sync_client_send_request_call_and_local_checks(tmp_path: Path) -> None:
-    with in_process_backend(
-        tmp_path,
-        pool={"handler": "service_handlers:indexed", "failure_policy": "skip"},
-        transport={"max_message_bytes": 100},
-    ) as svc, Client(svc.ingress_endpoint, timeout=20.0, batch_size=16) as client:
+    with (
+        in_process_backend(
+            tmp_path,
+            pool={"handler": "service_handlers:indexed", "failure_policy": "skip"},
+            transport={"max_message_bytes": 100},
+        ) as svc,
+        Client(svc.ingress_endpoint, timeout=20.0, batch_size=16) as client,
+    ):
         assert client.server_info["max_message_bytes"] == 100
         assert client.server_info["pid"] == svc.info()["pid"]
         corrs = [client.send(b"s%d" % (i % 4), {"i": i}) for i in range(200)]
@@ -103,7 +106,11 @@ def test_async_client(tmp_path: Path) -> None:
 
     with in_process_backend(
         tmp_path,
-        pool={"workers": 1, "handler": "service_handlers:gated_or_ordered", "failure_policy": "skip"},
+        pool={
+            "workers": 1,
+            "handler": "service_handlers:gated_or_ordered",
+            "failure_policy": "skip",
+        },
     ) as svc:
         asyncio.run(main(svc.ingress_endpoint))
 

@@ -81,7 +81,9 @@ _frame = st.one_of(
             st.lists(_junk, min_size=0, max_size=5),
             st.tuples(_junk, st.integers(0, 1), st.lists(_junk, max_size=2)).map(list),
             st.tuples(st.just(1), _junk, _junk).map(list),
-            st.tuples(st.just(1), st.just(0), _junk.filter(lambda v: not isinstance(v, list))).map(list),
+            st.tuples(st.just(1), st.just(0), _junk.filter(lambda v: not isinstance(v, list))).map(
+                list
+            ),
         ),
     ),
     st.tuples(st.just("multipart"), st.integers(1, 3)),
@@ -127,7 +129,9 @@ class _Expect:
         return b"fz%d-%d" % (self.example, k)
 
 
-def _materialise(spec: tuple[Any, ...], exp: _Expect, corr_seq: Any, index_seq: dict[bytes, int]) -> list[bytes]:
+def _materialise(
+    spec: tuple[Any, ...], exp: _Expect, corr_seq: Any, index_seq: dict[bytes, int]
+) -> list[bytes]:
     kind = spec[0]
     if kind == "garbage":
         code = _frame_problem(spec[1])
@@ -219,7 +223,10 @@ def _collect(sock: zmq.Socket[bytes], exp: _Expect, deadline: float) -> None:
     last_seq: dict[bytes, int] = {}
     while items or +anon or len(errors) < len(exp.errors) or len(hellos) < len(exp.hellos):
         left = deadline - time.monotonic()
-        assert left > 0, f"replies missing: {len(items)} items, {dict(+anon)} anonymous, errors {errors} of {exp.errors}"
+        assert left > 0, (
+            f"replies missing: {len(items)} items, {dict(+anon)} anonymous, "
+            f"errors {errors} of {exp.errors}"
+        )
         if not sock.poll(min(left, 1.0) * 1000):
             continue
         msg = cbor2.loads(sock.recv())
@@ -315,12 +322,24 @@ def test_fuzzed_frames_are_answered_and_valid_messages_processed_in_order(tmp_pa
             assert ing["rejected"] == sum(totals[c] for c in item_codes)
             assert ing["frame_errors"] == sum(totals[c] for c in frame_codes)
             assert ing["errors"] == {c: totals[c] for c in item_codes + frame_codes}
-            assert all(w.get(k, 0) == 0 for w in stats["workers"] for k in ("gaps", "duplicates", "reorders"))
+            assert all(
+                w.get(k, 0) == 0
+                for w in stats["workers"]
+                for k in ("gaps", "duplicates", "reorders")
+            )
             # Every kind of bad input was actually exercised.
             for code in (
-                P.E_BAD_CBOR, P.E_BAD_FRAME, P.E_BAD_VERSION, P.E_BAD_KIND, P.E_BAD_ITEM,
-                P.E_BAD_CORR, P.E_BAD_CHANNEL_ID, P.E_EMPTY_CHANNEL_ID, P.E_CHANNEL_ID_TOO_LONG,
-                P.E_BAD_PAYLOAD, P.E_PAYLOAD_TOO_LARGE,
+                P.E_BAD_CBOR,
+                P.E_BAD_FRAME,
+                P.E_BAD_VERSION,
+                P.E_BAD_KIND,
+                P.E_BAD_ITEM,
+                P.E_BAD_CORR,
+                P.E_BAD_CHANNEL_ID,
+                P.E_EMPTY_CHANNEL_ID,
+                P.E_CHANNEL_ID_TOO_LONG,
+                P.E_BAD_PAYLOAD,
+                P.E_PAYLOAD_TOO_LARGE,
             ):
                 assert totals[code] > 0, code
             # Still serving normal producers.

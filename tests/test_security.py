@@ -53,7 +53,9 @@ def test_default_runtime_dir_is_per_user_and_shared_by_run_and_status(tmp_path: 
     )
 
 
-def test_private_dir_is_created_0700_tightened_and_foreign_or_symlinked_refused(tmp_path: Path) -> None:
+def test_private_dir_is_created_0700_tightened_and_foreign_or_symlinked_refused(
+    tmp_path: Path,
+) -> None:
     new = ensure_private_dir(tmp_path / "a" / "run")
     assert _mode(new) == 0o700
     loose = tmp_path / "loose"
@@ -165,19 +167,21 @@ def test_non_loopback_ingress_needs_curve_keys_and_client_list(tmp_path: Path) -
     assert check_endpoints(config_from_dict({"ingress": full})) is not None
     # Half a keypair, a public key where the secret belongs, a control socket beyond loopback.
     with pytest.raises(ConfigError) as exc:
-        check_endpoints(config_from_dict({"ingress": {"curve_public_key": str(keys.server_public)}}))
+        check_endpoints(
+            config_from_dict({"ingress": {"curve_public_key": str(keys.server_public)}})
+        )
     assert exc.value.key == "ingress.curve_secret_key"
     with pytest.raises(ConfigError) as exc:
         check_endpoints(
-            config_from_dict(
-                {"ingress": {**full, "curve_secret_key": str(keys.server_public)}}
-            )
+            config_from_dict({"ingress": {**full, "curve_secret_key": str(keys.server_public)}})
         )
     assert exc.value.key == "ingress.curve_secret_key"
     with pytest.raises(ConfigError) as exc:
         check_endpoints(config_from_dict({"control": {"endpoint": "tcp://0.0.0.0:7401"}}))
     assert exc.value.key == "control.endpoint"
-    assert check_endpoints(config_from_dict({"ingress": {"endpoint": "tcp://127.0.0.1:7400"}})) is None
+    assert (
+        check_endpoints(config_from_dict({"ingress": {"endpoint": "tcp://127.0.0.1:7400"}})) is None
+    )
 
 
 def test_run_refuses_a_non_loopback_ingress_without_keys(tmp_path: Path) -> None:

@@ -52,7 +52,9 @@ def _cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
 
 
 @contextlib.contextmanager
-def backend_process(tmp_path: Path, sections: dict[str, dict[str, Any]]) -> Iterator[tuple[subprocess.Popen[bytes], Path, dict[str, Any]]]:
+def backend_process(
+    tmp_path: Path, sections: dict[str, dict[str, Any]]
+) -> Iterator[tuple[subprocess.Popen[bytes], Path, dict[str, Any]]]:
     """Start ``shardpool run -c <config>``, wait for the control socket's answer (the readiness
     handshake), and make sure it and its workers are gone afterwards."""
     cfg = tmp_path / "backend.toml"
@@ -193,9 +195,10 @@ def test_second_signal_forces_exit_and_unfinished_work_is_handed_back(tmp_path: 
         supervisor={"stop_timeout_s": 120.0},
     )
     with backend_process(tmp_path, sections) as (proc, _cfg, _):
-        with Client(sections["ingress"]["endpoint"], timeout=20.0) as client, ControlClient(
-            sections["control"]["endpoint"]
-        ) as ctl:
+        with (
+            Client(sections["ingress"]["endpoint"], timeout=20.0) as client,
+            ControlClient(sections["control"]["endpoint"]) as ctl,
+        ):
             corr = client.send(b"stuck", {"gate": str(gate), "i": 0})
             client.flush()
             _wait_status(ctl, lambda s: s["pool"]["inflight"] == 1)

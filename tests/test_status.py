@@ -34,9 +34,22 @@ def test_status_table_once_and_json(tmp_path: Path, capsys: pytest.CaptureFixtur
         capsys.readouterr()
         assert main(["status", "--once", "--endpoint", svc.control_endpoint]) == 0
         table = capsys.readouterr().out
-        for heading in ("PID", "STATE", "EPOCH", "CHANNELS", "QUEUED", "INFLIGHT", "PROC/S",
-                        "FAILED", "REDELIV", "LAG ms", "CPU%", "RSS MB", "order violations",
-                        "hottest channels"):
+        for heading in (
+            "PID",
+            "STATE",
+            "EPOCH",
+            "CHANNELS",
+            "QUEUED",
+            "INFLIGHT",
+            "PROC/S",
+            "FAILED",
+            "REDELIV",
+            "LAG ms",
+            "CPU%",
+            "RSS MB",
+            "order violations",
+            "hottest channels",
+        ):
             assert heading in table, heading
         for pid in svc.pool.worker_pids():
             assert str(pid) in table
@@ -49,13 +62,31 @@ def test_status_table_once_and_json(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert snap["ingress"]["accepted"] == 300
         assert snap["hot_channels"][0][:2] == [b"hot".hex(), 150]
         assert len(snap["workers"]) == 2
-        assert {"pid", "state", "epoch", "restarts", "channels", "queued", "inflight",
-                "processed", "processed_per_s", "failed", "redelivered", "loop_lag_s",
-                "cpu_percent", "rss_bytes", "gaps", "duplicates", "reorders"} <= set(snap["workers"][0])
+        assert {
+            "pid",
+            "state",
+            "epoch",
+            "restarts",
+            "channels",
+            "queued",
+            "inflight",
+            "processed",
+            "processed_per_s",
+            "failed",
+            "redelivered",
+            "loop_lag_s",
+            "cpu_percent",
+            "rss_bytes",
+            "gaps",
+            "duplicates",
+            "reorders",
+        } <= set(snap["workers"][0])
         assert render_status(snap).splitlines()[0].startswith("shardpool ")
 
 
-def test_status_without_a_backend_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_without_a_backend_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["status", "--once", "--endpoint", f"ipc://{tmp_path}/none"]) == 1
     assert "no shardpool backend" in capsys.readouterr().err
     assert main(["drain", "--endpoint", f"ipc://{tmp_path}/none"]) == 1
@@ -93,7 +124,11 @@ def test_no_flags_status_finds_a_no_flags_run_with_demo_load(tmp_path: Path) -> 
                 assert time.monotonic() < deadline, snap
         out = subprocess.run(
             [sys.executable, "-m", "shardpool", "status", "--json"],
-            capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+            cwd=tmp_path,
         )
         assert out.returncode == 0, out.stderr
         snap = json.loads(out.stdout)
@@ -104,12 +139,20 @@ def test_no_flags_status_finds_a_no_flags_run_with_demo_load(tmp_path: Path) -> 
         assert snap["ingress"]["producers"] == 1
         out = subprocess.run(
             [sys.executable, "-m", "shardpool", "status", "--once"],
-            capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+            cwd=tmp_path,
         )
         assert out.returncode == 0 and "demo load: sent" in out.stdout, out.stderr
         out = subprocess.run(
             [sys.executable, "-m", "shardpool", "stop"],
-            capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=tmp_path,
         )
         assert out.returncode == 0, out.stderr
         assert proc.wait(timeout=30) == 0
