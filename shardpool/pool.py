@@ -29,8 +29,8 @@ from typing import Any
 
 from . import codec
 from .config import Config, load_config, with_overrides
-from .errors import InputError, PayloadTooLarge
-from .front import CloseReport, FailureCallback, Front, ResultCallback
+from .errors import InputError
+from .front import CloseReport, DoneCallback, FailureCallback, Front, ResultCallback
 
 _SECTIONS_FOR_SHORT_NAMES = ("pool", "transport", "supervisor")
 
@@ -147,22 +147,30 @@ class ShardPool:
         """:meth:`submit` that awaits (instead of blocking the loop) while the window is full."""
         return await self.asubmit_bytes(channel_id, self._payload(message))
 
-    async def asubmit_bytes(self, channel_id: bytes, payload: bytes) -> int:
+    async def asubmit_bytes(
+        self, channel_id: bytes, payload: bytes, *, on_done: DoneCallback | None = None
+    ) -> int:
         """:meth:`submit_bytes` that awaits while the window is full."""
         front = self._front
         while True:
             try:
-                return front.submit_bytes(channel_id, payload, block=False)
+                return front.submit_bytes(channel_id, payload, block=False, on_done=on_done)
             except BlockingIOError:
                 await front.wait_room_async(channel_id)
 
     async def arequest(self, channel_id: bytes, message: Any) -> Any:
-        """Submit (awaiting room) and await the handler's result."""
-        payload = self._payload(message)
-        if len(payload) > self.config.transport.max_message_bytes:
-            raise PayloadTooLarge(f"payload is {len(payload)} bytes, over the maximum")
-        await self._front.wait_room_async(channel_id)
-        return await asyncio.wrap_future(self._front.request_bytes(channel_id, payload))
+        """Submit (awaiting room) and await the handler's result.
+
+        Raises: as :meth:`submit`, and :class:`HandlerError` if the handler failed.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def done(value: Any, error: BaseException | None) -> None:  # on the pool's I/O thread
+            loop.call_soon_threadsafe(_settle, fut, value, error)
+
+        await self.asubmit_bytes(channel_id, self._payload(message), on_done=done)
+        return await fut
 
     # -- waiting and operating ---------------------------------------------------------------
 
@@ -239,3 +247,12 @@ class ShardPool:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose(0.0 if exc_type is not None else None)
+
+
+def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(value)
+    else:
+        fut.set_exception(error)
