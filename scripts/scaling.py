@@ -89,7 +89,13 @@ def measure(
 
     from shardpool.baselines import make_stream, run_bare_zmq, run_mp_queue
     from shardpool.demo.traffic import encode_stream
-    from shardpool.loadtest import LIGHTNING_HANDLER, TRIVIAL_HANDLER, available_cpus, run_pool
+    from shardpool.loadtest import (
+        LIGHTNING_HANDLER,
+        TRIVIAL_HANDLER,
+        available_cpus,
+        calibrate_cost,
+        run_pool,
+    )
 
     workers: list[int] = sorted(set(args.workers or default_workers(available_cpus())))
     n_trivial = [max(args.messages, args.messages_per_worker * w) for w in workers]
@@ -106,6 +112,12 @@ def measure(
     # commitment_signed that carry the cost; the share is measured and reported per point.
     cpu_stream = encode_stream(cpu_peers, -(-args.cpu_channels // cpu_peers), max(n_cpu), args.seed)
     costly = [cbor2.loads(p).get("type") == "commitment_signed" for _, p in cpu_stream]
+    # Calibrated once, here, before any worker starts: every run then does the same work per
+    # message (workers calibrating at a busy start-up would each burn a different amount).
+    cost_iters = calibrate_cost(args.cpu_cost_us) if "cpu" in args.series else 0
+    cpu_options: dict[str, Any] = {"cpu_cost_us": args.cpu_cost_us}
+    if cost_iters:
+        cpu_options["cost_iters"] = cost_iters
     common = {"batch_size": args.batch_size, "timeout_s": args.timeout}
 
     trivial: list[dict[str, Any]] = []
@@ -122,6 +134,7 @@ def measure(
             "cpu_channels": args.cpu_channels,
             "repeats": args.repeats, "cpu_cost_us": args.cpu_cost_us, "seed": args.seed,
             "series": list(args.series),
+            "cost_iters": cost_iters,
             "batch_size": args.batch_size,
         },
         "trivial": trivial,
@@ -200,7 +213,7 @@ def measure(
     for r in range(args.repeats if "cpu" in args.series else 0):
         for w, n in zip(workers, n_cpu):
             res = run_pool(cpu_stream[:n], w, handler=LIGHTNING_HANDLER,
-                           handler_options={"cpu_cost_us": args.cpu_cost_us}, **common)
+                           handler_options=cpu_options, **common)
             if res.violations or any(res.sequence_errors.values()):
                 raise RuntimeError(f"order violated at {w} workers: {res.violations_by_code} "
                                    f"{res.sequence_errors}")

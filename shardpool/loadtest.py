@@ -52,6 +52,7 @@ __all__ = [
     "PoolRun",
     "Progress",
     "available_cpus",
+    "calibrate_cost",
     "format_report",
     "latency_summary",
     "noop",
@@ -89,6 +90,20 @@ def noop(channel: Any, seq: int, message: Any, redelivered: bool) -> None:
     return None
 
 
+def calibrate_cost(cpu_cost_us: float, rounds: int = 3) -> int:
+    """SHA-256 rounds that burn ``cpu_cost_us`` microseconds here, calibrated once (in the bench
+    process, before any worker starts): the most of ``rounds`` calibrations, since a preempted
+    one under-counts. 0 for no cost. Raises ValueError as :class:`LightningHandler`."""
+    if cpu_cost_us <= 0:
+        return 0
+    best = 1
+    for _ in range(max(1, rounds)):
+        probe = LightningHandler(cpu_cost_us=cpu_cost_us)
+        probe.setup(0)
+        best = max(best, int(probe._cost_iters or 1))
+    return best
+
+
 def state_digest(state: ChannelState | None) -> str:
     """A short, stable hex digest of a channel's whole protocol state (``None``: no state yet).
 
@@ -103,7 +118,32 @@ def state_digest(state: ChannelState | None) -> str:
 class DigestLightningHandler(LightningHandler):
     """:class:`LightningHandler` that also answers a probe: a message ``{"type": PROBE_TYPE}``
     returns :func:`state_digest` of the channel's state instead of being applied, so the front
-    can compare every channel's final state with a serial replay. Never raises."""
+    can compare every channel's final state with a serial replay. Never raises.
+
+    ``cost_iters`` fixes the SHA-256 rounds burnt per costly message (see :func:`calibrate_cost`)
+    instead of calibrating in each worker: workers calibrating at start-up on a busy machine
+    (all of them start at once) under-estimate the rounds, and two runs would do different work.
+    """
+
+    def __init__(
+        self,
+        cpu_cost_us: float = 0.0,
+        cost_types: tuple[str, ...] = ("commitment_signed",),
+        cost_iters: int | None = None,
+    ) -> None:
+        """Raises ValueError: ``cost_iters`` < 1, or as :class:`LightningHandler`."""
+        super().__init__(cpu_cost_us, cost_types)
+        if cost_iters is not None and (type(cost_iters) is not int or cost_iters < 1):
+            raise ValueError(f"cost_iters must be an int >= 1 or None, got {cost_iters!r}")
+        self.cost_iters = cost_iters
+
+    def setup(self, worker_index: int) -> None:
+        if self.cost_iters is None:
+            super().setup(worker_index)
+            return
+        self.worker_index = worker_index
+        # LightningHandler's own calibration result, set instead of measured.
+        self._cost_iters = self.cost_iters
 
     def handle(
         self, channel: Any, seq: Any, message: Any, redelivered: Any
@@ -527,8 +567,11 @@ def _traffic(opts: BenchOptions) -> tuple[list[tuple[bytes, bytes]], list[tuple[
     return encoded, decoded
 
 
-def _lightning_options(opts: BenchOptions) -> dict[str, Any]:
-    return {"cpu_cost_us": float(opts.cpu_cost_us)}
+def _lightning_options(opts: BenchOptions, cost_iters: int) -> dict[str, Any]:
+    options: dict[str, Any] = {"cpu_cost_us": float(opts.cpu_cost_us)}
+    if cost_iters:
+        options["cost_iters"] = cost_iters
+    return options
 
 
 def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
@@ -556,6 +599,7 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
     mix = Counter(msg["type"] for _, msg in decoded)
     payload_avg = sum(len(p) for _, p in encoded) / len(encoded)
     say(f"traffic ready: {len(channel_ids):,} channel ids, payload {payload_avg:.0f} B on average")
+    cost_iters = calibrate_cost(opts.cpu_cost_us)
 
     rate = opts.rate if opts.rate is not None else 20_000.0
     lightning_runs: list[PoolRun] = []
@@ -582,7 +626,7 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
             if step == "lightning":
                 run = run_pool(
                     encoded, opts.workers, handler=LIGHTNING_HANDLER,
-                    handler_options=_lightning_options(opts),
+                    handler_options=_lightning_options(opts, cost_iters),
                     rate=rate if opts.mode == "open" else None,
                     sample_every=1 if opts.mode == "open" else opts.sample_every,
                     probe=channel_ids, name="shardpool", **common,
@@ -632,7 +676,7 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
             f"median throughput), {n:,} messages, every one timed")
         lat_run = run_pool(
             encoded[:n], opts.workers, handler=LIGHTNING_HANDLER,
-            handler_options=_lightning_options(opts), rate=lat_rate, sample_every=1,
+            handler_options=_lightning_options(opts, cost_iters), rate=lat_rate, sample_every=1,
             name="shardpool_latency", **common,
         )
         extra_runs.append(lat_run)
@@ -647,7 +691,7 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
 
     bytype: dict[str, Any] | None = None
     if opts.bytype_messages:
-        bytype = _run_bytype(opts, encoded, decoded, say, common)
+        bytype = _run_bytype(opts, encoded, decoded, say, common, cost_iters)
 
     # ---- assemble the report ------------------------------------------------------------------
     med_run = sorted(lightning_runs, key=lambda r: r.msgs_per_s)[len(lightning_runs) // 2]
@@ -665,6 +709,7 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
     failures = sum(r.failures for r in every_run)
     shardpool: dict[str, Any] = {
         "handler": f"LightningHandler(cpu_cost_us={opts.cpu_cost_us:g})",
+        "cost_iters": cost_iters,
         "workers": opts.workers,
         "mode": opts.mode,
         "msgs_per_s": round(lightning_median, 1),
@@ -797,6 +842,7 @@ def _run_bytype(
     decoded: Sequence[tuple[bytes, Any]],
     say: Progress,
     common: dict[str, Any],
+    cost_iters: int,
 ) -> dict[str, Any]:
     """The by-type dispatch on a prefix of the traffic, and shardpool on the same prefix with the
     same per-message delay (an async handler awaiting it)."""
@@ -812,7 +858,8 @@ def _run_bytype(
     channels = list(states)
     ours = run_pool(
         encoded[:n], opts.workers, handler="shardpool.loadtest:AsyncDigestLightningHandler",
-        handler_options={"delay_s": opts.bytype_delay_s, "cpu_cost_us": float(opts.cpu_cost_us)},
+        handler_options={"delay_s": opts.bytype_delay_s,
+                         **_lightning_options(opts, cost_iters)},
         probe=channels, name="shardpool_same_traffic", **common,
     )
     mismatches = sum(1 for c in channels if ours.digests.get(c) != state_digest(states[c]))
@@ -846,9 +893,10 @@ class AsyncDigestLightningHandler(DigestLightningHandler):
     same handling time the by-type workers spend per message); probes answer at once."""
 
     def __init__(self, delay_s: float = 0.0, cpu_cost_us: float = 0.0,
-                 cost_types: tuple[str, ...] = ("commitment_signed",)) -> None:
-        """Raises ValueError: ``delay_s`` negative or not finite, or as LightningHandler."""
-        super().__init__(cpu_cost_us, cost_types)
+                 cost_types: tuple[str, ...] = ("commitment_signed",),
+                 cost_iters: int | None = None) -> None:
+        """Raises ValueError: ``delay_s`` negative or not finite, or as the parent class."""
+        super().__init__(cpu_cost_us, cost_types, cost_iters)
         if not (isinstance(delay_s, (int, float)) and math.isfinite(delay_s) and delay_s >= 0):
             raise ValueError(f"delay_s must be a finite number >= 0, got {delay_s!r}")
         self.delay_s = float(delay_s)

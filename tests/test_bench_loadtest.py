@@ -17,6 +17,7 @@ from shardpool.loadtest import (
     AsyncDigestLightningHandler,
     BenchOptions,
     DigestLightningHandler,
+    calibrate_cost,
     format_report,
     latency_summary,
     state_digest,
@@ -138,3 +139,13 @@ def test_bench_rejects_options_out_of_range_before_starting_anything() -> None:
     )
     assert proc.returncode == 2
     assert "messages must be an integer >= 1" in proc.stderr
+
+
+def test_fixed_cost_iterations_replace_the_per_worker_calibration() -> None:
+    handler = DigestLightningHandler(cpu_cost_us=100.0, cost_iters=7)
+    handler.setup(3)
+    assert handler._cost_iters == 7 and handler.worker_index == 3
+    assert calibrate_cost(0.0) == 0
+    assert calibrate_cost(50.0) >= 1
+    with pytest.raises(ValueError, match="cost_iters"):
+        DigestLightningHandler(cost_iters=0)
