@@ -210,6 +210,7 @@ def measure(
     # Worker counts interleave within each repeat (1, 2, 4, 1, 2, 4, ...): the speed-up is the
     # figure here, and a slow spell of the machine then hits every worker count alike.
     cpu_runs: dict[int, list[float]] = {w: [] for w in workers}
+    cpu_busy: dict[int, list[float]] = {w: [] for w in workers}  # worker CPU s per message
     for r in range(args.repeats if "cpu" in args.series else 0):
         for w, n in zip(workers, n_cpu):
             res = run_pool(cpu_stream[:n], w, handler=LIGHTNING_HANDLER,
@@ -218,6 +219,7 @@ def measure(
                 raise RuntimeError(f"order violated at {w} workers: {res.violations_by_code} "
                                    f"{res.sequence_errors}")
             cpu_runs[w].append(res.msgs_per_s)
+            cpu_busy[w].append(res.worker_cpu_s / max(1, res.messages))
             _log(f"cpu      w={w:<3} repeat {r + 1}/{args.repeats}  pool     "
                  f"{res.msgs_per_s:>12,.0f} msgs/s")
         cpu.clear()
@@ -226,6 +228,13 @@ def measure(
             cpu.append({"workers": w, "messages": n, "msgs_per_s": round(_median(cpu_runs[w]), 1),
                         "runs": [round(x, 1) for x in cpu_runs[w]],
                         "speedup_paired": _paired(cpu_runs[w], cpu_runs.get(1, [])),
+                        # Worker CPU per message and the share of their cores the workers got:
+                        # flat CPU per message at a low utilisation means the workers were
+                        # starved by other load on the machine, not slowed down by the pool.
+                        "worker_cpu_us_per_message": round(_median(cpu_busy[w]) * 1e6, 1),
+                        "worker_utilisation": round(
+                            _median(cpu_busy[w]) * _median(cpu_runs[w]) / w, 3
+                        ),
                         "costly_share": round(share, 4),
                         "cost_us_per_message": round(share * args.cpu_cost_us, 1)})
         _finish(doc, save)
@@ -373,7 +382,9 @@ def summary(doc: dict[str, Any]) -> str:
                          f"{(f'{raw:,.0f}' if raw else '-'):>12}"
                          f"{p.get('pool_raw_over_mp_queue') or '-':>8}")
             elif "cost_us_per_message" in p:
-                extra = f"   handler CPU {p['cost_us_per_message']} us/msg on average"
+                extra = (f"   handler cost {p['cost_us_per_message']} us/msg; workers used "
+                         f"{p.get('worker_cpu_us_per_message', '-')} us CPU/msg, "
+                         f"{p.get('worker_utilisation', 0) or 0:.0%} of their cores")
             lines.append(f"{name:<8}{p['workers']:>8}{p['msgs_per_s']:>12,.0f}"
                          f"{p['speedup'] if p['speedup'] is not None else '-':>10}"
                          f"{p['efficiency'] if p['efficiency'] is not None else '-':>8}{extra}")

@@ -328,6 +328,8 @@ class PoolRun:
     (nanoseconds). ``violations_by_code`` counts protocol violations returned by the handler and
     ``violating_channels`` the channels they force-closed; ``sequence_errors`` sums the workers'
     gap/duplicate/reorder counters. ``digests`` maps channel id → final state digest when probed.
+    ``worker_cpu_s`` is the CPU time (user + system, seconds) the worker processes used while
+    the clock ran: with ``elapsed_s`` it tells a starved worker from a slow pool.
     """
 
     name: str
@@ -345,6 +347,7 @@ class PoolRun:
     latency_ns: list[int] = field(default_factory=list, repr=False)
     digests: dict[bytes, str] = field(default_factory=dict, repr=False)
     digest_mismatches: int = 0
+    worker_cpu_s: float = 0.0
 
     @property
     def violations(self) -> int:
@@ -363,6 +366,7 @@ class PoolRun:
             "failures": self.failures,
             "sequence_errors": self.sequence_errors,
             "digest_mismatches": self.digest_mismatches,
+            "worker_cpu_s": round(self.worker_cpu_s, 3),
         }
 
 
@@ -439,6 +443,8 @@ def run_pool(
         handler, config=config, on_result=on_result, on_failure=failures.append, **options
     )
     try:
+        procs = _worker_processes(pool)
+        cpu0 = _cpu_seconds(procs)
         submit: Callable[..., int] = pool.submit_bytes
         submit_many: Callable[..., int] = pool.submit_many_bytes
         partial = functools.partial
@@ -465,6 +471,7 @@ def run_pool(
             _paced(stream, submit, rate, sample_every, sent, done)
         pool.drain(timeout_s)
         elapsed = time.perf_counter() - t0
+        worker_cpu_s = _cpu_seconds(procs) - cpu0
         stats = pool.stats(timeout=min(10.0, timeout_s))
         digests: dict[bytes, str] = {}
         if probe:
@@ -496,7 +503,36 @@ def run_pool(
         hot_channels=hot[:5],
         latency_ns=lat,
         digests=digests,
+        worker_cpu_s=worker_cpu_s,
     )
+
+
+def _worker_processes(pool: Any) -> list[Any]:
+    """psutil handles of the pool's worker processes (those that can be found)."""
+    import psutil
+
+    procs = []
+    for pid in pool.worker_pids():
+        if pid is not None:
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.Error:
+                pass
+    return procs
+
+
+def _cpu_seconds(procs: Sequence[Any]) -> float:
+    """User + system CPU seconds of ``procs`` so far (a process gone counts 0)."""
+    import psutil
+
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
 
 
 def _paced(
