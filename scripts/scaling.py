@@ -252,6 +252,13 @@ def _finish(doc: dict[str, Any], save: Callable[[dict[str, Any]], None] | None) 
             p["speedup"] = _ratio(p["msgs_per_s"], base) if base else None
             p["efficiency"] = (round(p["speedup"] / p["workers"], 3)
                                if p["speedup"] is not None else None)
+    cpu1 = next((p.get("worker_cpu_us_per_message") for p in doc["cpu"] if p["workers"] == 1),
+                None)
+    for p in doc["cpu"]:
+        # Work done per worker-CPU-second relative to 1 worker: 1.0 means the pool adds no cost
+        # per message as workers are added, whatever share of the cores the machine gave them.
+        us = p.get("worker_cpu_us_per_message")
+        p["cpu_efficiency"] = round(cpu1 / us, 3) if cpu1 and us else None
     doc["targets"] = targets(doc)
     if save is not None:
         save(doc)
@@ -343,6 +350,9 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     ax1.set_title("throughput")
     ax2.plot(w, [p["efficiency"] for p in tr], "o-", label="trivial handler, submit_bytes")
     ax2.plot(wc, [p["efficiency"] for p in cpu], "D-", label="CPU-costed LightningHandler")
+    if all(p.get("cpu_efficiency") for p in cpu):
+        ax2.plot(wc, [p["cpu_efficiency"] for p in cpu], "D:",
+                 label="CPU-costed, per worker-CPU-second")
     ax2.axhline(1.0, color="grey", lw=0.8)
     ax2.axhline(TARGETS["cpu_efficiency_up_to_cores_minus_1"], color="red", lw=0.8, ls="--",
                 label="goal 0.8 (CPU-costed)")
