@@ -141,103 +141,114 @@ def measure(
         "cpu": cpu,
         "complete": False,
     }
-    for w, n in zip(workers, n_trivial):
-        if "trivial" not in args.series:
-            break
-        stream = trivial_stream[:n]
-        queue_stream = stream[: args.queue_messages]
-        pool_runs: list[float] = []
-        many_runs: list[float] = []
-        raw_runs: list[float] = []
-        bare_runs: list[float] = []
-        queue_runs: list[float] = []
-        steps: list[tuple[str, Callable[[], float]]] = [
-            ("pool", lambda: run_pool(stream, w, handler=TRIVIAL_HANDLER, **common).msgs_per_s),
-            ("bare", lambda: run_bare_zmq(stream, w, batch_size=args.batch_size,
-                                          timeout=args.timeout).msgs_per_s),
-            ("pool_many", lambda: run_pool(stream, w, handler=TRIVIAL_HANDLER, many=True,
-                                           **common).msgs_per_s),
-            # Not like for like (the baselines decode every payload): the front's own ceiling.
-            ("pool_raw", lambda: run_pool(stream, w, handler=TRIVIAL_HANDLER, payload="raw",
-                                          **common).msgs_per_s),
-        ]
-        if not args.no_queue:
-            steps.append(("mp_queue", lambda: run_mp_queue(queue_stream, w,
-                                                           timeout=args.timeout).msgs_per_s))
-        sinks = {"pool": pool_runs, "pool_many": many_runs, "pool_raw": raw_runs,
-                 "bare": bare_runs, "mp_queue": queue_runs}
-        for r in range(args.repeats):
-            shift = r % len(steps)
-            for name, fn in steps[shift:] + steps[:shift]:
-                rate = fn()
-                sinks[name].append(rate)
-                _log(f"trivial  w={w:<3} repeat {r + 1}/{args.repeats}  {name:<8} "
-                     f"{rate:>12,.0f} msgs/s")
-        point = {
-            "workers": w,
-            "messages": n,
-            "msgs_per_s": round(_median(pool_runs), 1),
-            "runs": [round(x, 1) for x in pool_runs],
-            "many_msgs_per_s": round(_median(many_runs), 1),
-            "many_runs": [round(x, 1) for x in many_runs],
-            "raw_msgs_per_s": round(_median(raw_runs), 1),
-            "raw_runs": [round(x, 1) for x in raw_runs],
-            "bare_msgs_per_s": round(_median(bare_runs), 1),
-            "bare_runs": [round(x, 1) for x in bare_runs],
-            "mp_queue_msgs_per_s": round(_median(queue_runs), 1) if queue_runs else None,
-            "mp_queue_runs": [round(x, 1) for x in queue_runs],
-            "mp_queue_messages": len(queue_stream),
-        }
-        point["pool_over_bare"] = _ratio(point["msgs_per_s"], point["bare_msgs_per_s"])
-        point["pool_over_mp_queue"] = _ratio(point["msgs_per_s"], point["mp_queue_msgs_per_s"])
-        # The same ratios per repeat (the runs of one repeat ran back to back), then the median:
-        # less sensitive to a slow spell of the machine than the ratio of the medians.
-        point["paired"] = {
-            "pool_over_bare": _paired(pool_runs, bare_runs),
-            "pool_over_mp_queue": _paired(pool_runs, queue_runs),
-            "pool_many_over_bare": _paired(many_runs, bare_runs),
-            "pool_many_over_mp_queue": _paired(many_runs, queue_runs),
-            "pool_raw_over_mp_queue": _paired(raw_runs, queue_runs),
-        }
-        point["pool_many_over_bare"] = _ratio(point["many_msgs_per_s"], point["bare_msgs_per_s"])
-        point["pool_many_over_mp_queue"] = _ratio(point["many_msgs_per_s"],
-                                                  point["mp_queue_msgs_per_s"])
-        point["pool_raw_over_mp_queue"] = _ratio(point["raw_msgs_per_s"],
-                                                 point["mp_queue_msgs_per_s"])
-        trivial.append(point)
-        _finish(doc, save)
 
-    # Worker counts interleave within each repeat (1, 2, 4, 1, 2, 4, ...): the speed-up is the
-    # figure here, and a slow spell of the machine then hits every worker count alike.
-    cpu_runs: dict[int, list[float]] = {w: [] for w in workers}
-    cpu_busy: dict[int, list[float]] = {w: [] for w in workers}  # worker CPU s per message
-    for r in range(args.repeats if "cpu" in args.series else 0):
-        for w, n in zip(workers, n_cpu):
-            res = run_pool(cpu_stream[:n], w, handler=LIGHTNING_HANDLER,
-                           handler_options=cpu_options, **common)
-            if res.violations or any(res.sequence_errors.values()):
-                raise RuntimeError(f"order violated at {w} workers: {res.violations_by_code} "
-                                   f"{res.sequence_errors}")
-            cpu_runs[w].append(res.msgs_per_s)
-            cpu_busy[w].append(res.worker_cpu_s / max(1, res.messages))
-            _log(f"cpu      w={w:<3} repeat {r + 1}/{args.repeats}  pool     "
-                 f"{res.msgs_per_s:>12,.0f} msgs/s")
-        cpu.clear()
-        for w, n in zip(workers, n_cpu):
-            share = sum(costly[:n]) / n
-            cpu.append({"workers": w, "messages": n, "msgs_per_s": round(_median(cpu_runs[w]), 1),
-                        "runs": [round(x, 1) for x in cpu_runs[w]],
-                        "speedup_paired": _paired(cpu_runs[w], cpu_runs.get(1, [])),
-                        # Worker CPU per message and the share of their cores the workers got:
-                        # flat CPU per message at a low utilisation means the workers were
-                        # starved by other load on the machine, not slowed down by the pool.
-                        "worker_cpu_us_per_message": round(_median(cpu_busy[w]) * 1e6, 1),
-                        "worker_utilisation": round(
-                            _median(cpu_busy[w]) * _median(cpu_runs[w]) / w, 3
-                        ),
-                        "costly_share": round(share, 4),
-                        "cost_us_per_message": round(share * args.cpu_cost_us, 1)})
-        _finish(doc, save)
+    def run_trivial() -> None:
+        for w, n in zip(workers, n_trivial):
+            stream = trivial_stream[:n]
+            queue_stream = stream[: args.queue_messages]
+            pool_runs: list[float] = []
+            many_runs: list[float] = []
+            raw_runs: list[float] = []
+            bare_runs: list[float] = []
+            queue_runs: list[float] = []
+            steps: list[tuple[str, Callable[[], float]]] = [
+                ("pool", lambda: run_pool(stream, w, handler=TRIVIAL_HANDLER, **common).msgs_per_s),
+                ("bare", lambda: run_bare_zmq(stream, w, batch_size=args.batch_size,
+                                              timeout=args.timeout).msgs_per_s),
+                ("pool_many", lambda: run_pool(stream, w, handler=TRIVIAL_HANDLER, many=True,
+                                               **common).msgs_per_s),
+                # Not like for like (the baselines decode every payload): the front's own ceiling.
+                ("pool_raw", lambda: run_pool(stream, w, handler=TRIVIAL_HANDLER, payload="raw",
+                                              **common).msgs_per_s),
+            ]
+            if not args.no_queue:
+                steps.append(("mp_queue", lambda: run_mp_queue(queue_stream, w,
+                                                               timeout=args.timeout).msgs_per_s))
+            sinks = {"pool": pool_runs, "pool_many": many_runs, "pool_raw": raw_runs,
+                     "bare": bare_runs, "mp_queue": queue_runs}
+            for r in range(args.repeats):
+                shift = r % len(steps)
+                for name, fn in steps[shift:] + steps[:shift]:
+                    rate = fn()
+                    sinks[name].append(rate)
+                    _log(f"trivial  w={w:<3} repeat {r + 1}/{args.repeats}  {name:<8} "
+                         f"{rate:>12,.0f} msgs/s")
+            point = {
+                "workers": w,
+                "messages": n,
+                "msgs_per_s": round(_median(pool_runs), 1),
+                "runs": [round(x, 1) for x in pool_runs],
+                "many_msgs_per_s": round(_median(many_runs), 1),
+                "many_runs": [round(x, 1) for x in many_runs],
+                "raw_msgs_per_s": round(_median(raw_runs), 1),
+                "raw_runs": [round(x, 1) for x in raw_runs],
+                "bare_msgs_per_s": round(_median(bare_runs), 1),
+                "bare_runs": [round(x, 1) for x in bare_runs],
+                "mp_queue_msgs_per_s": round(_median(queue_runs), 1) if queue_runs else None,
+                "mp_queue_runs": [round(x, 1) for x in queue_runs],
+                "mp_queue_messages": len(queue_stream),
+            }
+            point["pool_over_bare"] = _ratio(point["msgs_per_s"], point["bare_msgs_per_s"])
+            point["pool_over_mp_queue"] = _ratio(point["msgs_per_s"], point["mp_queue_msgs_per_s"])
+            # The same ratios per repeat (the runs of one repeat ran back to back), then the median:
+            # less sensitive to a slow spell of the machine than the ratio of the medians.
+            point["paired"] = {
+                "pool_over_bare": _paired(pool_runs, bare_runs),
+                "pool_over_mp_queue": _paired(pool_runs, queue_runs),
+                "pool_many_over_bare": _paired(many_runs, bare_runs),
+                "pool_many_over_mp_queue": _paired(many_runs, queue_runs),
+                "pool_raw_over_mp_queue": _paired(raw_runs, queue_runs),
+            }
+            point["pool_many_over_bare"] = _ratio(point["many_msgs_per_s"],
+                                                  point["bare_msgs_per_s"])
+            point["pool_many_over_mp_queue"] = _ratio(point["many_msgs_per_s"],
+                                                      point["mp_queue_msgs_per_s"])
+            point["pool_raw_over_mp_queue"] = _ratio(point["raw_msgs_per_s"],
+                                                     point["mp_queue_msgs_per_s"])
+            trivial.append(point)
+            _finish(doc, save)
+
+
+    def run_cpu() -> None:
+        # Worker counts interleave within each repeat (1, 2, 4, 1, 2, 4, ...): the speed-up is the
+        # figure here, and a slow spell of the machine then hits every worker count alike.
+        cpu_runs: dict[int, list[float]] = {w: [] for w in workers}
+        cpu_busy: dict[int, list[float]] = {w: [] for w in workers}  # worker CPU s per message
+        for r in range(args.repeats):
+            for w, n in zip(workers, n_cpu):
+                res = run_pool(cpu_stream[:n], w, handler=LIGHTNING_HANDLER,
+                               handler_options=cpu_options, **common)
+                if res.violations or any(res.sequence_errors.values()):
+                    raise RuntimeError(f"order violated at {w} workers: {res.violations_by_code} "
+                                       f"{res.sequence_errors}")
+                cpu_runs[w].append(res.msgs_per_s)
+                cpu_busy[w].append(res.worker_cpu_s / max(1, res.messages))
+                _log(f"cpu      w={w:<3} repeat {r + 1}/{args.repeats}  pool     "
+                     f"{res.msgs_per_s:>12,.0f} msgs/s")
+            cpu.clear()
+            for w, n in zip(workers, n_cpu):
+                share = sum(costly[:n]) / n
+                cpu.append({"workers": w, "messages": n,
+                            "msgs_per_s": round(_median(cpu_runs[w]), 1),
+                            "runs": [round(x, 1) for x in cpu_runs[w]],
+                            "speedup_paired": _paired(cpu_runs[w], cpu_runs.get(1, [])),
+                            # Worker CPU per message and the share of their cores the workers got:
+                            # flat CPU per message at a low utilisation means the workers were
+                            # starved by other load on the machine, not slowed down by the pool.
+                            "worker_cpu_us_per_message": round(_median(cpu_busy[w]) * 1e6, 1),
+                            "worker_utilisation": round(
+                                _median(cpu_busy[w]) * _median(cpu_runs[w]) / w, 3
+                            ),
+                            "costly_share": round(share, 4),
+                            "cost_us_per_message": round(share * args.cpu_cost_us, 1)})
+            _finish(doc, save)
+
+    # In the order asked: a run cut short by a deadline keeps the series that came first.
+    for series in args.series:
+        if series == "trivial":
+            run_trivial()
+        else:
+            run_cpu()
 
     doc["complete"] = True
     _finish(doc, save)
@@ -427,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cpu-channels", type=int, default=1000, help="channels in the cpu series")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--series", nargs="+", choices=("trivial", "cpu"), default=["trivial", "cpu"],
-                   help="which series to measure (default: both)")
+                   help="which series to measure, in this order (default: trivial cpu)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per single run")

@@ -90,7 +90,8 @@ def _add_bench(sub: _Subparsers) -> None:
         ),
     )
     p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="worker processes (default: the CPUs available, at most the physical cores)")
+                   help="worker processes (default: the CPUs available, at most the physical "
+                   "cores)")
     p.add_argument("--messages", type=int, default=200_000, metavar="N",
                    help="messages in the traffic (default: %(default)s)")
     p.add_argument("--channels", type=int, default=2_000, metavar="N",
@@ -98,7 +99,8 @@ def _add_bench(sub: _Subparsers) -> None:
     p.add_argument("--peers", type=int, default=None, metavar="N",
                    help="peer connections the channels are spread over (default: channels / 10)")
     p.add_argument("--repeats", type=int, default=3, metavar="N",
-                   help="repeats of each throughput run; medians are reported (default: %(default)s)")
+                   help="repeats of each throughput run; medians are reported "
+                   "(default: %(default)s)")
     p.add_argument("--cpu-cost-us", type=float, default=0.0, metavar="US",
                    help="CPU microseconds the handler burns per commitment_signed, modelling "
                    "signature checks (default: %(default)s)")
