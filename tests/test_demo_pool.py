@@ -57,3 +57,22 @@ def test_the_by_type_baselines_traffic_and_delay_give_zero_violations_here() -> 
         handler_options={"delay_s": 0.0002}, probe=list(reference), timeout_s=60.0,
     )
     _assert_order_kept(run, reference, len(stream))
+
+
+def test_the_checks_catch_one_reordered_pair() -> None:
+    # The same checks must fail when the order really is broken: swap two messages of different
+    # types of one channel before submitting, and compare with the replay of the true order.
+    stream = generate(2, 2, 400, 3)
+    reference = _reference(stream)
+    cid0 = stream[0][0]
+    mine = [i for i, (cid, _) in enumerate(stream) if cid == cid0]
+    i, j = next(
+        (a, b) for a, b in zip(mine, mine[1:]) if stream[a][1]["type"] != stream[b][1]["type"]
+    )
+    swapped = list(stream)
+    swapped[i], swapped[j] = swapped[j], swapped[i]
+    encoded = [(cid, cbor2.dumps(msg)) for cid, msg in swapped]
+    run = run_pool(encoded, 2, handler=LIGHTNING_HANDLER, probe=list(reference), timeout_s=60.0)
+    assert run.sequence_errors == {"gaps": 0, "duplicates": 0, "reorders": 0}  # the pool kept it
+    assert run.digests[cid0] != reference[cid0]
+    assert all(run.digests[c] == d for c, d in reference.items() if c != cid0)
