@@ -168,6 +168,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ConfigError as e:
         _print_problems(e, args.config or "<defaults>")
         return EXIT_CONFIG
+    except KeyboardInterrupt:
+        # The runs close their pools and reap their processes on the way out.
+        print("shardpool bench: interrupted", file=sys.stderr)
+        return 128 + 2
     except Exception as e:  # noqa: BLE001 - any failed run ends the bench with its reason
         print(f"shardpool bench: failed: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILURE
