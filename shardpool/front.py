@@ -6,14 +6,15 @@
                                              │ route: xxh64(cid) % slots → slot table → worker i
                                              │ stamp: per-channel seq (cseq), per-worker seq (wseq)
                                              ▼
-               ┌────────── window[i]: every sent-but-unacknowledged message, in order ──────────┐
+               ┌──── window[i]: every unacknowledged message, kept as the batches sent ─────────┐
                │ pending batch[i] ── flush on size, on linger, or at once when i is idle ──▶ PUSH i
                └────────────────────────────────────────────────────────────────────────────────┘
                                                                                    │ BATCH frames
                        worker 0 … worker N-1 (one asyncio loop each, FIFO per channel)
                                                                                    │ ACK / READY /
   I/O thread ◀── one PULL ◀────────────────────────────────────────────────────────┘ HEARTBEAT / …
-    ├─ ACK: pop the window, deliver results/failures in per-channel order, wake blocked producers
+    ├─ ACK: retire from the window (a whole batch at once when it can), deliver results and
+    │  failures in per-channel order, wake blocked producers
     ├─ sentinel readable: worker died → restart with backoff (crash-loop guard) → READY → replay the
     │  window to the new epoch, marked redelivered, before anything newer
     ├─ heartbeat silence past the timeout: kill the hung worker (then as above)
@@ -27,6 +28,7 @@ spawns workers (with SIGINT/SIGTERM blocked, so children inherit them blocked).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
 import itertools
 import logging
@@ -80,7 +82,7 @@ _CLOSING = "closing"
 _CLOSED = "closed"
 _BROKEN = "broken"
 
-_Entry = tuple[bytes, int, bytes]  # (channel_id, cseq, payload) as kept in a window
+_Entry = tuple[bytes, int, bytes]  # (channel_id, cseq, payload)
 _item_head = codec.ITEM_HEAD  # (0x1B, cseq, 0x5A, payload length) → bytes
 
 
@@ -94,6 +96,33 @@ class CloseReport:
     drained: bool = True
 
 
+class _Batch:
+    """One batch of a link's window: its frame as sent (or sealed but not sent while the worker
+    was down), which of its messages have finished, and, decoded only when needed, its items.
+
+    Keeping the frame instead of one record per message is what makes the window cheap: nothing is
+    stored per message on the producer's path, and a batch finished in order (the common case) is
+    retired with one dict operation.
+    """
+
+    __slots__ = ("first", "n", "frame", "sent", "remaining", "done", "_items")
+
+    def __init__(self, first: int, n: int, frame: bytes, sent: bool) -> None:
+        self.first = first  # wseq of its first message; the others follow one by one
+        self.n = n
+        self.frame = frame
+        self.sent = sent
+        self.remaining = n
+        self.done: set[int] | None = None  # wseqs finished so far, once any finished alone
+        self._items: list[list[Any]] | None = None
+
+    def items(self) -> list[list[Any]]:
+        """``[channel_id, cseq, payload]`` of each message, in wseq order."""
+        if self._items is None:
+            self._items = codec.loads(self.frame)[4:]
+        return self._items
+
+
 class _Link:
     """The front's view of one worker slot across its incarnations."""
 
@@ -103,9 +132,10 @@ class _Link:
         "state",
         "proc",
         "sock",
-        "window",
+        "inflight",
+        "batches",
+        "starts",
         "parts",
-        "sent_upto",
         "next_wseq",
         "batch_t0",
         "last_seen",
@@ -129,14 +159,15 @@ class _Link:
         self.state = STARTING
         self.proc: WorkerProcess | None = None
         self.sock: zmq.Socket[bytes] | None = None
-        self.window: dict[int, _Entry] = {}
+        self.inflight = 0  # messages accepted for this worker and not finished: the window size
+        self.batches: dict[int, _Batch] = {}  # first wseq → batch, in wseq order
+        self.starts: list[int] = []  # first wseqs, sorted, to find a batch by any of its wseqs
         self.parts: list[bytes] = []  # pending batch: [header placeholder, (prefix, head, payload)*]
-        self.sent_upto = 0  # every wseq below this was handed to the current epoch's socket
         self.next_wseq = 0
         self.batch_t0 = 0.0
         self.last_seen = 0.0
         self.waiters: dict[int, DoneCallback] = {}  # wseq → on_done of that message
-        self.parked = 0  # window entries of halted channels: they do not count against the limit
+        self.parked = 0  # in-flight messages of halted channels: not counted against the limit
         self.deadline = 0.0  # READY deadline while STARTING, restart time while DEAD
         self.guard = guard
         self.restarts = 0
@@ -262,8 +293,7 @@ class Front:
             except (KeyError, TypeError):
                 st = self._new_channel(channel_id)
             link: _Link = st[0]
-            window = link.window
-            if len(window) - link.parked >= self._limit:  # full, or not running (limit 0)
+            if link.inflight - link.parked >= self._limit:  # full, or not running (limit 0)
                 self._wait_room(link, block)
             cseq = st[1]
             st[1] = cseq + 1
@@ -272,12 +302,12 @@ class Front:
                 # parked channel cannot fill its worker's window and stall the other channels.
                 st[3].append((cseq, payload, on_done))
                 return cseq
-            wseq = link.next_wseq
-            link.next_wseq = wseq + 1
-            window[wseq] = (channel_id, cseq, payload)
-            if on_done is not None:
-                link.waiters[wseq] = on_done
+            link.inflight += 1
             parts = link.parts
+            if on_done is not None:
+                link.waiters[link.next_wseq + (len(parts) - 1) // 3 if parts else link.next_wseq] = (
+                    on_done
+                )
             if parts:
                 parts += (st[2], _item_head(0x1B, cseq, 0x5A, size), payload)
                 if len(parts) >= self._batch_parts:
@@ -321,8 +351,7 @@ class Front:
                     except (KeyError, TypeError):
                         st = self._new_channel(channel_id)
                     link: _Link = st[0]
-                    window = link.window
-                    if len(window) - link.parked >= self._limit:
+                    if link.inflight - link.parked >= self._limit:
                         self._wait_room(link, True)
                     cseq = st[1]
                     st[1] = cseq + 1
@@ -330,9 +359,7 @@ class Front:
                     if st[3] is not None:
                         st[3].append((cseq, payload, None))
                         continue
-                    wseq = link.next_wseq
-                    link.next_wseq = wseq + 1
-                    window[wseq] = (channel_id, cseq, payload)
+                    link.inflight += 1
                     parts = link.parts
                     if parts:
                         parts += (st[2], _item_head(0x1B, cseq, 0x5A, size), payload)
@@ -363,7 +390,7 @@ class Front:
     def _batch_started(self, link: _Link) -> None:
         """A message opened a new batch (lock held): send it now if the worker is idle, else
         let the I/O thread flush it when the linger runs out (unless it fills up first)."""
-        if len(link.window) == 1 or self._linger <= 0:
+        if link.inflight == 1 or self._linger <= 0:
             # Nothing in flight: the worker is idle, and holding the message back gains nothing.
             self._flush(link)
         else:
@@ -388,7 +415,7 @@ class Front:
         while True:
             if self._state != _RUNNING:
                 raise self._not_running_error()
-            if len(link.window) - link.parked < self._max_inflight:
+            if link.inflight - link.parked < self._max_inflight:
                 return
             if not block:
                 raise BlockingIOError("in-flight window full")
@@ -416,7 +443,7 @@ class Front:
                     raise self._not_running_error()
                 st = self._channels.get(channel_id)
                 link = st[0] if st is not None else self._links[self.channel_worker(channel_id)]
-                if len(link.window) - link.parked < self._max_inflight:
+                if link.inflight - link.parked < self._max_inflight:
                     return
                 fut: asyncio.Future[None] = loop.create_future()
                 self._room_waiters.append((loop, fut))
@@ -427,21 +454,114 @@ class Front:
 
     # -- batches -----------------------------------------------------------------------------
 
-    def _flush(self, link: _Link) -> None:
-        """Send ``link``'s pending batch (lock held). While the worker is not READY the messages
-        stay in the window only; the replay after READY sends them."""
+    def _seal(self, link: _Link) -> _Batch:
+        """Number ``link``'s pending messages, build their frame and put it in the window."""
         parts = link.parts
-        if link.state != READY:
-            parts.clear()
-            return
         n = (len(parts) - 1) // 3
-        first = link.next_wseq - n
+        first = link.next_wseq
+        link.next_wseq = first + n
         parts[0] = codec.batch_header(link.epoch, first, False, n)
-        assert link.sock is not None
-        link.sock.send(b"".join(parts), copy=False)
-        self.counters["batches"] += 1
-        link.sent_upto = link.next_wseq
+        batch = _Batch(first, n, b"".join(parts), False)
         parts.clear()
+        link.batches[first] = batch
+        link.starts.append(first)
+        return batch
+
+    def _flush(self, link: _Link) -> None:
+        """Send ``link``'s pending batch (lock held). While the worker is not READY the batch
+        waits in the window unsent; the replay after READY sends it."""
+        batch = self._seal(link)
+        if link.state == READY:
+            assert link.sock is not None
+            link.sock.send(batch.frame, copy=False)
+            batch.sent = True
+            self.counters["batches"] += 1
+
+    def _find(self, link: _Link, wseq: int) -> _Batch | None:
+        """The window batch holding ``wseq`` (None: not in the window any more)."""
+        batch = link.batches.get(wseq)
+        if batch is not None:
+            return batch
+        starts = link.starts
+        i = bisect.bisect_right(starts, wseq) - 1
+        if i < 0:
+            return None
+        batch = link.batches.get(starts[i])
+        if batch is None or wseq >= batch.first + batch.n:
+            return None
+        return batch
+
+    def _drop(self, link: _Link, batch: _Batch) -> None:
+        del link.batches[batch.first]
+        # starts keeps retired firsts (bisect skips them); compact it now and then.
+        if len(link.starts) > 2 * len(link.batches) + 64:
+            link.starts = list(link.batches)
+
+    def _finish_range(
+        self, link: _Link, a: int, b: int, outcomes: list[tuple[Any, ...]]
+    ) -> int:
+        """Retire wseqs ``a``..``b-1`` (finished with a None result); returns how many were new."""
+        n = 0
+        waiters = link.waiters
+        while a < b:
+            batch = self._find(link, a)
+            if batch is None:
+                a += 1
+                continue
+            end = min(b, batch.first + batch.n)
+            if batch.done is None and a == batch.first and end == batch.first + batch.n:
+                k = batch.n  # the whole batch, in order: the common case
+                self._drop(link, batch)
+            else:
+                done = batch.done if batch.done is not None else set()
+                batch.done = done
+                k = 0
+                for w in range(a, end):
+                    if w not in done:
+                        done.add(w)
+                        k += 1
+                batch.remaining -= k
+                if batch.remaining == 0:
+                    self._drop(link, batch)
+            if waiters:
+                for w in range(a, end):
+                    waiter = waiters.pop(w, None)
+                    if waiter is not None:
+                        outcomes.append(("done", waiter, None, None))
+            n += k
+            a = end
+        return n
+
+    def _open(self, link: _Link, wseq: int) -> tuple[_Batch, list[Any]] | None:
+        """The batch and item of ``wseq`` if it is still unfinished."""
+        batch = self._find(link, wseq)
+        if batch is None or (batch.done is not None and wseq in batch.done):
+            return None
+        return batch, batch.items()[wseq - batch.first]
+
+    def _finish_one(self, link: _Link, batch: _Batch, wseq: int) -> None:
+        if batch.done is None:
+            batch.done = set()
+        batch.done.add(wseq)
+        batch.remaining -= 1
+        if batch.remaining == 0:
+            self._drop(link, batch)
+
+    def _open_entries(self, link: _Link) -> list[tuple[int, list[Any]]]:
+        """Every unfinished message of ``link`` as ``(wseq, [cid, cseq, payload])``, in order,
+        the pending batch included (decodes: for the rare paths only)."""
+        out = []
+        for batch in link.batches.values():
+            done = batch.done
+            for i, item in enumerate(batch.items()):
+                w = batch.first + i
+                if done is None or w not in done:
+                    out.append((w, item))
+        if link.parts:
+            n = (len(link.parts) - 1) // 3
+            frame = codec.batch_header(0, 0, False, n) + b"".join(link.parts[1:])
+            out.extend(enumerate(codec.loads(frame)[4:], link.next_wseq))
+        return out
 
     def _flush_stale(self, now: float) -> float | None:
         """Flush batches older than the linger; return seconds until the next one is due."""
@@ -472,32 +592,32 @@ class Front:
 
     def _unfinished(self) -> int:
         """Messages in flight that are not parked behind a halted channel (lock held)."""
-        return sum(len(link.window) - link.parked for link in self._links)
+        return sum(link.inflight - link.parked for link in self._links)
 
     def _recount_parked(self, link: _Link) -> None:
         """Count ``link``'s in-flight messages of halted channels (lock held; only on halt,
         resume and replay, so a scan of the window is fine)."""
         halted = self._halted
         link.parked = (
-            sum(1 for e in link.window.values() if e[0] in halted) if halted else 0
+            sum(1 for _, item in self._open_entries(link) if item[0] in halted) if halted else 0
         )
 
-    def _place(self, link: _Link, st: list[Any], cid: bytes, cseq: int, payload: bytes,
-               on_done: DoneCallback | None) -> None:
-        """Put an already-numbered message into ``link``'s window and pending batch (lock held).
-        The same steps as the inlined hot path of :meth:`submit_bytes`."""
-        wseq = link.next_wseq
-        link.next_wseq = wseq + 1
-        link.window[wseq] = (cid, cseq, payload)
+    def _place(
+        self, link: _Link, st: list[Any], cseq: int, payload: bytes, on_done: DoneCallback | None
+    ) -> None:
+        """Put an already-numbered message into ``link``'s pending batch (lock held): the same
+        steps as the inlined hot path of :meth:`submit_bytes`."""
+        link.inflight += 1
+        parts = link.parts
         if on_done is not None:
-            link.waiters[wseq] = on_done
+            link.waiters[link.next_wseq + ((len(parts) - 1) // 3 if parts else 0)] = on_done
         head = _item_head(0x1B, cseq, 0x5A, len(payload))
-        if link.parts:
-            link.parts += (st[2], head, payload)
-            if len(link.parts) >= self._batch_parts:
+        if parts:
+            parts += (st[2], head, payload)
+            if len(parts) >= self._batch_parts:
                 self._flush(link)
         else:
-            link.parts += (b"", st[2], head, payload)
+            parts += (b"", st[2], head, payload)
             self._batch_started(link)
 
     def drain(self, timeout: float | None = None) -> None:
@@ -546,17 +666,17 @@ class Front:
             elif op == "skip":
                 # The worker is being restarted: the replay will not re-halt the channel, so drop
                 # the failed message here instead (a resume needs nothing: the replay runs it).
-                for wseq, entry in link.window.items():
-                    if entry[0] == cid and entry[1] == failed_cseq:
-                        self._on_ack(
-                            link, [], [], [[wseq, "Skipped", "skipped by operator", "", "skipped"]],
-                            outcomes,
-                        )
-                        break
+                found = [w for w, item in self._open_entries(link)
+                         if item[0] == cid and item[1] == failed_cseq]
+                if found:
+                    self._on_ack(
+                        link, [], [], [[found[0], "Skipped", "skipped by operator", "", "skipped"]],
+                        outcomes,
+                    )
             held, st[3] = st[3] or [], None
             self._recount_parked(link)
             for cseq, payload, on_done in held:
-                self._place(link, st, cid, cseq, payload, on_done)
+                self._place(link, st, cseq, payload, on_done)
             self._cv.notify_all()
         for outcome in outcomes:
             self._deliver(outcome)
@@ -592,7 +712,7 @@ class Front:
                 "state": self._state,
                 "submitted": sum(st[1] for st in self._channels.values()),
                 **self.counters,
-                "inflight": sum(len(link.window) for link in self._links),
+                "inflight": sum(link.inflight for link in self._links),
                 "halted_channels": len(self._halted),
                 "workers": workers,
             }
@@ -604,7 +724,7 @@ class Front:
             state=link.state,
             epoch=link.epoch,
             restarts=link.restarts,
-            inflight=len(link.window),
+            inflight=link.inflight,
             last_exit=link.last_cause or None,
             recovery_s=list(link.recovery_s[-20:]),
         )
@@ -679,7 +799,7 @@ class Front:
         link.sock = sock
         link.state = READY
         link.last_seen = time.monotonic()
-        if link.window:
+        if link.batches or link.parts:
             self._replay(link)
         if link.died_at:
             link.recovery_s.append(time.monotonic() - link.died_at)
@@ -689,39 +809,43 @@ class Front:
     def _replay(self, link: _Link) -> None:
         """Re-send the whole window to a fresh incarnation, in order, renumbered for its epoch.
 
-        Messages the dead incarnation had been sent are marked redelivered; ones that were still
-        waiting in a pending batch are not. Halted channels are re-halted first so that the replay
-        does not silently run past the failure an operator has not resolved yet.
+        Messages the dead incarnation had been sent are marked redelivered; ones that were never
+        sent (pending, or sealed while the worker was down) are not. Halted channels are re-halted
+        first so that the replay does not silently run past a failure an operator has not resolved.
         """
-        # Rebuilt in place: a producer blocked in _wait_room holds a reference to these dicts.
-        old = dict(link.window)
+        if link.parts:
+            self._seal(link)  # never sent: it goes out as fresh, not redelivered
         waiters = dict(link.waiters)
-        link.window.clear()
         link.waiters.clear()
-        sent_upto = link.sent_upto
-        link.parts.clear()
+        redelivered: list[tuple[list[Any], DoneCallback | None]] = []
+        fresh: list[tuple[list[Any], DoneCallback | None]] = []
+        for batch in link.batches.values():
+            done = batch.done
+            for i, item in enumerate(batch.items()):
+                w = batch.first + i
+                if done is None or w not in done:
+                    (redelivered if batch.sent else fresh).append((item, waiters.get(w)))
+        link.batches.clear()
+        link.starts.clear()
         halted = [cid for cid in self._halted if self._channels[cid][0] is link]
         assert link.sock is not None
         for cid in halted:
             link.sock.send(codec.dumps([codec.CONTROL, link.epoch, "halt", cid]))
-        redelivered: list[_Entry] = []
-        fresh: list[_Entry] = []
-        for wseq, entry in old.items():
-            new = link.next_wseq
-            link.next_wseq = new + 1
-            link.window[new] = entry
-            waiter = waiters.get(wseq)
-            if waiter is not None:
-                link.waiters[new] = waiter
-            (redelivered if wseq < sent_upto else fresh).append(entry)
-        first = link.next_wseq - len(old)
         size = self.cfg.transport.batch_size
         for flag, entries in ((True, redelivered), (False, fresh)):
             for i in range(0, len(entries), size):
                 chunk = entries[i : i + size]
-                link.sock.send(codec.encode_batch(link.epoch, first, flag, chunk))
-                first += len(chunk)
-        link.sent_upto = link.next_wseq
+                first = link.next_wseq
+                link.next_wseq = first + len(chunk)
+                frame = codec.encode_batch(
+                    link.epoch, first, flag, [(c, s, p) for (c, s, p), _ in chunk]
+                )
+                link.batches[first] = _Batch(first, len(chunk), frame, True)
+                link.starts.append(first)
+                for j, (_, waiter) in enumerate(chunk):
+                    if waiter is not None:
+                        link.waiters[first + j] = waiter
+                link.sock.send(frame)
         self._recount_parked(link)
         self.counters["replayed"] += len(redelivered)
 
@@ -772,7 +896,7 @@ class Front:
                 now = time.monotonic()
                 due = self._flush_stale(now)
                 due = self._check_timers(now, due)
-                if due is None and any(link.window for link in self._links):
+                if due is None and any(link.inflight for link in self._links):
                     due = self._linger  # a batch may start any moment: be back within the linger
             for fd in sentinels.keys() - current.keys():
                 poller.unregister(fd)
@@ -884,41 +1008,32 @@ class Front:
         failures: list[list[Any]],
         outcomes: list[tuple[Any, ...]],
     ) -> None:
-        window = link.window
         waiters = link.waiters
-        pop = window.pop
         n = 0
         if link.parts:
             # Ack-clocked batching (as Nagle's algorithm): the worker just finished work, so hand
             # it the next batch now rather than when the linger runs out.
             self._flush(link)
         for i in range(0, len(ranges), 2):
-            a, b = ranges[i], ranges[i + 1]
-            if waiters:
-                for w in range(a, b):
-                    pop(w, None)
-                    waiter = waiters.pop(w, None)
-                    if waiter is not None:
-                        outcomes.append(("done", waiter, None, None))
-            else:
-                for w in range(a, b):
-                    pop(w, None)
-            n += b - a
+            n += self._finish_range(link, ranges[i], ranges[i + 1], outcomes)
         for wseq, value in results:
-            entry = pop(wseq, None)
-            if entry is None:
+            found = self._open(link, wseq)
+            if found is None:
                 continue
+            batch, item = found
+            self._finish_one(link, batch, wseq)
             n += 1
             waiter = waiters.pop(wseq, None) if waiters else None
             if waiter is not None:
                 outcomes.append(("done", waiter, value, None))
             elif self._on_result is not None:
-                outcomes.append(("result", entry[0], entry[1], value))
+                outcomes.append(("result", item[0], item[1], value))
         for wseq, exc_type, message, tb, action in failures:
-            entry = window.get(wseq)
-            if entry is None:
+            found = self._open(link, wseq)
+            if found is None:
                 continue
-            cid, cseq = entry[0], entry[1]
+            batch, item = found
+            cid, cseq = item[0], item[1]
             err = HandlerError(
                 f"handler failed on channel {cid.hex()} seq {cseq}: {exc_type}: {message} "
                 f"(policy: {action})",
@@ -930,7 +1045,7 @@ class Front:
             )
             self.counters["failures"] += 1
             if action in FINAL_ACTIONS:
-                del window[wseq]
+                self._finish_one(link, batch, wseq)
                 n += 1
                 waiter = waiters.pop(wseq, None) if waiters else None
                 if waiter is not None:
@@ -943,6 +1058,7 @@ class Front:
                     st[3] = []
                 self._recount_parked(link)
             outcomes.append(("failure", err))
+        link.inflight -= n
         self.counters["acknowledged"] += n
         self.counters["results"] += len(results)
         if n or failures:
@@ -1009,7 +1125,7 @@ class Front:
             what,
             cause,
             delay,
-            len(link.window),
+            link.inflight,
         )
         link.proc = None  # joined; dropping it closes its sentinel
         link.last_cause = f"{what}{cause}"
@@ -1089,7 +1205,7 @@ class Front:
             # Phase 4: report what is left.
             handed_back: list[DoneCallback] = []
             for link in self._links:
-                report.unfinished.extend(link.window.values())
+                report.unfinished.extend((i[0], i[1], i[2]) for _, i in self._open_entries(link))
                 handed_back.extend(link.waiters.values())
                 link.waiters.clear()
             for cid, st in self._channels.items():
