@@ -498,7 +498,7 @@ class Front:
             link.starts = list(link.batches)
 
     def _finish_range(
-        self, link: _Link, a: int, b: int, outcomes: list[tuple[Any, ...]]
+        self, link: _Link, a: int, b: int, keyed: list[tuple[int, tuple[Any, ...]]]
     ) -> int:
         """Retire wseqs ``a``..``b-1`` (finished with a None result); returns how many were new."""
         n = 0
@@ -527,7 +527,7 @@ class Front:
                 for w in range(a, end):
                     waiter = waiters.pop(w, None)
                     if waiter is not None:
-                        outcomes.append(("done", waiter, None, None))
+                        keyed.append((w, ("done", waiter, None, None)))
             n += k
             a = end
         return n
@@ -913,7 +913,7 @@ class Front:
                 except BlockingIOError:
                     pass
             if pull in events:
-                frames = []
+                frames: list[bytes] = []
                 try:
                     while len(frames) < 256:
                         frames.append(recv(zmq.NOBLOCK))
@@ -1010,12 +1010,15 @@ class Front:
     ) -> None:
         waiters = link.waiters
         n = 0
+        # One ACK lists None-result completions, values and failures separately; per channel they
+        # happened in wseq order, so outcomes are delivered sorted by wseq to keep that order.
+        keyed: list[tuple[int, tuple[Any, ...]]] = []
         if link.parts:
             # Ack-clocked batching (as Nagle's algorithm): the worker just finished work, so hand
             # it the next batch now rather than when the linger runs out.
             self._flush(link)
         for i in range(0, len(ranges), 2):
-            n += self._finish_range(link, ranges[i], ranges[i + 1], outcomes)
+            n += self._finish_range(link, ranges[i], ranges[i + 1], keyed)
         for wseq, value in results:
             found = self._open(link, wseq)
             if found is None:
@@ -1025,9 +1028,9 @@ class Front:
             n += 1
             waiter = waiters.pop(wseq, None) if waiters else None
             if waiter is not None:
-                outcomes.append(("done", waiter, value, None))
+                keyed.append((wseq, ("done", waiter, value, None)))
             elif self._on_result is not None:
-                outcomes.append(("result", item[0], item[1], value))
+                keyed.append((wseq, ("result", item[0], item[1], value)))
         for wseq, exc_type, message, tb, action in failures:
             found = self._open(link, wseq)
             if found is None:
@@ -1049,7 +1052,7 @@ class Front:
                 n += 1
                 waiter = waiters.pop(wseq, None) if waiters else None
                 if waiter is not None:
-                    outcomes.append(("done", waiter, None, err))
+                    keyed.append((wseq, ("done", waiter, None, err)))
                     continue
             else:
                 self._halted[cid] = cseq
@@ -1057,7 +1060,10 @@ class Front:
                 if st[3] is None:
                     st[3] = []
                 self._recount_parked(link)
-            outcomes.append(("failure", err))
+            keyed.append((wseq, ("failure", err)))
+        if keyed:
+            keyed.sort(key=_first)
+            outcomes.extend(outcome for _, outcome in keyed)
         link.inflight -= n
         self.counters["acknowledged"] += n
         self.counters["results"] += len(results)
@@ -1247,6 +1253,10 @@ class Front:
         os.close(self._wake_w)
         shutil.rmtree(self._rundir, ignore_errors=True)
         return codes
+
+
+def _first(pair: tuple[int, Any]) -> int:
+    return pair[0]
 
 
 def _set_done(fut: asyncio.Future[None]) -> None:

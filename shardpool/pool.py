@@ -116,10 +116,21 @@ class ShardPool:
         """
         return self._front.submit_bytes(channel_id, self._payload(message))
 
-    def submit_bytes(self, channel_id: bytes, payload: bytes) -> int:
+    def submit_bytes(
+        self,
+        channel_id: bytes,
+        payload: bytes,
+        *,
+        block: bool = True,
+        on_done: DoneCallback | None = None,
+    ) -> int:
         """The fast path: ``payload`` is already CBOR (or raw bytes with ``payload = "raw"``) and
-        is forwarded without being decoded. Same blocking and errors as :meth:`submit`."""
-        return self._front.submit_bytes(channel_id, payload)
+        is forwarded without being decoded. Same blocking and errors as :meth:`submit`;
+        ``block=False`` raises BlockingIOError instead of waiting, and ``on_done(value, error)``
+        is called once for this message instead of the pool's callbacks (see
+        :meth:`Front.submit_bytes`). Each instance binds this name straight to the front's
+        method, saving a call per message."""
+        return self._front.submit_bytes(channel_id, payload, block=block, on_done=on_done)
 
     def submit_many_bytes(self, items: Iterable[tuple[bytes, bytes]]) -> int:
         """The fastest way in: ``(channel_id, payload)`` pairs, each as :meth:`submit_bytes`

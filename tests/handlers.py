@@ -174,3 +174,11 @@ def read_ledgers(dir: str) -> dict[str, list[tuple[str, int, int, int]]]:
                 kind, key, seq, digest, redelivered = line.split()
                 out.setdefault(key, []).append((kind, int(seq), int(digest), int(redelivered)))
     return out
+
+
+def none_or_value(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+    """Returns None, a value, or fails, in turn: acknowledgements then mix all three kinds."""
+    i = message["i"]
+    if i % 3 == 2:
+        raise ValueError(f"message {i} fails by design")
+    return i if i % 3 == 1 else None

@@ -319,3 +319,22 @@ def test_submit_many_bytes_keeps_order_and_stops_at_bad_input() -> None:
     assert got[_channel(0)] == list(range(201))
     assert all(got[_channel(c)] == list(range(200)) for c in range(1, 20))
     _check_counters(stats)
+
+
+def test_on_done_outcomes_keep_channel_order_when_values_and_nones_mix() -> None:
+    # One acknowledgement carries None completions, values and failures in separate lists; the
+    # per-message callbacks must still fire in the channel's order.
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def done(i: int) -> Any:
+        def cb(value: Any, error: BaseException | None) -> None:
+            with lock:
+                seen.append(i)
+        return cb
+
+    with ShardPool(handlers.none_or_value, workers=1, failure_policy="skip") as pool:
+        for i in range(2000):
+            pool.submit_bytes(b"one", cbor2.dumps({"i": i}), on_done=done(i))
+        pool.drain(timeout=60)
+    assert seen == list(range(2000))
