@@ -187,6 +187,41 @@ def test_drain_then_stop_through_the_control_socket(tmp_path: Path) -> None:
         assert proc.wait(timeout=30) == 0
 
 
+def test_sigterm_with_work_in_flight_drains_it_and_exits_0(tmp_path: Path) -> None:
+    """SIGTERM while 400 messages are in flight (held by a gate the test opens only after the
+    signal): every accepted message is processed and answered ok within the drain deadline, the
+    exit code is 0, and no worker process is left."""
+    gate = tmp_path / "gate"
+    sections = backend_sections(
+        tmp_path,
+        pool={"workers": 2, "handler": "handlers:gated"},
+        supervisor={"stop_timeout_s": 30.0},
+    )
+    n = 400
+    with backend_process(tmp_path, sections) as (proc, _cfg, _):
+        with (
+            Client(sections["ingress"]["endpoint"], timeout=30.0) as client,
+            ControlClient(sections["control"]["endpoint"]) as ctl,
+        ):
+            sent = [
+                client.send(b"slow-%d" % (i % 40), {"gate": str(gate), "i": i}) for i in range(n)
+            ]
+            client.flush()
+            snap = _wait_status(ctl, lambda s: s["pool"]["inflight"] == n)
+            pids = [w["pid"] for w in snap["workers"]]
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            _wait_status(ctl, lambda s: s["service"]["state"] == "stopping")
+            gate.touch()  # the in-flight work can finish now, during the drain phase
+            assert proc.wait(timeout=60) == 0
+            assert time.monotonic() - t0 < 30  # within supervisor.stop_timeout_s
+            replies = list(client.results(timeout=10.0))
+    assert sorted(r.corr for r in replies) == sorted(sent)
+    assert {r.status for r in replies} == {"ok"}
+    for pid in pids:
+        assert not psutil.pid_exists(pid), f"worker {pid} outlived the backend"
+
+
 def test_second_signal_forces_exit_and_unfinished_work_is_handed_back(tmp_path: Path) -> None:
     gate = tmp_path / "never"
     sections = backend_sections(
