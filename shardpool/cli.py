@@ -493,7 +493,50 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 # Further subcommands go here, each as one _add_<name>(sub) plus one cmd_<name>(args) -> int,
-# registered in _SUBCOMMANDS below: run, bench, status, drain, stop, keys.
+def _add_resume(sub: _Subparsers) -> None:
+    _add_channel_decision(sub, "resume", "retry the failed message of a halted channel, then go on")
+
+
+def _add_skip(sub: _Subparsers) -> None:
+    _add_channel_decision(
+        sub, "skip", "record the failed message of a halted channel as skipped, then go on"
+    )
+
+
+def _add_channel_decision(sub: _Subparsers, name: str, what: str) -> None:
+    p = sub.add_parser(
+        name,
+        help=what,
+        description=(
+            f"Operator decision for a channel halted by the 'halt' failure policy: {what}. "
+            "Halted channels are listed by `shardpool status`. Exit 0 when applied, 1 when the "
+            "channel is not halted or no backend answers."
+        ),
+    )
+    p.add_argument("channel", help="the channel id, in hex")
+    _add_endpoint_args(p, timeout=10.0)
+    p.set_defaults(func=cmd_channel_decision, op=name)
+
+
+def cmd_channel_decision(args: argparse.Namespace) -> int:
+    """``resume`` / ``skip`` through the control socket."""
+    from shardpool.control import ControlClient
+    from shardpool.errors import ShardPoolError
+
+    endpoint = _control_endpoint(args)
+    if isinstance(endpoint, int):
+        return endpoint
+    try:
+        with ControlClient(endpoint, timeout=args.timeout) as client:
+            client.request(args.op, {"channel": args.channel})
+    except ShardPoolError as e:
+        print(f"shardpool {args.op}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{args.op}: channel {args.channel}")
+    return EXIT_OK
+
+
+# registered in _SUBCOMMANDS below: run, bench, status, drain, stop, keys, resume, skip.
 
 _SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
     _add_check_config,
@@ -503,6 +546,8 @@ _SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
     _add_drain,
     _add_stop,
     _add_keys,
+    _add_resume,
+    _add_skip,
 )
 
 

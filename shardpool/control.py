@@ -2,7 +2,8 @@
 
 Wire format (one CBOR frame each way, DEALER → ROUTER)::
 
-    request  [1, op, args]            op: "ping" | "status" | "drain" | "stop";  args: a map
+    request  [1, op, args]            op: "ping" | "status" | "drain" | "stop" | "resume" | "skip";
+                                      args: a map ({"channel": hex} for resume and skip)
     reply    [1, ok, payload]         ok: true → payload is the answer; false → {"error": text}
 
 * ``ping``   → ``{"pid", "version", "state", "ingress", "control", "metrics"}``: the readiness

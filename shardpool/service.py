@@ -39,7 +39,7 @@ from . import __version__
 from . import protocol as P
 from .config import Config
 from .control import ControlServer, Respond
-from .errors import ConfigError, DrainTimeout, HandlerError, PoolBroken
+from .errors import ConfigError, DrainTimeout, HandlerError, PoolBroken, ShardPoolError
 from .ingress import Ingress, IngressSettings, _RateLimitedLog
 from .metrics import MetricsServer
 from .pool import ShardPool
@@ -253,8 +253,21 @@ class Service:
         elif op == "stop":
             respond(True, {"stopping": True, "pid": os.getpid()})
             self.request_stop()
+        elif op in ("resume", "skip"):
+            # An operator's decision on a channel halted by the halt policy (the pool is
+            # thread-safe, so the control thread may act directly).
+            try:
+                cid = bytes.fromhex(str(args.get("channel", "")))
+                getattr(self.pool, op)(cid)
+            except (ValueError, ShardPoolError) as exc:
+                respond(False, {"error": str(exc)})
+            else:
+                respond(True, {op: cid.hex()})
         else:
-            respond(False, {"error": f"unknown control op {op!r} (ping, status, drain, stop)"})
+            respond(
+                False,
+                {"error": f"unknown control op {op!r} (ping, status, drain, stop, resume, skip)"},
+            )
 
     # -- main loop ---------------------------------------------------------------------------
 

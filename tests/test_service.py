@@ -274,3 +274,27 @@ def test_metrics_endpoint_and_worker_pinning(tmp_path: Path) -> None:
         cpus = sorted(psutil.Process().cpu_affinity())
         for i, pid in enumerate(svc.pool.worker_pids()):
             assert psutil.Process(pid).cpu_affinity() == [cpus[i % len(cpus)]]
+
+
+def test_operator_skips_a_halted_channel_through_the_control_socket(tmp_path: Path) -> None:
+    with in_process_backend(
+        tmp_path, pool={"workers": 2, "handler": "handlers:fail_on", "failure_policy": "halt"}
+    ) as svc:
+        with (
+            Client(svc.ingress_endpoint, timeout=20.0) as client,
+            ControlClient(svc.control_endpoint) as ctl,
+        ):
+            bad = client.send(b"chan-h", {"i": 0, "fail": True})
+            later = client.send(b"chan-h", {"i": 1})
+            other = client.send(b"chan-o", {"i": 2})
+            assert client.call(b"chan-o", {"i": 3}, timeout=20.0) == 3  # others are not held
+            _wait_status(ctl, lambda s: s["pool"]["halted_channels"] == 1)
+            with pytest.raises(Exception, match="not halted"):
+                ctl.request("resume", {"channel": b"chan-o".hex()})
+            out = _cli("skip", b"chan-h".hex(), "--endpoint", svc.control_endpoint)
+            assert out.returncode == 0, out.stderr
+            replies = {r.corr: r for r in client.results(timeout=20.0)}
+    finals = {c: r for c, r in replies.items() if r.status != "halted"}
+    assert finals[bad].status == "failed"
+    assert finals[later].ok and finals[later].value == 1
+    assert finals[other].ok and finals[other].value == 2
