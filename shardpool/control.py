@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import shutil
 import threading
 import time
@@ -35,6 +34,7 @@ import zmq
 
 from .errors import ShardPoolError
 from .security import ipc_path, secure_socket_file
+from .wakeup import WakePipe
 
 log = logging.getLogger("shardpool.control")
 
@@ -74,9 +74,7 @@ class ControlServer:
         self.endpoint = endpoint
         self._handler = handler
         self._replies: collections.deque[tuple[bytes, bytes]] = collections.deque()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wakeup = WakePipe()
         self._stop = False
         self._started = threading.Event()
         self._error: BaseException | None = None
@@ -93,7 +91,7 @@ class ControlServer:
             raise TimeoutError(f"control socket did not bind {self.endpoint} in {timeout} s")
         if self._error is not None:
             self._thread.join(5.0)
-            self._close_pipe()
+            self._wakeup.close()
             raise self._error
         return self.endpoint
 
@@ -101,23 +99,9 @@ class ControlServer:
         """Send replies already due, close the socket, join the thread. Idempotent."""
         if self._thread.is_alive():
             self._stop = True
-            self._wake()
+            self._wakeup.wake()
             self._thread.join(5.0)
-        self._close_pipe()
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass
-
-    def _close_pipe(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._wake_r = self._wake_w = -1
+        self._wakeup.close()
 
     def _main(self) -> None:
         ctx = zmq.Context()
@@ -138,16 +122,13 @@ class ControlServer:
         self._started.set()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        wake_fd = self._wakeup.fileno()
+        poller.register(wake_fd, zmq.POLLIN)
         try:
             while not self._stop:
                 events = dict(poller.poll(500))
-                if self._wake_r in events:
-                    try:
-                        while os.read(self._wake_r, 4096):
-                            pass
-                    except (BlockingIOError, OSError):
-                        pass
+                if wake_fd in events:
+                    self._wakeup.drain()
                 self._send_replies(sock)
                 if sock in events:
                     while True:
@@ -189,7 +170,7 @@ class ControlServer:
                 frame = cbor2.dumps([VERSION, False, {"error": f"unencodable reply: {exc}"}])
             self._replies.append((ident, frame))
             if threading.current_thread() is not self._thread:
-                self._wake()
+                self._wakeup.wake()
 
         try:
             if len(parts) != 2:

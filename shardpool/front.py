@@ -49,7 +49,6 @@ import zmq
 from . import codec
 from .config import Config
 from .errors import (
-    ChannelIdError,
     DrainTimeout,
     HandlerError,
     PayloadTooLarge,
@@ -60,6 +59,7 @@ from .errors import (
 )
 from .routing import Router, check_channel_id
 from .supervisor import RestartGuard, WorkerProcess, describe_exit
+from .wakeup import WakePipe
 from .worker import FINAL_ACTIONS, WorkerSpec
 
 log = logging.getLogger("shardpool.front")
@@ -233,9 +233,7 @@ class Front:
         self._pull.linger = 0
         self._front_endpoint = f"ipc://{self._rundir}/front"
         self._pull.bind(self._front_endpoint)
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wakeup = WakePipe()
         self._links = [
             _Link(
                 i,
@@ -575,12 +573,6 @@ class Front:
                     due = left
         return due
 
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full: the I/O thread is awake anyway
-
     # -- draining, stats, control ------------------------------------------------------------
 
     def flush(self) -> None:
@@ -881,7 +873,8 @@ class Front:
         pull = self._pull
         poller = zmq.Poller()
         poller.register(pull, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        wake_fd = self._wakeup.fileno()
+        poller.register(wake_fd, zmq.POLLIN)
         sentinels: dict[int, _Link] = {}
         recv = pull.recv
         while True:
@@ -906,12 +899,8 @@ class Front:
             # zmq polls in whole milliseconds and truncates: round up, or a 0.5 ms linger spins.
             timeout_ms = 100 if due is None else max(0, min(100, math.ceil(due * 1000.0)))
             events = dict(poller.poll(timeout_ms))
-            if self._wake_r in events:
-                try:
-                    while os.read(self._wake_r, 4096):
-                        pass
-                except BlockingIOError:
-                    pass
+            if wake_fd in events:
+                self._wakeup.drain()
             if pull in events:
                 frames: list[bytes] = []
                 try:
@@ -1237,7 +1226,7 @@ class Front:
         with self._lock:
             self._set_state(_CLOSED)
             self._cv.notify_all()
-        self._wake()
+        self._wakeup.wake()
         self._thread.join(5.0)
         codes: dict[int, int | None] = {}
         for link in self._links:
@@ -1249,8 +1238,7 @@ class Front:
                 link.sock = None
         self._pull.close(linger=0)
         self._ctx.term()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._wakeup.close()
         shutil.rmtree(self._rundir, ignore_errors=True)
         return codes
 

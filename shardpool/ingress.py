@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
-import select
 import threading
 import time
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ from . import protocol as P
 from .errors import HandlerError, InputError, PoolBroken, PoolClosed
 from .routing import MAX_CHANNEL_ID_BYTES
 from .security import CurveServerKeys, secure_socket_file
+from .wakeup import WakePipe
 
 log = logging.getLogger("shardpool.ingress")
 
@@ -214,9 +213,7 @@ class Ingress:
         # Cross-thread: the pool's I/O thread appends outcomes and wakes us through the pipe.
         self._outcomes: collections.deque[Any] = collections.deque()
         self._wake_pending = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wakeup = WakePipe()
         # Owned by the ingress thread.
         self._chans: dict[bytes, collections.deque[_Rec]] = {}
         self._out: dict[bytes, list[list[Any]]] = {}
@@ -242,7 +239,7 @@ class Ingress:
             raise TimeoutError(f"ingress did not bind {self.settings.endpoint} in {timeout} s")
         if self._start_error is not None:
             self._thread.join(5.0)
-            self._close_pipe()
+            self._wakeup.close()
             raise self._start_error
         return self.endpoint
 
@@ -266,7 +263,7 @@ class Ingress:
         messages), then close the socket and join the thread. Call after the pool has closed, so
         that every accepted message has had its outcome. Idempotent."""
         if not self._thread.is_alive():
-            self._close_pipe()
+            self._wakeup.close()
             return
         self._intake_reason = self._intake_reason or P.E_SHUTTING_DOWN
         self._close_deadline = time.monotonic() + timeout
@@ -276,7 +273,7 @@ class Ingress:
         if self._thread.is_alive():
             log.error("ingress thread did not stop")
         else:
-            self._close_pipe()
+            self._wakeup.close()
 
     def on_failure(self, err: HandlerError) -> None:
         """Pool failure hook (I/O thread): a ``halt`` failure parks its channel without finishing
@@ -303,25 +300,7 @@ class Ingress:
             self._wake()
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # a full pipe means the thread is awake anyway; a closed one that it is gone
-
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
-
-    def _close_pipe(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._wake_r = self._wake_w = -1
+        self._wakeup.wake()
 
     # -- the ingress thread ------------------------------------------------------------------
 
@@ -392,12 +371,13 @@ class Ingress:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(mon, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        wake_fd = self._wakeup.fileno()
+        poller.register(wake_fd, zmq.POLLIN)
         recv = sock.recv_multipart
         while True:
             events = dict(poller.poll(100))
-            if self._wake_r in events:
-                self._drain_wake()
+            if wake_fd in events:
+                self._wakeup.drain()
             if mon in events:
                 self._on_monitor(mon)
             self._pump(sock)
@@ -704,11 +684,7 @@ class Ingress:
         """Block up to :data:`_ROOM_WAIT_S` for an outcome (acknowledgements free window room),
         sending whatever replies are due meanwhile."""
         self._pump(sock)
-        try:
-            select.select([self._wake_r], [], [], _ROOM_WAIT_S)
-        except (OSError, ValueError):
-            return
-        self._drain_wake()
+        self._wakeup.wait(_ROOM_WAIT_S)
         self._pump(sock)
 
 

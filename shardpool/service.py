@@ -26,7 +26,6 @@ import collections
 import heapq
 import logging
 import os
-import select
 import signal
 import threading
 import time
@@ -43,6 +42,7 @@ from .errors import ConfigError, DrainTimeout, HandlerError, PoolBroken, ShardPo
 from .ingress import Ingress, IngressSettings, _RateLimitedLog
 from .metrics import MetricsServer
 from .pool import ShardPool
+from .wakeup import WakePipe
 from .security import (
     EndpointLock,
     check_endpoints,
@@ -102,9 +102,7 @@ class Service:
         self._signals: list[int] = []
         self._stop_requests = 0
         self._requests: collections.deque[tuple[str, dict[str, Any], Respond]] = collections.deque()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wakeup = WakePipe()
         self._samples: collections.deque[tuple[float, int, int, dict[int, tuple[int, int]]]] = (
             collections.deque(maxlen=32)
         )
@@ -200,15 +198,7 @@ class Service:
         for lock in self._locks:
             lock.release()
         self._locks.clear()
-        self._close_pipe()
-
-    def _close_pipe(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._wake_r = self._wake_w = -1
+        self._wakeup.close()
 
     # -- hooks called from other threads -----------------------------------------------------
 
@@ -227,10 +217,7 @@ class Service:
         )
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass
+        self._wakeup.wake()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only record: the main loop acts (set_wakeup_fd has already woken it).
@@ -279,7 +266,7 @@ class Service:
         if install_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 restore.append((sig, signal.signal(sig, self._on_signal)))
-            old_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+            old_fd = signal.set_wakeup_fd(self._wakeup.write_fd, warn_on_full_buffer=False)
         try:
             reason = self._wait_for_stop()
             return self._shutdown(reason)
@@ -288,7 +275,7 @@ class Service:
                 signal.set_wakeup_fd(old_fd)
             for sig, handler in restore:
                 signal.signal(sig, handler)
-            self._close_pipe()
+            self._wakeup.close()
 
     def stop(self) -> int:
         """Shut down from the thread that called :meth:`start` (in-process use); returns the
@@ -296,7 +283,7 @@ class Service:
         try:
             return self._shutdown("stop()")
         finally:
-            self._close_pipe()
+            self._wakeup.close()
 
     def _stopping(self) -> bool:
         return bool(self._signals) or self._stop_requests > 0
@@ -305,12 +292,7 @@ class Service:
         return len(self._signals) + self._stop_requests >= 2
 
     def _sleep(self, seconds: float) -> None:
-        try:
-            select.select([self._wake_r], [], [], max(0.0, seconds))
-            while os.read(self._wake_r, 4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
+        self._wakeup.wait(seconds)
 
     def _wait_for_stop(self) -> str:
         assert self.pool is not None
