@@ -23,7 +23,7 @@ async def record_async(channel: Any, seq: int, message: Any, redelivered: bool) 
     """Async: awaits a random short delay between reading and writing the channel state, so an
     interleaving of two calls of one channel would be caught."""
     last = channel.state if channel.state is not None else -1
-    await asyncio.sleep(random.choice((0.0, 0.0, 0.0001, 0.0005, 0.001)))
+    await asyncio.sleep(random.choice((0.0, 0.0, 0.0001, 0.0005, 0.001)))  # noqa: sleep-ok - the handler's own work, in a worker
     i = message["i"]
     if i != last + 1:
         raise AssertionError(f"channel {channel.id!r}: got index {i} after {last}")
@@ -38,13 +38,13 @@ async def gated(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
     messages without a gate return at once."""
     gate = message.get("gate")
     while gate and not os.path.exists(gate):
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(0.002)  # noqa: sleep-ok - the handler's own work, in a worker
     return [seq, message.get("i")]
 
 
 def sleepy(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
     """Sync: burns ``message["ms"]`` milliseconds of wall time (a blocking, slow handler)."""
-    time.sleep(message.get("ms", 0) / 1000.0)
+    time.sleep(message.get("ms", 0) / 1000.0)  # noqa: sleep-ok - the handler's own work, in a worker
     return seq
 
 
