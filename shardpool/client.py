@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import concurrent.futures
 import itertools
 import os
@@ -390,7 +391,7 @@ class Client(_Core):
                     f"backend at {self.endpoint} did not take more messages within the timeout "
                     f"({self.outstanding} awaiting replies)"
                 )
-            events = self._sock.poll(min(left, 0.1) * 1000, zmq.POLLIN | zmq.POLLOUT)
+            events = self._sock.poll(math.ceil(min(left, 0.1) * 1000), zmq.POLLIN | zmq.POLLOUT)
             if events & zmq.POLLIN:
                 self._receive(0)
         self._sent()
@@ -401,7 +402,7 @@ class Client(_Core):
     def _receive(self, timeout_s: float) -> bool:
         """Read every frame available, waiting up to ``timeout_s`` for the first; True if any."""
         sock = self._sock
-        if timeout_s > 0 and not sock.poll(timeout_s * 1000):
+        if timeout_s > 0 and not sock.poll(math.ceil(timeout_s * 1000)):
             return False
         got = False
         while True:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import shutil
 import threading
 import time
@@ -112,7 +113,7 @@ class ControlServer:
         try:
             sock.bind(self.endpoint)
             secure_socket_file(self.endpoint)
-            self.endpoint = sock.last_endpoint.decode()
+            self.endpoint = str(sock.get_string(zmq.LAST_ENDPOINT))
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._error = exc
             sock.close(linger=0)
@@ -226,7 +227,7 @@ class ControlClient:
                 f"no shardpool backend at {self.endpoint} (is `shardpool run` running?)"
             )
         self._sock.send(cbor2.dumps([VERSION, op, args or {}]))
-        if not self._sock.poll(max(0.0, timeout) * 1000):
+        if not self._sock.poll(math.ceil(max(0.0, timeout) * 1000)):
             raise NotRunning(
                 f"no answer from {self.endpoint} within {timeout:g} s (is `shardpool run` running?)"
             )
@@ -253,7 +254,7 @@ class ControlClient:
                 raise NotRunning("the backend process ended before it was ready")
             # ZeroMQ queues the ping and keeps re-trying the connection until the socket exists;
             # short polls only let alive() be checked in between.
-            if self._sock.poll(min(left, 0.1) * 1000):
+            if self._sock.poll(math.ceil(min(left, 0.1) * 1000)):
                 _, ok, payload = cbor2.loads(self._sock.recv())
                 if not ok:
                     raise ControlError(str(payload))

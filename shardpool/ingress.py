@@ -332,7 +332,7 @@ class Ingress:
             mon = sock.get_monitor_socket(_MONITOR_EVENTS)
             sock.bind(s.endpoint)
             secure_socket_file(s.endpoint)
-            self.endpoint = sock.last_endpoint.decode()
+            self.endpoint = str(sock.get_string(zmq.LAST_ENDPOINT))
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._start_error = exc
             self._started.set()

@@ -643,7 +643,7 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
     many_runs: list[PoolRun] = []
     bare_runs: list[Any] = []
     queue_runs: list[Any] = []
-    common = {
+    common: dict[str, Any] = {
         "batch_size": opts.batch_size,
         "max_inflight": opts.max_inflight,
         "config": opts.config,
