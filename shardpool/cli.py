@@ -126,6 +126,10 @@ def _add_bench(sub: _Subparsers) -> None:
                    help="pool config file (default: built-in defaults)")
     p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                    help="deadline of each single run (default: %(default)s)")
+    p.add_argument("--connect", nargs="?", const="", default=None, metavar="ENDPOINT",
+                   help="instead of an embedded pool, send the traffic through the ingress of a "
+                   "running `shardpool run` (ENDPOINT, or the default config's) and report "
+                   "throughput, latency, replies and order; no baselines")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_bench)
@@ -137,6 +141,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from shardpool.config import physical_cores
     from shardpool.loadtest import BenchOptions, Progress, available_cpus, format_report, run_bench
 
+    if args.connect is not None:
+        return _bench_remote(args, Progress(enabled=not args.quiet))
     workers = args.workers
     if workers is None:
         workers = max(1, min(available_cpus(), physical_cores()))
@@ -179,6 +185,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(format_report(report))
+    return EXIT_OK if report["ok"] else EXIT_FAILURE
+
+
+def _bench_remote(args: argparse.Namespace, progress: Any) -> int:
+    """``bench --connect``: the traffic through a running backend's ingress."""
+    from shardpool.errors import ShardPoolError
+    from shardpool.remote_bench import format_remote, run_remote
+
+    if args.messages < 1 or args.channels < 1 or args.repeats < 1:
+        print("shardpool bench: --messages, --channels and --repeats must be >= 1",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        report = run_remote(
+            args.connect or None,
+            messages=args.messages,
+            channels=args.channels,
+            peers=args.peers or max(1, args.channels // 10),
+            repeats=args.repeats,
+            seed=args.seed,
+            timeout_s=args.timeout,
+            progress=progress,
+        )
+    except (ShardPoolError, TimeoutError, OSError) as e:
+        print(f"shardpool bench: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(report, indent=2) if args.json else format_remote(report))
     return EXIT_OK if report["ok"] else EXIT_FAILURE
 
 

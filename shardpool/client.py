@@ -434,9 +434,12 @@ class Client(_Core):
         seconds for at least one if there is none yet."""
         self.flush()
         if not self._ready and timeout > 0 and self._pending_results > 0:
-            self._wait_for(
-                lambda: bool(self._ready) or self._pending_results == 0, timeout, "reply"
-            )
+            try:
+                self._wait_for(
+                    lambda: bool(self._ready) or self._pending_results == 0, timeout, "reply"
+                )
+            except TimeoutError:
+                pass  # none yet: an empty list says so
         out = list(self._ready)
         self._ready.clear()
         return out
