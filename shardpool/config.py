@@ -273,6 +273,23 @@ def _table(*, doc: str) -> Any:
     return _field(Rule("a table with string keys", convert, (Mapping,)), FrozenDict(), doc)
 
 
+def _policy_table(*, doc: str) -> Any:
+    policies = ("halt", "skip", "retry")
+
+    def convert(v: Any) -> FrozenDict:
+        if not isinstance(v, Mapping) or not all(
+            isinstance(k, str) and k and x in policies for k, x in v.items()
+        ):
+            raise _Reject
+        return FrozenDict(v)
+
+    return _field(
+        Rule('a table of message type = "halt", "skip" or "retry"', convert, (Mapping,)),
+        FrozenDict(),
+        doc,
+    )
+
+
 def _is_dotted_name(s: str) -> bool:
     parts = s.split(".")
     return all(p.isidentifier() and not keyword.iskeyword(p) for p in parts)
@@ -402,6 +419,9 @@ class PoolConfig(_Section):
     slots: int = _int(1, 1_048_576, default=4096, doc="routing slots (fixed hash space)")
     failure_policy: str = _choice(
         "halt", "skip", "retry", default="halt", doc="what to do when the handler raises"
+    )
+    failure_policy_by_type: FrozenDict = _policy_table(
+        doc='per message["type"] overrides of failure_policy'
     )
     retry_limit: int = _int(0, 1000, default=3, doc="retries before halting (policy retry)")
     retry_backoff_ms: float = _float(

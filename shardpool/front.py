@@ -765,6 +765,7 @@ class Front:
             handler_options=pool.handler_options.thaw(),
             payload=pool.payload,
             failure_policy=pool.failure_policy,
+            failure_policy_by_type=pool.failure_policy_by_type.thaw(),
             retry_limit=pool.retry_limit,
             retry_backoff_s=pool.retry_backoff_ms / 1000.0,
             heartbeat_interval_s=self.cfg.supervisor.heartbeat_interval_s,

@@ -54,6 +54,7 @@ class WorkerSpec:
     handler_options: dict[str, Any] = field(default_factory=dict)
     payload: str = "cbor"  # "cbor": decode each payload; "raw": hand the bytes over
     failure_policy: str = "halt"
+    failure_policy_by_type: dict[str, str] = field(default_factory=dict)  # message["type"] → policy
     retry_limit: int = 3
     retry_backoff_s: float = 0.05
     heartbeat_interval_s: float = 0.5
@@ -335,11 +336,12 @@ class Worker:
                 if handler.is_async:
                     result = await result
             except Exception as exc:  # noqa: BLE001 - handler failures follow the policy
-                if spec.failure_policy == "retry" and attempt < spec.retry_limit:
+                policy = self._policy(payload)
+                if policy == "retry" and attempt < spec.retry_limit:
                     attempt += 1
                     self.counters["retried"] += 1
                     continue
-                if spec.failure_policy == "skip":
+                if policy == "skip":
                     self._fail(wseq, exc, "skip")
                     return True
                 self._fail(wseq, exc, "halt")
@@ -353,7 +355,7 @@ class Worker:
         self, ch: Channel, item: tuple[int, int, bytes, bool], exc: Exception
     ) -> None:
         """A sync handler failed on the fast path: apply the policy without blocking the loop."""
-        policy = self.spec.failure_policy
+        policy = self._policy(item[2])
         if policy == "skip":
             self._fail(item[0], exc, "skip")
             return
@@ -364,6 +366,19 @@ class Worker:
         else:
             self._fail(item[0], exc, "halt")
             ch._halted = True
+
+    def _policy(self, payload: bytes) -> str:
+        """The failure policy for this message: its type's override, else the pool's (failures
+        are rare, so decoding the payload again here costs nothing on the hot path)."""
+        by_type = self.spec.failure_policy_by_type
+        if by_type and self.decode:
+            try:
+                kind = codec.loads(payload).get("type")
+            except Exception:  # noqa: BLE001 - not a map, or not CBOR: no type to go by
+                kind = None
+            if isinstance(kind, str) and kind in by_type:
+                return by_type[kind]
+        return self.spec.failure_policy
 
     def _on_control(self, op: str, cid: bytes) -> None:
         """Operator decisions for a halted channel: ``resume`` retries the failed message,

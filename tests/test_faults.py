@@ -333,3 +333,21 @@ def test_chaos_repeated_sigkill_under_20000_channels(tmp_path: Path) -> None:
     assert deliveries - channels * rounds == duplicates
     assert stats["replayed"] > 0
     assert stats["submitted"] == stats["acknowledged"] == channels * rounds
+
+
+def test_failure_policy_by_message_type(tmp_path: Path) -> None:
+    # Pool policy halt, but a failing "fee" message is skipped: its channel goes on, while the
+    # channel whose untyped message fails is halted.
+    load = Load(
+        faults={
+            (5, 3): {"fault": "raise", "type": "fee"},
+            (6, 3): {"fault": "raise"},
+        }
+    )
+    out = run_load(
+        tmp_path, load, failure_policy="halt", failure_policy_by_type={"fee": "skip"},
+        after=lambda pool: pool.skip(cid(6)),
+    )
+    verify(out, skipped=frozenset({(5, 3), (6, 3)}))
+    policies = {(f.channel_id, f.policy) for f in out.failures}
+    assert policies == {(cid(5), "skip"), (cid(6), "halt"), (cid(6), "skipped")}
