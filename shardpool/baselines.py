@@ -462,16 +462,20 @@ def run_bare_zmq(
         ctx.term()
         shutil.rmtree(rundir, ignore_errors=True)
 
-    elapsed = t1 - t0
-    per_worker = [int(dones[i][2]) for i in range(workers)]
-    n = len(stream)
+    return _result("bare_zmq", workers, len(stream), t1 - t0, dones)
+
+
+def _result(
+    name: str, workers: int, n: int, elapsed: float, dones: Any
+) -> BaselineResult:
+    """The result of a run from the workers' done reports (``dones[i][2]``: messages handled)."""
     return BaselineResult(
-        name="bare_zmq",
+        name=name,
         workers=workers,
         messages=n,
         elapsed_s=elapsed,
         msgs_per_s=n / elapsed if elapsed > 0 else math.inf,
-        per_worker=per_worker,
+        per_worker=[int(dones[i][2]) for i in range(workers)],
     )
 
 
@@ -563,17 +567,7 @@ def run_mp_queue(
         if reports is not None:
             reports.close()
 
-    elapsed = t1 - t0
-    per_worker = [int(dones[i][2]) for i in range(workers)]
-    n = len(stream)
-    return BaselineResult(
-        name=name,
-        workers=workers,
-        messages=n,
-        elapsed_s=elapsed,
-        msgs_per_s=n / elapsed if elapsed > 0 else math.inf,
-        per_worker=per_worker,
-    )
+    return _result(name, workers, len(stream), t1 - t0, dones)
 
 
 def _await_queue_reports(
