@@ -47,42 +47,26 @@ def run_remote(
     with Client(endpoint, timeout=timeout_s) as client:
         for r in range(repeats):
             stream = encode_stream(peers, per_peer, messages, seed + r)
-            sent_at: dict[int, int] = {}
-            chan_of: dict[int, bytes] = {}
-            last: dict[bytes, int] = {}
-            clock = time.perf_counter_ns
-
-            def take(replies: list[Any]) -> None:
-                nonlocal violations, reordered
-                now = clock()
-                for rep in replies:
-                    if not rep.final:
-                        continue
-                    lat_ns.append(now - sent_at.pop(rep.corr))
-                    statuses[rep.status] = statuses.get(rep.status, 0) + 1
-                    cid = chan_of.pop(rep.corr)
-                    if rep.corr < last.get(cid, -1):
-                        reordered += 1
-                    last[cid] = rep.corr
-                    if rep.ok and isinstance(rep.value, dict) and "violation" in rep.value:
-                        violations += 1
-                        forced.add(cid)
-
+            tally = _Tally()
             t0 = time.perf_counter()
             for i, (cid, payload) in enumerate(stream):
-                corr = client.send_bytes(cid, payload)
-                sent_at[corr] = clock()
-                chan_of[corr] = cid
+                tally.sent(client.send_bytes(cid, payload), cid)
                 if i % 256 == 255:
-                    take(client.poll(0.0))
+                    tally.take(client.poll(0.0))
             client.flush()
             deadline = time.monotonic() + timeout_s
-            while sent_at:
+            while tally.sent_at:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{len(sent_at)} replies missing after {timeout_s} s")
-                take(client.poll(0.05))
+                    raise TimeoutError(f"{len(tally.sent_at)} replies missing after {timeout_s} s")
+                tally.take(client.poll(0.05))
             rates.append(len(stream) / (time.perf_counter() - t0))
             total += len(stream)
+            lat_ns.extend(tally.latencies)
+            for k, v in tally.statuses.items():
+                statuses[k] = statuses.get(k, 0) + v
+            violations += tally.violations
+            forced |= tally.forced
+            reordered += tally.reordered
             if progress is not None:
                 progress(f"remote repeat {r + 1}/{repeats}: {rates[-1]:,.0f} msgs/s")
     ok = statuses.get("ok", 0) == total and violations == 0 and reordered == 0
@@ -122,3 +106,36 @@ def format_remote(report: dict[str, Any]) -> str:
             f"verdict: {'OK - order kept' if report['ok'] else 'FAILED'}",
         ]
     )
+
+
+class _Tally:
+    """Replies of one repeat: latency from each send, statuses, violations, channel order."""
+
+    def __init__(self) -> None:
+        self.sent_at: dict[int, int] = {}
+        self.chan_of: dict[int, bytes] = {}
+        self.last: dict[bytes, int] = {}
+        self.latencies: list[int] = []
+        self.statuses: dict[str, int] = {}
+        self.violations = 0
+        self.forced: set[bytes] = set()
+        self.reordered = 0
+
+    def sent(self, corr: int, cid: bytes) -> None:
+        self.sent_at[corr] = time.perf_counter_ns()
+        self.chan_of[corr] = cid
+
+    def take(self, replies: list[Any]) -> None:
+        now = time.perf_counter_ns()
+        for rep in replies:
+            if not rep.final:
+                continue  # a "halted" notice: the final reply is still to come
+            self.latencies.append(now - self.sent_at.pop(rep.corr))
+            self.statuses[rep.status] = self.statuses.get(rep.status, 0) + 1
+            cid = self.chan_of.pop(rep.corr)
+            if rep.corr < self.last.get(cid, -1):
+                self.reordered += 1  # correlation ids grow with each send
+            self.last[cid] = rep.corr
+            if rep.ok and isinstance(rep.value, dict) and "violation" in rep.value:
+                self.violations += 1
+                self.forced.add(cid)

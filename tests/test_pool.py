@@ -207,10 +207,16 @@ def test_request_result_and_handler_error_with_remote_traceback() -> None:
 
 
 def test_class_handler_with_options_and_setup() -> None:
+    # One instance per worker, built with handler_options, set up with its worker index.
     with ShardPool("handlers:Counting", workers=2, handler_options={"start": 100}) as pool:
-        results = [pool.call(_channel(i), {}, timeout=30) for i in range(20)]
-    for (worker, n), i in zip(results, range(20)):
-        assert worker in (0, 1) and n > 100
+        results = [(pool.worker_of(_channel(i)), pool.call(_channel(i), {}, timeout=30))
+                   for i in range(20)]
+    counts: dict[int, int] = collections.Counter()
+    for owner, (worker, n) in results:
+        assert worker == owner  # setup(worker_index) ran in the worker that serves the channel
+        counts[worker] += 1
+        assert n == 100 + counts[worker]  # the instance's own call count, from start=100
+    assert set(counts) == {0, 1}
 
 
 def test_handler_import_failure_is_reported_not_waited_on() -> None:
