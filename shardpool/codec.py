@@ -17,6 +17,7 @@ Worker → front (every worker PUSHes to the front's single PULL)::
     [STATS, worker, epoch, request_id, {counter: value}]
     [HEARTBEAT, worker, epoch, loop_lag_s]
     [FATAL, worker, epoch, exc_type, message, traceback]     worker could not start
+    [CRASH, worker, epoch, exc_type, message, traceback]     worker is dying of this (it was up)
     [BYE, worker, epoch, {counter: value}]                   clean exit after STOP
 
 ``wseq`` numbers the messages the front sent to one worker incarnation stream (implicit in a batch:
@@ -50,6 +51,7 @@ STATS_REPLY = 2
 HEARTBEAT = 3
 FATAL = 4
 BYE = 5
+CRASH = 6
 
 dumps = cbor2.dumps
 loads = cbor2.loads

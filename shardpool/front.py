@@ -983,6 +983,9 @@ class Front:
                     self._break(err)
                 elif kind == codec.BYE:
                     link.stats = msg[3]
+                elif kind == codec.CRASH:
+                    link.last_error = f"{msg[3]}: {msg[4]}"
+                    log.error("worker %d is dying: %s\n%s", index, link.last_error, msg[5])
             if self._room_waiters:
                 for loop, fut in self._room_waiters:
                     loop.call_soon_threadsafe(_set_done, fut)

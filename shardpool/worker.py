@@ -155,6 +155,15 @@ class Worker:
                 # their messages as not processed), then say goodbye.
                 await self._idle.wait()
                 self._flush_acks()
+            except BaseException as exc:
+                # Dying (a bug, or a handler raising SystemExit/KeyboardInterrupt): the front
+                # will see the death on the sentinel; this tells it why, traceback included.
+                if not isinstance(exc, asyncio.CancelledError):
+                    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                    self._send(
+                        [codec.CRASH, self.index, self.epoch, type(exc).__qualname__, str(exc), tb]
+                    )
+                raise
             finally:
                 beat.cancel()
                 pull.close(linger=0)
@@ -242,8 +251,9 @@ class Worker:
             exp = ch._expect
             if cseq == exp:
                 ch._expect = cseq + 1
-            else:
-                self._order_check(ch, cseq, exp)
+            elif not self._order_check(ch, cseq, exp):
+                holes.append(wseq)
+                continue
             if inline and ch._queue is None:  # idle, not halted: run it right here
                 try:
                     result = handle(ch, cseq, decode(payload), redelivered)
@@ -267,8 +277,12 @@ class Worker:
         self.counters["processed"] += len(items) - len(holes) + len(results) - results_before
         self._flush_acks()
 
-    def _order_check(self, ch: Channel, cseq: int, expected: int) -> None:
-        """``cseq`` is not the expected next one: classify, then move the expectation on."""
+    def _order_check(self, ch: Channel, cseq: int, expected: int) -> bool:
+        """``cseq`` is not the expected next one: classify, then move the expectation on.
+        False: not a sequence number at all (only a forged frame has that); skip the item."""
+        if type(cseq) is not int:  # checked here, off the hot path
+            self.counters["bad_frames"] += 1
+            return False
         if expected < 0:
             ch._first = cseq  # first message of this incarnation: it sets the baseline
         elif cseq > expected:
@@ -279,6 +293,7 @@ class Worker:
             self.counters["reorders"] += 1
         if cseq >= expected:
             ch._expect = cseq + 1
+        return True
 
     def _ack_range(self, a: int, b: int) -> None:
         if a == b:

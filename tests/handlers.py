@@ -134,9 +134,11 @@ class Ledger:
             # A gap: legitimate only where the missing messages were skipped by policy.
             os.write(self.fd, f"G {key} {seq} {last} {int(redelivered)}\n".encode())
         fault = message.get("fault")
-        if fault in ("exit", "segv", "raise") and self._once(f"fault-{key}-{seq}"):
+        if fault in ("exit", "segv", "raise", "sysexit") and self._once(f"fault-{key}-{seq}"):
             if fault == "exit":
                 os._exit(70)
+            if fault == "sysexit":
+                raise SystemExit(75)
             if fault == "segv":
                 import ctypes
 

@@ -124,6 +124,11 @@ CRASHES = {
     "sigkill": (Load(midway=_signal_worker(signal.SIGKILL)), "killed by SIGKILL", {}),
     "os_exit": (Load(faults={(5, PER_CHANNEL // 2): {"fault": "exit"}}), "exited with code 70", {}),
     "segfault": (Load(faults={(5, PER_CHANNEL // 2): {"fault": "segv"}}), "killed by SIGSEGV", {}),
+    "handler_sys_exit": (
+        Load(faults={(5, PER_CHANNEL // 2): {"fault": "sysexit"}}),
+        "exited with code 75 (SystemExit: 75)",
+        {},
+    ),
     "sigstop_hang": (
         Load(midway=_signal_worker(signal.SIGSTOP)),
         "no heartbeat",

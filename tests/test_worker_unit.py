@@ -128,3 +128,13 @@ def test_unencodable_result_fails_only_its_own_message() -> None:
     [ack] = push.frames
     assert ack[4] == [[0, 0], [2, 2]]
     assert [(f[0], f[1], f[4]) for f in ack[5]] == [(1, "TypeError", "skip")]
+
+
+def test_forged_item_without_an_integer_seq_is_skipped_not_fatal() -> None:
+    w, push = make_worker(seen_handler)
+    frame = codec.dumps([codec.BATCH, 1, 0, False, [b"a", 0, cbor2.dumps(0)], [b"a", "x", b"\xa0"],
+                         [b"a", 1, cbor2.dumps(0)]])
+    w._on_batch(codec.loads(frame))
+    assert w.counters["bad_frames"] == 1
+    assert w.channels[b"a"].state == [0, 1]
+    assert push.frames == [[codec.ACK, 0, 1, [0, 1, 2, 3], [], []]]
