@@ -7,7 +7,8 @@
                                              │ stamp: per-channel seq (cseq), per-worker seq (wseq)
                                              ▼
                ┌──── window[i]: every unacknowledged message, kept as the batches sent ─────────┐
-               │ pending batch[i] ── flush on size, on linger, or at once when i is idle ──▶ PUSH i
+               │ pending batch[i] ── flush when full, at i's next ack, on linger, or at once if
+               │                     i is idle (Nagle) ───────────────────────────────────▶ PUSH i
                └────────────────────────────────────────────────────────────────────────────────┘
                                                                                    │ BATCH frames
                        worker 0 … worker N-1 (one asyncio loop each, FIFO per channel)
