@@ -607,3 +607,12 @@ def test_config_to_toml_round_trips(tmp_path: Path) -> None:
     )
     p = write(tmp_path, config_to_toml(cfg))
     assert load_config(p, env={}) == cfg
+
+
+def test_failure_policy_by_type_accepts_policies_and_names_a_bad_one() -> None:
+    cfg = load_config(None, env={}, overrides={"pool.failure_policy_by_type": {"fee": "skip"}})
+    assert dict(cfg.pool.failure_policy_by_type) == {"fee": "skip"}
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env={}, overrides={"pool.failure_policy_by_type": {"fee": "ignore"}})
+    assert info.value.key == "pool.failure_policy_by_type"
+    assert "'ignore'" in str(info.value) and '"halt", "skip" or "retry"' in str(info.value)
