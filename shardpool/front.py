@@ -920,8 +920,16 @@ class Front:
     def _check_timers(self, now: float, due: float | None) -> float | None:
         """READY deadlines, restart times and heartbeat silence (lock held)."""
         hb_timeout = self.cfg.supervisor.heartbeat_timeout_s
+        behind: bool | None = None  # frames still unread: the silence may be ours, not theirs
+
+        def caught_up() -> bool:
+            nonlocal behind
+            if behind is None:
+                behind = bool(self._pull.poll(0))
+            return not behind
+
         for link in self._links:
-            if link.state == STARTING and now > link.deadline:
+            if link.state == STARTING and now > link.deadline and caught_up():
                 link.last_error = f"no READY within {self.cfg.supervisor.ready_timeout_s} s"
                 assert link.proc is not None
                 link.proc.kill()  # its sentinel then reports the death
@@ -930,7 +938,9 @@ class Front:
                     self._spawn(link)
                 except Exception as exc:  # noqa: BLE001
                     self._break(PoolBroken(f"worker {link.index} could not be respawned: {exc!r}"))
-            elif link.state == READY and now - link.last_seen > hb_timeout:
+            elif link.state == READY and now - link.last_seen > hb_timeout and caught_up():
+                # (Only once every frame that arrived is read: an I/O thread that fell behind
+                # must not take its own delay for a hung worker and kill a healthy one.)
                 link.last_error = (
                     f"no heartbeat for {now - link.last_seen:.1f} s "
                     f"(supervisor.heartbeat_timeout_s = {hb_timeout})"
