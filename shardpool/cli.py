@@ -395,6 +395,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
+def _control_request(
+    args: argparse.Namespace, op: str, payload: dict[str, Any] | None = None,
+    timeout: float | None = None, client_timeout: float = 5.0,
+) -> Any:
+    """One request to the backend's control socket; the reply, or an exit code (int) after
+    printing why (no backend, or it refused)."""
+    from shardpool.control import ControlClient
+    from shardpool.errors import ShardPoolError
+
+    endpoint = _control_endpoint(args)
+    if isinstance(endpoint, int):
+        return endpoint
+    try:
+        with ControlClient(endpoint, timeout=client_timeout) as client:
+            return client.request(op, payload, timeout=timeout)
+    except ShardPoolError as e:
+        print(f"shardpool {args.command}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
 def _add_drain(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "drain",
@@ -412,19 +432,10 @@ def _add_drain(sub: _Subparsers) -> None:
 
 def cmd_drain(args: argparse.Namespace) -> int:
     """Drain through the control socket; print the outcome."""
-    from shardpool.control import ControlClient
-    from shardpool.errors import ShardPoolError
-
-    endpoint = _control_endpoint(args)
-    if isinstance(endpoint, int):
-        return endpoint
-    try:
-        with ControlClient(endpoint) as client:
-            # The backend's own deadline is ours; a little slack so its answer still arrives.
-            reply = client.request("drain", {"timeout": args.timeout}, timeout=args.timeout + 5.0)
-    except ShardPoolError as e:
-        print(f"shardpool drain: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+    # The backend's own deadline is ours; a little slack so its answer still arrives.
+    reply = _control_request(args, "drain", {"timeout": args.timeout}, timeout=args.timeout + 5.0)
+    if isinstance(reply, int):
+        return reply
     if reply.get("drained"):
         print("drained: every accepted message is finished; intake is closed")
         return EXIT_OK
@@ -450,18 +461,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
     """Stop through the control socket, then wait for the process to end."""
     import psutil
 
-    from shardpool.control import ControlClient
-    from shardpool.errors import ShardPoolError
-
-    endpoint = _control_endpoint(args)
-    if isinstance(endpoint, int):
-        return endpoint
-    try:
-        with ControlClient(endpoint, timeout=min(args.timeout, 10.0)) as client:
-            reply = client.request("stop")
-    except ShardPoolError as e:
-        print(f"shardpool stop: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+    reply = _control_request(args, "stop", client_timeout=min(args.timeout, 10.0))
+    if isinstance(reply, int):
+        return reply
     pid = int(reply["pid"])
     if args.no_wait:
         print(f"stopping backend pid {pid}")
@@ -557,18 +559,10 @@ def _add_channel_decision(sub: _Subparsers, name: str, what: str) -> None:
 
 def cmd_channel_decision(args: argparse.Namespace) -> int:
     """``resume`` / ``skip`` through the control socket."""
-    from shardpool.control import ControlClient
-    from shardpool.errors import ShardPoolError
-
-    endpoint = _control_endpoint(args)
-    if isinstance(endpoint, int):
-        return endpoint
-    try:
-        with ControlClient(endpoint, timeout=args.timeout) as client:
-            client.request(args.op, {"channel": args.channel})
-    except ShardPoolError as e:
-        print(f"shardpool {args.op}: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+    reply = _control_request(args, args.op, {"channel": args.channel},
+                             client_timeout=args.timeout)
+    if isinstance(reply, int):
+        return reply
     print(f"{args.op}: channel {args.channel}")
     return EXIT_OK
 
