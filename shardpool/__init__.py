@@ -5,10 +5,12 @@ channels are spread over worker processes (one asyncio event loop each) by a sta
 """
 
 from .errors import (
+    BackendLost,
     ChannelIdError,
     ConfigError,
     DrainTimeout,
     HandlerError,
+    InDoubt,
     InputError,
     PayloadTooLarge,
     PoolBroken,
@@ -23,12 +25,14 @@ from .pool import ShardPool
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendLost",
     "Channel",
     "ChannelIdError",
     "CloseReport",
     "ConfigError",
     "DrainTimeout",
     "HandlerError",
+    "InDoubt",
     "InputError",
     "PayloadTooLarge",
     "PoolBroken",

@@ -21,9 +21,10 @@ and goes out with the next flush). Every wait in these classes has a timeout.
 
 A reply's ``status`` is ``"ok"`` (``value`` is the handler's return value), ``"failed"`` (the
 handler raised), ``"rejected"`` (refused at the door: bad channel id, payload too large, backend
-shutting down, ...), ``"closed"`` (accepted but handed back at shutdown) or ``"halted"`` (not
-final: the channel is parked under the ``halt`` policy until an operator acts). A client is not
-thread-safe: use one per thread (or one :class:`AsyncClient` per event loop).
+shutting down, ...), ``"closed"`` (accepted but handed back at shutdown, never processed: safe to
+send again), ``"in_doubt"`` (the backend stopped while the handler may have been running it) or
+``"halted"`` (not final: the channel is parked under the ``halt`` policy until an operator acts).
+A client is not thread-safe: use one per thread (or one :class:`AsyncClient` per event loop).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ DEFAULT_TIMEOUT_S = 30.0
 
 class ReplyError(ShardPoolError):
     """A message was not processed successfully: ``status`` is ``"failed"``, ``"rejected"``,
-    ``"closed"`` (or ``"protocol"`` for a frame the backend could not read); ``code`` is the
+    ``"closed"``, ``"in_doubt"`` (or ``"protocol"`` for a frame the backend could not read); ``code`` is the
     protocol error code and ``info`` the whole error map."""
 
     def __init__(self, status: str, info: Any) -> None:

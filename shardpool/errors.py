@@ -8,9 +8,11 @@
     │   ├── ChannelIdError     channel id is not 1..64 bytes
     │   └── PayloadTooLarge    encoded payload is over ``transport.max_message_bytes``
     ├── PoolClosed             you closed the pool (or it is closing); nothing is wrong
+    │   └── InDoubt            closed while the handler may have been running this message
     ├── PoolBroken             something else broke it: a worker could not start or keeps dying
     │   └── WorkerStartError   a worker failed before READY (import error, crash, deadline)
-    ├── HandlerError           the handler raised; carries the worker's traceback
+    ├── BackendLost            a client's backend went away with messages unanswered
+    ├── HandlerError           the handler raised (or its worker kept dying on the message)
     └── DrainTimeout           ``drain``/``close`` ran past its deadline (TimeoutError too)
 
 "Closed by you" (:class:`PoolClosed`) and "broken by something else" (:class:`PoolBroken`) are
@@ -71,6 +73,14 @@ class PoolClosed(ShardPoolError):
     """The pool was closed by its owner (or is shutting down); submit no more work."""
 
 
+class InDoubt(PoolClosed):
+    """The pool closed (or broke) while this message may have been in its handler: a worker was
+    stopped or died after the message was handed to it and before it was acknowledged. It may or
+    may not have been applied; resubmitting it may apply it twice (the per-channel ``seq`` lets a
+    handler tell). Messages that were certainly never handed to the handler get a plain
+    :class:`PoolClosed` instead."""
+
+
 class PoolBroken(ShardPoolError):
     """The pool cannot go on: a worker could not be started or kept dying.
 
@@ -99,6 +109,20 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f'\n"""\n{self.tb}"""'
+
+
+class BackendLost(ShardPoolError):
+    """A client's backend went away (its process ended, or the connection was silent past the
+    heartbeat timeout) while messages were still unanswered.
+
+    ``endpoint`` names the backend; ``unanswered`` counts the messages sent without a final reply
+    (each may or may not have been processed).
+    """
+
+    def __init__(self, message: str, *, endpoint: str, unanswered: int) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.unanswered = unanswered
 
 
 class HandlerError(ShardPoolError):

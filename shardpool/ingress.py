@@ -38,7 +38,7 @@ import zmq.auth
 from zmq.utils.monitor import parse_monitor_message
 
 from . import protocol as P
-from .errors import HandlerError, InputError, PoolBroken, PoolClosed
+from .errors import HandlerError, InDoubt, InputError, PoolBroken, PoolClosed
 from .routing import MAX_CHANNEL_ID_BYTES
 from .security import CurveServerKeys, secure_socket_file
 from .wakeup import WakePipe
@@ -118,6 +118,9 @@ class _Rec:
         elif isinstance(error, HandlerError):
             self.value = _failure_value(error)
             self.status = P.FAILED
+        elif isinstance(error, InDoubt):
+            self.value = {"error": P.E_IN_DOUBT, "message": str(error)}
+            self.status = P.IN_DOUBT
         elif isinstance(error, (PoolClosed, PoolBroken)):
             self.value = {"error": P.E_CLOSED, "message": str(error)}
             self.status = P.CLOSED
@@ -198,6 +201,7 @@ class Ingress:
                 "ok",
                 "failed",
                 "closed",
+                "in_doubt",
                 "halted",
                 "undeliverable",
                 "backpressure_waits",
@@ -474,6 +478,8 @@ class Ingress:
                     c["failed"] += 1
                 elif st == P.CLOSED:
                     c["closed"] += 1
+                elif st == P.IN_DOUBT:
+                    c["in_doubt"] += 1
             try:
                 frame = P.encode_replies(entries)
             except Exception:  # noqa: BLE001 - one unencodable value must not lose the others

@@ -22,11 +22,14 @@ single ZeroMQ frame holding one CBOR array whose first element is the protocol v
   "policy"}``), :data:`REJECTED` (refused at the door, never processed; ``value`` is ``{"error":
   code, "message": text, "index": i}`` where ``i`` is the item's position in its frame, and
   ``corr`` is None when the item had no readable correlation id), :data:`CLOSED` (accepted but
-  handed back unprocessed at shutdown) and :data:`HALTED` (not final: the handler failed under the
-  ``halt`` policy and the channel is parked until an operator resumes or skips it; the message's
-  final reply follows then).
+  handed back at shutdown, never given to the handler: safe to send again), :data:`IN_DOUBT`
+  (accepted, and the backend stopped while the handler may have been running it: it may or may
+  not have been applied) and :data:`HALTED` (not final: the handler failed under the ``halt``
+  policy, or its worker kept dying on it, and the channel is parked until an operator resumes or
+  skips it; the message's final reply follows then).
 
-Every item of a SUBMIT frame gets exactly one final reply (OK, FAILED, REJECTED or CLOSED); a frame
+Every item of a SUBMIT frame gets exactly one final reply (OK, FAILED, REJECTED, CLOSED or
+IN_DOUBT); a frame
 that cannot be read as a SUBMIT or HELLO gets one ERROR reply and nothing in it is processed.
 Replies to accepted messages of one channel come back in the order the messages were accepted;
 rejections are immediate, since a rejected message never took a place in its channel's order.
@@ -48,6 +51,7 @@ __all__ = [
     "FINAL_STATUSES",
     "HALTED",
     "HELLO",
+    "IN_DOUBT",
     "MAX_CORR",
     "OK",
     "REJECTED",
@@ -78,6 +82,7 @@ FAILED: Final = 1
 REJECTED: Final = 2
 CLOSED: Final = 3
 HALTED: Final = 4
+IN_DOUBT: Final = 5
 
 STATUS_NAMES: Final = {
     OK: "ok",
@@ -85,8 +90,9 @@ STATUS_NAMES: Final = {
     REJECTED: "rejected",
     CLOSED: "closed",
     HALTED: "halted",
+    IN_DOUBT: "in_doubt",
 }
-FINAL_STATUSES: Final = frozenset({OK, FAILED, REJECTED, CLOSED})
+FINAL_STATUSES: Final = frozenset({OK, FAILED, REJECTED, CLOSED, IN_DOUBT})
 
 MAX_CORR: Final = 2**64 - 1
 """Largest correlation id (they are CBOR unsigned integers of at most 64 bits)."""
@@ -112,6 +118,7 @@ E_POOL_BROKEN: Final = "pool_broken"
 # Outcome codes (FAILED / CLOSED / HALTED replies).
 E_HANDLER_FAILED: Final = "handler_failed"
 E_CLOSED: Final = "closed"
+E_IN_DOUBT: Final = "in_doubt"
 E_HALTED: Final = "halted"
 
 FRAME_ERRORS: Final = (
