@@ -5,7 +5,8 @@ Front → worker (on the worker's own PUSH/PULL pipe)::
     [BATCH, epoch, first_wseq, redelivered, [cid, cseq, payload], ...]   many messages per frame
     [STATS, epoch, request_id]                                            in-band: answered after
     [CONTROL, epoch, op, cid]                                             everything sent before it
-    [STOP, epoch]                                                         finish, acknowledge, exit
+    [STOP, epoch]                                                         the stop request, in
+                                                                          band (locally: SIGTERM)
 
 Worker → front (every worker PUSHes to the front's single PULL)::
 
@@ -18,12 +19,18 @@ Worker → front (every worker PUSHes to the front's single PULL)::
     [HEARTBEAT, worker, epoch, loop_lag_s]
     [FATAL, worker, epoch, exc_type, message, traceback]     worker could not start
     [CRASH, worker, epoch, exc_type, message, traceback]     worker is dying of this (it was up)
-    [BYE, worker, epoch, {counter: value}]                   clean exit after STOP
+    [STOPPING, worker, epoch, [wseq, ...]]    asked to stop: these calls are running; nothing
+                                              else it was sent will be started
+    [BYE, worker, epoch, {counter: value}]    stopped: every call it started has been
+                                              acknowledged; nothing else ran
+    [FORGET, worker, epoch, [[cid, next_cseq], ...]]   channels it dropped (ended or idle)
 
 ``wseq`` numbers the messages the front sent to one worker incarnation stream (implicit in a batch:
 ``first_wseq + i``); acknowledgements name *what* finished, not a watermark, because channels
 finish out of per-worker order. ``cseq`` is the per-channel sequence number stamped by the front.
 ``epoch`` names the worker incarnation; frames of another epoch are dropped on both sides.
+``redelivered`` marks a replay after a crash: the worker runs such a batch carefully, one message
+at a time, recording the running one in its run slot (see :class:`shardpool.worker.RunSlot`).
 
 The payload travels as a CBOR byte string holding the caller's CBOR (or raw bytes): the front never
 decodes it (the bytes fast path), and a malformed payload fails only its own message in the worker
@@ -52,6 +59,8 @@ HEARTBEAT = 3
 FATAL = 4
 BYE = 5
 CRASH = 6
+STOPPING = 7
+FORGET = 8
 
 dumps = cbor2.dumps
 loads = cbor2.loads

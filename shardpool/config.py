@@ -429,6 +429,13 @@ class PoolConfig(_Section):
     )
     payload: str = _choice("cbor", "raw", default="cbor", doc="payload encoding")
     pin_workers: bool = _bool(default=False, doc="pin worker i to CPU i (shardpool run)")
+    channel_idle_expiry_s: float = _float(
+        0,
+        31_536_000,
+        default=0.0,
+        unit="seconds",
+        doc="forget a stateless channel idle this long; 0 = never",
+    )
 
 
 @dataclass(frozen=True)
@@ -488,6 +495,9 @@ class SupervisorConfig(_Section):
     max_restarts: int = _int(0, 10_000, default=10, doc="restarts per worker per window")
     restart_window_s: float = _float(
         0, 86_400, lo_open=True, default=60.0, unit="seconds", doc="window for max_restarts"
+    )
+    poison_after_crashes: int = _int(
+        1, 1000, default=2, doc="deaths on one message before its channel is quarantined"
     )
 
 

@@ -17,9 +17,16 @@
     ├─ ACK: retire from the window (a whole batch at once when it can), deliver results and
     │  failures in per-channel order, wake blocked producers
     ├─ sentinel readable: worker died → restart with backoff (crash-loop guard) → READY → replay the
-    │  window to the new epoch, marked redelivered, before anything newer
+    │  window to the new epoch, marked redelivered, before anything newer; the replay runs one
+    │  message at a time, so a further death names its message (run slot) and a message that keeps
+    │  killing its worker quarantines its channel instead of breaking the pool
     ├─ heartbeat silence past the timeout: kill the hung worker (then as above)
+    ├─ FORGET: drop the records of channels a worker forgot (ended, or idle past the expiry)
     └─ linger deadline: flush half-full batches
+
+close(): stop intake → drain → SIGTERM (each worker finishes the call it is in, reports what is
+running, acknowledges, says BYE) → kill what is left at the deadline → report every message not
+finished as unfinished (never handed to a handler) or in doubt (a handler may have run it).
 
 Producers only take the lock, append and occasionally send a full batch; everything that waits
 (acknowledgements, deaths, timers) happens on the one I/O thread, which is also the only thread that
@@ -40,7 +47,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +59,7 @@ from .config import Config
 from .errors import (
     DrainTimeout,
     HandlerError,
+    InDoubt,
     PayloadTooLarge,
     PoolBroken,
     PoolClosed,
@@ -61,7 +69,7 @@ from .errors import (
 from .routing import Router, check_channel_id
 from .supervisor import RestartGuard, WorkerProcess, describe_exit
 from .wakeup import WakePipe
-from .worker import FINAL_ACTIONS, WorkerSpec
+from .worker import EXIT_OK, FINAL_ACTIONS, NO_MESSAGE, RunSlot, WorkerSpec
 
 log = logging.getLogger("shardpool.front")
 
@@ -86,15 +94,41 @@ _BROKEN = "broken"
 _Entry = tuple[bytes, int, bytes]  # (channel_id, cseq, payload)
 _item_head = codec.ITEM_HEAD  # (0x1B, cseq, 0x5A, payload length) → bytes
 
+STOP_GRACE_S = 1.0
+"""At most this much of a close's deadline is kept for the workers to finish the call they are in
+after the drain (seconds); see :func:`stop_grace`."""
+
+
+def stop_grace(timeout: float) -> float:
+    """The part of a ``timeout``-second close that follows the drain: a quarter, at most
+    :data:`STOP_GRACE_S` (seconds)."""
+    return min(STOP_GRACE_S, timeout / 4)
+
 
 @dataclass
 class CloseReport:
-    """What :meth:`Front.close` could not finish: every accepted message is processed, failed, or
-    listed here as handed back (``(channel_id, seq, payload)`` in per-channel order)."""
+    """What :meth:`Front.close` could not finish. Every accepted message ends in exactly one of:
+    finished (its result or failure was delivered; a message its channel is halted on counts as
+    failed), ``unfinished`` (never handed to a handler: safe to submit again) or ``in_doubt`` (a
+    worker was stopped or died while its handler may have been running it). Both lists hold
+    ``(channel_id, seq, payload)`` in per-channel order; ``exitcodes`` maps worker index to exit
+    code; ``drained`` is True when both are empty."""
 
     unfinished: list[_Entry] = field(default_factory=list)
+    in_doubt: list[_Entry] = field(default_factory=list)
     exitcodes: dict[int, int | None] = field(default_factory=dict)
     drained: bool = True
+
+
+@dataclass
+class Halt:
+    """Why a channel is halted: the seq it is halted on, the failure reported for it, when
+    (epoch seconds), and whether it was quarantined (its worker kept dying on that message)."""
+
+    seq: int
+    error: HandlerError
+    since: float
+    quarantined: bool = False
 
 
 class _Batch:
@@ -106,13 +140,16 @@ class _Batch:
     retired with one dict operation.
     """
 
-    __slots__ = ("first", "n", "frame", "sent", "remaining", "done", "_items")
+    __slots__ = ("first", "n", "frame", "sent", "doubt", "remaining", "done", "_items")
 
-    def __init__(self, first: int, n: int, frame: bytes, sent: bool) -> None:
+    def __init__(self, first: int, n: int, frame: bytes, sent: bool, doubt: bool = False) -> None:
         self.first = first  # wseq of its first message; the others follow one by one
         self.n = n
         self.frame = frame
-        self.sent = sent
+        self.sent = sent  # handed to the current incarnation
+        # An incarnation that had it died without saying what it ran: each unfinished message may
+        # have been applied (replayed marked redelivered; reported in doubt at close).
+        self.doubt = doubt
         self.remaining = n
         self.done: set[int] | None = None  # wseqs finished so far, once any finished alone
         self._items: list[list[Any]] | None = None
@@ -152,6 +189,10 @@ class _Link:
         "recovery_s",
         "ps",
         "stats",
+        "slot",
+        "said_bye",
+        "stop_running",
+        "last_tb",
     )
 
     def __init__(self, index: int, guard: RestartGuard) -> None:
@@ -179,6 +220,12 @@ class _Link:
         self.recovery_s: list[float] = []  # death → successor READY and replay sent, per restart
         self.ps: psutil.Process | None = None
         self.stats: dict[str, Any] = {}
+        self.slot: RunSlot | None = None  # the message a careful replay is running (shared memory)
+        # This incarnation's word on what it ran: BYE (nothing unacknowledged), or the calls that
+        # were running when it was asked to stop (None: no report).
+        self.said_bye = False
+        self.stop_running: set[int] | None = None
+        self.last_tb = ""  # traceback of the last CRASH frame
 
 
 class Front:
@@ -213,12 +260,26 @@ class Front:
         self._state = _RUNNING
         self._broken: PoolBroken | None = None
         self._channels: dict[bytes, list[Any]] = {}  # cid → [worker, next cseq, item prefix]
-        self._halted: dict[bytes, int] = {}  # cid → cseq of the message it is halted on
+        self._forgotten_submitted = 0  # messages of channels whose record was dropped
+        self._halted: dict[bytes, Halt] = {}
+        # (cid, cseq) → deaths of a worker with this message in its handler (careful replays)
+        self._suspects: dict[tuple[bytes, int], int] = {}
         self._room_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._stats_replies: dict[int, dict[int, dict[str, Any]]] = {}
         self._stats_ids = itertools.count(1)
         self.counters: dict[str, int] = dict.fromkeys(
-            ("acknowledged", "results", "failures", "restarts", "replayed", "batches", "acks"), 0
+            (
+                "acknowledged",
+                "results",
+                "failures",
+                "restarts",
+                "replayed",
+                "batches",
+                "acks",
+                "quarantined",
+                "forgotten",
+            ),
+            0,
         )
         self._batch_parts = 1 + 3 * transport.batch_size
         self._max_inflight = transport.max_inflight
@@ -247,6 +308,8 @@ class Front:
             )
             for i in range(pool.workers)
         ]
+        for link in self._links:
+            link.slot = RunSlot(os.path.join(self._rundir, f"w{link.index}.run"), create=True)
         self._start_error: BaseException | None = None
         self._thread = threading.Thread(target=self._io_main, name="shardpool-front", daemon=True)
         self._thread.start()
@@ -546,21 +609,24 @@ class Front:
         if batch.remaining == 0:
             self._drop(link, batch)
 
-    def _open_entries(self, link: _Link) -> list[tuple[int, list[Any]]]:
-        """Every unfinished message of ``link`` as ``(wseq, [cid, cseq, payload])``, in order,
-        the pending batch included (decodes: for the rare paths only)."""
-        out = []
+    def _window(self, link: _Link) -> Iterator[tuple[_Batch | None, int, list[Any]]]:
+        """Every unfinished message of ``link`` as ``(batch, wseq, [cid, cseq, payload])``, in
+        order, the pending batch included (``batch`` None). Decodes: for the rare paths only."""
         for batch in link.batches.values():
             done = batch.done
             for i, item in enumerate(batch.items()):
                 w = batch.first + i
                 if done is None or w not in done:
-                    out.append((w, item))
+                    yield batch, w, item
         if link.parts:
             n = (len(link.parts) - 1) // 3
             frame = codec.batch_header(0, 0, False, n) + b"".join(link.parts[1:])
-            out.extend(enumerate(codec.loads(frame)[4:], link.next_wseq))
-        return out
+            for w, item in enumerate(codec.loads(frame)[4:], link.next_wseq):
+                yield None, w, item
+
+    def _open_entries(self, link: _Link) -> list[tuple[int, list[Any]]]:
+        """Every unfinished message of ``link`` as ``(wseq, [cid, cseq, payload])``, in order."""
+        return [(w, item) for _, w, item in self._window(link)]
 
     def _flush_stale(self, now: float) -> float | None:
         """Flush batches older than the linger; return seconds until the next one is due."""
@@ -647,7 +713,15 @@ class Front:
             cid = check_channel_id(channel_id)
             if cid not in self._halted:
                 raise ValueError(f"channel {cid.hex()} is not halted")
-            failed_cseq = self._halted.pop(cid)
+            halt = self._halted.pop(cid)
+            failed_cseq = halt.seq
+            log.info(
+                "channel %s: %s by the operator (was %s at seq %d)",
+                cid.hex(),
+                "resumed" if op == "resume" else "skipped",
+                "quarantined" if halt.quarantined else "halted",
+                halt.seq,
+            )
             st = self._channels[cid]
             link: _Link = st[0]
             if link.parts:
@@ -677,6 +751,11 @@ class Front:
     def halted_channels(self) -> dict[bytes, int]:
         """Channels parked by the halt policy → seq of the message they are halted on."""
         with self._lock:
+            return {cid: halt.seq for cid, halt in self._halted.items()}
+
+    def halts(self) -> dict[bytes, Halt]:
+        """Every halted (or quarantined) channel → why and since when."""
+        with self._lock:
             return dict(self._halted)
 
     def stats(self, timeout: float = 5.0) -> dict[str, Any]:
@@ -703,10 +782,23 @@ class Front:
             workers = [self._link_report(link) for link in self._links]
             return {
                 "state": self._state,
-                "submitted": sum(st[1] for st in self._channels.values()),
+                "submitted": self._forgotten_submitted
+                + sum(st[1] for st in self._channels.values()),
                 **self.counters,
                 "inflight": sum(link.inflight for link in self._links),
+                "channels": len(self._channels),
                 "halted_channels": len(self._halted),
+                "halted": [
+                    {
+                        "channel": cid,
+                        "seq": halt.seq,
+                        "since": halt.since,
+                        "quarantined": halt.quarantined,
+                        "error": str(halt.error),
+                        "type": halt.error.exc_type,
+                    }
+                    for cid, halt in self._halted.items()
+                ],
                 "workers": workers,
             }
 
@@ -771,8 +863,15 @@ class Front:
             retry_backoff_s=pool.retry_backoff_ms / 1000.0,
             heartbeat_interval_s=self.cfg.supervisor.heartbeat_interval_s,
             parent_pid=os.getpid(),
+            run_slot=link.slot.path if link.slot is not None else "",
+            channel_idle_expiry_s=pool.channel_idle_expiry_s,
         )
+        link.said_bye = False
+        link.stop_running = None
+        link.last_tb = ""
         proc = WorkerProcess(spec)
+        # The worker's PR_SET_PDEATHSIG follows the thread that spawns it: this I/O thread, which
+        # lives as long as the pool (teardown joins it only once the workers are gone).
         proc.start()
         link.proc = proc
         link.state = STARTING
@@ -803,8 +902,9 @@ class Front:
     def _replay(self, link: _Link) -> None:
         """Re-send the whole window to a fresh incarnation, in order, renumbered for its epoch.
 
-        Messages the dead incarnation had been sent are marked redelivered; ones that were never
-        sent (pending, or sealed while the worker was down) are not. Halted channels are re-halted
+        Messages a dead incarnation may have run are marked redelivered (and so run carefully,
+        one at a time); ones that never reached a handler (pending, sealed while the worker was
+        down, or left by a worker that stopped cleanly) are not. Halted channels are re-halted
         first so that the replay does not silently run past a failure an operator has not resolved.
         """
         if link.parts:
@@ -818,7 +918,7 @@ class Front:
             for i, item in enumerate(batch.items()):
                 w = batch.first + i
                 if done is None or w not in done:
-                    (redelivered if batch.sent else fresh).append((item, waiters.get(w)))
+                    (redelivered if batch.doubt else fresh).append((item, waiters.get(w)))
         link.batches.clear()
         link.starts.clear()
         halted = [cid for cid in self._halted if self._channels[cid][0] is link]
@@ -834,7 +934,7 @@ class Front:
                 frame = codec.encode_batch(
                     link.epoch, first, flag, [(c, s, p) for (c, s, p), _ in chunk]
                 )
-                link.batches[first] = _Batch(first, len(chunk), frame, True)
+                link.batches[first] = _Batch(first, len(chunk), frame, True, flag)
                 link.starts.append(first)
                 for j, (_, waiter) in enumerate(chunk):
                     if waiter is not None:
@@ -878,7 +978,6 @@ class Front:
         wake_fd = self._wakeup.fileno()
         poller.register(wake_fd, zmq.POLLIN)
         sentinels: dict[int, _Link] = {}
-        recv = pull.recv
         while True:
             with self._lock:
                 if self._state == _CLOSED:
@@ -904,18 +1003,48 @@ class Front:
             if wake_fd in events:
                 self._wakeup.drain()
             if pull in events:
-                frames: list[bytes] = []
-                try:
-                    while len(frames) < 256:
-                        frames.append(recv(zmq.NOBLOCK))
-                except zmq.Again:
-                    pass
-                self._on_frames(frames)
+                self._on_frames(self._recv_frames())
             dead = [sentinels[fd] for fd in events if fd in sentinels]
             if dead:
+                self._await_last_words(dead)
+                outcomes: list[tuple[Any, ...]] = []
                 with self._lock:
                     for link in dead:
-                        self._on_death(link)
+                        self._on_death(link, outcomes)
+                for outcome in outcomes:
+                    self._deliver(outcome)
+
+    def _recv_frames(self) -> list[bytes]:
+        """Whatever the PULL socket holds, up to 256 frames (I/O thread)."""
+        frames: list[bytes] = []
+        recv = self._pull.recv
+        try:
+            while len(frames) < 256:
+                frames.append(recv(zmq.NOBLOCK))
+        except zmq.Again:
+            pass
+        return frames
+
+    def _await_last_words(self, dead: list[_Link]) -> None:
+        """Read what the dead workers sent before they went (I/O thread, lock not held).
+
+        A worker that exited cleanly sent BYE first, but ZeroMQ may hand it over only after the
+        exit is seen; what it finished must be known before anything is decided about the rest,
+        so wait for that BYE (1 s at most). For the others, take what has already arrived."""
+        waiting = [
+            link
+            for link in dead
+            if link.proc is not None and link.proc.join(0) == EXIT_OK and not link.said_bye
+        ]
+        deadline = time.monotonic() + 1.0
+        while True:
+            if self._pull.poll(0):
+                self._on_frames(self._recv_frames())
+            waiting = [link for link in waiting if not link.said_bye]
+            left = deadline - time.monotonic()
+            if not waiting or left <= 0:
+                return
+            self._pull.poll(math.ceil(min(left, 0.05) * 1000))
 
     def _check_timers(self, now: float, due: float | None) -> float | None:
         """READY deadlines, restart times and heartbeat silence (lock held)."""
@@ -992,10 +1121,17 @@ class Front:
                         self._start_error = err
                     # An import or setup error will not fix itself by restarting.
                     self._break(err)
+                elif kind == codec.FORGET:
+                    self._forget(link, msg[3])
+                elif kind == codec.STOPPING:
+                    link.stop_running = set(msg[3])
                 elif kind == codec.BYE:
                     link.stats = msg[3]
+                    link.said_bye = True
+                    self._cv.notify_all()
                 elif kind == codec.CRASH:
                     link.last_error = f"{msg[3]}: {msg[4]}"
+                    link.last_tb = msg[5]
                     log.error("worker %d is dying: %s\n%s", index, link.last_error, msg[5])
             if self._room_waiters:
                 for loop, fut in self._room_waiters:
@@ -1059,11 +1195,7 @@ class Front:
                     keyed.append((wseq, ("done", waiter, None, err)))
                     continue
             else:
-                self._halted[cid] = cseq
-                st = self._channels[cid]
-                if st[3] is None:
-                    st[3] = []
-                self._recount_parked(link)
+                self._halt(link, cid, Halt(cseq, err, time.time()))
             keyed.append((wseq, ("failure", err)))
         if keyed:
             keyed.sort(key=_first)
@@ -1091,15 +1223,28 @@ class Front:
         except Exception:  # noqa: BLE001 - a failing callback must not stop delivery
             log.exception("result/failure callback raised")
 
-    def _on_death(self, link: _Link) -> None:
-        """A worker process ended (lock held): restart it, or give up (crash loop)."""
+    def _on_death(self, link: _Link, outcomes: list[tuple[Any, ...]]) -> None:
+        """A worker process ended (lock held): settle what it was sent, then restart it, give up
+        (crash loop), or just record it (stopping). Failures to deliver go to ``outcomes``."""
         proc = link.proc
-        assert proc is not None
+        assert proc is not None and link.slot is not None
         code = proc.join(1.0)
         link.last_exit = code
+        running = link.slot.get()
+        link.slot.set(NO_MESSAGE)
         if link.sock is not None:
             link.sock.close(linger=0)
             link.sock = None
+        if link.said_bye:
+            # It acknowledged every call it started: the rest never reached a handler.
+            for batch in link.batches.values():
+                batch.sent = False
+        elif link.state != STOPPING or link.stop_running is None:
+            # Died without saying what it ran: anything it was sent may have been applied. (A
+            # stopping worker that reported its running calls keeps that finer report.)
+            for batch in link.batches.values():
+                if batch.sent:
+                    batch.doubt = True
         if link.state == STOPPING or self._state in (_BROKEN, _CLOSED):
             link.state = STOPPED
             self._cv.notify_all()
@@ -1116,7 +1261,15 @@ class Front:
             link.state = STOPPED
             self._break(err)
             return
-        delay = link.guard.next_delay()
+        suspect = None if link.said_bye else self._suspect(link, running)
+        if suspect is not None:
+            # A message explains this death: it is counted against the message, not the worker.
+            delay: float | None = link.guard.backoff_s
+            self._suspects[suspect] = n = self._suspects.get(suspect, 0) + 1
+            if n >= self.cfg.supervisor.poison_after_crashes:
+                outcomes.append(("failure", self._quarantine(link, suspect, f"{what}{cause}", n)))
+        else:
+            delay = link.guard.next_delay()
         if delay is None:
             link.state = BROKEN
             self._break(
@@ -1128,12 +1281,14 @@ class Front:
             )
             return
         log.warning(
-            "worker %d (pid %s, epoch %d) %s%s; restarting in %.2f s, %d messages to replay",
+            "worker %d (pid %s, epoch %d) %s%s%s; restarting in %.2f s, %d messages to replay",
             link.index,
             proc.pid,
             link.epoch,
             what,
             cause,
+            "" if suspect is None else f" in its handler for channel {suspect[0].hex()} seq "
+            f"{suspect[1]}",
             delay,
             link.inflight,
         )
@@ -1145,6 +1300,74 @@ class Front:
         link.restarts += 1
         self.counters["restarts"] += 1
         link.deadline = time.monotonic() + delay
+
+    def _suspect(self, link: _Link, running: int) -> tuple[bytes, int] | None:
+        """The message a careful replay was running when ``link``'s worker died, as ``(cid,
+        cseq)``, if it is still unfinished (lock held). Forgets the counts of messages that are
+        no longer in this worker's window."""
+        open_keys = {(item[0], item[1]) for _, item in self._open_entries(link)}
+        for key in [k for k in self._suspects if k not in open_keys and self._owner(k[0]) is link]:
+            del self._suspects[key]
+        if running == NO_MESSAGE:
+            return None
+        found = self._open(link, running)
+        if found is None:
+            return None
+        item = found[1]
+        return item[0], item[1]
+
+    def _owner(self, cid: bytes) -> _Link | None:
+        st = self._channels.get(cid)
+        return st[0] if st is not None else None
+
+    def _quarantine(self, link: _Link, key: tuple[bytes, int], cause: str, n: int) -> HandlerError:
+        """Halt the channel of a message that keeps killing its worker (lock held); returns the
+        failure to deliver. The operator resumes (runs it again) or skips it as any halt."""
+        cid, cseq = key
+        hung = link.last_error.startswith("no heartbeat")
+        err = HandlerError(
+            f"channel {cid.hex()} quarantined at seq {cseq}: worker {link.index} {cause} with this "
+            f"message in its handler, {n} times (supervisor.poison_after_crashes = "
+            f"{self.cfg.supervisor.poison_after_crashes}); the channel is halted",
+            channel_id=cid,
+            seq=cseq,
+            exc_type="WorkerHung" if hung else "WorkerDied",
+            policy="quarantine",
+            traceback=link.last_tb,
+        )
+        del self._suspects[key]
+        self._halt(link, cid, Halt(cseq, err, time.time(), quarantined=True))
+        self.counters["quarantined"] += 1
+        self.counters["failures"] += 1
+        log.error("%s", err)
+        return err
+
+    def _halt(self, link: _Link, cid: bytes, halt: Halt) -> None:
+        """Park ``cid`` on ``halt.seq`` (lock held): its later messages wait at the front."""
+        self._halted[cid] = halt
+        st = self._channels[cid]
+        if st[3] is None:
+            st[3] = []
+        self._recount_parked(link)
+
+    def _forget(self, link: _Link, entries: list[list[Any]]) -> None:
+        """A worker dropped these channels (lock held): drop their records too, unless a newer
+        message was numbered since (it is on its way, and the channel lives on)."""
+        channels = self._channels
+        n = 0
+        for cid, next_cseq in entries:
+            st = channels.get(cid)
+            if (
+                st is not None
+                and st[0] is link
+                and st[1] == next_cseq
+                and st[3] is None
+                and cid not in self._halted
+            ):
+                del channels[cid]
+                self._forgotten_submitted += next_cseq
+                n += 1
+        self.counters["forgotten"] += n
 
     def _set_state(self, state: str) -> None:
         """Change the pool state (lock held); anything but running shuts the window."""
@@ -1175,16 +1398,20 @@ class Front:
     def broken(self) -> PoolBroken | None:
         return self._broken
 
-    def close(self, timeout: float | None = None) -> CloseReport:
-        """Shut down in phases: stop intake, drain, stop workers, reap, report.
+    def close(self, timeout: float | None = None, *, drain: bool = True) -> CloseReport:
+        """Shut down in phases: stop intake, drain, stop the workers, report, reap.
 
-        ``timeout`` (seconds, default ``stop_timeout_s``) bounds the drain and the workers' exit
-        together. Messages not finished by then are returned in the report (never dropped
-        silently). Idempotent.
+        ``timeout`` (seconds, default ``stop_timeout_s``) bounds the whole close. With ``drain``
+        it waits for in-flight work until :func:`stop_grace` before the deadline; then each worker
+        is asked to stop (SIGTERM): it finishes the handler call it is in, starts nothing more,
+        acknowledges and leaves. Whatever still runs at the deadline is killed. Every message not
+        finished is returned in the report, as unfinished (never handed to a handler) or in doubt
+        (its handler may have run), and its ``on_done`` gets a :class:`PoolClosed` or an
+        :class:`InDoubt`; a message its channel is halted on gets its failure. Idempotent.
         """
         if self._state == _CLOSED:
             return CloseReport()
-        timeout = self.cfg.supervisor.stop_timeout_s if timeout is None else timeout
+        timeout = self.cfg.supervisor.stop_timeout_s if timeout is None else max(0.0, timeout)
         deadline = time.monotonic() + timeout
         report = CloseReport()
         # Phase 1: stop intake.
@@ -1193,49 +1420,108 @@ class Front:
             if not was_broken:
                 self._set_state(_CLOSING)
             self._cv.notify_all()
-        # Phase 2: drain within the deadline.
-        if not was_broken:
+        # Phase 2: drain, keeping the last part of the deadline for the workers to stop.
+        if drain and not was_broken:
             try:
-                self.drain(max(0.0, deadline - time.monotonic()))
+                self.drain(max(0.0, deadline - stop_grace(timeout) - time.monotonic()))
             except (DrainTimeout, PoolBroken):
-                report.drained = False
-        # Phase 3: ask every running worker to finish and leave.
+                pass
         with self._lock:
+            # Phase 3: ask every worker to stop, and wait for them until the deadline.
             for link in self._links:
-                if link.state == READY and link.sock is not None:
-                    link.sock.send(codec.dumps([codec.STOP, link.epoch]))
+                if link.state in (READY, STARTING):
+                    assert link.proc is not None
+                    link.proc.terminate()
                     link.state = STOPPING
-                elif link.state in (STARTING, DEAD):
-                    link.state = STOPPING if link.state == STARTING else STOPPED
-            while any(link.state == STOPPING for link in self._links):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cv.wait(min(left, 0.2))
-            # Phase 4: report what is left.
-            handed_back: list[DoneCallback] = []
+                elif link.state == DEAD:
+                    link.state = STOPPED
+            self._await_stopped(deadline)
+            # Phase 4: kill what is left (its sentinel still has to be seen: a bounded wait).
             for link in self._links:
-                report.unfinished.extend((i[0], i[1], i[2]) for _, i in self._open_entries(link))
-                handed_back.extend(link.waiters.values())
-                link.waiters.clear()
-            for cid, st in self._channels.items():
-                for cseq, payload, on_done in st[3] or ():
-                    report.unfinished.append((cid, cseq, payload))
-                    if on_done is not None:
-                        handed_back.append(on_done)
-            if report.unfinished:
-                report.drained = False
-                log.warning("closing with %d messages not processed", len(report.unfinished))
+                if link.state == STOPPING and link.proc is not None:
+                    log.warning(
+                        "worker %d did not stop within the deadline; killing it", link.index
+                    )
+                    link.proc.kill()
+            self._await_stopped(time.monotonic() + 5.0)
+            # Phase 5: settle every message that did not finish.
+            outcomes = self._settle(report)
+            report.drained = not (report.unfinished or report.in_doubt)
+            if not report.drained:
+                log.warning(
+                    "closing with %d messages unfinished (never handed to a handler) and %d in "
+                    "doubt (a handler may have run them)",
+                    len(report.unfinished),
+                    len(report.in_doubt),
+                )
             self._set_state(_CLOSED)
             self._cv.notify_all()
             for loop, fut in self._room_waiters:
                 loop.call_soon_threadsafe(_set_done, fut)
             self._room_waiters.clear()
-        for waiter in handed_back:
-            self._deliver(("done", waiter, None, PoolClosed("closed before this message was processed")))
-        # Phase 5: reap the processes and release sockets and the runtime directory.
+        for outcome in outcomes:
+            self._deliver(outcome)
+        # Phase 6: reap the processes and release sockets and the runtime directory.
         report.exitcodes = self._teardown(reap_timeout=max(0.5, deadline - time.monotonic()))
         return report
+
+    def _await_stopped(self, deadline: float) -> None:
+        """Wait (lock held, released while waiting) until no worker is stopping, or the deadline."""
+        while any(link.state == STOPPING for link in self._links):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cv.wait(min(left, 0.2))
+
+    def _settle(self, report: CloseReport) -> list[tuple[Any, ...]]:
+        """Sort every message that did not finish into ``report`` and return the outcomes to
+        deliver to its ``on_done`` (lock held; the workers are gone or being killed)."""
+        outcomes: list[tuple[Any, ...]] = []
+        halted = self._halted
+
+        def hand_back(entry: _Entry, on_done: DoneCallback | None, doubtful: bool) -> None:
+            (report.in_doubt if doubtful else report.unfinished).append(entry)
+            if on_done is not None:
+                err = (
+                    InDoubt(
+                        f"closed while channel {entry[0].hex()} seq {entry[1]} may have been in "
+                        "its handler (its worker stopped or died before acknowledging it); it may "
+                        "have been applied"
+                    )
+                    if doubtful
+                    else PoolClosed("closed before this message was handed to its handler")
+                )
+                outcomes.append(("done", on_done, None, err))
+
+        for link in self._links:
+            waiters = link.waiters
+            for batch, w, item in self._window(link):
+                cid, cseq, payload = item[0], item[1], item[2]
+                on_done = waiters.pop(w, None)
+                halt = halted.get(cid)
+                if halt is not None and halt.seq == cseq:
+                    # Handed to its handler and failed: that failure is its outcome.
+                    if on_done is not None:
+                        outcomes.append(("done", on_done, None, halt.error))
+                    continue
+                if batch is None or (not batch.sent and not batch.doubt):
+                    doubtful = False
+                elif batch.doubt:
+                    doubtful = True
+                elif link.said_bye:
+                    doubtful = False
+                elif link.stop_running is not None:
+                    doubtful = w in link.stop_running
+                else:
+                    doubtful = True
+                hand_back((cid, cseq, payload), on_done, doubtful)
+            for on_done in waiters.values():  # not expected: every waiter is in the window
+                outcomes.append(("done", on_done, None, PoolClosed("the pool closed")))
+            waiters.clear()
+        for cid, st in self._channels.items():
+            for cseq, payload, on_done in st[3] or ():
+                hand_back((cid, cseq, payload), on_done, False)
+        return outcomes
 
     def _teardown(self, reap_timeout: float) -> dict[int, int | None]:
         with self._lock:

@@ -26,14 +26,27 @@ HandleFn = Callable[[Any, int, Any, bool], Any]
 
 
 class Channel:
-    """What the handler sees of one channel: its ``id`` and a ``state`` slot it may use freely.
+    """What the handler sees of one channel: its ``id``, a ``state`` slot it may use freely, and
+    :meth:`end`.
 
     The worker also keeps its queue and order-check bookkeeping here (underscore attributes).
     """
 
-    __slots__ = ("id", "state", "_queue", "_busy", "_halted", "_expect", "_first")
+    __slots__ = (
+        "id",
+        "state",
+        "_queue",
+        "_busy",
+        "_halted",
+        "_expect",
+        "_first",
+        "_mark",
+        "_idle_sweeps",
+        "_ending",
+        "_ended",
+    )
 
-    def __init__(self, channel_id: bytes) -> None:
+    def __init__(self, channel_id: bytes, ended: list[Channel] | None = None) -> None:
         self.id = channel_id
         self.state: Any = None
         # None exactly while the channel is idle and not halted (the worker's inline fast path);
@@ -43,6 +56,20 @@ class Channel:
         self._halted = False  # parked after a failure under the halt policy
         self._expect = -1  # next expected cseq; -1 until the first message of this incarnation
         self._first = 0  # first cseq seen by this incarnation (messages seen = _expect - _first)
+        self._mark = -2  # _expect at the last idle sweep (see Worker._sweep)
+        self._idle_sweeps = 0
+        self._ending = False
+        self._ended = ended  # the worker's list of ended channels (None outside a worker)
+
+    def end(self) -> None:
+        """Say this channel is over (closed on chain, forgotten by the node): once its last
+        queued message is done, the worker drops the channel and its ``state``, and the front
+        forgets it too. A later message of the same id starts a fresh channel (``state`` None;
+        ``seq`` restarts at 0 unless that message was already on its way)."""
+        if not self._ending:
+            self._ending = True
+            if self._ended is not None:
+                self._ended.append(self)
 
     def __repr__(self) -> str:
         return f"Channel(id={self.id.hex()}, state={self.state!r})"

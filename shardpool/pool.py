@@ -30,9 +30,10 @@ from typing import Any
 from . import codec
 from .config import Config, load_config, with_overrides
 from .errors import InputError
-from .front import CloseReport, DoneCallback, FailureCallback, Front, ResultCallback
+from .front import CloseReport, DoneCallback, FailureCallback, Front, Halt, ResultCallback
 
 _SECTIONS_FOR_SHORT_NAMES = ("pool", "transport", "supervisor")
+_ABORT_TIMEOUT_S = 1.0  # close on leaving a with-block by an exception (seconds)
 
 
 def _dotted(config: Config, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -199,8 +200,14 @@ class ShardPool:
         return self._front.stats(timeout)
 
     def halted_channels(self) -> dict[bytes, int]:
-        """Channels parked after a failure under the ``halt`` policy → the failed message's seq."""
+        """Channels parked after a failure under the ``halt`` policy, or quarantined → the failed
+        message's seq."""
         return self._front.halted_channels()
+
+    def halts(self) -> dict[bytes, Halt]:
+        """Halted (or quarantined) channels → :class:`~shardpool.front.Halt`: the seq, the failure
+        (for a quarantine, the worker's exit or hang), when, and whether it was a quarantine."""
+        return self._front.halts()
 
     def resume(self, channel_id: bytes) -> None:
         """Retry the failed message of a halted channel, then continue with the rest in order."""
@@ -228,13 +235,17 @@ class ShardPool:
 
     # -- shutdown ----------------------------------------------------------------------------
 
-    def close(self, timeout: float | None = None) -> CloseReport:
-        """Stop intake, drain within ``timeout`` (default ``supervisor.stop_timeout_s``), stop the
-        workers and reap them. Returns what was not finished (never dropped silently)."""
-        return self._front.close(timeout)
+    def close(self, timeout: float | None = None, *, drain: bool = True) -> CloseReport:
+        """Stop intake, drain (unless ``drain`` is false), stop the workers (each finishes the
+        handler call it is in) and reap them, all within ``timeout`` seconds (default
+        ``supervisor.stop_timeout_s``). Returns what was not finished, as unfinished (never
+        handed to a handler: safe to submit again) or in doubt (its handler may have run); nothing
+        is dropped silently. See :meth:`Front.close`."""
+        return self._front.close(timeout, drain=drain)
 
-    async def aclose(self, timeout: float | None = None) -> CloseReport:
-        return await asyncio.to_thread(self._front.close, timeout)
+    async def aclose(self, timeout: float | None = None, *, drain: bool = True) -> CloseReport:
+        """:meth:`close` without blocking the event loop."""
+        return await asyncio.to_thread(self._front.close, timeout, drain=drain)
 
     def __enter__(self) -> ShardPool:
         return self
@@ -245,8 +256,12 @@ class ShardPool:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # On an exception there is no point draining for the full deadline.
-        self.close(0.0 if exc_type is not None else None)
+        # On an exception, do not wait for the queued work: stop the workers after their current
+        # calls (a second at most) so the report still tells unfinished from in doubt.
+        if exc_type is not None:
+            self.close(_ABORT_TIMEOUT_S, drain=False)
+        else:
+            self.close()
 
     async def __aenter__(self) -> ShardPool:
         return self
@@ -257,7 +272,10 @@ class ShardPool:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose(0.0 if exc_type is not None else None)
+        if exc_type is not None:
+            await self.aclose(_ABORT_TIMEOUT_S, drain=False)
+        else:
+            await self.aclose()
 
 
 def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:

@@ -94,7 +94,9 @@ class Ledger:
 
     ``message["fault"]`` injects a fault before the message is applied:
     ``exit`` (os._exit(70)), ``segv`` (read address 0) and ``raise`` fire once per message (a
-    marker file makes the replayed copy succeed); ``raise_n`` raises ``message["n"]`` times.
+    marker file makes the replayed copy succeed); ``raise_n`` raises ``message["n"]`` times;
+    ``always_exit``, ``always_segv`` and ``always_hang`` (a busy loop) fire every time: a poison
+    message.
     """
 
     def __init__(self, dir: str) -> None:
@@ -146,6 +148,13 @@ class Ledger:
             raise ValueError(f"injected failure on seq {seq}")
         if fault == "always_exit":
             os._exit(71)
+        if fault == "always_segv":
+            import ctypes
+
+            ctypes.string_at(0)
+        if fault == "always_hang":
+            while True:  # a CPU-bound handler that never returns: no heartbeat gets out
+                pass
         if fault == "raise_n":
             n = self.attempts.get((key, seq), 0)
             self.attempts[(key, seq)] = n + 1
@@ -184,3 +193,21 @@ def none_or_value(channel: Any, seq: int, message: Any, redelivered: bool) -> An
     if i % 3 == 2:
         raise ValueError(f"message {i} fails by design")
     return i if i % 3 == 1 else None
+
+
+class DiesOnRestart:
+    """Starts once per worker index; every later incarnation exits (72) in its setup, before
+    READY: a crash loop that no message explains."""
+
+    def __init__(self, dir: str) -> None:
+        self.dir = dir
+
+    def setup(self, worker_index: int) -> None:
+        try:
+            os.close(os.open(os.path.join(self.dir, f"started-{worker_index}"),
+                             os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            os._exit(72)
+
+    def handle(self, channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+        return seq

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import cbor2
 
 from shardpool import codec
 from shardpool.handler import load_handler
-from shardpool.worker import Worker, WorkerSpec
+from shardpool.worker import NO_MESSAGE, RunSlot, Worker, WorkerSpec
 
 
 class FakePush:
@@ -63,8 +64,14 @@ def test_order_violations_are_counted_by_kind() -> None:
 def test_first_message_of_a_new_incarnation_sets_the_baseline() -> None:
     # After a restart a channel's first message may be seq 40: not a gap.
     w, _ = make_worker(seen_handler, epoch=2)
-    w._on_batch(codec.loads(batch(2, 0, [(b"a", 40, 0), (b"a", 41, 0)], redelivered=True)))
+
+    async def main() -> None:
+        w._idle = asyncio.Event()
+        await w._careful_batch(codec.loads(batch(2, 0, [(b"a", 40, 0), (b"a", 41, 0)], redelivered=True)))
+
+    asyncio.run(main())
     assert (w.counters["gaps"], w.counters["redelivered"]) == (0, 2)
+    assert w.channels[b"a"].state == [40, 41]
 
 
 def test_frames_of_another_epoch_are_never_processed() -> None:
@@ -138,3 +145,146 @@ def test_forged_item_without_an_integer_seq_is_skipped_not_fatal() -> None:
     assert w.counters["bad_frames"] == 1
     assert w.channels[b"a"].state == [0, 1]
     assert push.frames == [[codec.ACK, 0, 1, [0, 1, 2, 3], [], []]]
+
+
+# -- careful replay, stop requests, forgetting channels -----------------------------------------
+
+
+class SlotWatcher:
+    """An async handler that records, for each call, the run slot's value and how many calls were
+    running at the time (a careful replay must show exactly one: its own)."""
+
+    def __init__(self, slot: RunSlot) -> None:
+        self.slot = slot
+        self.running = 0
+        self.seen: list[tuple[int, int, int]] = []  # (seq, slot value, calls running)
+
+    async def handle(self, channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+        self.running += 1
+        self.seen.append((seq, self.slot.get(), self.running))
+        await asyncio.sleep(0)  # noqa: sleep-ok - a handler awaiting: others could run now
+        self.running -= 1
+        return None
+
+
+def test_careful_replay_runs_one_call_at_a_time_recording_each_in_the_run_slot(tmp_path: Path) -> None:
+    slot = RunSlot(str(tmp_path / "run"), create=True)
+    watcher = SlotWatcher(slot)
+    w, push = make_worker(watcher, epoch=3)
+    w._slot = slot
+
+    async def main() -> None:
+        w._idle = asyncio.Event()
+        items = [(b"a", 5, 0), (b"b", 7, 0), (b"a", 6, 0), (b"c", 0, 0)]
+        await w._careful_batch(codec.loads(batch(3, 100, items, redelivered=True)))
+        await asyncio.sleep(0)  # noqa: sleep-ok - let the scheduled acknowledgement go out
+
+    asyncio.run(main())
+    assert watcher.seen == [(5, 100, 1), (7, 101, 1), (6, 102, 1), (0, 103, 1)]
+    assert slot.get() == NO_MESSAGE  # cleared after the last call
+    acked = [w for f in push.frames if f[0] == codec.ACK for a, b in zip(f[3][::2], f[3][1::2]) for w in range(a, b)]
+    assert sorted(acked) == [100, 101, 102, 103]
+    slot.close()
+
+
+def test_normal_batches_leave_the_run_slot_alone(tmp_path: Path) -> None:
+    slot = RunSlot(str(tmp_path / "run"), create=True)
+    seen: list[int] = []
+    w, _ = make_worker(lambda ch, seq, m, r: seen.append(slot.get()))
+    w._slot = slot
+    w._on_batch(codec.loads(batch(1, 0, [(b"a", 0, 0), (b"a", 1, 0)])))
+    assert seen == [NO_MESSAGE, NO_MESSAGE]
+    slot.close()
+
+
+def test_a_stop_request_mid_batch_stops_after_the_call_in_progress() -> None:
+    calls: list[int] = []
+    w: Worker
+
+    def handler(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+        calls.append(seq)
+        if seq == 2:
+            w.note_stop(15, None)  # SIGTERM arrives while this call runs
+        return None
+
+    w, push = make_worker(handler)
+    w._on_batch(codec.loads(batch(1, 10, [(b"a", i, 0) for i in range(6)])))
+    assert calls == [0, 1, 2]
+    # Only what ran is acknowledged; 13..15 were never handed to the handler.
+    assert push.frames == [[codec.ACK, 0, 1, [10, 13], [], []]]
+    assert w.counters["processed"] == 3
+
+
+def test_stop_report_names_the_running_calls_and_nothing_new_starts(tmp_path: Path) -> None:
+    gate_a, gate_b = str(tmp_path / "a"), str(tmp_path / "b")
+
+    async def main() -> tuple[Worker, FakePush]:
+        w, push = make_worker("handlers:gated")
+        w._idle = asyncio.Event()
+        items = [(b"a", 0, {"gate": gate_a}), (b"a", 1, {}), (b"b", 0, {"gate": gate_b}), (b"b", 1, {})]
+        w._on_batch(codec.loads(batch(1, 0, items)))
+        await asyncio.sleep(0)  # noqa: sleep-ok - let the channel tasks start their calls
+        w._on_stop_request()
+        open(gate_b, "w").close()  # b's running call may now finish; a's stays blocked
+        await asyncio.wait_for(_until(lambda: not w.channels[b"b"]._busy), 5.0)
+        return w, push
+
+    w, push = asyncio.run(main())
+    [stopping] = [f for f in push.frames if f[0] == codec.STOPPING]
+    assert sorted(stopping[3]) == [0, 2]  # a seq 0 and b seq 0 were running
+    results = [r for f in push.frames if f[0] == codec.ACK for r in f[4]]
+    assert results == [[2, [0, None]]]  # b seq 0 finished and was acknowledged ...
+    assert [i[1] for i in w.channels[b"b"]._queue] == [1]  # ... and b seq 1 never started
+    assert [i[1] for i in w.channels[b"a"]._queue] == [0, 1]  # a is still in its call
+
+
+async def _until(cond: Any) -> None:
+    while not cond():
+        await asyncio.sleep(0.002)  # noqa: sleep-ok - polled under the caller's wait_for deadline
+
+
+def ending(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+    channel.state = (channel.state or 0) + 1
+    if message == "end":
+        channel.end()
+    return None
+
+
+def test_an_ended_channel_is_dropped_once_its_last_message_is_done() -> None:
+    w, push = make_worker(ending)
+    w._on_batch(codec.loads(batch(1, 0, [(b"a", 0, 0), (b"a", 1, "end"), (b"a", 2, 0), (b"b", 0, 0)])))
+    assert b"a" not in w.channels and w.channels[b"b"].state == 1
+    ack, forget = push.frames
+    assert ack[0] == codec.ACK and ack[3] == [0, 4]
+    assert forget == [codec.FORGET, 0, 1, [[b"a", 3]]]  # after the acknowledgement
+    # The channel's next message starts a fresh record: no state, and no gap counted.
+    w._on_batch(codec.loads(batch(1, 4, [(b"a", 0, 0)])))
+    assert w.channels[b"a"].state == 1
+    assert (w.counters["gaps"], w.counters["reorders"], w.counters["forgotten"]) == (0, 0, 1)
+
+
+def test_idle_sweep_forgets_only_idle_stateless_unhalted_channels() -> None:
+    def handler(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+        if message == "keep":
+            channel.state = "kept"
+        if message == "fail":
+            raise ValueError("halt me")
+        return None
+
+    async def main() -> tuple[Worker, FakePush]:
+        w, push = make_worker(handler, channel_idle_expiry_s=0.04)
+        w._idle = asyncio.Event()
+        w._on_batch(
+            codec.loads(batch(1, 0, [(b"idle", 0, 0), (b"stateful", 0, "keep"), (b"halted", 0, "fail")]))
+        )
+        sweep = asyncio.get_running_loop().create_task(w._sweep(0.04))
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while b"idle" in w.channels and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)  # noqa: sleep-ok - the sweep runs on its own timer
+        sweep.cancel()
+        return w, push
+
+    w, push = asyncio.run(main())
+    assert b"idle" not in w.channels
+    assert set(w.channels) == {b"stateful", b"halted"}
+    assert [f[3] for f in push.frames if f[0] == codec.FORGET] == [[[b"idle", 1]]]
