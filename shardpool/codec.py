@@ -11,10 +11,13 @@ Front → worker (on the worker's own PUSH/PULL pipe)::
 Worker → front (every worker PUSHes to the front's single PULL)::
 
     [READY, worker, epoch, pid]
-    [ACK, worker, epoch, ranges, results, failures]
-        ranges   = [a0, b0, a1, b1, ...]  finished wseqs a..b-1 whose handler returned None
-        results  = [[wseq, value], ...]   finished with a value, in completion order
-        failures = [[wseq, exc_type, message, traceback, action], ...]
+    [ACK, worker, epoch, ranges, results, failures, forgotten]
+        ranges    = [a0, b0, a1, b1, ...]  finished wseqs a..b-1 whose handler returned None
+        results   = [[wseq, value], ...]   finished with a value, in completion order
+        failures  = [[wseq, exc_type, message, traceback, action], ...]
+        forgotten = [[cid, next_cseq], ...]  channels the worker dropped (ended, or idle): in
+                    the same frame as their last acknowledgements, so the front drops its
+                    record before their results are delivered
     [STATS, worker, epoch, request_id, {counter: value}]
     [HEARTBEAT, worker, epoch, loop_lag_s]
     [FATAL, worker, epoch, exc_type, message, traceback]     worker could not start
@@ -23,7 +26,6 @@ Worker → front (every worker PUSHes to the front's single PULL)::
                                               else it was sent will be started
     [BYE, worker, epoch, {counter: value}]    stopped: every call it started has been
                                               acknowledged; nothing else ran
-    [FORGET, worker, epoch, [[cid, next_cseq], ...]]   channels it dropped (ended or idle)
 
 ``wseq`` numbers the messages the front sent to one worker incarnation stream (implicit in a batch:
 ``first_wseq + i``); acknowledgements name *what* finished, not a watermark, because channels
@@ -60,7 +62,6 @@ FATAL = 4
 BYE = 5
 CRASH = 6
 STOPPING = 7
-FORGET = 8
 
 dumps = cbor2.dumps
 loads = cbor2.loads

@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 VERSION = 1
+HALTED_SHOWN = 10  # halted channels listed in the status table (all of them in --json)
 
 Respond = Callable[[bool, Any], None]
 Handler = Callable[[str, dict[str, Any], Respond], None]
@@ -300,7 +301,8 @@ def render_status(snap: dict[str, Any], width: int | None = None) -> str:
         f"messages:  submitted {pool['submitted']}  acknowledged {pool['acknowledged']}  "
         f"in flight {pool['inflight']}  rate {_si(snap['rates']['processed_per_s'])}/s",
         f"           failures {pool['failures']}  halted channels {pool['halted_channels']}  "
-        f"restarts {pool['restarts']}  replayed {pool['replayed']}",
+        f"quarantined {pool.get('quarantined', 0)}  restarts {pool['restarts']}  "
+        f"replayed {pool['replayed']}",
         f"ingress:   producers {ing['producers']}  accepted {ing['accepted']}  rejected "
         f"{ing['rejected']}  frame errors {ing['frame_errors']}  "
         f"rate {_si(snap['rates']['ingress_per_s'])}/s",
@@ -346,6 +348,17 @@ def render_status(snap: dict[str, Any], width: int | None = None) -> str:
             f"{'-' if cpu is None else f'{cpu:.1f}':>6} "
             f"{'-' if rss is None else f'{rss / 1e6:.1f}':>7}"
         )
+    halted = pool.get("halted") or []
+    if halted:
+        lines.append("")
+        lines.append(f"halted channels ({len(halted)}; shardpool resume|skip CHANNEL):")
+        for h in halted[:HALTED_SHOWN]:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["since"]))
+            what = "QUARANTINED" if h["quarantined"] else "halted"
+            lines.append(f"  {h['channel']}  seq {h['seq']}  {what} since {since}")
+            lines.append(f"      {h['error'].splitlines()[0] if h['error'] else h['type']}")
+        if len(halted) > HALTED_SHOWN:
+            lines.append(f"  … {len(halted) - HALTED_SHOWN} more (shardpool status --json)")
     hot = snap.get("hot_channels") or []
     if hot:
         lines.append("")

@@ -21,7 +21,7 @@
     │  message at a time, so a further death names its message (run slot) and a message that keeps
     │  killing its worker quarantines its channel instead of breaking the pool
     ├─ heartbeat silence past the timeout: kill the hung worker (then as above)
-    ├─ FORGET: drop the records of channels a worker forgot (ended, or idle past the expiry)
+    │  and drop the records of channels the worker forgot (ended, or idle past the expiry)
     └─ linger deadline: flush half-full batches
 
 close(): stop intake → drain → SIGTERM (each worker finishes the call it is in, reports what is
@@ -869,6 +869,8 @@ class Front:
         link.said_bye = False
         link.stop_running = None
         link.last_tb = ""
+        if link.slot is not None:
+            link.slot.reset()
         proc = WorkerProcess(spec)
         # The worker's PR_SET_PDEATHSIG follows the thread that spawns it: this I/O thread, which
         # lives as long as the pool (teardown joins it only once the workers are gone).
@@ -1101,6 +1103,8 @@ class Front:
                 if kind == codec.ACK:
                     self.counters["acks"] += 1
                     self._on_ack(link, msg[3], msg[4], msg[5], outcomes)
+                    if msg[6]:
+                        self._forget(link, msg[6])
                 elif kind == codec.HEARTBEAT:
                     pass
                 elif kind == codec.READY:
@@ -1121,8 +1125,6 @@ class Front:
                         self._start_error = err
                     # An import or setup error will not fix itself by restarting.
                     self._break(err)
-                elif kind == codec.FORGET:
-                    self._forget(link, msg[3])
                 elif kind == codec.STOPPING:
                     link.stop_running = set(msg[3])
                 elif kind == codec.BYE:
@@ -1230,8 +1232,8 @@ class Front:
         assert proc is not None and link.slot is not None
         code = proc.join(1.0)
         link.last_exit = code
-        running = link.slot.get()
-        link.slot.set(NO_MESSAGE)
+        taken, running = link.slot.read()
+        link.slot.reset()
         if link.sock is not None:
             link.sock.close(linger=0)
             link.sock = None
@@ -1240,11 +1242,15 @@ class Front:
             for batch in link.batches.values():
                 batch.sent = False
         elif link.state != STOPPING or link.stop_running is None:
-            # Died without saying what it ran: anything it was sent may have been applied. (A
-            # stopping worker that reported its running calls keeps that finer report.)
+            # Died without saying what it ran: what it had taken in may have been applied; what
+            # it never read did not reach a handler. (A stopping worker that reported its
+            # running calls keeps that finer report.)
             for batch in link.batches.values():
                 if batch.sent:
-                    batch.doubt = True
+                    if batch.first <= taken:
+                        batch.doubt = True
+                    else:
+                        batch.sent = False
         if link.state == STOPPING or self._state in (_BROKEN, _CLOSED):
             link.state = STOPPED
             self._cv.notify_all()

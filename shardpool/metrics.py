@@ -31,6 +31,8 @@ _POOL_COUNTERS = (
     ("failures", "handler failures reported"),
     ("restarts", "worker restarts"),
     ("replayed", "messages re-sent to a restarted worker"),
+    ("quarantined", "channels quarantined because their worker kept dying on one message"),
+    ("forgotten", "channel records dropped (ended, or idle past pool.channel_idle_expiry_s)"),
 )
 _WORKER_COUNTERS = (
     ("processed", "messages processed by this worker incarnation"),
@@ -93,7 +95,8 @@ class SnapshotCollector(Collector):
             yield c
         for key, doc in (
             ("inflight", "messages in flight"),
-            ("halted_channels", "halted channels"),
+            ("halted_channels", "halted channels (quarantined ones included)"),
+            ("channels", "channel records the front holds"),
         ):
             g = GaugeMetricFamily(f"shardpool_{key}", doc)
             g.add_metric([], pool[key])
@@ -138,7 +141,7 @@ class SnapshotCollector(Collector):
         c = CounterMetricFamily(
             "shardpool_ingress_replies", "replies sent to producers, by status", labels=["status"]
         )
-        for status in ("ok", "failed", "closed", "halted"):
+        for status in ("ok", "failed", "closed", "in_doubt", "halted"):
             c.add_metric([status], ing[status])
         c.add_metric(["rejected"], ing["rejected"])
         yield c

@@ -11,9 +11,11 @@ it, and once a second it samples the figures that ``status`` turns into rates an
 that were restarted. Shutdown runs in explicit phases:
 
 1. stop intake — the demo load stops and the ingress answers every new message ``shutting_down``;
-2. drain — wait for every accepted message, within ``supervisor.stop_timeout_s``;
-3. stop the pool — what is still unfinished is handed back, and each of its producers gets a
-   ``closed`` reply; the count is logged;
+2. drain — wait for every accepted message, within ``supervisor.stop_timeout_s`` (less the last
+   part, kept for the workers to stop);
+3. stop the pool — each worker finishes the call it is in and leaves (killed at the deadline);
+   producers get ``closed`` for what never reached a handler and ``in_doubt`` for what a handler
+   may have run when its worker was stopped; both counts are logged;
 4. close the sockets (replies still due go out first) and release the endpoint locks.
 
 A second signal (or stop request) during shutdown skips what is left of the drain and stops the
@@ -41,6 +43,7 @@ from .control import ControlServer, Respond
 from .errors import ConfigError, DrainTimeout, HandlerError, PoolBroken, ShardPoolError
 from .ingress import Ingress, IngressSettings, _RateLimitedLog
 from .metrics import MetricsServer
+from .front import stop_grace
 from .pool import ShardPool
 from .wakeup import WakePipe
 from .security import (
@@ -207,6 +210,10 @@ class Service:
         # HALTED notice through the ingress; all are logged, rate-limited per exception type.
         if self.ingress is not None:
             self.ingress.on_failure(err)
+        if err.policy == "quarantine":
+            # Rare and needing an operator: every one is logged, with its cause.
+            log.error("%s (shardpool resume|skip %s)", err, err.channel_id.hex())
+            return
         self._failure_log.warn(
             err.exc_type,
             "handler failed on channel %s seq %d (%s, policy %s)",
@@ -386,19 +393,23 @@ class Service:
         log.info(
             "phase 2/4 drain: %d messages in flight, up to %.1f s", self._inflight(), stop_timeout
         )
-        drained = False if broken else self._drain_until(deadline)
+        grace = stop_grace(stop_timeout)
+        drained = False if broken else self._drain_until(deadline - grace)
         forced = self._forced()
         if forced:
             log.warning("second signal: stopping now without waiting for the drain")
         log.info("phase 3/4 stop workers")
-        left = 0.0 if forced else max(0.5, deadline - time.monotonic())
-        report = self.pool.close(left)
+        left = 0.0 if forced else max(grace, deadline - time.monotonic())
+        report = self.pool.close(left, drain=False)
         unfinished = len(report.unfinished)
-        if unfinished:
+        in_doubt = len(report.in_doubt)
+        if unfinished or in_doubt:
             log.warning(
-                "%d accepted messages were not processed; handed back (their producers get a "
-                "'closed' reply)",
+                "%d accepted messages were never handed to the handler (their producers get a "
+                "'closed' reply: safe to send again) and %d may have been applied when their "
+                "worker was stopped (their producers get an 'in_doubt' reply)",
                 unfinished,
+                in_doubt,
             )
         log.info("phase 4/4 close sockets")
         self.ingress.close(0.5 if forced else 2.0)
@@ -414,6 +425,7 @@ class Service:
             drained
             and report.drained
             and not unfinished
+            and not in_doubt
             and not broken
             and not forced
             and self._failed is None
@@ -421,9 +433,11 @@ class Service:
         self.exit_code = EXIT_OK if clean else EXIT_FAILURE
         self.state = "stopped"
         log.info(
-            "stopped: %d messages accepted from producers, %d unfinished%s; exit code %d",
+            "stopped: %d messages accepted from producers, %d unfinished, %d in doubt%s; exit "
+            "code %d",
             ing["accepted"],
             unfinished,
+            in_doubt,
             f", pool broken: {broken}" if broken else "",
             self.exit_code,
         )
@@ -454,7 +468,8 @@ class Service:
     def snapshot(self, timeout: float = 2.0) -> dict[str, Any]:
         """Everything ``shardpool status`` shows, as plain values (channel ids in hex).
 
-        Keys: ``service`` (:meth:`info` + ``uptime_s``), ``pool`` (front counters), ``workers``
+        Keys: ``service`` (:meth:`info` + ``uptime_s``), ``pool`` (front counters; ``halted``
+        lists every halted or quarantined channel: hex id, seq, since, error), ``workers``
         (per-worker figures of :meth:`ShardPool.stats` + ``processed_per_s``), ``order`` (summed
         gaps/duplicates/reorders), ``hot_channels`` (``[hex id, messages, worker]``, top
         :data:`HOT_TOP_K`), ``ingress`` (:meth:`Ingress.stats`), ``rates`` (``processed_per_s``,
@@ -462,6 +477,8 @@ class Service:
         """
         assert self.pool is not None and self.ingress is not None
         stats = self.pool.stats(timeout)
+        for halt in stats["halted"]:
+            halt["channel"] = bytes(halt["channel"]).hex()
         now = time.monotonic()
         ing = self.ingress.stats()
         workers: list[dict[str, Any]] = stats.pop("workers")

@@ -20,8 +20,8 @@ Around that:
   the front knows exactly which message it died on (and quarantines a message that keeps killing
   its worker) — even after a segfault, when the worker could send nothing.
 * **Forgetting channels**: a channel whose handler called ``channel.end()``, or one idle for
-  ``channel_idle_expiry_s`` with nothing queued and no state, is dropped and reported (FORGET), so
-  that the front can drop its record too.
+  ``channel_idle_expiry_s`` with nothing queued and no state, is dropped and reported with the
+  acknowledgements, so that the front can drop its record too.
 * **Parent guard**: the worker leaves within about a second of the front's death whatever its
   handler is doing (:func:`guard_parent`).
 """
@@ -35,7 +35,6 @@ import heapq
 import mmap
 import os
 import signal
-import struct
 import sys
 import threading
 import time
@@ -97,19 +96,23 @@ class WorkerSpec:
 
 
 class RunSlot:
-    """Eight bytes shared by the front and one worker: the wseq of the message a careful replay is
-    running, or :data:`NO_MESSAGE`.
+    """Sixteen bytes shared by the front and one worker incarnation, read by the front once the
+    worker has died or been killed:
 
-    The worker writes it just before and after each careful handler call; the front reads it once
-    the worker has died. Shared memory, unlike a frame, survives a segfault or SIGKILL that lands
-    before anything could be sent. It is a file in the front's private runtime directory mapped by
-    both, since spawned processes share no anonymous memory.
+    * ``taken``: the last wseq the worker has taken in. Every message up to it may have reached a
+      handler; none after it has (it was never read). Set once per batch, before its first call.
+    * ``running``: the wseq a careful replay is running, or :data:`NO_MESSAGE`; set just before and
+      after each careful call, so a death during a replay names its message exactly.
+
+    Shared memory, unlike a frame, survives a segfault or SIGKILL that lands before anything could
+    be sent. It is a file in the front's private runtime directory mapped by both, since spawned
+    processes share no anonymous memory.
     """
 
-    SIZE = 8
+    SIZE = 16
 
     def __init__(self, path: str, *, create: bool = False) -> None:
-        """Map ``path`` (created, holding NO_MESSAGE, when ``create``).
+        """Map ``path`` (created and reset when ``create``).
 
         Raises:
             OSError: the file cannot be created, opened or mapped.
@@ -117,16 +120,27 @@ class RunSlot:
         self.path = path
         if create:
             with open(path, "wb") as f:
-                f.write(struct.pack("=q", NO_MESSAGE))
+                f.write(bytes(self.SIZE))
         with open(path, "r+b") as f:
             self._map = mmap.mmap(f.fileno(), self.SIZE)
         self._view = memoryview(self._map).cast("q")
+        if create:
+            self.reset()
 
-    def set(self, wseq: int) -> None:
+    def reset(self) -> None:
+        """Nothing taken in, nothing running (before each incarnation starts)."""
+        self._view[0] = -1
+        self._view[1] = NO_MESSAGE
+
+    def take(self, wseq: int) -> None:
         self._view[0] = wseq
 
-    def get(self) -> int:
-        return int(self._view[0])
+    def run(self, wseq: int) -> None:
+        self._view[1] = wseq
+
+    def read(self) -> tuple[int, int]:
+        """``(taken, running)``."""
+        return int(self._view[0]), int(self._view[1])
 
     def close(self) -> None:
         self._view.release()
@@ -395,6 +409,8 @@ class Worker:
         holes: list[int] = []
         stop = self._stop
         end = first + len(items)
+        if self._slot is not None:
+            self._slot.take(end - 1)
         for wseq, item in enumerate(items, first):
             if stop:
                 # Asked to stop: the rest of the batch is never handed to the handler (and is not
@@ -466,6 +482,8 @@ class Worker:
         first: int = msg[2]
         items = msg[4:]
         self.counters["redelivered"] += len(items)
+        if self._slot is not None:
+            self._slot.take(first + len(items) - 1)
         loop = asyncio.get_running_loop()
         stop = self._stop
         assert self._idle is not None
@@ -574,7 +592,7 @@ class Worker:
             try:
                 message = codec.loads(payload) if self.decode else payload
                 if slot is not None:
-                    slot.set(wseq)
+                    slot.run(wseq)
                 result = handler.handle(ch, cseq, message, redelivered)
                 if handler.is_async:
                     result = await result
@@ -592,7 +610,7 @@ class Worker:
                 return False
             finally:
                 if slot is not None:
-                    slot.set(NO_MESSAGE)
+                    slot.run(NO_MESSAGE)
             self.counters["processed"] += 1
             self._complete(wseq, result)
             return True
@@ -725,22 +743,27 @@ class Worker:
 
     def _flush_acks(self) -> None:
         self._flush_scheduled = False
-        if self._ranges or self._results or self._failures:
-            frame = [codec.ACK, self.index, self.epoch, self._ranges, self._results, self._failures]
-            try:
-                data = codec.dumps(frame)
-            except Exception:  # noqa: BLE001 - one unencodable result must not lose the others
-                data = codec.dumps(self._sanitised(frame))
-            self._ranges = []
-            self._results = []
-            self._failures = []
-            assert self.push is not None
-            self.push.send(data)
-        if self._forgotten:
-            # After the acknowledgements (same pipe, in order): the front has retired the
-            # channel's last messages by the time it reads this.
-            self._send([codec.FORGET, self.index, self.epoch, self._forgotten])
-            self._forgotten = []
+        if not (self._ranges or self._results or self._failures or self._forgotten):
+            return
+        frame = [
+            codec.ACK,
+            self.index,
+            self.epoch,
+            self._ranges,
+            self._results,
+            self._failures,
+            self._forgotten,
+        ]
+        try:
+            data = codec.dumps(frame)
+        except Exception:  # noqa: BLE001 - one unencodable result must not lose the others
+            data = codec.dumps(self._sanitised(frame))
+        self._ranges = []
+        self._results = []
+        self._failures = []
+        self._forgotten = []
+        assert self.push is not None
+        self.push.send(data)
 
     def _sanitised(self, frame: list[Any]) -> list[Any]:
         """Turn results that CBOR cannot encode into failures of their own message."""

@@ -99,8 +99,9 @@ class Ledger:
     message.
     """
 
-    def __init__(self, dir: str) -> None:
+    def __init__(self, dir: str, ms: float = 0.0) -> None:
         self.dir = dir
+        self.ms = ms  # wall time each message takes before it is applied (a slow handler)
         self.applied: dict[str, tuple[int, int]] = {}
         self.attempts: dict[tuple[str, int], int] = {}
         self.fd = -1
@@ -155,6 +156,8 @@ class Ledger:
         if fault == "always_hang":
             while True:  # a CPU-bound handler that never returns: no heartbeat gets out
                 pass
+        if self.ms:
+            time.sleep(self.ms / 1000.0)  # noqa: sleep-ok - the handler's own work, in a worker
         if fault == "raise_n":
             n = self.attempts.get((key, seq), 0)
             self.attempts[(key, seq)] = n + 1
@@ -211,3 +214,28 @@ class DiesOnRestart:
 
     def handle(self, channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
         return seq
+
+
+def hold(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+    """Sync and CPU-bound for up to ``message["s"]`` seconds (default 60): writes this worker's
+    pid to the file ``message["marker"]`` first (the test's handshake that the call has begun),
+    then spins in pure Python, never returning to the event loop."""
+    with open(message["marker"] + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(message["marker"] + ".tmp", message["marker"])
+    end = time.monotonic() + message.get("s", 60)
+    while time.monotonic() < end:
+        pass
+    return seq
+
+
+def lifecycle(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+    """Returns ``[seq, state before]``. ``{"keep": x}`` stores ``x`` as the channel's state;
+    ``{"end": true}`` stores 1 and then ends the channel."""
+    before = channel.state
+    if "keep" in message:
+        channel.state = message["keep"]
+    if message.get("end"):
+        channel.state = 1
+        channel.end()
+    return [seq, before]

@@ -127,6 +127,21 @@ def produce_main() -> None:
 # ------------------------------------------------------------------------ helpers for the tests
 
 
+def subprocess_env() -> dict[str, str]:
+    """The environment for a ``shardpool`` or Python subprocess of a test: this checkout and the
+    tests' handler modules importable, and no ``SHARDPOOL_*`` overrides meant for something
+    else."""
+    import os
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDPOOL_")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(tests), str(tests.parent), env.get("PYTHONPATH", "")) if p
+    )
+    return env
+
+
 def toml_config(sections: dict[str, dict[str, Any]]) -> str:
     """A TOML document for ``{section: {key: value}}`` (strings, numbers and booleans only)."""
     lines = []
@@ -197,3 +212,13 @@ async def gated_or_ordered(channel: Any, seq: int, message: Any, redelivered: bo
             await asyncio.sleep(0.002)  # noqa: sleep-ok - the handler's own work, in a worker
         return [seq, message["i"]]
     return ordered(channel, seq, {"p": message.get("p", 0), "i": message["i"]}, redelivered)
+
+
+def poisonable(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+    """``{"die": true}`` kills the worker process (exit code 71) every time: a poison message.
+    Otherwise returns ``[seq, i]``."""
+    if message.get("die"):
+        import os
+
+        os._exit(71)
+    return [seq, message["i"]]

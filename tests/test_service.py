@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -18,27 +17,16 @@ from typing import Any
 
 import psutil
 import pytest
-from service_handlers import backend_sections, in_process_backend, toml_config
+from service_handlers import backend_sections, in_process_backend, subprocess_env, toml_config
 
 from shardpool.client import Client
-from shardpool.control import ControlClient
+from shardpool.control import ControlClient, render_status
 
 pytestmark = pytest.mark.multiprocess
 
-TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(TESTS), str(REPO), env.get("PYTHONPATH", "")) if p
-    )
-    # The backend must not pick up overrides meant for something else.
-    for key in list(env):
-        if key.startswith("SHARDPOOL_"):
-            del env[key]
-    return env
+_env = subprocess_env
 
 
 def _cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -222,7 +210,11 @@ def test_sigterm_with_work_in_flight_drains_it_and_exits_0(tmp_path: Path) -> No
         assert not psutil.pid_exists(pid), f"worker {pid} outlived the backend"
 
 
-def test_second_signal_forces_exit_and_unfinished_work_is_handed_back(tmp_path: Path) -> None:
+def test_second_signal_forces_exit_and_unsettled_work_is_answered(tmp_path: Path) -> None:
+    """A second SIGTERM cuts the drain short and stops the workers at once. The message stuck in
+    its handler may have been applied: its producer is told ``in_doubt``. Killed before it could
+    report, the worker cannot say whether it started the one queued behind: that one is answered
+    ``in_doubt`` too unless its report came first (then ``closed``)."""
     gate = tmp_path / "never"
     sections = backend_sections(
         tmp_path,
@@ -235,8 +227,9 @@ def test_second_signal_forces_exit_and_unfinished_work_is_handed_back(tmp_path: 
             ControlClient(sections["control"]["endpoint"]) as ctl,
         ):
             corr = client.send(b"stuck", {"gate": str(gate), "i": 0})
+            behind = client.send(b"stuck", {"i": 1})
             client.flush()
-            _wait_status(ctl, lambda s: s["pool"]["inflight"] == 1)
+            _wait_status(ctl, lambda s: s["pool"]["inflight"] == 2)
             t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             _wait_status(ctl, lambda s: s["service"]["state"] == "stopping")
@@ -245,7 +238,39 @@ def test_second_signal_forces_exit_and_unfinished_work_is_handed_back(tmp_path: 
             # Far less than the 120 s drain deadline: the second signal cut it short.
             assert time.monotonic() - t0 < 30
             replies = list(client.results(timeout=10.0))
-        assert [(r.corr, r.status) for r in replies] == [(corr, "closed")]
+        assert [r.corr for r in replies] == [corr, behind]
+        assert replies[0].status == "in_doubt" and replies[0].value["error"] == "in_doubt"
+        assert replies[1].status in ("in_doubt", "closed")
+
+
+def test_stop_deadline_answers_in_doubt_and_closed_apart(tmp_path: Path) -> None:
+    """SIGTERM with a handler stuck past the drain deadline: the worker is asked to stop, says
+    which call is running, and is killed at the deadline. Its producer learns exactly which
+    message may have been applied (``in_doubt``) and which never reached the handler
+    (``closed``); finished ones are ``ok``; the exit code says the stop was not clean."""
+    gate = tmp_path / "never"
+    sections = backend_sections(
+        tmp_path,
+        pool={"workers": 1, "handler": "handlers:gated"},
+        supervisor={"stop_timeout_s": 4.0},
+    )
+    with backend_process(tmp_path, sections) as (proc, _cfg, _):
+        with (
+            Client(sections["ingress"]["endpoint"], timeout=20.0) as client,
+            ControlClient(sections["control"]["endpoint"]) as ctl,
+        ):
+            done = client.send(b"free", {"i": 0})
+            stuck = client.send(b"stuck", {"gate": str(gate), "i": 0})
+            behind = [client.send(b"stuck", {"i": i}) for i in range(1, 4)]
+            client.flush()
+            _wait_status(ctl, lambda s: s["pool"]["acknowledged"] == 1 and s["pool"]["inflight"] == 4)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 1
+            replies = {r.corr: r.status for r in client.results(timeout=10.0)}
+    assert replies == {done: "ok", stuck: "in_doubt", **{c: "closed" for c in behind}}
+    log = (tmp_path / "backend.log").read_text()
+    assert "3 accepted messages were never handed to the handler" in log
+    assert "1 may have been applied" in log
 
 
 def _free_port() -> int:
@@ -298,3 +323,48 @@ def test_operator_skips_a_halted_channel_through_the_control_socket(tmp_path: Pa
     assert finals[bad].status == "failed"
     assert finals[later].ok and finals[later].value == 1
     assert finals[other].ok and finals[other].value == 2
+
+
+def test_quarantined_channel_shows_in_status_log_and_metrics(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message that kills its worker every time quarantines its channel: the pool goes on, the
+    producer gets a HALTED notice, status lists the channel with the cause, metrics count it, the
+    log says it, and `shardpool skip` lets the channel go on."""
+    port = _free_port()
+    with in_process_backend(
+        tmp_path,
+        pool={"workers": 2, "handler": "service_handlers:poisonable"},
+        supervisor={"restart_backoff_s": 0.01, "max_restarts": 2},
+        metrics={"enabled": True, "host": "127.0.0.1", "port": port},
+    ) as svc:
+        with (
+            Client(svc.ingress_endpoint, timeout=60.0) as client,
+            ControlClient(svc.control_endpoint) as ctl,
+        ):
+            poison = client.send(b"chan-p", {"i": 0, "die": True})
+            behind = client.send(b"chan-p", {"i": 1})
+            others = {client.send(b"chan-%d" % k, {"i": k}): k for k in range(50)}
+            client.flush()
+            snap = _wait_status(ctl, lambda s: s["pool"]["quarantined"] == 1, timeout=60.0)
+            [halt] = snap["pool"]["halted"]
+            assert (halt["channel"], halt["seq"], halt["quarantined"]) == (b"chan-p".hex(), 0, True)
+            assert "exited with code 71" in halt["error"] and halt["type"] == "WorkerDied"
+            assert snap["pool"]["state"] == "running"
+            table = render_status(snap, width=200)
+            assert "QUARANTINED" in table and b"chan-p".hex() in table
+            with urllib.request.urlopen(svc.metrics_url, timeout=10) as resp:
+                assert "shardpool_quarantined_total 1.0" in resp.read().decode()
+            out = _cli("skip", b"chan-p".hex(), "--endpoint", svc.control_endpoint)
+            assert out.returncode == 0, out.stderr
+            replies = list(client.results(timeout=30.0))
+    by_corr: dict[int, list[Any]] = {}
+    for r in replies:
+        by_corr.setdefault(r.corr, []).append(r)
+    assert [r.status for r in by_corr[poison]] == ["halted", "failed"]
+    assert by_corr[poison][0].value["policy"] == "quarantine"
+    assert [(r.status, r.value[1]) for r in by_corr[behind]] == [("ok", 1)]
+    for corr, k in others.items():
+        assert [(r.status, r.value[1]) for r in by_corr[corr]] == [("ok", k)]
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("quarantined at seq 0" in m and "exited with code 71" in m for m in logged)
