@@ -15,13 +15,13 @@
                                                                                    │ ACK / READY /
   I/O thread ◀── one PULL ◀────────────────────────────────────────────────────────┘ HEARTBEAT / …
     ├─ ACK: retire from the window (a whole batch at once when it can), deliver results and
-    │  failures in per-channel order, wake blocked producers
+    │  failures in per-channel order, wake blocked producers; drop the records of channels the
+    │  worker forgot (ended, or idle past the expiry)
     ├─ sentinel readable: worker died → restart with backoff (crash-loop guard) → READY → replay the
     │  window to the new epoch, marked redelivered, before anything newer; the replay runs one
     │  message at a time, so a further death names its message (run slot) and a message that keeps
     │  killing its worker quarantines its channel instead of breaking the pool
     ├─ heartbeat silence past the timeout: kill the hung worker (then as above)
-    │  and drop the records of channels the worker forgot (ended, or idle past the expiry)
     └─ linger deadline: flush half-full batches
 
 close(): stop intake → drain → SIGTERM (each worker finishes the call it is in, reports what is
@@ -220,7 +220,7 @@ class _Link:
         self.recovery_s: list[float] = []  # death → successor READY and replay sent, per restart
         self.ps: psutil.Process | None = None
         self.stats: dict[str, Any] = {}
-        self.slot: RunSlot | None = None  # the message a careful replay is running (shared memory)
+        self.slot: RunSlot | None = None  # what the worker took in / is running (shared memory)
         # This incarnation's word on what it ran: BYE (nothing unacknowledged), or the calls that
         # were running when it was asked to stop (None: no report).
         self.said_bye = False
@@ -1036,7 +1036,10 @@ class Front:
         waiting = [
             link
             for link in dead
-            if link.proc is not None and link.proc.join(0) == EXIT_OK and not link.said_bye
+            if link.proc is not None
+            and link.proc.join(0) == EXIT_OK
+            and not link.said_bye
+            and not link.last_tb  # a CRASH (SystemExit(0)) says no BYE is coming
         ]
         deadline = time.monotonic() + 1.0
         while True:
