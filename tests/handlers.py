@@ -239,3 +239,12 @@ def lifecycle(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
         channel.state = 1
         channel.end()
     return [seq, before]
+
+
+async def poison_async(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+    """Async: awaits, then ``{"die": true}`` kills the worker (exit code 73) every time, while
+    other channels' calls are in flight on the same event loop."""
+    await asyncio.sleep(0.001)  # noqa: sleep-ok - the handler's own work, in a worker
+    if message.get("die"):
+        os._exit(73)
+    return [seq, message["i"]]

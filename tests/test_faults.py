@@ -283,6 +283,35 @@ def test_poison_message_quarantines_its_channel_and_the_pool_goes_on(tmp_path: P
     assert [h["quarantined"] for h in seen["stats"]["halted"]] == [True]
 
 
+def test_poison_message_of_an_async_handler_is_found_among_concurrent_calls() -> None:
+    """With an async handler many calls are in flight when the worker dies, so the death cannot
+    be pinned on one; the careful replay runs them one at a time and finds the poison."""
+    failures: list[HandlerError] = []
+    with ShardPool(
+        handlers.poison_async, workers=2, restart_backoff_s=0.01, max_restarts=2,
+        on_failure=failures.append,
+    ) as pool:
+        poison = cid(7)
+        futs = {(c, i): pool.request(cid(c), {"i": i, "die": (c, i) == (7, 3)})
+                for i in range(10) for c in range(40)}
+        for (c, i), fut in futs.items():
+            if c != 7:
+                assert fut.result(timeout=60) == [i, i]
+        for i in range(3):
+            assert futs[(7, i)].result(timeout=60) == [i, i]
+        pool.drain(timeout=60)
+        assert pool.halted_channels() == {poison: 3}
+        [err] = failures
+        assert (err.policy, err.exc_type, err.seq) == ("quarantine", "WorkerDied", 3)
+        assert "exited with code 73" in str(err)
+        assert not any(futs[(7, i)].done() for i in range(3, 10))
+        pool.skip(poison)
+        for i in range(4, 10):
+            assert futs[(7, i)].result(timeout=60) == [i, i]
+        with pytest.raises(HandlerError, match="skipped"):
+            futs[(7, 3)].result(timeout=60)
+
+
 def test_crash_loop_not_explained_by_a_message_breaks_the_pool(tmp_path: Path) -> None:
     pool = ShardPool(
         "handlers:DiesOnRestart",
