@@ -518,6 +518,12 @@ class IngressConfig(_Section):
     curve_secret_key: str = _str(default="", doc="CURVE secret key file")
     curve_clients_dir: str = _str(default="", doc="authorised CURVE client keys; \"\" = any")
     max_producers: int = _int(1, 1_000_000, default=1024, doc="connected producers, at most")
+    max_pending_per_producer: int = _int(
+        1,
+        10_000_000,
+        default=10_000,
+        doc="per producer: messages accepted but unanswered plus replies it has not read",
+    )
 
 
 @dataclass(frozen=True)

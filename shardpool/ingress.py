@@ -20,7 +20,20 @@ messages were accepted, whatever order the pool reports them in: each channel ke
 its accepted messages in a FIFO and a record is released only once everything before it was.
 
 Bad input is answered, counted by error code and logged at most once per code per
-:data:`LOG_INTERVAL_S`; it never raises out of the loop, so no frame can stop or stall the ingress.
+:data:`LOG_INTERVAL_S`. Error texts describe bad values without formatting them
+(:func:`shardpool.protocol.describe`). Whatever else goes wrong while one frame or item is handled
+(a bug) is answered ``internal_error``, counted and logged with its traceback, rate-limited, and
+the loop goes on; a failure while sending replies or reading the monitor is caught the same way.
+So no frame can stop or stall the ingress.
+
+Replies leave without blocking: the ROUTER has a small send high-water mark and
+``router_mandatory``, so a producer that does not read makes ZeroMQ refuse its replies (EAGAIN)
+instead of queueing them without bound. Refused reply frames wait in that producer's backlog and
+are re-tried every loop turn (at least every :data:`_RETRY_S` seconds) while everyone else's
+replies flow. What a producer holds — accepted messages not yet answered plus replies in its
+backlog — is bounded by ``max_pending_per_producer``: past it, its items are answered
+``too_many_pending``, and while it still does not read, its frames are refused whole and counted
+into one ERROR. Per-producer state is freed when it reaches zero or the producer is gone.
 """
 
 from __future__ import annotations
@@ -52,6 +65,16 @@ LOG_INTERVAL_S = 10.0
 
 _READ_BURST = 64  # frames read per loop turn before replies get their turn again
 _ROOM_WAIT_S = 0.05  # backpressure: re-try a full window at least this often (seconds)
+# ZeroMQ's own reply queue per producer is at most _REPLY_HWM frames of _REPLY_ENTRIES replies;
+# past that, replies wait in the producer's backlog where they count towards its bound.
+_REPLY_HWM = 16
+_REPLY_ENTRIES = 64
+_RETRY_MS = 10  # how often producers whose replies ZeroMQ refused are tried again
+_RETRY_S = _RETRY_MS / 1000
+# Heartbeats towards producers (ms): a producer host that vanished without closing its tcp
+# connection is dropped, so its backlog is freed.
+_HEARTBEAT_IVL_MS = 5_000
+_HEARTBEAT_TIMEOUT_MS = 15_000
 # pyzmq's authenticator applies "*" only to sockets without a domain; name ours explicitly.
 _ZAP_DOMAIN = "shardpool"
 
@@ -85,7 +108,13 @@ class IngressSettings:
     max_items: int = 16_384
     max_producers: int = 1024
     curve: CurveServerKeys | None = None
-    rcvhwm: int = 1000  # frames queued per producer before ZeroMQ pushes back on it
+    # Frames ZeroMQ reads ahead per producer before it pushes back on it. Small: it is memory
+    # the backend holds for a producer whatever the ingress does (1000 frames of 200 KB held
+    # 135 MB for one producer flooding a busy ingress); 16 frames of 256 messages still keep the
+    # ingress fed.
+    rcvhwm: int = 16
+    # Messages accepted but unanswered plus replies held, per producer (see shardpool.protocol).
+    max_pending_per_producer: int = 10_000
 
     @property
     def max_frame_bytes(self) -> int:
@@ -125,7 +154,7 @@ class _Rec:
             self.value = {"error": P.E_CLOSED, "message": str(error)}
             self.status = P.CLOSED
         else:
-            self.value = {"error": P.E_HANDLER_FAILED, "message": repr(error)}
+            self.value = {"error": P.E_HANDLER_FAILED, "message": _safe_repr(error)}
             self.status = P.FAILED
         # Ingress._post inlined: this runs once per message on the pool's busiest thread.
         ing = self.ing
@@ -146,7 +175,7 @@ def _failure_value(err: HandlerError) -> dict[str, Any]:
 
 
 class _RateLimitedLog:
-    """At most one warning per key per interval, with a count of what was held back."""
+    """At most one record per key per interval (seconds), with a count of what was held back."""
 
     def __init__(self, logger: logging.Logger, interval_s: float) -> None:
         self._log = logger
@@ -155,6 +184,14 @@ class _RateLimitedLog:
         self._held: dict[str, int] = {}
 
     def warn(self, key: str, message: str, *args: Any) -> None:
+        """A warning (no traceback)."""
+        self._emit(logging.WARNING, key, message, args, False)
+
+    def error(self, key: str, message: str, *args: Any) -> None:
+        """An error with the traceback of the exception being handled."""
+        self._emit(logging.ERROR, key, message, args, True)
+
+    def _emit(self, level: int, key: str, message: str, args: tuple[Any, ...], tb: bool) -> None:
         now = time.monotonic()
         last = self._last.get(key)
         if last is not None and now - last < self._interval:
@@ -163,7 +200,33 @@ class _RateLimitedLog:
         held = self._held.pop(key, 0)
         self._last[key] = now
         suffix = f" ({held} more like it in the last {now - last:.0f} s)" if held and last else ""
-        self._log.warning(message + suffix, *args)
+        self._log.log(level, message + suffix, *args, exc_info=tb)
+
+
+class _Producer:
+    """What one producer (ZeroMQ routing id) holds in the ingress.
+
+    ``open`` counts its accepted messages whose final reply has not yet been handed to ZeroMQ;
+    ``backlog`` holds reply frames ZeroMQ refused (its pipe to the producer was full), in order,
+    each as ``(frame, finals, others)``: the frame (None for the place of the coalesced ERROR
+    about refused frames), how many final replies to accepted messages it carries and how many
+    other replies (rejections, HALTED notices, a HELLO answer or an ERROR). ``queued`` sums the
+    ``others`` in the backlog, so ``open + queued`` is what counts towards the bound.
+    """
+
+    __slots__ = ("backlog", "held", "open", "queued", "refused_frames", "refused_messages")
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.backlog: collections.deque[tuple[bytes | None, int, int]] = collections.deque()
+        self.queued = 0
+        self.held = 0  # replies in the backlog (finals and others)
+        self.refused_frames = 0  # frames refused whole since the last ERROR about them
+        self.refused_messages = 0
+
+    @property
+    def pending(self) -> int:
+        return self.open + self.queued
 
 
 class Ingress:
@@ -186,6 +249,7 @@ class Ingress:
             "max_message_bytes": settings.max_message_bytes,
             "max_items": settings.max_items,
             "max_frame_bytes": settings.max_frame_bytes,
+            "max_pending_per_producer": settings.max_pending_per_producer,
             **(info or {}),
         }
         self.counters: dict[str, int] = dict.fromkeys(
@@ -205,6 +269,10 @@ class Ingress:
                 "halted",
                 "undeliverable",
                 "backpressure_waits",
+                "internal_errors",
+                "refused_frames",
+                "refused_messages",
+                "stalled_sends",
                 "connections",
                 "disconnections",
                 "auth_failures",
@@ -222,6 +290,11 @@ class Ingress:
         self._chans: dict[bytes, collections.deque[_Rec]] = {}
         self._out: dict[bytes, list[list[Any]]] = {}
         self._known: set[bytes] = set()
+        self._producers: dict[bytes, _Producer] = {}
+        self._stalled: set[bytes] = set()  # producers with a backlog
+        self._held_replies = 0  # replies in all backlogs (read by stats() from any thread)
+        self._current: bytes | None = None  # the producer whose frame is being submitted
+        self._next_retry = 0.0
         self._intake_reason: str | None = None
         self._closing = False
         self._close_deadline = 0.0
@@ -292,6 +365,8 @@ class Ingress:
             "accepting": self.accepting,
             "producers": max(0, self.counters["connections"] - self.counters["disconnections"]),
             "pending": sum(len(q) for q in list(self._chans.values())),
+            "stalled_producers": len(self._stalled),
+            "held_replies": self._held_replies,
             "errors": {k: v for k, v in self.errors.items() if v},
         }
 
@@ -317,8 +392,13 @@ class Ingress:
             s = self.settings
             sock = ctx.socket(zmq.ROUTER)
             sock.linger = 0
-            sock.router_mandatory = 1  # a reply to a vanished producer raises instead of vanishing
-            sock.sndhwm = 0  # replies are bounded by what producers sent; never drop one
+            # With router_mandatory a reply to a vanished producer raises EHOSTUNREACH and one to
+            # a producer whose pipe is full raises EAGAIN: ZeroMQ never drops one silently, and
+            # the small high-water mark keeps what it queues per producer small (see _Producer).
+            sock.router_mandatory = 1
+            sock.sndhwm = _REPLY_HWM
+            sock.heartbeat_ivl = _HEARTBEAT_IVL_MS
+            sock.heartbeat_timeout = _HEARTBEAT_TIMEOUT_MS
             sock.rcvhwm = s.rcvhwm
             sock.maxmsgsize = s.max_frame_bytes
             if s.curve is not None:
@@ -379,18 +459,25 @@ class Ingress:
         poller.register(wake_fd, zmq.POLLIN)
         recv = sock.recv_multipart
         while True:
-            events = dict(poller.poll(100))
+            events = dict(poller.poll(_RETRY_MS if self._stalled else 100))
             if wake_fd in events:
                 self._wakeup.drain()
             if mon in events:
-                self._on_monitor(mon)
-            self._pump(sock)
+                try:
+                    self._on_monitor(mon)
+                except Exception:  # noqa: BLE001 - counting connections is not worth the thread
+                    self._internal_failure("monitor", "reading the socket monitor")
+            self._safe_pump(sock)
             if self._closing:
-                if not self._chans or time.monotonic() >= self._close_deadline:
-                    if self._chans:
+                if (not self._chans and not self._stalled) or (
+                    time.monotonic() >= self._close_deadline
+                ):
+                    if self._chans or self._stalled:
                         log.warning(
-                            "ingress closing with %d replies never resolved",
+                            "ingress closing with %d replies never resolved and %d not taken by "
+                            "their producers",
                             sum(len(q) for q in self._chans.values()),
+                            self._held_replies,
                         )
                     return
                 continue
@@ -400,8 +487,11 @@ class Ingress:
                         parts = recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._on_message(sock, parts)
-                self._pump(sock)
+                    try:
+                        self._on_message(sock, parts)
+                    except Exception:  # noqa: BLE001 - one frame must not stop the ingress
+                        self._frame_failed(sock, parts)
+                self._safe_pump(sock)
 
     def _on_monitor(self, mon: zmq.Socket[bytes]) -> None:
         while True:
@@ -421,16 +511,55 @@ class Ingress:
                 self.counters["auth_failures"] += 1
                 self._warn.warn("auth", "ingress: a producer failed the CURVE handshake")
 
+    # -- failures of our own -----------------------------------------------------------------
+
+    def _internal_failure(self, key: str, what: str) -> None:
+        """Count and log (with the traceback, at most once per key per interval) an exception
+        raised while ``what``; call from an ``except`` block."""
+        self.counters["internal_errors"] += 1
+        self._warn.error("internal:" + key, "ingress: internal error while %s", what)
+
+    def _frame_failed(self, sock: zmq.Socket[bytes], parts: list[bytes]) -> None:
+        """Handling a frame raised: answer its sender ``internal_error`` and go on."""
+        self._internal_failure("frame", "handling a frame")
+        self.counters["frame_errors"] += 1
+        self.errors[P.E_INTERNAL_ERROR] += 1
+        try:
+            self._send_frame(
+                sock,
+                parts[0],
+                P.encode_error(
+                    P.E_INTERNAL_ERROR,
+                    "the backend failed while handling this frame (a bug; logged with its "
+                    "traceback); nothing in it was processed",
+                ),
+            )
+        except Exception:  # noqa: BLE001
+            self._internal_failure("frame-reply", "answering a frame that failed")
+
     # -- replies -----------------------------------------------------------------------------
 
+    def _safe_pump(self, sock: zmq.Socket[bytes]) -> None:
+        try:
+            self._pump(sock)
+        except Exception:  # noqa: BLE001 - replies to others must keep flowing
+            self._internal_failure("pump", "sending replies")
+
     def _pump(self, sock: zmq.Socket[bytes]) -> None:
-        """Release outcomes that are due and send every producer its replies."""
+        """Release outcomes that are due, send every producer its replies and re-try the
+        producers whose replies ZeroMQ refused."""
         # Cleared before the deque is read: an outcome posted after this point wakes us again.
         self._wake_pending = False
         if self._outcomes:
             self._release_outcomes()
         if self._out:
             self._flush(sock)
+        if self._stalled:
+            now = time.monotonic()
+            if now >= self._next_retry:
+                self._next_retry = now + _RETRY_S
+                for ident in list(self._stalled):
+                    self._drain_backlog(sock, ident)
 
     def _release_outcomes(self) -> None:
         outcomes = self._outcomes
@@ -470,7 +599,30 @@ class Ingress:
         self._out = {}
         c = self.counters
         for ident, entries in out.items():
-            for e in entries:
+            try:
+                pieces = self._encode_entries(entries)
+            except Exception:  # noqa: BLE001 - one producer's failure must not lose the others'
+                self._internal_failure("encode", "encoding a producer's replies")
+                c["undeliverable"] += 1
+                st = self._producers.get(ident)
+                if st is not None:
+                    st.open -= sum(1 for e in entries if e[1] in _FINALS)
+                    self._forget_if_idle(ident, st)
+                continue
+            self._emit(sock, ident, pieces)
+
+    def _send_entries(self, sock: zmq.Socket[bytes], ident: bytes, entries: list[Any]) -> None:
+        """Send ``entries`` to ``ident`` after its backlog; what ZeroMQ refuses joins it."""
+        self._emit(sock, ident, self._encode_entries(entries))
+
+    def _encode_entries(self, entries: list[Any]) -> list[tuple[bytes | None, int, int]]:
+        """Reply frames of at most :data:`_REPLY_ENTRIES` entries, as backlog pieces."""
+        c = self.counters
+        pieces: list[tuple[bytes | None, int, int]] = []
+        for i in range(0, len(entries), _REPLY_ENTRIES):
+            chunk = entries[i : i + _REPLY_ENTRIES]
+            finals = 0
+            for e in chunk:
                 st = e[1]
                 if st == P.OK:
                     c["ok"] += 1
@@ -480,24 +632,135 @@ class Ingress:
                     c["closed"] += 1
                 elif st == P.IN_DOUBT:
                     c["in_doubt"] += 1
+                else:
+                    continue
+                finals += 1
             try:
-                frame = P.encode_replies(entries)
+                frame = P.encode_replies(chunk)
             except Exception:  # noqa: BLE001 - one unencodable value must not lose the others
-                frame = P.encode_replies([_encodable(e) for e in entries])
-            self._send(sock, ident, frame)
-            c["replies"] += len(entries)
+                frame = P.encode_replies([_encodable(e) for e in chunk])
+            pieces.append((frame, finals, len(chunk) - finals))
+            c["replies"] += len(chunk)
             c["reply_frames"] += 1
+        return pieces
 
-    def _send(self, sock: zmq.Socket[bytes], ident: bytes, frame: bytes) -> None:
+    def _send_frame(self, sock: zmq.Socket[bytes], ident: bytes, frame: bytes) -> None:
+        """Send one HELLO answer or ERROR to ``ident`` (after its backlog)."""
+        self._emit(sock, ident, [(frame, 0, 1)])
+
+    def _emit(
+        self, sock: zmq.Socket[bytes], ident: bytes, pieces: list[tuple[bytes | None, int, int]]
+    ) -> None:
+        st = self._producers.get(ident)
+        if st is not None and st.backlog:
+            self._enqueue(ident, st, pieces, 0)
+            self._drain_backlog(sock, ident)
+            return
+        for k, (frame, finals, _others) in enumerate(pieces):
+            sent = self._try_send(sock, ident, frame)  # type: ignore[arg-type]
+            if sent is None:
+                if st is None:
+                    st = self._producers[ident] = _Producer()
+                self._enqueue(ident, st, pieces, k)
+                return
+            if st is not None:
+                st.open -= finals
+            if not sent:
+                self._gone(ident, pieces[k + 1 :])
+                break
+        if st is not None:
+            self._forget_if_idle(ident, st)
+
+    def _enqueue(
+        self,
+        ident: bytes,
+        st: _Producer,
+        pieces: list[tuple[bytes | None, int, int]],
+        start: int,
+    ) -> None:
+        for k in range(start, len(pieces)):
+            piece = pieces[k]
+            st.backlog.append(piece)
+            st.queued += piece[2]
+            st.held += piece[1] + piece[2]
+            self._held_replies += piece[1] + piece[2]
+        if st.backlog:
+            self._stalled.add(ident)
+
+    def _drain_backlog(self, sock: zmq.Socket[bytes], ident: bytes) -> None:
+        """Send what ZeroMQ takes of ``ident``'s backlog, in order."""
+        st = self._producers.get(ident)
+        if st is None:
+            self._stalled.discard(ident)
+            return
+        backlog = st.backlog
+        while backlog:
+            queued, finals, others = backlog[0]
+            marker = queued is None
+            if queued is not None:
+                frame = queued
+            else:
+                frame = P.encode_error(
+                    P.E_TOO_MANY_PENDING,
+                    f"{st.refused_frames} frames ({st.refused_messages} messages) were refused "
+                    f"whole: this producer held more than {self.settings.max_pending_per_producer}"
+                    " unanswered messages and unread replies (ingress.max_pending_per_producer) "
+                    "and did not read its replies",
+                    frames=st.refused_frames,
+                    messages=st.refused_messages,
+                )
+            sent = self._try_send(sock, ident, frame)
+            if sent is None:
+                return
+            backlog.popleft()
+            if marker:
+                st.refused_frames = st.refused_messages = 0  # the coalesced ERROR went out
+            st.open -= finals
+            st.queued -= others
+            st.held -= finals + others
+            self._held_replies -= finals + others
+            if not sent:
+                self._gone(ident, [])
+                return
+        self._stalled.discard(ident)
+        self._forget_if_idle(ident, st)
+
+    def _try_send(self, sock: zmq.Socket[bytes], ident: bytes, frame: bytes) -> bool | None:
+        """True: ZeroMQ took the frame. None: the producer's pipe is full (it does not read).
+        False: the producer is gone (nobody to tell; counted)."""
         try:
-            sock.send_multipart((ident, frame), copy=False)
+            sock.send_multipart((ident, frame), zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            self.counters["stalled_sends"] += 1
+            return None
         except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
-            # The producer disconnected before its replies were ready: nobody to tell.
             self.counters["undeliverable"] += 1
-            self._known.discard(ident)
-            self._warn.warn("gone", "ingress: a producer left before its replies were sent")
+            if exc.errno == zmq.EHOSTUNREACH:
+                self._warn.warn("gone", "ingress: a producer left before its replies were sent")
+            else:
+                self._internal_failure("send", "sending a reply frame (dropped)")
+            return False
+
+    def _gone(self, ident: bytes, rest: list[tuple[bytes | None, int, int]]) -> None:
+        """``ident`` disconnected: drop its backlog and ``rest``; its state lives on only while
+        messages of it are still being processed (their replies are dropped as they come)."""
+        self._known.discard(ident)
+        st = self._producers.get(ident)
+        if st is None:
+            return
+        for _frame, finals, _others in list(st.backlog) + rest:
+            st.open -= finals
+            self.counters["undeliverable"] += 1
+        self._held_replies -= st.held
+        st.backlog.clear()
+        st.queued = st.held = st.refused_frames = st.refused_messages = 0
+        self._stalled.discard(ident)
+        self._forget_if_idle(ident, st)
+
+    def _forget_if_idle(self, ident: bytes, st: _Producer) -> None:
+        if st.open <= 0 and not st.backlog and ident != self._current:
+            self._producers.pop(ident, None)
 
     def _reject(self, ident: bytes, corr: Any, code: str, message: str, index: int) -> None:
         self.counters["rejected"] += 1
@@ -518,9 +781,36 @@ class Ingress:
         # Order: replies already due to this producer go out before the error.
         lst = self._out.pop(ident, None)
         if lst:
-            self._out[ident] = lst
-            self._flush(sock)
-        self._send(sock, ident, P.encode_error(code, message))
+            self._send_entries(sock, ident, lst)
+        self._send_frame(sock, ident, P.encode_error(code, message))
+
+    def _refusing(self, ident: bytes) -> _Producer | None:
+        """The producer's state if its frames are to be refused whole: it is at its bound and
+        does not even take its replies (ZeroMQ refused some), so answering each item would only
+        grow its backlog."""
+        st = self._producers.get(ident)
+        if st is not None and st.backlog and st.pending >= self.settings.max_pending_per_producer:
+            return st
+        return None
+
+    def _refuse(self, ident: bytes, st: _Producer, messages: int) -> None:
+        """Refuse one frame whole: counted into the one ERROR that waits in the backlog."""
+        if st.refused_frames == 0:
+            st.backlog.append((None, 0, 0))  # where the coalesced ERROR goes out
+        st.refused_frames += 1
+        st.refused_messages += messages
+        c = self.counters
+        c["frame_errors"] += 1
+        c["refused_frames"] += 1
+        c["refused_messages"] += messages
+        self._warn.warn(
+            "refused",
+            "ingress: refused a frame of %d messages whole: its producer holds %d unanswered "
+            "messages and unread replies (ingress.max_pending_per_producer = %d) and reads none",
+            messages,
+            st.pending,
+            self.settings.max_pending_per_producer,
+        )
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -528,6 +818,10 @@ class Ingress:
         ident = parts[0]
         self.counters["frames"] += 1
         if len(parts) != 2:
+            st = self._refusing(ident)
+            if st is not None:
+                self._refuse(ident, st, 0)
+                return
             self._frame_error(
                 sock, ident, P.E_BAD_FRAME, f"a message must be one frame, got {len(parts) - 1}"
             )
@@ -551,104 +845,154 @@ class Ingress:
         try:
             kind, body = P.decode(frame, self.settings.max_items)
         except P.FrameError as exc:
+            st = self._refusing(ident)
+            if st is not None:
+                self._refuse(ident, st, 0)
+                return
             self._frame_error(sock, ident, exc.code, exc.message)
+            return
+        st = self._refusing(ident)
+        if st is not None:
+            self._refuse(ident, st, len(body) if kind == P.SUBMIT else 0)
             return
         if kind == P.HELLO:
             # A barrier: everything already due goes out first.
-            self._pump(sock)
+            self._safe_pump(sock)
             info = {**self._info, "accepting": self.accepting}
             try:
                 reply = P.encode_hello_reply(body, info)
             except Exception:  # noqa: BLE001 - an unencodable token is the sender's problem
                 reply = P.encode_hello_reply(None, info)
-            self._send(sock, ident, reply)
+            self._send_frame(sock, ident, reply)
             return
-        self._submit_items(sock, ident, body)
+        st = self._producers.get(ident)
+        if st is None:
+            st = self._producers[ident] = _Producer()
+        # Pinned while its items are submitted: replies sent meanwhile (backpressure waits pump
+        # them) must not forget a state this frame is still adding to.
+        self._current = ident
+        try:
+            self._submit_items(sock, ident, st, body)
+        finally:
+            self._current = None
+            self._forget_if_idle(ident, st)
 
-    def _submit_items(self, sock: zmq.Socket[bytes], ident: bytes, items: list[Any]) -> None:
+    def _submit_items(
+        self, sock: zmq.Socket[bytes], ident: bytes, st: _Producer, items: list[Any]
+    ) -> None:
         max_bytes = self.settings.max_message_bytes
+        limit = self.settings.max_pending_per_producer
         chans = self._chans
         counters = self.counters
         counters["messages"] += len(items)
         accepted = 0
         for index, item in enumerate(items):
-            if type(item) is not list or len(item) != 3:
-                corr = None
-                if type(item) is list and item and _valid_corr(item[0]):
-                    corr = item[0]
-                self._reject(
-                    ident,
-                    corr,
-                    P.E_BAD_ITEM,
-                    f"item {index} must be an array [corr, channel_id, payload], got "
-                    f"{_describe(item)}",
-                    index,
-                )
-                continue
-            corr, cid, payload = item
-            if not _valid_corr(corr):
-                self._reject(
-                    ident,
-                    None,
-                    P.E_BAD_CORR,
-                    f"item {index}: correlation id must be an unsigned integer below 2**64, got "
-                    f"{_describe(corr)}",
-                    index,
-                )
-                continue
-            if type(cid) is not bytes:
-                self._reject(
-                    ident,
-                    corr,
-                    P.E_BAD_CHANNEL_ID,
-                    f"item {index}: channel id must be a byte string, got {_describe(cid)}",
-                    index,
-                )
-                continue
-            n = len(cid)
-            if n == 0:
-                self._reject(
-                    ident, corr, P.E_EMPTY_CHANNEL_ID, f"item {index}: empty channel id", index
-                )
-                continue
-            if n > MAX_CHANNEL_ID_BYTES:
-                self._reject(
-                    ident,
-                    corr,
-                    P.E_CHANNEL_ID_TOO_LONG,
-                    f"item {index}: channel id is {n} bytes, at most {MAX_CHANNEL_ID_BYTES}",
-                    index,
-                )
-                continue
-            if type(payload) is not bytes:
-                self._reject(
-                    ident,
-                    corr,
-                    P.E_BAD_PAYLOAD,
-                    f"item {index}: payload must be a byte string, got {_describe(payload)}",
-                    index,
-                )
-                continue
-            if len(payload) > max_bytes:
-                self._reject(
-                    ident,
-                    corr,
-                    P.E_PAYLOAD_TOO_LARGE,
-                    f"item {index}: payload is {len(payload)} bytes, over "
-                    f"transport.max_message_bytes = {max_bytes}",
-                    index,
-                )
-                continue
-            rec = _Rec(self, ident, corr, cid)
-            if not self._submit_one(sock, rec, payload, index):
+            try:
+                if type(item) is not list or len(item) != 3:
+                    corr = None
+                    if type(item) is list and item and _valid_corr(item[0]):
+                        corr = item[0]
+                    self._reject(
+                        ident,
+                        corr,
+                        P.E_BAD_ITEM,
+                        f"item {index} must be an array [corr, channel_id, payload], got "
+                        f"{P.describe(item)}",
+                        index,
+                    )
+                    continue
+                corr, cid, payload = item
+                if not _valid_corr(corr):
+                    self._reject(
+                        ident,
+                        None,
+                        P.E_BAD_CORR,
+                        f"item {index}: correlation id must be an unsigned integer below 2**64, "
+                        f"got {P.describe(corr)}",
+                        index,
+                    )
+                    continue
+                if type(cid) is not bytes:
+                    self._reject(
+                        ident,
+                        corr,
+                        P.E_BAD_CHANNEL_ID,
+                        f"item {index}: channel id must be a byte string, got {P.describe(cid)}",
+                        index,
+                    )
+                    continue
+                n = len(cid)
+                if n == 0:
+                    self._reject(
+                        ident, corr, P.E_EMPTY_CHANNEL_ID, f"item {index}: empty channel id", index
+                    )
+                    continue
+                if n > MAX_CHANNEL_ID_BYTES:
+                    self._reject(
+                        ident,
+                        corr,
+                        P.E_CHANNEL_ID_TOO_LONG,
+                        f"item {index}: channel id is {n} bytes, at most {MAX_CHANNEL_ID_BYTES}",
+                        index,
+                    )
+                    continue
+                if type(payload) is not bytes:
+                    self._reject(
+                        ident,
+                        corr,
+                        P.E_BAD_PAYLOAD,
+                        f"item {index}: payload must be a byte string, got {P.describe(payload)}",
+                        index,
+                    )
+                    continue
+                if len(payload) > max_bytes:
+                    self._reject(
+                        ident,
+                        corr,
+                        P.E_PAYLOAD_TOO_LARGE,
+                        f"item {index}: payload is {len(payload)} bytes, over "
+                        f"transport.max_message_bytes = {max_bytes}",
+                        index,
+                    )
+                    continue
+                if st.open + st.queued >= limit:
+                    self._reject(
+                        ident,
+                        corr,
+                        P.E_TOO_MANY_PENDING,
+                        f"item {index}: this producer holds {st.open + st.queued} unanswered "
+                        f"messages and unread replies, at most {limit} "
+                        "(ingress.max_pending_per_producer); read replies before sending more",
+                        index,
+                    )
+                    continue
+                rec = _Rec(self, ident, corr, cid)
+                if not self._submit_one(sock, rec, payload, index):
+                    continue
+            except Exception:  # noqa: BLE001 - one item must not stop the ingress (or its frame)
+                self._item_failed(ident, item, index)
                 continue
             accepted += 1
+            st.open += 1
             q = chans.get(cid)
             if q is None:
                 chans[cid] = collections.deque((rec,))
             else:
                 q.append(rec)
         counters["accepted"] += accepted
+
+    def _item_failed(self, ident: bytes, item: Any, index: int) -> None:
+        """Checking or submitting one item raised (a bug): answer it ``internal_error``."""
+        self._internal_failure("item", "handling one item of a frame")
+        corr = item[0] if type(item) is list and item and _valid_corr(item[0]) else None
+        self._reject(
+            ident,
+            corr,
+            P.E_INTERNAL_ERROR,
+            f"item {index}: the backend failed while handling this item (a bug; logged with its "
+            "traceback); it was not accepted",
+            index,
+        )
 
     def _submit_one(self, sock: zmq.Socket[bytes], rec: _Rec, payload: bytes, index: int) -> bool:
         """Submit one checked message without blocking the socket's owner; True if accepted
@@ -674,7 +1018,11 @@ class Ingress:
                 self._wait_room(sock)
             except PoolBroken as exc:
                 self._reject(
-                    rec.ident, rec.corr, P.E_POOL_BROKEN, f"the pool is broken: {exc}", index
+                    rec.ident,
+                    rec.corr,
+                    P.E_POOL_BROKEN,
+                    f"the pool is broken: {P.exc_text(exc)}",
+                    index,
                 )
                 return False
             except PoolClosed:
@@ -683,27 +1031,32 @@ class Ingress:
                 )
                 return False
             except InputError as exc:  # checked by the caller already; kept as a safety net
-                self._reject(rec.ident, rec.corr, P.E_BAD_ITEM, f"item {index}: {exc}", index)
+                self._reject(
+                    rec.ident, rec.corr, P.E_BAD_ITEM, f"item {index}: {P.exc_text(exc)}", index
+                )
                 return False
 
     def _wait_room(self, sock: zmq.Socket[bytes]) -> None:
         """Block up to :data:`_ROOM_WAIT_S` for an outcome (acknowledgements free window room),
         sending whatever replies are due meanwhile."""
-        self._pump(sock)
+        self._safe_pump(sock)
         self._wakeup.wait(_ROOM_WAIT_S)
-        self._pump(sock)
+        self._safe_pump(sock)
+
+
+_FINALS = frozenset({P.OK, P.FAILED, P.CLOSED, P.IN_DOUBT})  # final replies to accepted messages
 
 
 def _valid_corr(corr: Any) -> bool:
     return type(corr) is int and 0 <= corr <= P.MAX_CORR
 
 
-def _describe(value: Any) -> str:
-    """A short description of a bad value for an error message (never its full contents)."""
-    if isinstance(value, (bytes, str, list, dict)):
-        return f"{type(value).__name__} of length {len(value)}"
-    text = repr(value)
-    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+def _safe_repr(exc: BaseException) -> str:
+    # Runs on the pool's I/O thread, which must not raise: an exception's repr can.
+    try:
+        return repr(exc)
+    except Exception:  # noqa: BLE001
+        return type(exc).__name__
 
 
 def _encodable(entry: list[Any]) -> list[Any]:
@@ -714,5 +1067,5 @@ def _encodable(entry: list[Any]) -> list[Any]:
         return [
             entry[0],
             P.FAILED,
-            {"error": P.E_HANDLER_FAILED, "message": f"result not encodable: {exc}"},
+            {"error": P.E_HANDLER_FAILED, "message": f"result not encodable: {P.exc_text(exc)}"},
         ]

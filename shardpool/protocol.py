@@ -9,8 +9,9 @@ single ZeroMQ frame holding one CBOR array whose first element is the protocol v
 
     backend → producer
         [1, REPLIES, [[corr, status, value], ...]]         outcomes, in per-channel order
-        [1, HELLO, token, {"version": 1, "max_message_bytes": n, "max_items": n, "pid": n}]
-        [1, ERROR, {"error": code, "message": text}]       a frame that could not be read at all
+        [1, HELLO, token, {"version": 1, "max_message_bytes": n, "max_items": n,
+                           "max_pending_per_producer": n, "pid": n, ...}]
+        [1, ERROR, {"error": code, "message": text, ...}]  a frame that could not be read at all
 
 * ``corr`` is the producer's correlation id, an unsigned integer below 2**64 of its choosing
   (the client numbers messages 0, 1, 2, ...); the backend only echoes it.
@@ -34,12 +35,36 @@ that cannot be read as a SUBMIT or HELLO gets one ERROR reply and nothing in it 
 Replies to accepted messages of one channel come back in the order the messages were accepted;
 rejections are immediate, since a rejected message never took a place in its channel's order.
 A HELLO is answered after every reply that was ready before it, so a producer may use it as a
-barrier. An empty frame is reserved (ZeroMQ uses empty frames for peer notifications) and should
-not be sent; it is answered with an ERROR like any other unreadable frame.
+barrier; its token is echoed as sent (containers in it come back with CBOR shared-value tags 28/29,
+so a token with shared references costs no more to echo than it cost to send). An empty frame is
+reserved (ZeroMQ uses empty frames for peer notifications) and should not be sent; it is answered
+with an ERROR like any other unreadable frame. Error texts describe a bad value (its type, its
+length, an integer's sign and bit length) and never quote it whole.
+
+Frames are decoded within limits that keep decoding linear in a frame's size (see
+:func:`loads_frame`): map keys and set elements must be text or byte strings (else the frame is
+``bad_cbor``), and decimal fractions, bigfloats, rationals, regular expressions and MIME messages
+(tags 4, 5, 30, 35, 36) are read as plain tags, never converted.
+
+**What a producer can make the backend hold is bounded** by ``ingress.max_pending_per_producer``
+(advertised in the HELLO reply as ``max_pending_per_producer``): per producer (ZeroMQ routing id),
+the messages accepted but not yet answered plus the replies the backend holds because the producer
+does not read them. Past the bound the producer's further items are answered REJECTED with
+:data:`E_TOO_MANY_PENDING` (never dropped); if it does not even read those, its further frames are
+refused whole and counted into one ERROR ``too_many_pending`` (with ``"frames"`` and
+``"messages"``: how many were refused), sent once it reads again. Beyond that, ZeroMQ itself
+queues at most a few reply frames per producer. A producer that keeps at most that many messages
+unanswered and reads its replies never meets the bound (the clients of :mod:`shardpool.client`
+cap ``max_outstanding`` to it).
+
+:data:`E_INTERNAL_ERROR` (an ERROR, or an item's REJECTED) means the backend failed while handling
+that frame or item: a bug, logged with its traceback; nothing else is affected.
 """
 
 from __future__ import annotations
 
+import decimal
+import fractions
 from typing import Any, Final
 
 import cbor2
@@ -61,11 +86,14 @@ __all__ = [
     "VERSION",
     "FrameError",
     "decode",
+    "describe",
     "encode_error",
     "encode_hello",
     "encode_hello_reply",
     "encode_replies",
     "encode_submit",
+    "exc_text",
+    "loads_frame",
 ]
 
 VERSION: Final = 1
@@ -104,6 +132,7 @@ E_BAD_VERSION: Final = "bad_version"
 E_BAD_KIND: Final = "bad_kind"
 E_TOO_MANY_ITEMS: Final = "too_many_items"
 E_TOO_MANY_PRODUCERS: Final = "too_many_producers"
+E_INTERNAL_ERROR: Final = "internal_error"  # also an item's REJECTED code
 # Item-level error codes (a REJECTED reply).
 E_BAD_ITEM: Final = "bad_item"
 E_BAD_CORR: Final = "bad_corr"
@@ -115,6 +144,7 @@ E_PAYLOAD_TOO_LARGE: Final = "payload_too_large"
 E_SHUTTING_DOWN: Final = "shutting_down"
 E_DRAINING: Final = "draining"
 E_POOL_BROKEN: Final = "pool_broken"
+E_TOO_MANY_PENDING: Final = "too_many_pending"  # also an ERROR code (frames refused whole)
 # Outcome codes (FAILED / CLOSED / HALTED replies).
 E_HANDLER_FAILED: Final = "handler_failed"
 E_CLOSED: Final = "closed"
@@ -128,6 +158,7 @@ FRAME_ERRORS: Final = (
     E_BAD_KIND,
     E_TOO_MANY_ITEMS,
     E_TOO_MANY_PRODUCERS,
+    E_INTERNAL_ERROR,
 )
 ITEM_ERRORS: Final = (
     E_BAD_ITEM,
@@ -140,10 +171,43 @@ ITEM_ERRORS: Final = (
     E_SHUTTING_DOWN,
     E_DRAINING,
     E_POOL_BROKEN,
+    E_TOO_MANY_PENDING,
 )
 
 _dumps = cbor2.dumps
 _loads = cbor2.loads
+
+
+def _keep_tag(tag: int) -> Any:
+    def keep(value: Any, immutable: bool) -> cbor2.CBORTag:
+        return cbor2.CBORTag(tag, value)
+
+    return keep
+
+
+# How producer frames are decoded. A frame of the protocol holds only arrays, integers and byte
+# strings; anything else is a value to describe in an error, so it is decoded as cheaply as
+# possible: decimal fractions and bigfloats (tags 4, 5: converting a mantissa costs quadratic
+# time, 16 s for one of 400 KB), rationals (30: a gcd), regular expressions (35: compiled) and
+# MIME messages (36: parsed) stay CBORTag objects, and map keys and set elements must be text or
+# byte strings (integer keys can be chosen to collide in one hash bucket: a 400 KB map took 11 s).
+_FRAME_DECODING: dict[str, Any] = {
+    "semantic_decoders": {tag: _keep_tag(tag) for tag in (4, 5, 30, 35, 36)},
+    "strict_hashable_types": True,
+}
+try:
+    _loads(b"\x80", **_FRAME_DECODING)
+except TypeError:  # cbor2 < 6 has neither option
+    _FRAME_DECODING = {}
+
+
+def loads_frame(frame: bytes) -> Any:
+    """Decode a producer's frame with the limits above.
+
+    Raises:
+        Exception (cbor2's several types): not CBOR, or outside those limits.
+    """
+    return _loads(frame, **_FRAME_DECODING)
 
 
 class FrameError(Exception):
@@ -166,27 +230,89 @@ def decode(frame: bytes, max_items: int) -> tuple[int, Any]:
             or more than ``max_items`` items.
     """
     try:
-        msg = _loads(frame)
+        msg = _loads(frame, **_FRAME_DECODING)
     except Exception as exc:  # noqa: BLE001 - cbor2 raises several types for one problem
-        raise FrameError(E_BAD_CBOR, f"frame is not valid CBOR: {exc}") from None
+        raise FrameError(E_BAD_CBOR, f"frame is not valid CBOR: {exc_text(exc)}") from None
     if type(msg) is not list or len(msg) != 3:
         raise FrameError(
-            E_BAD_FRAME, "frame must be a CBOR array [version, kind, body] of 3 elements"
+            E_BAD_FRAME,
+            "frame must be a CBOR array [version, kind, body] of 3 elements, got "
+            + describe(msg),
         )
     version, kind, body = msg
+    # Types first: a decoded value of another type is never compared (its __eq__ is not ours).
     if type(version) is not int or version != VERSION:
-        raise FrameError(E_BAD_VERSION, f"protocol version {version!r} is not supported (only 1)")
-    if kind == SUBMIT and type(kind) is int:
+        raise FrameError(
+            E_BAD_VERSION, f"protocol version {describe(version)} is not supported (only 1)"
+        )
+    if type(kind) is int and kind == SUBMIT:
         if type(body) is not list:
-            raise FrameError(E_BAD_FRAME, "a SUBMIT body must be an array of items")
+            raise FrameError(
+                E_BAD_FRAME, f"a SUBMIT body must be an array of items, got {describe(body)}"
+            )
         if len(body) > max_items:
             raise FrameError(
                 E_TOO_MANY_ITEMS, f"{len(body)} items in one frame, at most {max_items} allowed"
             )
         return SUBMIT, body
-    if kind == HELLO and type(kind) is int:
+    if type(kind) is int and kind == HELLO:
         return HELLO, body
-    raise FrameError(E_BAD_KIND, f"unknown frame kind {kind!r} (0 = SUBMIT, 1 = HELLO)")
+    raise FrameError(E_BAD_KIND, f"unknown frame kind {describe(kind)} (0 = SUBMIT, 1 = HELLO)")
+
+
+_SMALL_INT_BITS = 64  # integers up to this size are quoted; larger ones only described
+_TEXT_MAX = 200  # characters of an exception's text kept in an error message
+
+
+def describe(value: Any) -> str:
+    """A short description of a value a producer sent, for an error message: bounded in length
+    and cost whatever the value, and never raising.
+
+    Only small integers, floats, booleans and None are quoted; an integer beyond 64 bits is
+    described by its sign and bit length (formatting one of 10**5000 would raise ``ValueError``
+    under Python's integer string conversion limit, and cost time even without it), containers
+    and strings by their type and length, CBOR tags by their number, anything else by its type.
+    """
+    try:
+        t = type(value)
+        if value is None or t is bool or t is float:
+            return repr(value)  # a float's repr is at most ~24 characters (nan, inf, -0.0 too)
+        if t is int:
+            bits = value.bit_length()
+            if bits <= _SMALL_INT_BITS:
+                return f"integer {value}"
+            return f"{'negative' if value < 0 else 'positive'} integer of {bits} bits"
+        if t in (bytes, bytearray, str):
+            return f"{t.__name__} of length {len(value)}"
+        if t in (list, tuple, dict, set, frozenset):
+            return f"{t.__name__} of {len(value)} elements"
+        if t is cbor2.CBORTag:
+            tag = value.tag
+            number = tag if type(tag) is int and tag.bit_length() <= _SMALL_INT_BITS else "?"
+            return f"CBOR tag {number} holding {type(value.value).__name__}"
+        if t is cbor2.CBORSimpleValue:
+            return f"CBOR simple value {int(value.value)}"
+        if value is cbor2.undefined:
+            return "CBOR undefined"
+        if t is decimal.Decimal:
+            if not value.is_finite():
+                return "decimal NaN" if value.is_nan() else "decimal infinity"
+            return f"decimal of {len(value.as_tuple().digits)} digits"
+        if t is fractions.Fraction:
+            return f"fraction of {value.numerator.bit_length()}/{value.denominator.bit_length()} bits"
+        return t.__name__
+    except Exception:  # noqa: BLE001 - a description must never fail the caller
+        return "a value that cannot be described"
+
+
+def exc_text(exc: BaseException) -> str:
+    """``str(exc)`` cut to 200 characters; the exception's type name if even that fails (the
+    text of an exception about a producer's value may format that value)."""
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001
+        return type(exc).__name__
+    return text if len(text) <= _TEXT_MAX else text[:_TEXT_MAX] + "..."
 
 
 def encode_submit(items: list[list[Any]]) -> bytes:
@@ -198,8 +324,19 @@ def encode_hello(token: Any) -> bytes:
     return _dumps([VERSION, HELLO, token])
 
 
+_HELLO_REPLY_HEAD: Final = b"\x84" + _dumps(VERSION) + _dumps(HELLO)  # array(4), 1, 1
+
+
 def encode_hello_reply(token: Any, info: dict[str, Any]) -> bytes:
-    return _dumps([VERSION, HELLO, token, info])
+    """``[1, HELLO, token, info]``. The token is encoded with shared-value tags: a token whose
+    decoded form references one container many times (CBOR tags 28/29; 40 levels of ``[x, x]``
+    fit in a few hundred bytes) would otherwise be written out 2**40 times.
+
+    Raises:
+        ValueError / TypeError (from cbor2): the token cannot be encoded (the caller falls back).
+    """
+    sharing = isinstance(token, (list, dict, set, frozenset, tuple, cbor2.CBORTag))
+    return _HELLO_REPLY_HEAD + _dumps(token, value_sharing=sharing) + _dumps(info)
 
 
 def encode_replies(replies: list[list[Any]]) -> bytes:
@@ -211,5 +348,6 @@ def encode_replies(replies: list[list[Any]]) -> bytes:
     return _dumps([VERSION, REPLIES, replies])
 
 
-def encode_error(code: str, message: str) -> bytes:
-    return _dumps([VERSION, ERROR, {"error": code, "message": message}])
+def encode_error(code: str, message: str, **extra: Any) -> bytes:
+    """``[1, ERROR, {"error": code, "message": message, **extra}]``."""
+    return _dumps([VERSION, ERROR, {"error": code, "message": message, **extra}])

@@ -152,6 +152,7 @@ class Service:
                     endpoint=self.ingress_endpoint,
                     max_message_bytes=cfg.transport.max_message_bytes,
                     max_producers=cfg.ingress.max_producers,
+                    max_pending_per_producer=cfg.ingress.max_pending_per_producer,
                     curve=keys,
                 ),
                 info={"pid": os.getpid()},

@@ -78,6 +78,7 @@ def test_defaults_without_file(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.supervisor.heartbeat_timeout_s == 10.0
     assert cfg.supervisor.restart_backoff_max_s == 2.0
     assert (cfg.ingress.endpoint, cfg.ingress.max_producers) == ("", 1024)
+    assert cfg.ingress.max_pending_per_producer == 10_000
     assert cfg.control.endpoint == ""
     assert (cfg.metrics.enabled, cfg.metrics.host, cfg.metrics.port) == (False, "127.0.0.1", 9464)
 
@@ -238,6 +239,8 @@ def test_string_for_bool_rejected(tmp_path: Path) -> None:
         ("supervisor.max_restarts", 10001, "an integer from 0 to 10000"),
         ("supervisor.restart_window_s", float("inf"), "a number > 0 and <= 86400"),
         ("ingress.max_producers", 0, "an integer from 1 to 1000000"),
+        ("ingress.max_pending_per_producer", 0, "an integer from 1 to 10000000"),
+        ("ingress.max_pending_per_producer", 10_000_001, "an integer from 1 to 10000000"),
         ("metrics.port", 65536, "an integer from 1 to 65535"),
         ("metrics.port", 0, "an integer from 1 to 65535"),
     ],

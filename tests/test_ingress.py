@@ -10,6 +10,7 @@ from typing import Any
 import cbor2
 import pytest
 import zmq
+from backend_tools import raw_producer
 from service_handlers import in_process_backend
 
 from shardpool import protocol as P
@@ -125,14 +126,6 @@ def test_halted_channel_gets_a_notice_then_its_final_reply(tmp_path: Path) -> No
         assert after.result(timeout=20.0) == 1
 
 
-def _raw(endpoint: str) -> tuple[zmq.Context[Any], zmq.Socket[bytes]]:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(endpoint)
-    return ctx, sock
-
-
 def _recv(sock: zmq.Socket[bytes]) -> list[Any]:
     assert sock.poll(20_000), "no reply"
     return cbor2.loads(sock.recv())  # type: ignore[no-any-return]
@@ -147,13 +140,13 @@ def test_frame_limits_and_producer_limit(tmp_path: Path) -> None:
         ) as svc,
         ControlClient(svc.control_endpoint) as ctl,
     ):
-        ctx, a = _raw(svc.ingress_endpoint)
+        ctx, a = raw_producer(svc.ingress_endpoint)
         ctx2: Any = None
         b: Any = None
         try:
             a.send(P.encode_hello(1))
             assert _recv(a)[:3] == [P.VERSION, P.HELLO, 1]
-            ctx2, b = _raw(svc.ingress_endpoint)
+            ctx2, b = raw_producer(svc.ingress_endpoint)
             too_many = [[i, b"c", b""] for i in range(svc.ingress.settings.max_items + 1)]
             a.send(P.encode_submit(too_many))
             msg = _recv(a)

@@ -1,0 +1,97 @@
+"""Test tools around a backend: a ``shardpool run`` subprocess (for tests that measure or kill the
+backend process itself) and a raw producer socket (to send anything at all)."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import zmq
+from service_handlers import subprocess_env, toml_config
+
+from shardpool.control import ControlClient
+
+
+class Backend:
+    """A started backend: ``proc``, ``info`` (its answer to the readiness ping) and ``workers``
+    (the processes it had started when ready; psutil handles, so a reused pid is never hit)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], info: dict[str, Any]) -> None:
+        self.proc = proc
+        self.info = info
+        self.workers = psutil.Process(proc.pid).children(recursive=True)
+
+    def kill(self) -> None:
+        """SIGKILL the backend process alone (its workers are left to notice), reaped."""
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def backend_process(tmp_path: Path, sections: dict[str, dict[str, Any]]) -> Iterator[Backend]:
+    """Start ``shardpool run -c <config>``, wait for the control socket's answer (the readiness
+    handshake, 60 s at most), and on exit make sure the backend and every worker it ever had
+    are gone, whatever happened (printing the end of its log)."""
+    cfg = tmp_path / "backend.toml"
+    cfg.write_text(toml_config(sections))
+    log_path = tmp_path / "backend.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shardpool", "run", "-c", str(cfg)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=subprocess_env(),
+            cwd=tmp_path,
+        )
+    kids: list[psutil.Process] = []
+    try:
+        with ControlClient(sections["control"]["endpoint"]) as ctl:
+            info = ctl.wait_ready(60.0, alive=lambda: proc.poll() is None)
+        backend = Backend(proc, info)
+        kids = backend.workers
+        yield backend
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                kids += psutil.Process(proc.pid).children(recursive=True)
+            proc.kill()
+        proc.wait(10)
+        for kid in kids:
+            with contextlib.suppress(psutil.Error):
+                kid.kill()
+        _wait_gone(kids, 10.0)
+        print(log_path.read_text(errors="replace")[-4000:])
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> None:
+    """Wait until each process has exited. An orphan that exited counts as gone while it is a
+    zombie: a container's pid 1 may never reap it (psutil.wait_procs would wait it out)."""
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        while True:
+            try:
+                if p.status() == psutil.STATUS_ZOMBIE:
+                    break
+                p.wait(max(0.0, min(0.05, deadline - time.monotonic())))
+                break
+            except psutil.NoSuchProcess:
+                break
+            except psutil.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    raise AssertionError(f"process {p.pid} still running") from None
+
+
+def raw_producer(endpoint: str) -> tuple[zmq.Context[Any], zmq.Socket[bytes]]:
+    """A DEALER connected to an ingress (linger 0): whatever bytes a test likes can be sent.
+    The caller closes the socket (linger 0) and terminates the context."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(endpoint)
+    return ctx, sock
