@@ -25,15 +25,30 @@ shutting down, ...), ``"closed"`` (accepted but handed back at shutdown, never p
 send again), ``"in_doubt"`` (the backend stopped while the handler may have been running it) or
 ``"halted"`` (not final: the channel is parked under the ``halt`` policy until an operator acts).
 A client is not thread-safe: use one per thread (or one :class:`AsyncClient` per event loop).
+
+**A lost backend is noticed within about 2 s**, not at your timeout: the client watches its
+connection (a ZeroMQ socket monitor sees a closed connection at once, e.g. when the backend
+process dies; ZeroMQ heartbeats declare a silent tcp peer gone after 1.5 s). If messages were
+sent and are still unanswered then — or are sent while the connection stays down past that —
+every call (``send``, ``request`` and its future, ``call``, ``results``, ``wait``, ``poll``,
+``flush``, ``hello``) raises :class:`~shardpool.errors.BackendLost` naming the endpoint and how
+many messages were left unanswered (each may or may not have been processed). The client is then
+broken for good: create a new one. A connection lost with nothing unanswered is not an error
+(ZeroMQ reconnects). On an ipc endpoint left by a backend that is gone (its socket file remains
+but nobody holds its lock), the handshake fails at once with
+:class:`~shardpool.control.NotRunning` naming the pid the lock named.
+
+The HELLO answer advertises the backend's ``max_pending_per_producer``; ``max_outstanding`` is
+lowered to it, so a client that reads its replies is never refused ``too_many_pending``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import math
 import concurrent.futures
 import itertools
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -45,13 +60,21 @@ import zmq.asyncio
 
 from . import protocol as P
 from .config import Config, find_config_path, load_config
-from .errors import PayloadTooLarge, ShardPoolError
+from .control import (
+    HEARTBEAT_TIMEOUT_MS,
+    ConnectionWatch,
+    NotRunning,
+    apply_heartbeats,
+    stale_backend,
+)
+from .errors import BackendLost, PayloadTooLarge, ShardPoolError
 from .routing import check_channel_id
 from .security import load_client_keys, load_public_key, resolve_endpoints
 
 __all__ = ["AsyncClient", "Client", "Reply", "ReplyError", "ReplyFuture", "default_endpoint"]
 
 DEFAULT_TIMEOUT_S = 30.0
+_LOOK_S = 0.25  # a sync client's send reads what has arrived at least this often (seconds)
 
 
 class ReplyError(ShardPoolError):
@@ -118,13 +141,23 @@ def _curve_options(
 
 def _make_socket(
     sock: zmq.Socket[Any], endpoint: str, curve: tuple[bytes, bytes, bytes] | None, sndhwm: int
-) -> None:
+) -> ConnectionWatch:
+    """Configure and connect the client's DEALER; returns the watch on its connection."""
     sock.linger = 0
     sock.sndhwm = sndhwm
     sock.rcvhwm = 0  # replies are bounded by what we sent; never let ZeroMQ drop one
+    apply_heartbeats(sock)
     if curve is not None:
         sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
+    watch = ConnectionWatch(sock)  # before connect: the first connection is an event too
     sock.connect(endpoint)
+    return watch
+
+
+def _check_not_stale(endpoint: str) -> None:
+    stale = stale_backend(endpoint)
+    if stale is not None:
+        raise NotRunning(stale)
 
 
 def _check(channel_id: bytes, payload: bytes, max_bytes: int | None) -> bytes:
@@ -150,6 +183,7 @@ class _Core:
         self.batch_size = batch_size
         self.batch_bytes = batch_bytes
         self.max_outstanding = max_outstanding
+        self._asked_outstanding = max_outstanding
         self.max_message_bytes: int | None = None
         self.server_info: dict[str, Any] = {}
         self._corr = itertools.count()
@@ -161,8 +195,57 @@ class _Core:
         self._futures: dict[int, Any] = {}
         self._hello: dict[Any, dict[str, Any]] = {}
         self._fatal: ReplyError | None = None
+        self._lost: BackendLost | None = None
+        self.endpoint = ""
+        self._watch: ConnectionWatch | None = None
+
+    def _learn(self, info: dict[str, Any]) -> None:
+        """Take what a HELLO answer says: the backend's limits."""
+        self.server_info = info
+        self.max_message_bytes = info.get("max_message_bytes")
+        cap = info.get("max_pending_per_producer")
+        if type(cap) is int and cap >= 1:
+            # The backend refuses what a producer has pending past this: stay within it.
+            self.max_outstanding = min(self._asked_outstanding, cap)
+
+    @property
+    def unanswered(self) -> int:
+        """Messages handed to the socket whose final reply has not come (batched ones not)."""
+        return self.outstanding - len(self._buf)
+
+    def _link_lost(self, disconnections: int) -> BackendLost | None:
+        """Judge the connection after ``disconnections`` were seen (replies that arrived before
+        them already taken): lost when messages are unanswered and the connection closed, or
+        stayed down past the heartbeat timeout. Marks the client lost (and fails its futures)."""
+        if self._lost is not None:
+            return self._lost
+        if self.unanswered <= 0 or self._watch is None:
+            return None
+        down = self._watch.down_since
+        if not disconnections and (
+            down is None or time.monotonic() - down <= HEARTBEAT_TIMEOUT_MS / 1000
+        ):
+            return None
+        n = self.unanswered
+        unsent = len(self._buf)
+        err = BackendLost(
+            f"the shardpool backend at {self.endpoint} went away (its connection closed, or "
+            f"was silent for {HEARTBEAT_TIMEOUT_MS / 1000:g} s) with {n} messages unanswered; "
+            "each may or may not have been processed"
+            + (f"; {unsent} more were never sent" if unsent else "")
+            + ". This client is broken: create a new one.",
+            endpoint=self.endpoint,
+            unanswered=n,
+        )
+        self._lost = err
+        for fut in self._futures.values():
+            self._resolve(fut, err)
+        self._futures.clear()
+        return err
 
     def _add(self, cid: bytes, payload: bytes, fut: Any = None) -> int:
+        if self._lost is not None:
+            raise self._lost
         if self._fatal is not None:
             raise self._fatal
         corr = next(self._corr)
@@ -271,7 +354,8 @@ class Client(_Core):
         config: a Config or a path; default: the config ``shardpool run`` would load.
         timeout: default seconds for every wait (flow control, flush, handshake, results).
         batch_size: messages per frame, at most. batch_bytes: payload bytes per frame, about.
-        max_outstanding: messages awaiting their reply before ``send`` waits.
+        max_outstanding: messages awaiting their reply before ``send`` waits; lowered by the
+            handshake to the backend's ``max_pending_per_producer``.
         server_public_key / client_secret_key: CURVE key files (or the server's Z85 key); the
             server key defaults to ``ingress.curve_public_key`` of the config.
         handshake: send a HELLO and wait for the answer in the constructor (learns the backend's
@@ -280,6 +364,7 @@ class Client(_Core):
 
     Raises:
         TimeoutError: the handshake got no answer in ``timeout`` seconds.
+        NotRunning: (handshake) the ipc endpoint is left from a backend that is gone.
         ConfigError / OSError / ValueError: bad config or key files.
     """
 
@@ -304,10 +389,16 @@ class Client(_Core):
         self.endpoint = endpoint if endpoint is not None else resolve_endpoints(cfg)[0]  # type: ignore[arg-type]
         self.timeout = timeout
         curve = _curve_options(cfg, server_public_key, client_secret_key)
+        if handshake:
+            _check_not_stale(self.endpoint)
+        self._next_look = 0.0
         self._ctx = zmq.Context()
         self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
         try:
-            _make_socket(self._sock, self.endpoint, curve, sndhwm)
+            self._watch = _make_socket(self._sock, self.endpoint, curve, sndhwm)
+            self._poller = zmq.Poller()
+            self._poller.register(self._sock, zmq.POLLIN)
+            self._poller.register(self._watch.monitor, zmq.POLLIN)
             if handshake:
                 self.hello()
         except BaseException:
@@ -326,6 +417,7 @@ class Client(_Core):
             ChannelIdError / PayloadTooLarge / TypeError: refused locally (nothing sent).
             TimeoutError: flow control did not let it go in time (it stays queued).
             ReplyError: the backend refused this client's frames (protocol error).
+            BackendLost: the backend went away with messages unanswered (see the module doc).
         """
         return self.send_bytes(channel_id, cbor2.dumps(message), timeout)
 
@@ -356,6 +448,7 @@ class Client(_Core):
 
         Raises:
             ReplyError: the message failed, was rejected or handed back. TimeoutError.
+            BackendLost: the backend went away before answering.
         """
         fut = self.request(channel_id, message, timeout)
         return fut.result(self.timeout if timeout is None else timeout)
@@ -363,6 +456,11 @@ class Client(_Core):
     def _after_add(self, timeout: float | None) -> None:
         if self._batch_due():
             self.flush(timeout)
+        elif time.monotonic() >= self._next_look:
+            # Without a thread of its own, the client learns of replies and of a lost backend
+            # only when it looks: a producer that sends now and then looks this often.
+            self._next_look = time.monotonic() + _LOOK_S
+            self._receive(0)
         if self.outstanding >= self.max_outstanding:
             # End-to-end flow control: replies only come as the pool finishes work.
             self.flush(timeout)
@@ -373,6 +471,7 @@ class Client(_Core):
 
         Raises:
             TimeoutError: the queue stayed full (the batch stays pending; nothing is lost).
+            BackendLost: the backend went away with messages unanswered.
         """
         if not self._buf:
             self._receive(0)
@@ -392,55 +491,79 @@ class Client(_Core):
                     f"backend at {self.endpoint} did not take more messages within the timeout "
                     f"({self.outstanding} awaiting replies)"
                 )
-            events = self._sock.poll(math.ceil(min(left, 0.1) * 1000), zmq.POLLIN | zmq.POLLOUT)
-            if events & zmq.POLLIN:
-                self._receive(0)
+            self._sock.poll(math.ceil(min(left, 0.1) * 1000), zmq.POLLIN | zmq.POLLOUT)
+            self._receive(0)
         self._sent()
         self._receive(0)
 
     # -- receiving ---------------------------------------------------------------------------
 
     def _receive(self, timeout_s: float) -> bool:
-        """Read every frame available, waiting up to ``timeout_s`` for the first; True if any."""
+        """Read every frame available, waiting up to ``timeout_s`` for the first (or for news
+        of the connection); True if any.
+
+        Raises:
+            BackendLost: the connection is lost with messages unanswered (replies that arrived
+                before that are taken first).
+        """
+        if self._lost is not None:
+            raise self._lost
         sock = self._sock
-        if timeout_s > 0 and not sock.poll(math.ceil(timeout_s * 1000)):
-            return False
+        if timeout_s > 0:
+            self._poller.poll(math.ceil(timeout_s * 1000))
         got = False
         while True:
             try:
                 data = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return got
+                break
             got = True
             self._on_frame(data)
+        assert self._watch is not None
+        lost = self._link_lost(self._watch.events())
+        if lost is not None:
+            raise lost
+        return got
 
     def _wait_for(self, cond: Any, timeout: float | None, what: str) -> None:
         if cond():
             return
-        self.flush(timeout)
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while not cond():
-            if self._fatal is not None and what != "reply":
-                raise self._fatal
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(
-                    f"no {what} from the backend at {self.endpoint} within the timeout "
-                    f"({self.outstanding} messages awaiting replies)"
-                )
-            self._receive(min(left, 0.5))
+        try:
+            self.flush(timeout)
+            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+            while not cond():
+                if self._fatal is not None and what != "reply":
+                    raise self._fatal
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"no {what} from the backend at {self.endpoint} within the timeout "
+                        f"({self.outstanding} messages awaiting replies)"
+                    )
+                self._receive(min(left, 0.5))
+        except BackendLost:
+            if not cond():  # e.g. a future the loss has just failed: it is done now
+                raise
 
     def poll(self, timeout: float = 0.0) -> list[Reply]:
         """Replies to :meth:`send` received so far (flushing first), waiting up to ``timeout``
-        seconds for at least one if there is none yet."""
-        self.flush()
-        if not self._ready and timeout > 0 and self._pending_results > 0:
-            try:
-                self._wait_for(
-                    lambda: bool(self._ready) or self._pending_results == 0, timeout, "reply"
-                )
-            except TimeoutError:
-                pass  # none yet: an empty list says so
+        seconds for at least one if there is none yet.
+
+        Raises:
+            BackendLost: the backend went away and no reply is left to return.
+        """
+        try:
+            self.flush()
+            if not self._ready and timeout > 0 and self._pending_results > 0:
+                try:
+                    self._wait_for(
+                        lambda: bool(self._ready) or self._pending_results == 0, timeout, "reply"
+                    )
+                except TimeoutError:
+                    pass  # none yet: an empty list says so
+        except BackendLost:
+            if not self._ready:
+                raise  # else: what arrived before the loss first; the next call raises
         out = list(self._ready)
         self._ready.clear()
         return out
@@ -450,6 +573,7 @@ class Client(_Core):
 
         Raises:
             TimeoutError: no reply for ``timeout`` seconds while some are still due.
+            BackendLost: the backend went away with some still due.
         """
         self.flush(timeout)
         while True:
@@ -467,6 +591,7 @@ class Client(_Core):
 
         Raises:
             TimeoutError: after ``timeout`` seconds.
+            BackendLost: the backend went away with some still due.
         """
         self._wait_for(lambda: self.outstanding <= 0, timeout, "reply")
 
@@ -487,8 +612,7 @@ class Client(_Core):
                 raise TimeoutError(f"no answer from a shardpool backend at {self.endpoint}")
             self._receive(min(left, 0.5))
         info = self._hello.pop(token)
-        self.server_info = info
-        self.max_message_bytes = info.get("max_message_bytes")
+        self._learn(info)
         return info
 
     # -- closing -----------------------------------------------------------------------------
@@ -500,11 +624,15 @@ class Client(_Core):
         if sock is None or sock.closed:
             return
         try:
-            if self._buf and timeout:
+            if self._buf and timeout and self._lost is None:
                 self.flush(timeout)
-        except (TimeoutError, zmq.ZMQError):
+        except (TimeoutError, zmq.ZMQError, ShardPoolError):
             pass
-        sock.close(linger=int((timeout or 0) * 1000))
+        if self._watch is not None:
+            self._watch.close()
+        # Nothing queued can reach a backend that is gone: do not linger for it.
+        linger = 0 if self._lost is not None else int((timeout or 0) * 1000)
+        sock.close(linger=linger)
         self._ctx.term()
 
     def __enter__(self) -> Client:
@@ -547,13 +675,14 @@ class AsyncClient(_Core):
         self._loop = asyncio.get_running_loop()
         self._ctx = zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket = self._ctx.socket(zmq.DEALER)
-        _make_socket(
+        self._watch = _make_socket(
             self._sock,
             self.endpoint,
             _curve_options(cfg, server_public_key, client_secret_key),
             sndhwm,
         )
-        self._changed = asyncio.Event()  # set whenever replies arrive
+        self._changed = asyncio.Event()  # set whenever replies (or news of the backend) arrive
+        self._lost_event = asyncio.Event()
         self._flush_handle: asyncio.Handle | None = None
         self._flush_lock = asyncio.Lock()
         self._reader = self._loop.create_task(self._read())
@@ -566,10 +695,12 @@ class AsyncClient(_Core):
 
         Raises:
             TimeoutError: no answer to the handshake within ``timeout`` seconds.
+            NotRunning: (handshake) the ipc endpoint is left from a backend that is gone.
         """
         client = cls(endpoint, **kwargs)
         if handshake:
             try:
+                _check_not_stale(client.endpoint)
                 await client.hello()
             except BaseException:
                 await client.aclose(0)
@@ -577,18 +708,42 @@ class AsyncClient(_Core):
         return client
 
     async def _read(self) -> None:
+        """The reader task: replies as they come, and news of the connection."""
         sock = self._sock
+        assert self._watch is not None
+        mon: Any = self._watch.monitor  # an asyncio socket: its calls return futures
+        poller = zmq.asyncio.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(mon, zmq.POLLIN)
         while True:
+            # While the connection is down, wake now and then to judge how long it has been.
+            wait_ms = 250 if self._watch.down_since is not None else None
             try:
-                data = await sock.recv()
+                await poller.poll(wait_ms)
+                while True:  # replies first: those sent before a loss are still good
+                    try:
+                        data = await sock.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_frame(data)
+                disconnections = 0
+                while True:
+                    try:
+                        frames = await mon.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    disconnections += self._watch.feed(frames)
             except (asyncio.CancelledError, zmq.ZMQError):
                 return
-            self._on_frame(data)
+            if self._link_lost(disconnections) is not None:
+                self._lost_event.set()
             self._changed.set()
 
     async def _wait_for(self, cond: Any, timeout: float | None, what: str) -> None:
         deadline = self._loop.time() + (self.timeout if timeout is None else timeout)
         while not cond():
+            if self._lost is not None:
+                raise self._lost
             if self._fatal is not None and what != "reply":
                 raise self._fatal
             left = deadline - self._loop.time()
@@ -637,7 +792,7 @@ class AsyncClient(_Core):
         """Send one message and await its result, ``timeout`` seconds at most.
 
         Raises:
-            ReplyError. TimeoutError.
+            ReplyError. TimeoutError. BackendLost: the backend went away before answering.
         """
         t = self.timeout if timeout is None else timeout
         fut = await self.request(channel_id, message, t)
@@ -669,31 +824,49 @@ class AsyncClient(_Core):
 
         Raises:
             TimeoutError: the queue stayed full (the batch stays pending).
+            BackendLost: the backend went away with messages unanswered.
         """
         async with self._flush_lock:
+            if self._lost is not None:
+                raise self._lost
             if not self._buf:
                 return
             frame = self._take_frame()
             buf = self._buf
             self._sent()
             t = self.timeout if timeout is None else timeout
+            sending = asyncio.ensure_future(self._sock.send(frame))
+            lost = asyncio.ensure_future(self._lost_event.wait())
+            sent = False
             try:
-                await asyncio.wait_for(self._sock.send(frame), t)
-            except BaseException as exc:
-                # Not sent: put the batch back in front of anything added meanwhile.
-                self._buf = buf + self._buf
-                self._buf_bytes = sum(len(i[1]) + len(i[2]) + 12 for i in self._buf)
-                if isinstance(exc, asyncio.TimeoutError):
-                    raise TimeoutError(
-                        f"backend at {self.endpoint} did not take more messages within {t} s"
-                    ) from None
-                raise
+                # A full queue towards a backend that died would hold the send until the
+                # timeout: the loss ends the wait.
+                await asyncio.wait((sending, lost), timeout=t, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                lost.cancel()
+                if not sending.done():
+                    sending.cancel()
+                sent = not sending.cancelled() and sending.exception() is None
+                if not sent:
+                    # Not sent: put the batch back in front of anything added meanwhile.
+                    self._buf = buf + self._buf
+                    self._buf_bytes = sum(len(i[1]) + len(i[2]) + 12 for i in self._buf)
+            if sent:
+                return
+            if not sending.cancelled():
+                raise sending.exception()  # type: ignore[misc]
+            if self._lost is not None:
+                raise self._lost
+            raise TimeoutError(
+                f"backend at {self.endpoint} did not take more messages within {t} s"
+            )
 
     async def results(self, timeout: float | None = None) -> AsyncIterator[Reply]:
         """Yield replies to :meth:`send` until every message sent so far has its final reply.
 
         Raises:
             TimeoutError: no reply for ``timeout`` seconds while some are due.
+            BackendLost: the backend went away with some still due.
         """
         await self.flush(timeout)
         while True:
@@ -706,7 +879,11 @@ class AsyncClient(_Core):
             )
 
     async def wait(self, timeout: float | None = None) -> None:
-        """Flush and await the final reply of everything sent so far."""
+        """Flush and await the final reply of everything sent so far.
+
+        Raises:
+            TimeoutError. BackendLost: the backend went away with some still due.
+        """
         await self.flush(timeout)
         await self._wait_for(lambda: self.outstanding <= 0, timeout, "reply")
 
@@ -720,8 +897,7 @@ class AsyncClient(_Core):
         except TimeoutError:
             raise TimeoutError(f"no answer from a shardpool backend at {self.endpoint}") from None
         info = self._hello.pop(token)
-        self.server_info = info
-        self.max_message_bytes = info.get("max_message_bytes")
+        self._learn(info)
         return info
 
     async def aclose(self, timeout: float | None = 1.0) -> None:
@@ -732,9 +908,9 @@ class AsyncClient(_Core):
             self._flush_handle.cancel()
             self._flush_handle = None
         try:
-            if self._buf and timeout:
+            if self._buf and timeout and self._lost is None:
                 await self.flush(timeout)
-        except (TimeoutError, zmq.ZMQError):
+        except (TimeoutError, zmq.ZMQError, ShardPoolError):
             pass
         self._reader.cancel()
         try:
@@ -744,7 +920,10 @@ class AsyncClient(_Core):
         for fut in self._futures.values():
             if not fut.done():
                 fut.cancel()
-        self._sock.close(linger=int((timeout or 0) * 1000))
+        if self._watch is not None:
+            self._watch.close()
+        linger = 0 if self._lost is not None else int((timeout or 0) * 1000)
+        self._sock.close(linger=linger)
         self._ctx.term()
 
     async def __aenter__(self) -> AsyncClient:

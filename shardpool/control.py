@@ -17,13 +17,23 @@ Wire format (one CBOR frame each way, DEALER → ROUTER)::
 
 A request that needs the main thread (drain, stop) is answered later; the server thread keeps
 answering others meanwhile, which is why this is a ROUTER and not a REP socket.
+
+A client learns at once that no backend runs: a missing ipc socket file, or one whose
+``<socket>.lock`` is held by nobody (the backend that wrote its pid there is gone:
+:func:`stale_backend`), answers :class:`NotRunning` without waiting; a backend that dies while a
+request waits (``drain`` may take a long time) is noticed through the connection closing (or
+ZeroMQ heartbeats going unanswered for :data:`HEARTBEAT_TIMEOUT_MS` on tcp).
+:class:`ConnectionWatch` follows a DEALER's connection for this client and for the producer
+clients of :mod:`shardpool.client`.
 """
 
 from __future__ import annotations
 
 import collections
+import fcntl
 import logging
 import math
+import os
 import shutil
 import threading
 import time
@@ -32,6 +42,7 @@ from typing import Any
 
 import cbor2
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from .errors import ShardPoolError
 from .security import ipc_path, secure_socket_file
@@ -40,11 +51,13 @@ from .wakeup import WakePipe
 log = logging.getLogger("shardpool.control")
 
 __all__ = [
+    "ConnectionWatch",
     "ControlClient",
     "ControlError",
     "ControlServer",
     "NotRunning",
     "render_status",
+    "stale_backend",
 ]
 
 VERSION = 1
@@ -59,7 +72,122 @@ class ControlError(ShardPoolError):
 
 
 class NotRunning(ShardPoolError):
-    """No backend answers on the control endpoint."""
+    """No backend runs at the endpoint (nothing answers, its socket file is missing or stale, or
+    it went away while a request waited)."""
+
+
+# Heartbeats on client connections (ms): a backend whose host or process froze without closing
+# the connection (tcp) is declared gone after HEARTBEAT_TIMEOUT_MS without any traffic; a closed
+# connection (a process that died, on ipc or tcp) is seen at once. The TTL asks the backend to
+# drop the connection of a client silent that long (it frees what it held for it).
+HEARTBEAT_IVL_MS = 500
+HEARTBEAT_TIMEOUT_MS = 1500
+HEARTBEAT_TTL_MS = 10_000
+
+
+def apply_heartbeats(sock: zmq.Socket[Any]) -> None:
+    """Turn on ZMTP heartbeats on a client socket (before it connects)."""
+    sock.heartbeat_ivl = HEARTBEAT_IVL_MS
+    sock.heartbeat_timeout = HEARTBEAT_TIMEOUT_MS
+    sock.heartbeat_ttl = HEARTBEAT_TTL_MS
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def stale_backend(endpoint: str) -> str | None:
+    """Why no backend can be listening on ``endpoint`` although its socket file exists, or None
+    when one may be (or the endpoint is not ipc, or its socket file is missing).
+
+    ``shardpool run`` holds an ``flock`` on ``<socket>.lock`` (which holds its pid) while the
+    socket is bound; a backend that was killed leaves the socket file behind with nobody holding
+    the lock. The pid is checked first, so the lock is only probed (a shared lock taken and
+    dropped at once) when that pid is gone.
+    """
+    path = ipc_path(endpoint)
+    if path is None or not path.exists():
+        return None
+    lock = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # no lock file: not a socket of shardpool run; nothing to say
+    try:
+        text = os.read(fd, 32).decode(errors="replace").strip()
+        pid = int(text) if text.isdigit() else None
+        if pid is not None and _pid_alive(pid):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return None  # held: a backend is there (one starting has not written its pid yet)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+    named = f"pid {pid}" if pid is not None else "no pid"
+    return (
+        f"no shardpool backend at {endpoint}: its socket file is left from a backend that did "
+        f"not shut down cleanly ({lock} names {named}, which is gone); start `shardpool run`"
+    )
+
+
+class ConnectionWatch:
+    """Follows one client socket's connection through a ZeroMQ socket monitor.
+
+    ``events()`` reads what the monitor has and returns how many disconnections it saw;
+    ``connected`` is the state after them and ``down_since`` (``time.monotonic()`` seconds) when
+    the connection was last lost and not re-made (None while connected or before the first
+    connection). Create it before the socket connects; call :meth:`close` before the socket.
+    """
+
+    EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+
+    def __init__(self, sock: zmq.Socket[Any]) -> None:
+        self._sock = sock
+        self.monitor: zmq.Socket[Any] = sock.get_monitor_socket(self.EVENTS)
+        self.connected = False
+        self.ever_connected = False
+        self.down_since: float | None = None
+
+    def feed(self, frames: list[bytes]) -> bool:
+        """Take one monitor message; True if it was a disconnection."""
+        try:
+            event = parse_monitor_message(frames)["event"]
+        except Exception:  # noqa: BLE001 - a monitor message we cannot read changes nothing
+            return False
+        if event == zmq.EVENT_CONNECTED:
+            self.connected = self.ever_connected = True
+            self.down_since = None
+            return False
+        if event == zmq.EVENT_DISCONNECTED:
+            self.connected = False
+            self.down_since = time.monotonic()
+            return True
+        return False
+
+    def events(self) -> int:
+        """Read every event waiting (never blocks); the number of disconnections among them."""
+        lost = 0
+        while True:
+            try:
+                frames = self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return lost
+            lost += self.feed(frames)
+
+    def close(self) -> None:
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(linger=0)
 
 
 # ---------------------------------------------------------------------------------------- server
@@ -210,15 +338,22 @@ class ControlClient:
         self._ctx = zmq.Context()
         self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
         self._sock.linger = 0
+        apply_heartbeats(self._sock)
+        self._watch = ConnectionWatch(self._sock)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._watch.monitor, zmq.POLLIN)
         self._sock.connect(endpoint)
 
     def request(
         self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None
     ) -> Any:
-        """Send one request and wait for its answer.
+        """Send one request and wait for its answer (``timeout`` seconds at most).
 
         Raises:
-            NotRunning: no answer within ``timeout`` seconds (or the ipc socket does not exist).
+            NotRunning: no answer within ``timeout``; at once when the ipc socket does not
+                exist or is left from a backend that is gone (naming the pid its lock named),
+                and as soon as the connection closes while waiting (the backend died).
             ControlError: the backend answered with an error.
         """
         timeout = self.timeout if timeout is None else timeout
@@ -227,16 +362,37 @@ class ControlClient:
             raise NotRunning(
                 f"no shardpool backend at {self.endpoint} (is `shardpool run` running?)"
             )
+        stale = stale_backend(self.endpoint)
+        if stale is not None:
+            raise NotRunning(stale)
+        self._watch.events()  # a disconnection before this request is not this request's loss
         self._sock.send(cbor2.dumps([VERSION, op, args or {}]))
-        if not self._sock.poll(math.ceil(max(0.0, timeout) * 1000)):
-            raise NotRunning(
-                f"no answer from {self.endpoint} within {timeout:g} s (is `shardpool run` running?)"
-            )
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NotRunning(
+                    f"no answer from {self.endpoint} within {timeout:g} s "
+                    "(is `shardpool run` running?)"
+                )
+            events = dict(self._poller.poll(math.ceil(min(left, 0.5) * 1000)))
+            if self._sock in events:
+                break
+            if self._watch.events() or self._down_too_long():
+                raise NotRunning(
+                    f"the shardpool backend at {self.endpoint} went away while answering "
+                    f"{op!r} (its connection closed)"
+                )
         reply = cbor2.loads(self._sock.recv())
         _, ok, payload = reply
         if not ok:
             raise ControlError(str(payload.get("error", payload)))
         return payload
+
+    def _down_too_long(self) -> bool:
+        # Lost before this request and not re-made within a heartbeat timeout: nobody to answer.
+        since = self._watch.down_since
+        return since is not None and time.monotonic() - since > HEARTBEAT_TIMEOUT_MS / 1000
 
     def wait_ready(self, timeout: float, alive: Callable[[], bool] | None = None) -> dict[str, Any]:
         """Ping until the backend answers (it binds its control socket last, so an answer means
@@ -262,6 +418,7 @@ class ControlClient:
                 return dict(payload)
 
     def close(self) -> None:
+        self._watch.close()
         self._sock.close(linger=0)
         self._ctx.term()
 
@@ -308,6 +465,9 @@ def render_status(snap: dict[str, Any], width: int | None = None) -> str:
         f"rate {_si(snap['rates']['ingress_per_s'])}/s",
         f"           replies {ing['replies']}  backpressure waits {ing['backpressure_waits']}  "
         f"auth failures {ing['auth_failures']}" + ("" if ing["accepting"] else "  (intake closed)"),
+        f"           unread replies held {ing.get('held_replies', 0)} for "
+        f"{ing.get('stalled_producers', 0)} producers  frames refused whole "
+        f"{ing.get('refused_frames', 0)}  internal errors {ing.get('internal_errors', 0)}",
     ]
     if ing.get("errors"):
         lines.append(

@@ -26,6 +26,9 @@ def test_sync_client_send_request_call_and_local_checks(tmp_path: Path) -> None:
         Client(svc.ingress_endpoint, timeout=20.0, batch_size=16) as client,
     ):
         assert client.server_info["max_message_bytes"] == 100
+        # It keeps within the backend's bound on what one producer may leave unanswered.
+        assert client.server_info["max_pending_per_producer"] == 10_000
+        assert client.max_outstanding == 10_000
         assert client.server_info["pid"] == svc.info()["pid"]
         corrs = [client.send(b"s%d" % (i % 4), {"i": i}) for i in range(200)]
         fut = client.request(b"r", {"i": 3})
@@ -74,6 +77,7 @@ def test_async_client(tmp_path: Path) -> None:
 
     async def main(endpoint: str) -> None:
         async with await AsyncClient.connect(endpoint, timeout=20.0, batch_size=32) as client:
+            assert client.max_outstanding == client.server_info["max_pending_per_producer"]
             sent = {}
             for i in range(500):
                 cid = b"a%d" % (i % 5)

@@ -49,6 +49,8 @@ def test_status_table_once_and_json(tmp_path: Path, capsys: pytest.CaptureFixtur
             "RSS MB",
             "order violations",
             "hottest channels",
+            "unread replies held 0 for 0 producers",
+            "internal errors 0",
         ):
             assert heading in table, heading
         for pid in svc.pool.worker_pids():
