@@ -29,11 +29,11 @@ So no frame can stop or stall the ingress.
 Replies leave without blocking: the ROUTER has a small send high-water mark and
 ``router_mandatory``, so a producer that does not read makes ZeroMQ refuse its replies (EAGAIN)
 instead of queueing them without bound. Refused reply frames wait in that producer's backlog and
-are re-tried every loop turn (at least every :data:`_RETRY_S` seconds) while everyone else's
-replies flow. What a producer holds — accepted messages not yet answered plus replies in its
-backlog — is bounded by ``max_pending_per_producer``: past it, its items are answered
-``too_many_pending``, and while it still does not read, its frames are refused whole and counted
-into one ERROR. Per-producer state is freed when it reaches zero or the producer is gone.
+are re-tried after 1 ms, then less and less often (up to every 50 ms) while none of them takes any,
+as everyone else's replies flow. What a producer holds — accepted messages not yet answered plus
+replies in its backlog — is bounded by ``max_pending_per_producer``: past it, its items are
+answered ``too_many_pending``, and while it still does not read, its frames are refused whole and
+counted into one ERROR. Per-producer state is freed when it reaches zero or the producer is gone.
 """
 
 from __future__ import annotations
@@ -67,10 +67,13 @@ _READ_BURST = 64  # frames read per loop turn before replies get their turn agai
 _ROOM_WAIT_S = 0.05  # backpressure: re-try a full window at least this often (seconds)
 # ZeroMQ's own reply queue per producer is at most _REPLY_HWM frames of _REPLY_ENTRIES replies;
 # past that, replies wait in the producer's backlog where they count towards its bound.
-_REPLY_HWM = 16
+_REPLY_HWM = 64
 _REPLY_ENTRIES = 64
-_RETRY_MS = 10  # how often producers whose replies ZeroMQ refused are tried again
-_RETRY_S = _RETRY_MS / 1000
+# Producers whose replies ZeroMQ refused are tried again after _RETRY_MIN_MS: a producer that
+# reads is usually ready by then (ZeroMQ frees its pipe in steps). While none takes anything the
+# gap doubles up to _RETRY_MAX_MS, so one that never reads costs almost nothing.
+_RETRY_MIN_MS = 1
+_RETRY_MAX_MS = 50
 # Heartbeats towards producers (ms): a producer host that vanished without closing its tcp
 # connection is dropped, so its backlog is freed.
 _HEARTBEAT_IVL_MS = 5_000
@@ -295,6 +298,7 @@ class Ingress:
         self._held_replies = 0  # replies in all backlogs (read by stats() from any thread)
         self._current: bytes | None = None  # the producer whose frame is being submitted
         self._next_retry = 0.0
+        self._retry_gap_ms = _RETRY_MIN_MS
         self._intake_reason: str | None = None
         self._closing = False
         self._close_deadline = 0.0
@@ -459,7 +463,7 @@ class Ingress:
         poller.register(wake_fd, zmq.POLLIN)
         recv = sock.recv_multipart
         while True:
-            events = dict(poller.poll(_RETRY_MS if self._stalled else 100))
+            events = dict(poller.poll(self._retry_gap_ms if self._stalled else 100))
             if wake_fd in events:
                 self._wakeup.drain()
             if mon in events:
@@ -557,9 +561,14 @@ class Ingress:
         if self._stalled:
             now = time.monotonic()
             if now >= self._next_retry:
-                self._next_retry = now + _RETRY_S
+                held = self._held_replies
                 for ident in list(self._stalled):
                     self._drain_backlog(sock, ident)
+                if self._held_replies < held:
+                    self._retry_gap_ms = _RETRY_MIN_MS
+                else:
+                    self._retry_gap_ms = min(2 * self._retry_gap_ms, _RETRY_MAX_MS)
+                self._next_retry = now + self._retry_gap_ms / 1000
 
     def _release_outcomes(self) -> None:
         outcomes = self._outcomes
@@ -678,6 +687,10 @@ class Ingress:
         pieces: list[tuple[bytes | None, int, int]],
         start: int,
     ) -> None:
+        if not st.backlog and start < len(pieces):
+            # Newly stalled: try again soon, whatever producers that never read made the gap.
+            self._retry_gap_ms = _RETRY_MIN_MS
+            self._next_retry = min(self._next_retry, time.monotonic() + _RETRY_MIN_MS / 1000)
         for k in range(start, len(pieces)):
             piece = pieces[k]
             st.backlog.append(piece)
@@ -882,104 +895,116 @@ class Ingress:
     ) -> None:
         max_bytes = self.settings.max_message_bytes
         limit = self.settings.max_pending_per_producer
+        # Room at the start of the frame: replies sent while it is submitted only add to it.
+        room = limit - st.open - st.queued
         chans = self._chans
         counters = self.counters
         counters["messages"] += len(items)
         accepted = 0
-        for index, item in enumerate(items):
-            try:
-                if type(item) is not list or len(item) != 3:
-                    corr = None
-                    if type(item) is list and item and _valid_corr(item[0]):
-                        corr = item[0]
-                    self._reject(
-                        ident,
-                        corr,
-                        P.E_BAD_ITEM,
-                        f"item {index} must be an array [corr, channel_id, payload], got "
-                        f"{P.describe(item)}",
-                        index,
-                    )
+        try:
+            for index, item in enumerate(items):
+                try:
+                    if type(item) is not list or len(item) != 3:
+                        corr = None
+                        if type(item) is list and item and _valid_corr(item[0]):
+                            corr = item[0]
+                        self._reject(
+                            ident,
+                            corr,
+                            P.E_BAD_ITEM,
+                            f"item {index} must be an array [corr, channel_id, payload], got "
+                            f"{P.describe(item)}",
+                            index,
+                        )
+                        continue
+                    corr, cid, payload = item
+                    if not _valid_corr(corr):
+                        self._reject(
+                            ident,
+                            None,
+                            P.E_BAD_CORR,
+                            f"item {index}: correlation id must be an unsigned integer below "
+                            f"2**64, got {P.describe(corr)}",
+                            index,
+                        )
+                        continue
+                    if type(cid) is not bytes:
+                        self._reject(
+                            ident,
+                            corr,
+                            P.E_BAD_CHANNEL_ID,
+                            f"item {index}: channel id must be a byte string, got "
+                            f"{P.describe(cid)}",
+                            index,
+                        )
+                        continue
+                    n = len(cid)
+                    if n == 0:
+                        self._reject(
+                            ident,
+                            corr,
+                            P.E_EMPTY_CHANNEL_ID,
+                            f"item {index}: empty channel id",
+                            index,
+                        )
+                        continue
+                    if n > MAX_CHANNEL_ID_BYTES:
+                        self._reject(
+                            ident,
+                            corr,
+                            P.E_CHANNEL_ID_TOO_LONG,
+                            f"item {index}: channel id is {n} bytes, at most "
+                            f"{MAX_CHANNEL_ID_BYTES}",
+                            index,
+                        )
+                        continue
+                    if type(payload) is not bytes:
+                        self._reject(
+                            ident,
+                            corr,
+                            P.E_BAD_PAYLOAD,
+                            f"item {index}: payload must be a byte string, got "
+                            f"{P.describe(payload)}",
+                            index,
+                        )
+                        continue
+                    if len(payload) > max_bytes:
+                        self._reject(
+                            ident,
+                            corr,
+                            P.E_PAYLOAD_TOO_LARGE,
+                            f"item {index}: payload is {len(payload)} bytes, over "
+                            f"transport.max_message_bytes = {max_bytes}",
+                            index,
+                        )
+                        continue
+                    if accepted >= room:
+                        self._reject(
+                            ident,
+                            corr,
+                            P.E_TOO_MANY_PENDING,
+                            f"item {index}: this producer holds {limit} or more unanswered "
+                            f"messages and unread replies, at most {limit} "
+                            "(ingress.max_pending_per_producer); read replies before sending more",
+                            index,
+                        )
+                        continue
+                    rec = _Rec(self, ident, corr, cid)
+                    if not self._submit_one(sock, rec, payload, index):
+                        continue
+                except Exception:  # noqa: BLE001 - one item must not stop the ingress or its frame
+                    self._item_failed(ident, item, index)
                     continue
-                corr, cid, payload = item
-                if not _valid_corr(corr):
-                    self._reject(
-                        ident,
-                        None,
-                        P.E_BAD_CORR,
-                        f"item {index}: correlation id must be an unsigned integer below 2**64, "
-                        f"got {P.describe(corr)}",
-                        index,
-                    )
-                    continue
-                if type(cid) is not bytes:
-                    self._reject(
-                        ident,
-                        corr,
-                        P.E_BAD_CHANNEL_ID,
-                        f"item {index}: channel id must be a byte string, got {P.describe(cid)}",
-                        index,
-                    )
-                    continue
-                n = len(cid)
-                if n == 0:
-                    self._reject(
-                        ident, corr, P.E_EMPTY_CHANNEL_ID, f"item {index}: empty channel id", index
-                    )
-                    continue
-                if n > MAX_CHANNEL_ID_BYTES:
-                    self._reject(
-                        ident,
-                        corr,
-                        P.E_CHANNEL_ID_TOO_LONG,
-                        f"item {index}: channel id is {n} bytes, at most {MAX_CHANNEL_ID_BYTES}",
-                        index,
-                    )
-                    continue
-                if type(payload) is not bytes:
-                    self._reject(
-                        ident,
-                        corr,
-                        P.E_BAD_PAYLOAD,
-                        f"item {index}: payload must be a byte string, got {P.describe(payload)}",
-                        index,
-                    )
-                    continue
-                if len(payload) > max_bytes:
-                    self._reject(
-                        ident,
-                        corr,
-                        P.E_PAYLOAD_TOO_LARGE,
-                        f"item {index}: payload is {len(payload)} bytes, over "
-                        f"transport.max_message_bytes = {max_bytes}",
-                        index,
-                    )
-                    continue
-                if st.open + st.queued >= limit:
-                    self._reject(
-                        ident,
-                        corr,
-                        P.E_TOO_MANY_PENDING,
-                        f"item {index}: this producer holds {st.open + st.queued} unanswered "
-                        f"messages and unread replies, at most {limit} "
-                        "(ingress.max_pending_per_producer); read replies before sending more",
-                        index,
-                    )
-                    continue
-                rec = _Rec(self, ident, corr, cid)
-                if not self._submit_one(sock, rec, payload, index):
-                    continue
-            except Exception:  # noqa: BLE001 - one item must not stop the ingress (or its frame)
-                self._item_failed(ident, item, index)
-                continue
-            accepted += 1
-            st.open += 1
-            q = chans.get(cid)
-            if q is None:
-                chans[cid] = collections.deque((rec,))
-            else:
-                q.append(rec)
-        counters["accepted"] += accepted
+                accepted += 1
+                q = chans.get(cid)
+                if q is None:
+                    chans[cid] = collections.deque((rec,))
+                else:
+                    q.append(rec)
+        finally:
+            # Counted once per frame (cheaper than per item); kept if an item raised.
+            st.open += accepted
+            counters["accepted"] += accepted
 
     def _item_failed(self, ident: bytes, item: Any, index: int) -> None:
         """Checking or submitting one item raised (a bug): answer it ``internal_error``."""

@@ -299,7 +299,8 @@ def describe(value: Any) -> str:
                 return "decimal NaN" if value.is_nan() else "decimal infinity"
             return f"decimal of {len(value.as_tuple().digits)} digits"
         if t is fractions.Fraction:
-            return f"fraction of {value.numerator.bit_length()}/{value.denominator.bit_length()} bits"
+            num, den = value.numerator.bit_length(), value.denominator.bit_length()
+            return f"fraction of {num}/{den} bits"
         return t.__name__
     except Exception:  # noqa: BLE001 - a description must never fail the caller
         return "a value that cannot be described"

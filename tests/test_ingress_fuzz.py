@@ -620,7 +620,8 @@ def _arb_materialise(spec: tuple[Any, ...], exp: _ArbExpect, fresh: Any) -> byte
                 continue
             corr, cid, payload = it
             corr = next(fresh) if corr is _FRESH else corr
-            if cid is _FRESH and payload is _FRESH and type(corr) is int and corr >= GOOD_FIRST_CORR:
+            fresh_corr = type(corr) is int and corr >= GOOD_FIRST_CORR
+            if cid is _FRESH and payload is _FRESH and fresh_corr:
                 items.append(exp.good_item(corr, k % CHANNELS))
                 continue
             if cid is _FRESH:

@@ -26,7 +26,8 @@ HUGE = 10**5000
 def _bignum(value: int) -> cbor2.CBORTag:
     """``value`` as a CBOR bignum tag, built by hand (what any CBOR producer may send)."""
     magnitude = value if value >= 0 else -1 - value
-    return cbor2.CBORTag(2 if value >= 0 else 3, magnitude.to_bytes((magnitude.bit_length() + 7) // 8))
+    size = (magnitude.bit_length() + 7) // 8
+    return cbor2.CBORTag(2 if value >= 0 else 3, magnitude.to_bytes(size))
 
 
 def _shared_dag(levels: int) -> bytes:
@@ -118,7 +119,8 @@ def test_huge_integers_in_every_field_get_named_errors_and_the_backend_stays_up(
                 if answer != "failed":
                     assert "integer of 16610 bits" in text, (field, text)
             # A shared-reference token of 40 levels echoes at its own size, at once.
-            msg = raw.ask(cbor2.dumps([1, P.HELLO, cbor2.loads(_shared_dag(40))], value_sharing=True))
+            dag = cbor2.loads(_shared_dag(40))
+            msg = raw.ask(cbor2.dumps([1, P.HELLO, dag], value_sharing=True))
             assert msg[1] == P.HELLO
             stats = svc.ingress.stats()
             assert stats["errors"][P.E_BAD_VERSION] == 2 and stats["internal_errors"] == 0
