@@ -53,9 +53,9 @@ does not read them. Past the bound the producer's further items are answered REJ
 :data:`E_TOO_MANY_PENDING` (never dropped); if it does not even read those, its further frames are
 refused whole and counted into one ERROR ``too_many_pending`` (with ``"frames"`` and
 ``"messages"``: how many were refused), sent once it reads again. Beyond that, ZeroMQ itself
-queues at most a few reply frames per producer. A producer that keeps at most that many messages
-unanswered and reads its replies never meets the bound (the clients of :mod:`shardpool.client`
-cap ``max_outstanding`` to it).
+queues at most 64 reply frames of at most 64 replies per producer, and reads ahead at most 16 of
+its frames. A producer that keeps at most that many messages unanswered and reads its replies
+never meets the bound (the clients of :mod:`shardpool.client` cap ``max_outstanding`` to it).
 
 :data:`E_INTERNAL_ERROR` (an ERROR, or an item's REJECTED) means the backend failed while handling
 that frame or item: a bug, logged with its traceback; nothing else is affected.
