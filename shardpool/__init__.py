@@ -5,6 +5,7 @@ channels are spread over worker processes (one asyncio event loop each) by a sta
 """
 
 from .errors import (
+    AccessDenied,
     BackendLost,
     ChannelIdError,
     ConfigError,
@@ -25,6 +26,7 @@ from .pool import ShardPool
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccessDenied",
     "BackendLost",
     "Channel",
     "ChannelIdError",

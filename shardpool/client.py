@@ -67,7 +67,7 @@ from .control import (
     apply_heartbeats,
     stale_backend,
 )
-from .errors import BackendLost, PayloadTooLarge, ShardPoolError
+from .errors import AccessDenied, BackendLost, PayloadTooLarge, ShardPoolError
 from .routing import check_channel_id
 from .security import load_client_keys, load_public_key, resolve_endpoints
 
@@ -219,6 +219,18 @@ class _Core:
         stayed down past the heartbeat timeout. Marks the client lost (and fails its futures)."""
         if self._lost is not None:
             return self._lost
+        if self._watch is not None and self._watch.refused is not None:
+            # Nothing this client sends can get through: fail now, whatever is outstanding.
+            n = self.unanswered
+            return self._fail_all(
+                AccessDenied(
+                    f"the shardpool backend at {self.endpoint} refused this client's "
+                    f"connection: {self._watch.refused} (ingress.curve_clients_dir holds the "
+                    f"keys it accepts); {n} messages were not delivered",
+                    endpoint=self.endpoint,
+                    unanswered=n,
+                )
+            )
         if self.unanswered <= 0 or self._watch is None:
             return None
         down = self._watch.down_since
@@ -237,6 +249,10 @@ class _Core:
             endpoint=self.endpoint,
             unanswered=n,
         )
+        return self._fail_all(err)
+
+    def _fail_all(self, err: BackendLost) -> BackendLost:
+        """Mark the client lost with ``err`` and fail every future with it."""
         self._lost = err
         for fut in self._futures.values():
             self._resolve(fut, err)
@@ -359,12 +375,13 @@ class Client(_Core):
         server_public_key / client_secret_key: CURVE key files (or the server's Z85 key); the
             server key defaults to ``ingress.curve_public_key`` of the config.
         handshake: send a HELLO and wait for the answer in the constructor (learns the backend's
-            limits; fails fast with TimeoutError when there is no backend or the keys are wrong).
+            limits; fails fast when there is no backend or its keys are refused).
         sndhwm: frames ZeroMQ may queue towards the backend.
 
     Raises:
         TimeoutError: the handshake got no answer in ``timeout`` seconds.
         NotRunning: (handshake) the ipc endpoint is left from a backend that is gone.
+        AccessDenied: (handshake) the backend refused this client's CURVE handshake.
         ConfigError / OSError / ValueError: bad config or key files.
     """
 
@@ -600,7 +617,8 @@ class Client(_Core):
         backend's info (version, limits, pid) and learns its ``max_message_bytes``.
 
         Raises:
-            TimeoutError: no answer in ``timeout`` seconds (no backend, or CURVE keys refused).
+            TimeoutError: no answer in ``timeout`` seconds.
+            AccessDenied: the backend refused this client's CURVE handshake (or its lack of one).
         """
         token = os.urandom(8)
         self.flush(timeout)

@@ -147,7 +147,18 @@ class ConnectionWatch:
     connection). Create it before the socket connects; call :meth:`close` before the socket.
     """
 
-    EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+    EVENTS = (
+        zmq.EVENT_CONNECTED
+        | zmq.EVENT_DISCONNECTED
+        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    )
+    _REFUSALS = {
+        zmq.EVENT_HANDSHAKE_FAILED_AUTH: "its CURVE key is not authorised",
+        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the security handshake failed",
+        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the security handshake failed",
+    }
 
     def __init__(self, sock: zmq.Socket[Any]) -> None:
         self._sock = sock
@@ -155,6 +166,7 @@ class ConnectionWatch:
         self.connected = False
         self.ever_connected = False
         self.down_since: float | None = None
+        self.refused: str | None = None  # why the backend refused the handshake, if it did
 
     def feed(self, frames: list[bytes]) -> bool:
         """Take one monitor message; True if it was a disconnection."""
@@ -170,6 +182,8 @@ class ConnectionWatch:
             self.connected = False
             self.down_since = time.monotonic()
             return True
+        if event in self._REFUSALS:
+            self.refused = self._REFUSALS[event]
         return False
 
     def events(self) -> int:

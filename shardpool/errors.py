@@ -12,6 +12,7 @@
     ├── PoolBroken             something else broke it: a worker could not start or keeps dying
     │   └── WorkerStartError   a worker failed before READY (import error, crash, deadline)
     ├── BackendLost            a client's backend went away with messages unanswered
+    │   └── AccessDenied       the backend refused the client's handshake (CURVE keys)
     ├── HandlerError           the handler raised (or its worker kept dying on the message)
     └── DrainTimeout           ``drain``/``close`` ran past its deadline (TimeoutError too)
 
@@ -123,6 +124,12 @@ class BackendLost(ShardPoolError):
         super().__init__(message)
         self.endpoint = endpoint
         self.unanswered = unanswered
+
+
+class AccessDenied(BackendLost):
+    """The backend refused this client's connection handshake: its CURVE key is not authorised,
+    or one side uses CURVE and the other does not. Nothing this client sends can be processed;
+    ``unanswered`` counts what it had sent."""
 
 
 class HandlerError(ShardPoolError):

@@ -62,6 +62,10 @@ _INGRESS_COUNTERS = (
     ("backpressure_waits", "times the ingress stopped reading because a window was full"),
     ("auth_failures", "producers that failed the CURVE handshake"),
     ("undeliverable", "replies whose producer had gone"),
+    ("internal_errors", "frames or items whose handling failed (answered internal_error, logged)"),
+    ("refused_frames", "frames refused whole: their producer reads none of its replies"),
+    ("refused_messages", "messages in frames refused whole"),
+    ("stalled_sends", "reply frames ZeroMQ could not take yet (the producer reads slowly)"),
 )
 
 
@@ -145,9 +149,14 @@ class SnapshotCollector(Collector):
             c.add_metric([status], ing[status])
         c.add_metric(["rejected"], ing["rejected"])
         yield c
-        g = GaugeMetricFamily("shardpool_ingress_producers", "producers connected")
-        g.add_metric([], ing["producers"])
-        yield g
+        for key, doc in (
+            ("producers", "producers connected"),
+            ("held_replies", "replies held for producers that have not read them yet"),
+            ("stalled_producers", "producers whose replies ZeroMQ cannot take at the moment"),
+        ):
+            g = GaugeMetricFamily(f"shardpool_ingress_{key}", doc)
+            g.add_metric([], ing[key])
+            yield g
         g = GaugeMetricFamily(
             "shardpool_hot_channel_messages",
             "messages of the hottest channels since their worker started",

@@ -117,6 +117,15 @@ def test_shipped_file_lists_every_key_and_matches_defaults() -> None:
     assert data["pool"]["workers"] == "auto"
 
 
+def test_production_example_lists_every_key() -> None:
+    # It says it is a complete record of a deployment: a new key must appear there too.
+    import tomllib
+
+    data = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
+    for section, values in config_to_dict(load_config(env={})).items():
+        assert set(data[section]) == set(values), section
+
+
 def test_shipped_file_comments_every_key() -> None:
     lines = SHIPPED.read_text(encoding="utf-8").splitlines()
     for i, line in enumerate(lines):

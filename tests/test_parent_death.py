@@ -14,7 +14,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from service_handlers import backend_sections, subprocess_env, toml_config
+from backend_tools import backend_process
+from service_handlers import backend_sections, subprocess_env
 
 from shardpool.client import Client
 
@@ -93,24 +94,14 @@ def test_library_front_killed_mid_call_takes_its_worker_along(tmp_path: Path) ->
 def test_shardpool_run_killed_mid_call_takes_its_workers_along(tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     sections = backend_sections(tmp_path, pool={"workers": 2, "handler": "handlers:hold"})
-    cfg = tmp_path / "backend.toml"
-    cfg.write_text(toml_config(sections))
-    run = subprocess.Popen(
-        [sys.executable, "-m", "shardpool", "run", "-c", str(cfg)],
-        env=subprocess_env(),
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    with _reaped(run) as orphans:
+    with backend_process(tmp_path, sections) as backend:
         with Client(sections["ingress"]["endpoint"], timeout=60.0) as client:
             client.send(b"long", {"marker": str(marker)})
             client.flush()
-            worker = int(_await_file(marker, run, 60.0))
-        workers = [p.pid for p in psutil.Process(run.pid).children()]
+            worker = int(_await_file(marker, backend.proc, 60.0))
+        workers = [p.pid for p in backend.workers]
         assert worker in workers
-        orphans.extend(workers)
-        took = _kill_and_time(run, workers)
+        took = _kill_and_time(backend.proc, workers)
         assert took <= EXIT_WITHIN_S, f"workers outlived shardpool run by {took:.2f} s"
 
 

@@ -3,6 +3,7 @@ rules, and that a producer without the right key gets nothing processed."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import subprocess
@@ -14,10 +15,10 @@ import pytest
 import zmq
 from service_handlers import in_process_backend, toml_config
 
-from shardpool.client import Client
+from shardpool.client import AsyncClient, Client
 from shardpool.config import config_from_dict
 from shardpool.control import ControlClient
-from shardpool.errors import ConfigError
+from shardpool.errors import AccessDenied, ConfigError
 from shardpool.security import (
     EndpointInUse,
     InsecurePathError,
@@ -241,27 +242,38 @@ def test_curve_ingress_processes_only_authorised_producers(tmp_path: Path) -> No
     ) as svc:
         endpoint = svc.ingress_endpoint
         assert endpoint.startswith("tcp://127.0.0.1:") and not endpoint.endswith("*")
-        # A producer whose key is not authorised, and one without CURVE: nothing gets through.
-        with pytest.raises(TimeoutError):
+        # A producer whose key is not authorised, and one without CURVE: nothing gets through,
+        # and each is told so at once (not at its timeout).
+        with pytest.raises(AccessDenied, match="not authorised"):
             Client(
                 endpoint,
-                timeout=1.0,
+                timeout=20.0,
                 server_public_key=keys.server_public,
                 client_secret_key=stranger_secret,
             )
-        with pytest.raises(TimeoutError):
-            Client(endpoint, timeout=1.0)
+        with pytest.raises(AccessDenied, match="handshake failed"):
+            Client(endpoint, timeout=20.0)
+        with pytest.raises(AccessDenied, match="not authorised"):
+            asyncio.run(
+                AsyncClient.connect(
+                    endpoint,
+                    timeout=20.0,
+                    server_public_key=keys.server_public,
+                    client_secret_key=stranger_secret,
+                )
+            )
         stranger = Client(
             endpoint,
-            timeout=1.0,
+            timeout=20.0,
             server_public_key=keys.server_public,
             client_secret_key=stranger_secret,
             handshake=False,
         )
         try:
             fut = stranger.request(b"c", {"p": 9, "i": 0})
-            with pytest.raises(TimeoutError):
-                fut.result(timeout=1.0)
+            with pytest.raises(AccessDenied) as denied:
+                fut.result(timeout=20.0)
+            assert denied.value.unanswered == 1
         finally:
             stranger.close(0)
         # The authorised producer is served.

@@ -17,7 +17,8 @@ from typing import Any
 
 import psutil
 import pytest
-from service_handlers import backend_sections, in_process_backend, subprocess_env, toml_config
+import backend_tools
+from service_handlers import backend_sections, in_process_backend, subprocess_env
 
 from shardpool.client import Client
 from shardpool.control import ControlClient, render_status
@@ -43,36 +44,9 @@ def _cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
 def backend_process(
     tmp_path: Path, sections: dict[str, dict[str, Any]]
 ) -> Iterator[tuple[subprocess.Popen[bytes], Path, dict[str, Any]]]:
-    """Start ``shardpool run -c <config>``, wait for the control socket's answer (the readiness
-    handshake), and make sure it and its workers are gone afterwards."""
-    cfg = tmp_path / "backend.toml"
-    cfg.write_text(toml_config(sections))
-    log_path = tmp_path / "backend.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shardpool", "run", "-c", str(cfg)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=_env(),
-            cwd=tmp_path,
-        )
-    try:
-        with ControlClient(sections["control"]["endpoint"]) as ctl:
-            info = ctl.wait_ready(60.0, alive=lambda: proc.poll() is None)
-        yield proc, cfg, info
-    finally:
-        if proc.poll() is None:
-            try:
-                kids = psutil.Process(proc.pid).children(recursive=True)
-            except psutil.Error:
-                kids = []
-            proc.kill()
-            proc.wait(10)
-            for kid in kids:
-                with contextlib.suppress(psutil.Error):
-                    kid.kill()
-            psutil.wait_procs(kids, timeout=5)
-        print(log_path.read_text(errors="replace")[-4000:])
+    """:func:`backend_tools.backend_process` as ``(process, config path, ready info)``."""
+    with backend_tools.backend_process(tmp_path, sections) as backend:
+        yield backend.proc, tmp_path / "backend.toml", backend.info
 
 
 def _status(cfg: Path) -> dict[str, Any]:
