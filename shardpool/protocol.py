@@ -195,10 +195,6 @@ _FRAME_DECODING: dict[str, Any] = {
     "semantic_decoders": {tag: _keep_tag(tag) for tag in (4, 5, 30, 35, 36)},
     "strict_hashable_types": True,
 }
-try:
-    _loads(b"\x80", **_FRAME_DECODING)
-except TypeError:  # cbor2 < 6 has neither option
-    _FRAME_DECODING = {}
 
 
 def loads_frame(frame: bytes) -> Any:
