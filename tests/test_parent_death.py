@@ -103,6 +103,7 @@ def test_shardpool_run_killed_mid_call_takes_its_workers_along(tmp_path: Path) -
         assert worker in workers
         took = _kill_and_time(backend.proc, workers)
         assert took <= EXIT_WITHIN_S, f"workers outlived shardpool run by {took:.2f} s"
+        print(f"workers gone {took * 1000:.0f} ms after shardpool run was killed")
 
 
 GUARDED = """
@@ -135,3 +136,4 @@ def test_watchdog_thread_alone_ends_a_busy_orphan(tmp_path: Path) -> None:
         orphans.append(child)
         took = _kill_and_time(parent, [child])
         assert took <= EXIT_WITHIN_S, f"orphan {child} lived {took:.2f} s after its parent died"
+        print(f"orphan gone {took * 1000:.0f} ms after its parent was killed (watchdog thread)")
