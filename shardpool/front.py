@@ -1314,9 +1314,12 @@ class Front:
         """The message a careful replay was running when ``link``'s worker died, as ``(cid,
         cseq)``, if it is still unfinished (lock held). Forgets the counts of messages that are
         no longer in this worker's window."""
-        open_keys = {(item[0], item[1]) for _, item in self._open_entries(link)}
-        for key in [k for k in self._suspects if k not in open_keys and self._owner(k[0]) is link]:
-            del self._suspects[key]
+        if self._suspects:
+            open_keys = {(item[0], item[1]) for _, item in self._open_entries(link)}
+            for key in [
+                k for k in self._suspects if k not in open_keys and self._owner(k[0]) is link
+            ]:
+                del self._suspects[key]
         if running == NO_MESSAGE:
             return None
         found = self._open(link, running)
