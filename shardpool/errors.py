@@ -6,7 +6,8 @@
     ├── ConfigError            a config value is missing, of the wrong type or out of range
     ├── InputError             a message was refused at the door (ValueError too)
     │   ├── ChannelIdError     channel id is not 1..64 bytes
-    │   └── PayloadTooLarge    encoded payload is over ``transport.max_message_bytes``
+    │   ├── PayloadTooLarge    encoded payload is over ``transport.max_message_bytes``
+    │   └── NotHalted          resume/skip of a channel that is not halted
     ├── PoolClosed             you closed the pool (or it is closing); nothing is wrong
     │   └── InDoubt            closed while the handler may have been running this message
     ├── PoolBroken             something else broke it: a worker could not start or keeps dying
@@ -68,6 +69,10 @@ class ChannelIdError(InputError):
 
 class PayloadTooLarge(InputError):
     """The encoded payload is larger than ``transport.max_message_bytes``."""
+
+
+class NotHalted(InputError):
+    """``resume``/``skip`` named a channel that is not halted (nothing was changed)."""
 
 
 class PoolClosed(ShardPoolError):

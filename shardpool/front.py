@@ -60,6 +60,7 @@ from .errors import (
     DrainTimeout,
     HandlerError,
     InDoubt,
+    NotHalted,
     PayloadTooLarge,
     PoolBroken,
     PoolClosed,
@@ -712,7 +713,7 @@ class Front:
         with self._lock:
             cid = check_channel_id(channel_id)
             if cid not in self._halted:
-                raise ValueError(f"channel {cid.hex()} is not halted")
+                raise NotHalted(f"channel {cid.hex()} is not halted")
             halt = self._halted.pop(cid)
             failed_cseq = halt.seq
             log.info(
