@@ -14,18 +14,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from shardpool.config import config_to_dict, config_to_toml, find_config_path, load_config
+from shardpool.demo.load import DEMO_DEFAULT_RATE
 from shardpool.errors import ConfigError
+from shardpool.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:
     _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
-
-EXIT_OK = 0
-#: Something failed at run time (not the caller's input).
-EXIT_FAILURE = 1
-#: Bad command line; argparse uses 2 too, so one code means "fix how you called it".
-EXIT_USAGE = 2
-#: An invalid config file is the caller's input as well, hence the same code as a usage error.
-EXIT_CONFIG = EXIT_USAGE
 
 
 def _print_problems(err: ConfigError, source: str) -> None:
@@ -177,7 +171,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         # The runs close their pools and reap their processes on the way out.
         print("shardpool bench: interrupted", file=sys.stderr)
-        return 128 + 2
+        return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - any failed run ends the bench with its reason
         print(f"shardpool bench: failed: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILURE
@@ -257,10 +251,10 @@ def _add_run(sub: _Subparsers) -> None:
         "--demo-load",
         nargs="?",
         type=float,
-        const=10_000.0,  # = service.DEMO_DEFAULT_RATE (not imported: it would load zmq for --help)
+        const=DEMO_DEFAULT_RATE,
         metavar="RATE",
         help="also drive the built-in Lightning traffic generator through the ingress, at RATE "
-        "messages/s (default 10000; 0 = as fast as the pool takes them)",
+        f"messages/s (default {DEMO_DEFAULT_RATE:g}; 0 = as fast as the pool takes them)",
     )
     p.add_argument(
         "--log-level",
@@ -363,8 +357,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Print the status table (live, once, or as JSON). Exit 1 if no backend answers."""
     import time
 
-    from shardpool.control import ControlClient, NotRunning, render_status
+    from shardpool.control import ControlClient
     from shardpool.errors import ShardPoolError
+    from shardpool.status import render_status
 
     endpoint = _control_endpoint(args)
     if isinstance(endpoint, int):
@@ -387,9 +382,6 @@ def cmd_status(args: argparse.Namespace) -> int:
                 time.sleep(max(0.1, args.interval))
     except KeyboardInterrupt:
         return EXIT_OK
-    except NotRunning as e:
-        print(f"shardpool status: {e}", file=sys.stderr)
-        return EXIT_FAILURE
     except ShardPoolError as e:
         print(f"shardpool status: {e}", file=sys.stderr)
         return EXIT_FAILURE

@@ -14,6 +14,11 @@ Wire format (one CBOR frame each way, DEALER → ROUTER)::
   producers are answered ``draining``) until it is stopped.
 * ``stop``   → answered at once with ``{"stopping": true, "pid": n}``; the backend then shuts down
   as on SIGTERM.
+* ``resume`` / ``skip`` → ``{op: channel hex}`` once the halted channel's failed message is
+  retried / recorded as skipped; an error when the channel is not halted.
+
+:func:`encode_request`, :func:`decode_request`, :func:`encode_reply` and :func:`decode_reply` are
+the only code that builds or reads these frames (server and client both use them).
 
 A request that needs the main thread (drain, stop) is answered later; the server thread keeps
 answering others meanwhile, which is why this is a ROUTER and not a REP socket.
@@ -30,21 +35,21 @@ clients of :mod:`shardpool.client`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import fcntl
 import logging
 import math
 import os
-import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import cbor2
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from .errors import ShardPoolError
+from .errors import ControlError, NotRunning
 from .security import ipc_path, secure_socket_file
 from .wakeup import WakePipe
 
@@ -56,24 +61,74 @@ __all__ = [
     "ControlError",
     "ControlServer",
     "NotRunning",
-    "render_status",
+    "decode_reply",
+    "decode_request",
+    "encode_reply",
+    "encode_request",
     "stale_backend",
 ]
 
 VERSION = 1
-HALTED_SHOWN = 10  # halted channels listed in the status table (all of them in --json)
+OPS = ("ping", "status", "drain", "stop", "resume", "skip")
+"""Every op a backend answers; any other is answered with an error naming these."""
 
 Respond = Callable[[bool, Any], None]
 Handler = Callable[[str, dict[str, Any], Respond], None]
 
 
-class ControlError(ShardPoolError):
-    """The backend answered a control request with an error."""
+# ------------------------------------------------------------------------------------ wire format
 
 
-class NotRunning(ShardPoolError):
-    """No backend runs at the endpoint (nothing answers, its socket file is missing or stale, or
-    it went away while a request waited)."""
+def encode_request(op: str, args: Mapping[str, Any] | None = None) -> bytes:
+    """The request frame ``[1, op, args]``."""
+    return cbor2.dumps([VERSION, op, dict(args or {})])
+
+
+def decode_request(frame: bytes) -> tuple[str, dict[str, Any]]:
+    """``(op, args)`` of a request frame.
+
+    Raises:
+        ValueError: not CBOR, or not ``[1, op: str, args: map]``.
+    """
+    try:
+        msg = cbor2.loads(frame)
+    except cbor2.CBORError as exc:
+        raise ValueError(f"not CBOR: {exc}") from exc
+    if type(msg) is not list or len(msg) != 3 or msg[0] != VERSION:
+        raise ValueError("a request must be [1, op, args]")
+    _, op, args = msg
+    if not isinstance(op, str) or not isinstance(args, dict):
+        raise ValueError("op must be a string and args a map")
+    return op, args
+
+
+def encode_reply(ok: bool, payload: Any) -> bytes:
+    """The reply frame ``[1, ok, payload]``; a payload CBOR cannot encode becomes an error reply
+    naming why (never raises for the payload)."""
+    try:
+        return cbor2.dumps([VERSION, ok, payload])
+    except Exception as exc:  # noqa: BLE001 - the asking client must still get an answer
+        return cbor2.dumps([VERSION, False, {"error": f"unencodable reply: {exc}"}])
+
+
+def decode_reply(frame: bytes) -> Any:
+    """The payload of a reply frame whose ``ok`` is true.
+
+    Raises:
+        ControlError: ``ok`` is false (the text of its ``error``), or the frame is not a reply
+            ``[1, ok, payload]`` at all.
+    """
+    try:
+        msg = cbor2.loads(frame)
+    except cbor2.CBORError as exc:
+        raise ControlError(f"unreadable control reply: {exc}") from exc
+    if type(msg) is not list or len(msg) != 3 or msg[0] != VERSION:
+        raise ControlError(f"malformed control reply: {msg!r:.200}")
+    _, ok, payload = msg
+    if not ok:
+        error = payload.get("error", payload) if isinstance(payload, dict) else payload
+        raise ControlError(str(error))
+    return payload
 
 
 # Heartbeats on client connections (ms): a backend whose host or process froze without closing
@@ -154,7 +209,7 @@ class ConnectionWatch:
         | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
         | zmq.EVENT_HANDSHAKE_FAILED_AUTH
     )
-    _REFUSALS = {
+    _REFUSALS: dict[int, str] = {
         zmq.EVENT_HANDSHAKE_FAILED_AUTH: "its CURVE key is not authorised",
         zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the security handshake failed",
         zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the security handshake failed",
@@ -197,10 +252,8 @@ class ConnectionWatch:
             lost += self.feed(frames)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(zmq.ZMQError):
             self._sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
         self.monitor.close(linger=0)
 
 
@@ -308,23 +361,14 @@ class ControlServer:
             if answered:
                 return
             answered = True
-            try:
-                frame = cbor2.dumps([VERSION, ok, payload])
-            except Exception as exc:  # noqa: BLE001
-                frame = cbor2.dumps([VERSION, False, {"error": f"unencodable reply: {exc}"}])
-            self._replies.append((ident, frame))
+            self._replies.append((ident, encode_reply(ok, payload)))
             if threading.current_thread() is not self._thread:
                 self._wakeup.wake()
 
         try:
             if len(parts) != 2:
                 raise ValueError("a request must be one frame")
-            msg = cbor2.loads(parts[1])
-            if type(msg) is not list or len(msg) != 3 or msg[0] != VERSION:
-                raise ValueError("a request must be [1, op, args]")
-            _, op, args = msg
-            if not isinstance(op, str) or not isinstance(args, dict):
-                raise ValueError("op must be a string and args a map")
+            op, args = decode_request(parts[1])
         except Exception as exc:  # noqa: BLE001 - a bad request gets an error, nothing more
             respond(False, {"error": f"bad control request: {exc}"})
             return
@@ -380,7 +424,7 @@ class ControlClient:
         if stale is not None:
             raise NotRunning(stale)
         self._watch.events()  # a disconnection before this request is not this request's loss
-        self._sock.send(cbor2.dumps([VERSION, op, args or {}]))
+        self._sock.send(encode_request(op, args))
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
             left = deadline - time.monotonic()
@@ -397,11 +441,7 @@ class ControlClient:
                     f"the shardpool backend at {self.endpoint} went away while answering "
                     f"{op!r} (its connection closed)"
                 )
-        reply = cbor2.loads(self._sock.recv())
-        _, ok, payload = reply
-        if not ok:
-            raise ControlError(str(payload.get("error", payload)))
-        return payload
+        return decode_reply(self._sock.recv())
 
     def _down_too_long(self) -> bool:
         # Lost before this request and not re-made within a heartbeat timeout: nobody to answer.
@@ -414,9 +454,10 @@ class ControlClient:
 
         Raises:
             NotRunning: no answer in time, or ``alive()`` turned false.
+            ControlError: the backend answered the ping with an error.
         """
         deadline = time.monotonic() + timeout
-        self._sock.send(cbor2.dumps([VERSION, "ping", {}]))
+        self._sock.send(encode_request("ping"))
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -426,10 +467,7 @@ class ControlClient:
             # ZeroMQ queues the ping and keeps re-trying the connection until the socket exists;
             # short polls only let alive() be checked in between.
             if self._sock.poll(math.ceil(min(left, 0.1) * 1000)):
-                _, ok, payload = cbor2.loads(self._sock.recv())
-                if not ok:
-                    raise ControlError(str(payload))
-                return dict(payload)
+                return dict(decode_reply(self._sock.recv()))
 
     def close(self) -> None:
         self._watch.close()
@@ -441,103 +479,3 @@ class ControlClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# ---------------------------------------------------------------------------------------- render
-
-
-def _si(n: float) -> str:
-    """1234567 → '1.23M' (for per-second rates and counts in a narrow column)."""
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.{2 if abs(n) < 10 * div else 1}f}{unit}"
-    return f"{n:.0f}" if float(n).is_integer() or abs(n) >= 100 else f"{n:.1f}"
-
-
-def _duration(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def render_status(snap: dict[str, Any], width: int | None = None) -> str:
-    """The ``shardpool status`` table for one snapshot, as text (no terminal control codes)."""
-    width = width or shutil.get_terminal_size((120, 40)).columns
-    svc, pool, ing = snap["service"], snap["pool"], snap["ingress"]
-    order = snap["order"]
-    lines = [
-        f"shardpool {svc['version']}  pid {svc['pid']}  up {_duration(svc['uptime_s'])}  "
-        f"state {svc['state']}  pool {pool['state']}  workers {len(snap['workers'])}",
-        f"endpoints: ingress {svc['ingress']}  control {svc['control']}"
-        + (f"  metrics {svc['metrics']}" if svc.get("metrics") else ""),
-        f"messages:  submitted {pool['submitted']}  acknowledged {pool['acknowledged']}  "
-        f"in flight {pool['inflight']}  rate {_si(snap['rates']['processed_per_s'])}/s",
-        f"           failures {pool['failures']}  halted channels {pool['halted_channels']}  "
-        f"quarantined {pool.get('quarantined', 0)}  restarts {pool['restarts']}  "
-        f"replayed {pool['replayed']}",
-        f"ingress:   producers {ing['producers']}  accepted {ing['accepted']}  rejected "
-        f"{ing['rejected']}  frame errors {ing['frame_errors']}  "
-        f"rate {_si(snap['rates']['ingress_per_s'])}/s",
-        f"           replies {ing['replies']}  backpressure waits {ing['backpressure_waits']}  "
-        f"auth failures {ing['auth_failures']}" + ("" if ing["accepting"] else "  (intake closed)"),
-        f"           unread replies held {ing.get('held_replies', 0)} for "
-        f"{ing.get('stalled_producers', 0)} producers  frames refused whole "
-        f"{ing.get('refused_frames', 0)}  internal errors {ing.get('internal_errors', 0)}",
-    ]
-    if ing.get("errors"):
-        lines.append(
-            "  rejections by code: "
-            + ", ".join(f"{k} {v}" for k, v in sorted(ing["errors"].items()))
-        )
-    lines.append(
-        f"order violations: gaps {order['gaps']}  duplicates {order['duplicates']}  "
-        f"reorders {order['reorders']}"
-        + ("" if not any(order.values()) else "   <-- should all be 0")
-    )
-    if snap.get("demo_load"):
-        d = snap["demo_load"]
-        lines.append(
-            f"demo load: sent {d['sent']}  replies {d['replies']}  protocol violations "
-            f"{d['violations']}  target {_si(d['rate'])}/s"
-            if d["rate"]
-            else f"demo load: sent {d['sent']}  replies {d['replies']}  protocol violations "
-            f"{d['violations']}  (unpaced)"
-        )
-    lines.append("")
-    head = (
-        f"{'W':>2} {'PID':>7} {'STATE':<8} {'EPOCH':>5} {'RST':>3} {'CHANNELS':>8} {'QUEUED':>7} "
-        f"{'INFLIGHT':>8} {'PROC/S':>7} {'PROCESSED':>10} {'FAILED':>6} {'REDELIV':>7} "
-        f"{'LAG ms':>7} {'CPU%':>6} {'RSS MB':>7}"
-    )
-    lines.append(head)
-    for w in snap["workers"]:
-        rss = w.get("rss_bytes")
-        cpu = w.get("cpu_percent")
-        lag = w.get("loop_lag_s")
-        lines.append(
-            f"{w['index']:>2} {w.get('pid') or '-':>7} {w['state']:<8} {w['epoch']:>5} "
-            f"{w['restarts']:>3} {w.get('channels', 0):>8} {w.get('queued', 0):>7} "
-            f"{w['inflight']:>8} {_si(w.get('processed_per_s', 0.0)):>7} "
-            f"{w.get('processed', 0):>10} {w.get('failed', 0):>6} {w.get('redelivered', 0):>7} "
-            f"{'-' if lag is None else f'{lag * 1000:.1f}':>7} "
-            f"{'-' if cpu is None else f'{cpu:.1f}':>6} "
-            f"{'-' if rss is None else f'{rss / 1e6:.1f}':>7}"
-        )
-    halted = pool.get("halted") or []
-    if halted:
-        lines.append("")
-        lines.append(f"halted channels ({len(halted)}; shardpool resume|skip CHANNEL):")
-        for h in halted[:HALTED_SHOWN]:
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["since"]))
-            what = "QUARANTINED" if h["quarantined"] else "halted"
-            lines.append(f"  {h['channel']}  seq {h['seq']}  {what} since {since}")
-            lines.append(f"      {h['error'].splitlines()[0] if h['error'] else h['type']}")
-        if len(halted) > HALTED_SHOWN:
-            lines.append(f"  … {len(halted) - HALTED_SHOWN} more (shardpool status --json)")
-    hot = snap.get("hot_channels") or []
-    if hot:
-        lines.append("")
-        lines.append(f"hottest channels (top {len(hot)}, messages since worker start):")
-        for cid, count, worker in hot:
-            short = cid if len(cid) <= 16 else cid[:16] + "…"
-            lines.append(f"  {short:<17}  {count:>9}  worker {worker}")
-    return "\n".join(line[:width] for line in lines)

@@ -15,7 +15,16 @@
     ├── BackendLost            a client's backend went away with messages unanswered
     │   └── AccessDenied       the backend refused the client's handshake (CURVE keys)
     ├── HandlerError           the handler raised (or its worker kept dying on the message)
-    └── DrainTimeout           ``drain``/``close`` ran past its deadline (TimeoutError too)
+    ├── DrainTimeout           ``drain``/``close`` ran past its deadline (TimeoutError too)
+    ├── NotRunning             no backend answers at a control endpoint (none started, a stale
+    │                          socket file, or it went away while a request waited)
+    ├── ControlError           the backend answered a control request with an error
+    ├── EndpointInUse          another ``shardpool run`` holds this ipc endpoint
+    └── InsecurePathError      a runtime directory is a symlink, not a directory, or not ours
+
+:class:`RemoteTraceback` stands outside the tree on purpose: it is never raised, only chained as
+the ``__cause__`` of :class:`HandlerError` and :class:`WorkerStartError` to carry a worker's
+traceback text, as :mod:`concurrent.futures` does.
 
 "Closed by you" (:class:`PoolClosed`) and "broken by something else" (:class:`PoolBroken`) are
 deliberately different types: the first is a programming-order issue in the caller, the second is an
@@ -34,8 +43,8 @@ class ShardPoolError(Exception):
 class ConfigError(ShardPoolError):
     """One or more config values are invalid.
 
-    ``problems`` lists ``(key, value, allowed)`` triples; ``str()`` names each key, the bad value and
-    what is allowed, one per line.
+    ``problems`` lists ``(key, value, allowed)`` triples; ``str()`` names each key, the bad value
+    and what is allowed, one per line.
     """
 
     def __init__(self, problems: list[tuple[str, Any, str]] | str) -> None:
@@ -99,7 +108,8 @@ class PoolBroken(ShardPoolError):
 
 
 class WorkerStartError(PoolBroken):
-    """A worker failed before its READY handshake; ``__cause__`` holds its traceback when it had one."""
+    """A worker failed before its READY handshake; ``__cause__`` holds its traceback when it had
+    one."""
 
 
 class RemoteTraceback(Exception):
@@ -184,3 +194,21 @@ class DrainTimeout(ShardPoolError, TimeoutError):
     def __init__(self, message: str, *, pending: int) -> None:
         super().__init__(message)
         self.pending = pending
+
+
+class NotRunning(ShardPoolError):
+    """No backend runs at the endpoint (nothing answers, its socket file is missing or stale, or
+    it went away while a request waited)."""
+
+
+class ControlError(ShardPoolError):
+    """The backend answered a control request with an error (or with a reply it cannot have
+    sent: not ``[1, ok, payload]``)."""
+
+
+class EndpointInUse(ShardPoolError):
+    """Another ``shardpool run`` already listens on this ipc endpoint."""
+
+
+class InsecurePathError(ShardPoolError):
+    """A runtime directory or socket path is unsafe (symlink, foreign owner, not a directory)."""

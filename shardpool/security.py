@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import ipaddress
@@ -30,7 +31,7 @@ import zmq
 import zmq.auth
 
 from .config import Config, IngressConfig
-from .errors import ConfigError, ShardPoolError
+from .errors import ConfigError, EndpointInUse, InsecurePathError
 
 __all__ = [
     "CurveServerKeys",
@@ -39,6 +40,7 @@ __all__ = [
     "InsecurePathError",
     "KeyFiles",
     "check_endpoints",
+    "claim_endpoints",
     "default_runtime_dir",
     "ensure_private_dir",
     "generate_keys",
@@ -54,14 +56,6 @@ __all__ = [
 
 # sockaddr_un.sun_path is 108 bytes on Linux including the terminating NUL.
 MAX_IPC_PATH_BYTES = 107
-
-
-class InsecurePathError(ShardPoolError):
-    """A runtime directory or socket path is unsafe (symlink, foreign owner, not a directory)."""
-
-
-class EndpointInUse(ShardPoolError):
-    """Another ``shardpool run`` already listens on this ipc endpoint."""
 
 
 # ------------------------------------------------------------------------------ runtime directory
@@ -91,10 +85,8 @@ def ensure_private_dir(path: Path) -> Path:
         InsecurePathError: ``path`` is a symlink, not a directory, or owned by another user.
         OSError: it cannot be created.
     """
-    try:
+    with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o700, parents=True)
-    except FileExistsError:
-        pass
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
         raise InsecurePathError(f"runtime directory {path} is a symlink; refusing to use it")
@@ -418,3 +410,30 @@ def lock_endpoint(endpoint: str) -> EndpointLock | None:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return EndpointLock(lock, fd)
+
+
+def claim_endpoints(
+    cfg: Config, endpoints: Mapping[str, str], env: Mapping[str, str] | None = None
+) -> list[EndpointLock]:
+    """Ready the ipc endpoints of ``shardpool run`` before anything binds: the private runtime
+    directory when a default endpoint lives there, each path checked (:func:`prepare_ipc`) and
+    locked (:func:`lock_endpoint`). ``endpoints`` maps each config key to its endpoint. Returns
+    the locks, to be released at shutdown; on failure, releases those taken and re-raises.
+
+    Raises:
+        as :func:`ensure_private_dir`, :func:`prepare_ipc` and :func:`lock_endpoint`.
+    """
+    locks: list[EndpointLock] = []
+    try:
+        if not cfg.ingress.endpoint or not cfg.control.endpoint:
+            ensure_private_dir(runtime_dir(cfg, env))
+        for key, endpoint in endpoints.items():
+            prepare_ipc(endpoint, key)
+            lock = lock_endpoint(endpoint)
+            if lock is not None:
+                locks.append(lock)
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+    return locks

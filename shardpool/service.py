@@ -25,50 +25,40 @@ workers at once. Exit code 0 after a clean drain, 1 otherwise.
 from __future__ import annotations
 
 import collections
-import heapq
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 
 from . import __version__
 from . import protocol as P
 from .config import Config
-from .control import ControlServer, Respond
+from .control import OPS, ControlServer, Respond
+from .demo.load import DemoLoad
 from .errors import ConfigError, DrainTimeout, HandlerError, PoolBroken, ShardPoolError
+from .exitcodes import EXIT_FAILURE, EXIT_OK
+from .front import stop_grace
 from .ingress import Ingress, IngressSettings, _RateLimitedLog
 from .metrics import MetricsServer
-from .front import stop_grace
 from .pool import ShardPool
+from .security import EndpointLock, check_endpoints, claim_endpoints, resolve_endpoints
+from .status import Figures
 from .wakeup import WakePipe
-from .security import (
-    EndpointLock,
-    check_endpoints,
-    ensure_private_dir,
-    lock_endpoint,
-    prepare_ipc,
-    resolve_endpoints,
-    runtime_dir,
-)
 
 log = logging.getLogger("shardpool.service")
 
-__all__ = ["DEMO_DEFAULT_RATE", "EXIT_FAILURE", "EXIT_OK", "Service"]
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-
-DEMO_DEFAULT_RATE = 10_000.0
-"""Messages per second ``--demo-load`` sends when no rate is given."""
+__all__ = ["Service"]
 
 SAMPLE_INTERVAL_S = 1.0
-HOT_TOP_K = 10
-_RATE_MIN_AGE_S = 0.5  # rates are computed against a sample at least this old (seconds)
+"""How often the main loop samples the figures (seconds): the base of the rates status shows."""
+DRAIN_SLICE_S = 0.2
+"""Longest single wait while draining (seconds): how late a signal or stop request is seen."""
 
 
 class Service:
@@ -100,17 +90,14 @@ class Service:
         self.ingress_endpoint, self.control_endpoint = resolve_endpoints(config, env)
         self.metrics_url: str | None = None
         self._locks: list[EndpointLock] = []
-        self._demo: _DemoLoad | None = None
+        self._demo: DemoLoad | None = None
         # Recorded by signal handlers / other threads, acted on by the main loop.
         self._signals: list[int] = []
         self._stop_requests = 0
         self._requests: collections.deque[tuple[str, dict[str, Any], Respond]] = collections.deque()
         self._wakeup = WakePipe()
-        self._samples: collections.deque[tuple[float, int, int, dict[int, tuple[int, int]]]] = (
-            collections.deque(maxlen=32)
-        )
-        self._sample_lock = threading.Lock()
-        self._pinned: dict[int, int] = {}
+        self._figures = Figures()
+        self._pinning = _WorkerPinning()
         self._started = time.monotonic()
         self._failure_log = _RateLimitedLog(log, 10.0)
         self.exit_code: int | None = None
@@ -135,16 +122,9 @@ class Service:
                 "with CURVE keys configured (run a producer with a client key instead)"
             )
         try:
-            if not cfg.ingress.endpoint or not cfg.control.endpoint:
-                ensure_private_dir(runtime_dir(cfg, self._env))
-            for endpoint, key in (
-                (self.ingress_endpoint, "ingress.endpoint"),
-                (self.control_endpoint, "control.endpoint"),
-            ):
-                prepare_ipc(endpoint, key)
-                lock = lock_endpoint(endpoint)
-                if lock is not None:
-                    self._locks.append(lock)
+            endpoints = {"ingress.endpoint": self.ingress_endpoint,
+                         "control.endpoint": self.control_endpoint}
+            self._locks = claim_endpoints(cfg, endpoints, self._env)
             self.pool = ShardPool(config=cfg, on_failure=self._on_failure)
             self.ingress = Ingress(
                 self.pool,
@@ -162,7 +142,7 @@ class Service:
                 self.metrics = MetricsServer(self.snapshot, cfg.metrics.host, cfg.metrics.port)
                 self.metrics_url = self.metrics.start()
             if cfg.pool.pin_workers:
-                self._pin_workers()
+                self._pinning.apply(self.pool.worker_pids())
             self.control = ControlServer(self.control_endpoint, self._on_control)
             self.control_endpoint = self.control.start()
         except BaseException:
@@ -186,7 +166,7 @@ class Service:
         if self.metrics_url:
             log.info("metrics: %s", self.metrics_url)
         if self._demo_rate is not None:
-            self._demo = _DemoLoad(self.ingress_endpoint, self._demo_rate)
+            self._demo = DemoLoad(self.ingress_endpoint, self._demo_rate)
             self._demo.start()
 
     def _teardown(self) -> None:
@@ -259,10 +239,7 @@ class Service:
             else:
                 respond(True, {op: cid.hex()})
         else:
-            respond(
-                False,
-                {"error": f"unknown control op {op!r} (ping, status, drain, stop, resume, skip)"},
-            )
+            respond(False, {"error": f"unknown control op {op!r} ({', '.join(OPS)})"})
 
     # -- main loop ---------------------------------------------------------------------------
 
@@ -327,58 +304,49 @@ class Service:
             self._sleep(next_tick - time.monotonic())
 
     def _tick(self) -> None:
+        assert self.pool is not None
         try:
             self.snapshot(timeout=1.0)
             if self.config.pool.pin_workers:
-                self._pin_workers()
+                self._pinning.apply(self.pool.worker_pids())
         except Exception:  # noqa: BLE001 - sampling must never take the backend down
             log.exception("periodic sample failed")
 
-    def _drain_until(self, deadline: float) -> bool:
-        """Wait for every accepted message until ``deadline`` (monotonic seconds); False on
-        timeout, a broken pool, or a forced stop. Waits in slices so signals are seen."""
+    def _drain(self, deadline: float, interrupted: Callable[[], bool]) -> _DrainOutcome:
+        """Wait for every accepted message until ``deadline`` (monotonic seconds), in slices of
+        at most :data:`DRAIN_SLICE_S` so that ``interrupted()`` (a signal, a stop request) is
+        seen between them. Never raises for a timeout or a broken pool: the outcome says."""
         assert self.pool is not None
         while True:
-            if self._forced():
-                return False
+            if interrupted():
+                return _DrainOutcome(False, why="interrupted: the backend is shutting down")
             left = deadline - time.monotonic()
             try:
-                self.pool.drain(max(0.0, min(0.2, left)))
-                return True
-            except DrainTimeout:
-                if left <= 0.2:
-                    return False
-            except PoolBroken:
-                return False
+                self.pool.drain(max(0.0, min(DRAIN_SLICE_S, left)))
+                return _DrainOutcome(True)
+            except DrainTimeout as exc:
+                if left <= DRAIN_SLICE_S:
+                    return _DrainOutcome(False, pending=exc.pending)
+            except PoolBroken as exc:
+                return _DrainOutcome(False, why=f"pool broken: {exc}")
 
     def _drain_request(self, args: dict[str, Any], respond: Respond) -> None:
-        assert self.pool is not None and self.ingress is not None
+        assert self.ingress is not None
         timeout = float(args.get("timeout", self.config.supervisor.stop_timeout_s))
         log.info("drain requested: stopping intake, waiting up to %.1f s", timeout)
         self.ingress.stop_intake(P.E_DRAINING)
         self.state = "draining"
         if self._demo is not None:
             self._demo.stop()
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._stopping():
-                respond(False, {"error": "interrupted: the backend is shutting down"})
-                return
-            left = deadline - time.monotonic()
-            try:
-                self.pool.drain(max(0.0, min(0.2, left)))
-                break
-            except DrainTimeout as exc:
-                if left <= 0.2:
-                    self.state = "draining"
-                    respond(True, {"drained": False, "pending": exc.pending})
-                    return
-            except PoolBroken as exc:
-                respond(False, {"error": f"pool broken: {exc}"})
-                return
-        self.state = "drained"
-        log.info("drained: every accepted message is finished; intake stays closed")
-        respond(True, {"drained": True, "pending": 0})
+        outcome = self._drain(time.monotonic() + timeout, self._stopping)
+        if outcome.why is not None:
+            respond(False, {"error": outcome.why})
+        elif not outcome.drained:
+            respond(True, {"drained": False, "pending": outcome.pending})
+        else:
+            self.state = "drained"
+            log.info("drained: every accepted message is finished; intake stays closed")
+            respond(True, {"drained": True, "pending": 0})
 
     def _shutdown(self, reason: str) -> int:
         """Phases: stop intake, drain, stop the pool (hand back), close sockets."""
@@ -395,7 +363,7 @@ class Service:
             "phase 2/4 drain: %d messages in flight, up to %.1f s", self._inflight(), stop_timeout
         )
         grace = stop_grace(stop_timeout)
-        drained = False if broken else self._drain_until(deadline - grace)
+        drained = not broken and self._drain(deadline - grace, self._forced).drained
         forced = self._forced()
         if forced:
             log.warning("second signal: stopping now without waiting for the drain")
@@ -467,74 +435,42 @@ class Service:
         }
 
     def snapshot(self, timeout: float = 2.0) -> dict[str, Any]:
-        """Everything ``shardpool status`` shows, as plain values (channel ids in hex).
+        """Everything ``shardpool status`` shows, as plain values (channel ids in hex; keys as
+        :meth:`Figures.snapshot`, ``service`` being :meth:`info` plus ``uptime_s``). Waits up to
+        ``timeout`` seconds for the workers' figures.
 
-        Keys: ``service`` (:meth:`info` + ``uptime_s``), ``pool`` (front counters; ``halted``
-        lists every halted or quarantined channel: hex id, seq, since, error), ``workers``
-        (per-worker figures of :meth:`ShardPool.stats` + ``processed_per_s``), ``order`` (summed
-        gaps/duplicates/reorders), ``hot_channels`` (``[hex id, messages, worker]``, top
-        :data:`HOT_TOP_K`), ``ingress`` (:meth:`Ingress.stats`), ``rates`` (``processed_per_s``,
-        ``ingress_per_s``, over the last second or so) and ``demo_load`` (or None).
+        Raises:
+            as :meth:`ShardPool.stats`.
         """
         assert self.pool is not None and self.ingress is not None
         stats = self.pool.stats(timeout)
-        for halt in stats["halted"]:
-            halt["channel"] = bytes(halt["channel"]).hex()
-        now = time.monotonic()
-        ing = self.ingress.stats()
-        workers: list[dict[str, Any]] = stats.pop("workers")
-        prev = self._sample_before(now - _RATE_MIN_AGE_S)
-        cur_workers = {w["index"]: (w.get("epoch", 0), w.get("processed", 0)) for w in workers}
-        rates = {"processed_per_s": 0.0, "ingress_per_s": 0.0}
-        if prev is not None:
-            t0, acked0, accepted0, workers0 = prev
-            dt = now - t0
-            rates["processed_per_s"] = max(0.0, (stats["acknowledged"] - acked0) / dt)
-            rates["ingress_per_s"] = max(0.0, (ing["accepted"] - accepted0) / dt)
-            for w in workers:
-                epoch, processed = cur_workers[w["index"]]
-                old = workers0.get(w["index"])
-                base = old[1] if old is not None and old[0] == epoch else 0
-                w["processed_per_s"] = max(0.0, (processed - base) / dt)
-        else:
-            for w in workers:
-                w["processed_per_s"] = 0.0
-        with self._sample_lock:
-            self._samples.append((now, stats["acknowledged"], ing["accepted"], cur_workers))
-        order = {
-            k: sum(int(w.get(k, 0)) for w in workers) for k in ("gaps", "duplicates", "reorders")
-        }
-        hot: list[tuple[int, str, int]] = []
-        for w in workers:
-            for cid, count in w.pop("hot_channels", None) or ():
-                hot.append((count, bytes(cid).hex(), w["index"]))
-        top = heapq.nlargest(HOT_TOP_K, hot)
-        return {
-            "service": {**self.info(), "uptime_s": now - self._started},
-            "pool": stats,
-            "workers": workers,
-            "order": order,
-            "hot_channels": [[cid, count, worker] for count, cid, worker in top],
-            "ingress": ing,
-            "rates": rates,
-            "demo_load": self._demo.stats() if self._demo is not None else None,
-        }
+        return self._figures.snapshot(
+            {**self.info(), "uptime_s": time.monotonic() - self._started},
+            stats,
+            self.ingress.stats(),
+            self._demo.stats() if self._demo is not None else None,
+        )
 
-    def _sample_before(self, t: float) -> tuple[float, int, int, dict[int, tuple[int, int]]] | None:
-        with self._sample_lock:
-            for sample in reversed(self._samples):
-                if sample[0] <= t:
-                    return sample
-        return None
 
-    def _pin_workers(self) -> None:
-        """Pin worker i to the i-th CPU this process may use (round-robin); re-pin restarted
-        workers (a new pid in the slot)."""
-        assert self.pool is not None
+class _DrainOutcome(NamedTuple):
+    drained: bool
+    pending: int = 0  # still unfinished at the deadline
+    why: str | None = None  # why it stopped before the deadline without draining
+
+
+class _WorkerPinning:
+    """``pool.pin_workers``: worker i on the i-th CPU this process may use (round-robin)."""
+
+    def __init__(self) -> None:
+        self._pinned: dict[int, int] = {}  # worker index -> the pid pinned
+
+    def apply(self, pids: list[int | None]) -> None:
+        """Pin every worker not pinned yet, and a restarted one again (a new pid in its slot).
+        A worker that cannot be pinned is logged, never raised for."""
         cpus = sorted(psutil.Process().cpu_affinity() or [])
         if not cpus:
             return
-        for i, pid in enumerate(self.pool.worker_pids()):
+        for i, pid in enumerate(pids):
             if pid is None or self._pinned.get(i) == pid:
                 continue
             cpu = cpus[i % len(cpus)]
@@ -544,107 +480,3 @@ class Service:
                 log.info("worker %d (pid %d) pinned to CPU %d", i, pid, cpu)
             except psutil.Error as exc:
                 log.warning("could not pin worker %d (pid %d): %s", i, pid, exc)
-
-
-class _DemoLoad:
-    """``--demo-load``: the built-in Lightning traffic generator as one producer on the ingress,
-    in its own thread (with its own ZeroMQ context). Counts replies and protocol violations (the
-    demo handler reports a violation when a channel's messages arrive out of order)."""
-
-    PEERS = 50
-    CHANNELS_PER_PEER = 20
-    ROUND = 1_000_000  # messages per generated stream; each round uses fresh channels
-
-    def __init__(self, endpoint: str, rate: float) -> None:
-        self.endpoint = endpoint
-        self.rate = rate
-        self.sent = 0
-        self.replies = 0
-        self.violations = 0
-        self.not_ok = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="shardpool-demo-load", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(5.0)
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "sent": self.sent,
-            "replies": self.replies,
-            "violations": self.violations,
-            "not_ok": self.not_ok,
-            "rate": self.rate,
-        }
-
-    def _run(self) -> None:
-        from .client import Client
-        from .demo.traffic import iter_encoded
-
-        try:
-            client = Client(self.endpoint, timeout=5.0)
-        except Exception:  # noqa: BLE001
-            log.exception("demo load could not connect to %s", self.endpoint)
-            return
-        log.info(
-            "demo load: %s msg/s of Lightning traffic over %d channels through the ingress",
-            f"{self.rate:g}" if self.rate else "as many",
-            self.PEERS * self.CHANNELS_PER_PEER,
-        )
-        t0 = time.monotonic()
-        next_log = t0 + 10.0
-        seed = 0
-        try:
-            while not self._stop.is_set():
-                for cid, payload in iter_encoded(
-                    self.PEERS, self.CHANNELS_PER_PEER, self.ROUND, seed
-                ):
-                    while not self._stop.is_set():
-                        try:
-                            client.send_bytes(cid, payload, timeout=0.5)
-                            break
-                        except TimeoutError:
-                            continue  # the pool is behind: flow control; try again
-                    if self._stop.is_set():
-                        break
-                    self.sent += 1
-                    if self.sent % 256 == 0:
-                        self._count(client.poll())
-                        now = time.monotonic()
-                        if self.rate:
-                            # Pacing, not synchronisation: wake early on stop.
-                            ahead = t0 + self.sent / self.rate - now
-                            if ahead > 0:
-                                self._stop.wait(ahead)
-                        if now >= next_log:
-                            next_log = now + 10.0
-                            log.info(
-                                "demo load: %d sent (%.0f/s), %d replies, %d protocol violations",
-                                self.sent,
-                                self.sent / (now - t0),
-                                self.replies,
-                                self.violations,
-                            )
-                seed += 1
-        except Exception:  # noqa: BLE001 - the demo must not take the backend down
-            if not self._stop.is_set():
-                log.exception("demo load stopped")
-        finally:
-            try:
-                self._count(client.poll())
-            except Exception:  # noqa: BLE001
-                pass
-            client.close(0)
-
-    def _count(self, replies: list[Any]) -> None:
-        for r in replies:
-            self.replies += 1
-            if not r.ok:
-                self.not_ok += 1
-            elif isinstance(r.value, dict) and "violation" in r.value:
-                self.violations += 1

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from shardpool.cli import EXIT_CONFIG, EXIT_OK, EXIT_USAGE, main
+from shardpool.cli import main
+from shardpool.exitcodes import EXIT_CONFIG, EXIT_OK, EXIT_USAGE
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 60

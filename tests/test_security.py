@@ -18,11 +18,10 @@ from service_handlers import in_process_backend, toml_config
 from shardpool.client import AsyncClient, Client
 from shardpool.config import config_from_dict
 from shardpool.control import ControlClient
-from shardpool.errors import AccessDenied, ConfigError
+from shardpool.errors import AccessDenied, ConfigError, EndpointInUse, InsecurePathError
 from shardpool.security import (
-    EndpointInUse,
-    InsecurePathError,
     check_endpoints,
+    claim_endpoints,
     default_runtime_dir,
     ensure_private_dir,
     generate_keys,
@@ -125,6 +124,37 @@ def test_endpoint_lock_is_released(tmp_path: Path) -> None:
     assert again is not None
     again.release()
     assert lock_endpoint("tcp://127.0.0.1:5555") is None
+
+
+def test_claim_endpoints_releases_what_it_took_when_one_is_in_use(tmp_path: Path) -> None:
+    cfg = config_from_dict({"transport": {"runtime_dir": str(tmp_path / "run")}})
+    free, held = f"ipc://{tmp_path}/free", f"ipc://{tmp_path}/held"
+    holder = lock_endpoint(held)
+    assert holder is not None
+    try:
+        with pytest.raises(EndpointInUse):
+            claim_endpoints(cfg, {"ingress.endpoint": free, "control.endpoint": held}, env={})
+        locks = claim_endpoints(cfg, {"ingress.endpoint": free}, env={})  # free again
+        assert len(locks) == 1 and _mode(tmp_path / "run") == 0o700
+        for lock in locks:
+            lock.release()
+    finally:
+        holder.release()
+
+
+def test_moved_errors_keep_their_old_import_paths() -> None:
+    import shardpool.control
+    import shardpool.errors
+    import shardpool.security
+
+    for module, names in (
+        (shardpool.control, ("ControlError", "NotRunning")),
+        (shardpool.security, ("EndpointInUse", "InsecurePathError")),
+    ):
+        for name in names:
+            cls = getattr(module, name)
+            assert cls is getattr(shardpool.errors, name)
+            assert issubclass(cls, shardpool.errors.ShardPoolError)
 
 
 # ------------------------------------------------------------------------- tcp and CURVE rules

@@ -21,7 +21,8 @@ import backend_tools
 from service_handlers import backend_sections, in_process_backend, subprocess_env
 
 from shardpool.client import Client
-from shardpool.control import ControlClient, render_status
+from shardpool.control import ControlClient
+from shardpool.status import render_status
 
 pytestmark = pytest.mark.multiprocess
 

@@ -18,7 +18,8 @@ from service_handlers import in_process_backend
 
 from shardpool.cli import main
 from shardpool.client import Client
-from shardpool.control import ControlClient, render_status
+from shardpool.control import ControlClient
+from shardpool.status import Figures, render_status
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -167,3 +168,38 @@ def test_no_flags_status_finds_a_no_flags_run_with_demo_load(tmp_path: Path) -> 
                 kid.kill()
         psutil.wait_procs(kids, timeout=5)
         print(log_path.read_text(errors="replace")[-4000:])
+
+
+def _stats(acknowledged: int, workers: list[tuple[int, int]]) -> dict[str, Any]:
+    """Pool stats as :meth:`ShardPool.stats` gives them: workers as ``(epoch, processed)``."""
+    return {
+        "state": "running",
+        "acknowledged": acknowledged,
+        "halted": [{"channel": b"\x01\x02", "seq": 3}],
+        "workers": [
+            {"index": i, "epoch": epoch, "processed": processed, "gaps": i,
+             "hot_channels": [[b"w%d" % i, 10 * (i + 1)], [b"x%d" % i, 1]]}
+            for i, (epoch, processed) in enumerate(workers)
+        ],
+    }
+
+
+def test_figures_give_rates_over_the_last_sample_and_restart_a_worker_count_from_zero() -> None:
+    now = [100.0]
+    figures = Figures(clock=lambda: now[0])
+    first = figures.snapshot({"pid": 1}, _stats(0, [(1, 0), (1, 0)]), {"accepted": 0}, None)
+    assert first["rates"] == {"processed_per_s": 0.0, "ingress_per_s": 0.0}
+    assert first["pool"]["halted"][0]["channel"] == "0102"
+    assert first["order"] == {"gaps": 1, "duplicates": 0, "reorders": 0}
+    assert first["hot_channels"][0] == [b"w1".hex(), 20, 1]
+    assert "hot_channels" not in first["workers"][0]
+
+    now[0] += 0.2  # too recent a base: no rates yet
+    early = figures.snapshot({}, _stats(10, [(1, 5), (1, 5)]), {"accepted": 10}, None)
+    assert early["rates"]["processed_per_s"] == 0.0
+
+    now[0] += 2.0  # the base is the latest sample at least 0.5 s old: the one just taken
+    # Worker 1 was restarted meanwhile (epoch 2): its count starts from 0, not from 5.
+    snap = figures.snapshot({}, _stats(410, [(1, 305), (2, 100)]), {"accepted": 610}, None)
+    assert snap["rates"] == pytest.approx({"processed_per_s": 200.0, "ingress_per_s": 300.0})
+    assert [w["processed_per_s"] for w in snap["workers"]] == pytest.approx([150.0, 50.0])

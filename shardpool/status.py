@@ -1,0 +1,246 @@
+"""What ``shardpool status`` shows: the backend's snapshot (:class:`Figures`) and its table
+(:func:`render_status`).
+
+The snapshot is what the control op ``status`` answers and what the Prometheus endpoint reads:
+plain values, channel ids in hex, rates computed against an earlier sample. Rendering is pure: no
+terminal control codes, no I/O; the CLI redraws it in place.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+__all__ = ["HALTED_SHOWN", "HOT_TOP_K", "Figures", "render_status"]
+
+HALTED_SHOWN = 10
+"""Halted channels listed in the table (``--json`` has all of them)."""
+HOT_TOP_K = 10
+"""Hottest channels in a snapshot."""
+RATE_MIN_AGE_S = 0.5
+"""Rates are computed against a sample at least this old (seconds)."""
+ORDER_COUNTERS = ("gaps", "duplicates", "reorders")
+
+Snapshot = dict[str, Any]
+
+
+class _Sample(NamedTuple):
+    at: float  # time.monotonic() seconds
+    acknowledged: int
+    accepted: int
+    workers: dict[int, tuple[int, int]]  # index -> (epoch, processed)
+
+
+class Figures:
+    """Builds snapshots from the pool's and the ingress's stats, keeping the last few samples so
+    that each snapshot carries rates (per second) over the last second or so. Thread-safe: the
+    control thread, the metrics server and the backend's main loop all ask for snapshots.
+
+    ``keep`` samples are kept; ``clock`` gives the time in seconds (monotonic).
+    """
+
+    def __init__(self, keep: int = 32, clock: Callable[[], float] = time.monotonic) -> None:
+        self._samples: collections.deque[_Sample] = collections.deque(maxlen=keep)
+        self._lock = threading.Lock()
+        self._clock = clock
+
+    def snapshot(
+        self,
+        service: dict[str, Any],
+        pool: dict[str, Any],
+        ingress: dict[str, Any],
+        demo_load: dict[str, Any] | None,
+    ) -> Snapshot:
+        """Everything ``shardpool status`` shows, as plain values.
+
+        Args:
+            service: identity and endpoints of the backend (with ``uptime_s``).
+            pool: :meth:`ShardPool.stats` (taken over: its ``workers`` and their
+                ``hot_channels`` are moved out, halted channel ids turned to hex).
+            ingress: :meth:`Ingress.stats`.
+            demo_load: the demo producer's counters, or None.
+
+        Returns keys ``service``, ``pool`` (front counters; ``halted`` lists every halted or
+        quarantined channel: hex id, seq, since, error), ``workers`` (per-worker figures +
+        ``processed_per_s``), ``order`` (summed gaps/duplicates/reorders), ``hot_channels``
+        (``[hex id, messages, worker]``, top :data:`HOT_TOP_K`), ``ingress``, ``rates``
+        (``processed_per_s``, ``ingress_per_s``) and ``demo_load``.
+        """
+        for halt in pool["halted"]:
+            halt["channel"] = bytes(halt["channel"]).hex()
+        workers: list[dict[str, Any]] = pool.pop("workers")
+        hot = [
+            (count, bytes(cid).hex(), w["index"])
+            for w in workers
+            for cid, count in w.pop("hot_channels", None) or ()
+        ]
+        return {
+            "service": service,
+            "pool": pool,
+            "workers": workers,
+            "order": {k: sum(int(w.get(k, 0)) for w in workers) for k in ORDER_COUNTERS},
+            "hot_channels": [[cid, n, w] for n, cid, w in heapq.nlargest(HOT_TOP_K, hot)],
+            "ingress": ingress,
+            "rates": self._rates(pool["acknowledged"], ingress["accepted"], workers),
+            "demo_load": demo_load,
+        }
+
+    def _rates(
+        self, acknowledged: int, accepted: int, workers: list[dict[str, Any]]
+    ) -> dict[str, float]:
+        """Pool and ingress rates since a sample at least :data:`RATE_MIN_AGE_S` old; sets each
+        worker's ``processed_per_s`` (counted from 0 for a worker restarted since: a new epoch).
+        Records this sample."""
+        now = self._clock()
+        current = {w["index"]: (w.get("epoch", 0), w.get("processed", 0)) for w in workers}
+        rates = {"processed_per_s": 0.0, "ingress_per_s": 0.0}
+        prev = self._sample_before(now - RATE_MIN_AGE_S)
+        for w in workers:
+            w["processed_per_s"] = 0.0
+        if prev is not None:
+            dt = now - prev.at
+            rates["processed_per_s"] = max(0.0, (acknowledged - prev.acknowledged) / dt)
+            rates["ingress_per_s"] = max(0.0, (accepted - prev.accepted) / dt)
+            for w in workers:
+                epoch, processed = current[w["index"]]
+                old = prev.workers.get(w["index"])
+                base = old[1] if old is not None and old[0] == epoch else 0
+                w["processed_per_s"] = max(0.0, (processed - base) / dt)
+        with self._lock:
+            self._samples.append(_Sample(now, acknowledged, accepted, current))
+        return rates
+
+    def _sample_before(self, t: float) -> _Sample | None:
+        with self._lock:
+            for sample in reversed(self._samples):
+                if sample.at <= t:
+                    return sample
+        return None
+
+
+def _si(n: float) -> str:
+    """1234567 → '1.23M' (for per-second rates and counts in a narrow column)."""
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.{2 if abs(n) < 10 * div else 1}f}{unit}"
+    return f"{n:.0f}" if float(n).is_integer() or abs(n) >= 100 else f"{n:.1f}"
+
+
+def _duration(s: float) -> str:
+    """Seconds as ``HH:MM:SS``."""
+    whole = int(s)
+    return f"{whole // 3600:02d}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+def _summary(snap: Snapshot) -> list[str]:
+    """The lines above the worker table: identity, messages, ingress, order, demo load."""
+    svc, pool, ing = snap["service"], snap["pool"], snap["ingress"]
+    order = snap["order"]
+    lines = [
+        f"shardpool {svc['version']}  pid {svc['pid']}  up {_duration(svc['uptime_s'])}  "
+        f"state {svc['state']}  pool {pool['state']}  workers {len(snap['workers'])}",
+        f"endpoints: ingress {svc['ingress']}  control {svc['control']}"
+        + (f"  metrics {svc['metrics']}" if svc.get("metrics") else ""),
+        f"messages:  submitted {pool['submitted']}  acknowledged {pool['acknowledged']}  "
+        f"in flight {pool['inflight']}  rate {_si(snap['rates']['processed_per_s'])}/s",
+        f"           failures {pool['failures']}  halted channels {pool['halted_channels']}  "
+        f"quarantined {pool.get('quarantined', 0)}  restarts {pool['restarts']}  "
+        f"replayed {pool['replayed']}",
+        f"ingress:   producers {ing['producers']}  accepted {ing['accepted']}  rejected "
+        f"{ing['rejected']}  frame errors {ing['frame_errors']}  "
+        f"rate {_si(snap['rates']['ingress_per_s'])}/s",
+        f"           replies {ing['replies']}  backpressure waits {ing['backpressure_waits']}  "
+        f"auth failures {ing['auth_failures']}" + ("" if ing["accepting"] else "  (intake closed)"),
+        f"           unread replies held {ing.get('held_replies', 0)} for "
+        f"{ing.get('stalled_producers', 0)} producers  frames refused whole "
+        f"{ing.get('refused_frames', 0)}  internal errors {ing.get('internal_errors', 0)}",
+    ]
+    if ing.get("errors"):
+        lines.append(
+            "  rejections by code: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(ing["errors"].items()))
+        )
+    lines.append(
+        f"order violations: gaps {order['gaps']}  duplicates {order['duplicates']}  "
+        f"reorders {order['reorders']}"
+        + ("" if not any(order.values()) else "   <-- should all be 0")
+    )
+    demo = snap.get("demo_load")
+    if demo:
+        pace = f"target {_si(demo['rate'])}/s" if demo["rate"] else "(unpaced)"
+        lines.append(
+            f"demo load: sent {demo['sent']}  replies {demo['replies']}  protocol violations "
+            f"{demo['violations']}  {pace}"
+        )
+    return lines
+
+
+def _dash_or(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _worker_table(workers: list[dict[str, Any]]) -> list[str]:
+    """The per-worker table, heading first."""
+    lines = [
+        f"{'W':>2} {'PID':>7} {'STATE':<8} {'EPOCH':>5} {'RST':>3} {'CHANNELS':>8} {'QUEUED':>7} "
+        f"{'INFLIGHT':>8} {'PROC/S':>7} {'PROCESSED':>10} {'FAILED':>6} {'REDELIV':>7} "
+        f"{'LAG ms':>7} {'CPU%':>6} {'RSS MB':>7}"
+    ]
+    for w in workers:
+        rss = w.get("rss_bytes")
+        lag = w.get("loop_lag_s")
+        lines.append(
+            f"{w['index']:>2} {w.get('pid') or '-':>7} {w['state']:<8} {w['epoch']:>5} "
+            f"{w['restarts']:>3} {w.get('channels', 0):>8} {w.get('queued', 0):>7} "
+            f"{w['inflight']:>8} {_si(w.get('processed_per_s', 0.0)):>7} "
+            f"{w.get('processed', 0):>10} {w.get('failed', 0):>6} {w.get('redelivered', 0):>7} "
+            f"{_dash_or(None if lag is None else lag * 1000, '.1f'):>7} "
+            f"{_dash_or(w.get('cpu_percent'), '.1f'):>6} "
+            f"{_dash_or(None if rss is None else rss / 1e6, '.1f'):>7}"
+        )
+    return lines
+
+
+def _halted(halted: list[dict[str, Any]]) -> list[str]:
+    """The halted and quarantined channels, at most :data:`HALTED_SHOWN` of them."""
+    if not halted:
+        return []
+    lines = ["", f"halted channels ({len(halted)}; shardpool resume|skip CHANNEL):"]
+    for h in halted[:HALTED_SHOWN]:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["since"]))
+        what = "QUARANTINED" if h["quarantined"] else "halted"
+        lines.append(f"  {h['channel']}  seq {h['seq']}  {what} since {since}")
+        lines.append(f"      {h['error'].splitlines()[0] if h['error'] else h['type']}")
+    if len(halted) > HALTED_SHOWN:
+        lines.append(f"  … {len(halted) - HALTED_SHOWN} more (shardpool status --json)")
+    return lines
+
+
+def _hottest(hot: list[list[Any]]) -> list[str]:
+    """The hottest channels: ``[hex id, messages, worker]`` each."""
+    if not hot:
+        return []
+    lines = ["", f"hottest channels (top {len(hot)}, messages since worker start):"]
+    for cid, count, worker in hot:
+        short = cid if len(cid) <= 16 else cid[:16] + "…"
+        lines.append(f"  {short:<17}  {count:>9}  worker {worker}")
+    return lines
+
+
+def render_status(snap: Snapshot, width: int | None = None) -> str:
+    """The ``shardpool status`` table for one snapshot, as text, each line cut at ``width``
+    columns (default: the terminal's width, else 120)."""
+    width = width or shutil.get_terminal_size((120, 40)).columns
+    lines = [
+        *_summary(snap),
+        "",
+        *_worker_table(snap["workers"]),
+        *_halted(snap["pool"].get("halted") or []),
+        *_hottest(snap.get("hot_channels") or []),
+    ]
+    return "\n".join(line[:width] for line in lines)
