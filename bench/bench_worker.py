@@ -1,5 +1,5 @@
 """Worker dispatch in-process (no sockets): one decoded batch of 256 messages through
-``Worker._on_batch`` (order check, per-channel bookkeeping, handler call, ack ranges)."""
+``Dispatcher.on_batch`` (order check, per-channel bookkeeping, handler call, ack ranges)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from shardpool import codec
 from shardpool.demo.handler import LightningHandler
 from shardpool.demo.traffic import generate
 from shardpool.handler import load_handler
-from shardpool.loadtest import noop
-from shardpool.worker import Worker, WorkerSpec
+from shardpool.bench.handlers import noop
+from shardpool.worker import Acks, Dispatcher, WorkerSpec
 
 
 class _Sink:
@@ -21,12 +21,10 @@ class _Sink:
         pass
 
 
-def _worker(handler: Any, decode: bool) -> Worker:
-    w = Worker(WorkerSpec(index=0, epoch=1, data_endpoint="", front_endpoint="",
-                          handler=handler, payload="cbor" if decode else "raw"))
-    w.handler = load_handler(handler)
-    w.push = _Sink()  # type: ignore[assignment]
-    return w
+def _worker(handler: Any, decode: bool) -> Dispatcher:
+    spec = WorkerSpec(index=0, epoch=1, data_endpoint="", front_endpoint="",
+                      handler=handler, payload="cbor" if decode else "raw")
+    return Dispatcher(spec, load_handler(handler), Acks(0, 1, _Sink()), [])
 
 
 def _frames(batch: list[tuple[bytes, bytes]]) -> Any:
@@ -44,7 +42,7 @@ def test_dispatch_256_noop_with_payload_decode(benchmark: Any,
     w = _worker(noop, decode=True)
     frames = _frames(batch)
     benchmark.extra_info["messages"] = len(batch)
-    benchmark.pedantic(w._on_batch, setup=lambda: ((next(frames),), {}), rounds=300)
+    benchmark.pedantic(w.on_batch, setup=lambda: ((next(frames),), {}), rounds=300)
     assert w.counters["gaps"] == w.counters["reorders"] == 0
 
 
@@ -53,7 +51,7 @@ def test_dispatch_256_noop_raw(benchmark: Any, batch: list[tuple[bytes, bytes]])
     w = _worker(noop, decode=False)
     frames = _frames(batch)
     benchmark.extra_info["messages"] = len(batch)
-    benchmark.pedantic(w._on_batch, setup=lambda: ((next(frames),), {}), rounds=300)
+    benchmark.pedantic(w.on_batch, setup=lambda: ((next(frames),), {}), rounds=300)
 
 
 def test_lightning_handler_256_messages(benchmark: Any) -> None:

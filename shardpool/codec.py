@@ -42,26 +42,96 @@ re-encoding, which is what keeps the front near the bare transport's speed.
 
 from __future__ import annotations
 
+import enum
 import struct
 from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 import cbor2
 
-# Front → worker frame kinds.
-BATCH = 0
-STATS = 1
-CONTROL = 2
-STOP = 3
 
-# Worker → front frame kinds.
-READY = 0
-ACK = 1
-STATS_REPLY = 2
-HEARTBEAT = 3
-FATAL = 4
-BYE = 5
-CRASH = 6
-STOPPING = 7
+class ToWorker(enum.IntEnum):
+    """Frame kinds, front → worker."""
+
+    BATCH = 0
+    STATS = 1
+    CONTROL = 2
+    STOP = 3
+
+
+class ToFront(enum.IntEnum):
+    """Frame kinds, worker → front."""
+
+    READY = 0
+    ACK = 1
+    STATS = 2
+    HEARTBEAT = 3
+    FATAL = 4
+    BYE = 5
+    CRASH = 6
+    STOPPING = 7
+
+
+class Action(enum.StrEnum):
+    """What was done with a message whose handler failed (the last field of a failure entry)."""
+
+    SKIP = "skip"  # the policy skipped it: finished, reported as failed
+    HALT = "halt"  # the policy halted its channel: not finished, waits for an operator
+    SKIPPED = "skipped"  # an operator skipped it after a halt: finished
+
+
+FINAL_ACTIONS = frozenset({Action.SKIP, Action.SKIPPED})
+"""Failure actions after which the message is finished (acknowledged)."""
+
+
+def operator_skip(wseq: int) -> list[Any]:
+    """The failure entry of a message an operator skipped on its halted channel."""
+    return [wseq, "Skipped", "skipped by operator", "", Action.SKIPPED]
+
+
+# The cold frames, decoded by name (``Ready._make(msg[1:])``); BATCH and ACK stay positional: they
+# are the hot path. Every worker → front frame starts [kind, worker, epoch, ...].
+
+
+class Ready(NamedTuple):
+    worker: int
+    epoch: int
+    pid: int
+
+
+class Failure(NamedTuple):
+    """FATAL (could not start) and CRASH (dying of this, having been up)."""
+
+    worker: int
+    epoch: int
+    exc_type: str
+    message: str
+    traceback: str
+
+
+class StatsReply(NamedTuple):
+    worker: int
+    epoch: int
+    request: int
+    stats: dict[str, Any]
+
+
+class Stopping(NamedTuple):
+    worker: int
+    epoch: int
+    running: list[int]
+
+
+class Bye(NamedTuple):
+    worker: int
+    epoch: int
+    stats: dict[str, Any]
+
+
+def frame(kind: ToFront | ToWorker, *fields: Any) -> bytes:
+    """Encode ``[kind, *fields]`` (a cold frame; BATCH frames are assembled, not encoded)."""
+    return dumps([int(kind), *fields])
+
 
 dumps = cbor2.dumps
 loads = cbor2.loads
@@ -70,6 +140,8 @@ CBORDecodeError = cbor2.CBORDecodeError
 # uint64 cseq + byte-string header with a 32-bit length: fixed width, one struct call per message.
 # CBOR decoders accept these non-shortest heads (RFC 8949 §4.2 makes shortest form a preference).
 ITEM_HEAD = struct.Struct(">BQBI").pack
+CSEQ_HEAD = 0x1B  # major type 0 (unsigned), 8-byte argument
+PAYLOAD_HEAD = 0x5A  # major type 2 (byte string), 4-byte length
 
 
 def item_prefix(channel_id: bytes) -> bytes:
@@ -79,7 +151,7 @@ def item_prefix(channel_id: bytes) -> bytes:
 
 def item_head(cseq: int, payload_len: int) -> bytes:
     """The bytes between an item's prefix and its payload: ``cseq`` and the payload's length."""
-    return ITEM_HEAD(0x1B, cseq, 0x5A, payload_len)
+    return ITEM_HEAD(CSEQ_HEAD, cseq, PAYLOAD_HEAD, payload_len)
 
 
 def _head(major: int, n: int) -> bytes:
@@ -100,7 +172,7 @@ def batch_header(epoch: int, first_wseq: int, redelivered: bool, count: int) -> 
     """Head of a BATCH frame carrying ``count`` items; the items' bytes follow it directly."""
     return (
         _head(4, 4 + count)
-        + b"\x00"  # BATCH
+        + _head(0, ToWorker.BATCH)
         + _head(0, epoch)
         + _head(0, first_wseq)
         + (b"\xf5" if redelivered else b"\xf4")

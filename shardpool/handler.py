@@ -136,7 +136,7 @@ def load_handler(target: str | object, options: Mapping[str, Any] | None = None)
 async def maybe_await(value: Any) -> Any:
     """Await ``value`` if it is awaitable (hooks may be sync or async)."""
     if inspect.isawaitable(value):
-        return await value  # type: ignore[misc]
+        return await value
     return value
 
 

@@ -187,10 +187,8 @@ class Service:
     # -- hooks called from other threads -----------------------------------------------------
 
     def _on_failure(self, err: HandlerError) -> None:
-        # Pool I/O thread: failures that do not finish their message (halt) reach producers as a
-        # HALTED notice through the ingress; all are logged, rate-limited per exception type.
-        if self.ingress is not None:
-            self.ingress.on_failure(err)
+        # Pool I/O thread: every failure is logged, rate-limited per exception type (producers
+        # hear of theirs through each message's own on_done, a halt as a HALTED notice).
         if err.policy == "quarantine":
             # Rare and needing an operator: every one is logged, with its cause.
             log.error("%s (shardpool resume|skip %s)", err, err.channel_id.hex())

@@ -1,23 +1,53 @@
-"""Worker processes: spawn, exit codes, stop, and the crash-loop guard.
+"""Worker supervision: processes and time, and the decisions the front acts on.
 
-The supervisor knows processes, not messages: the front asks it to start an incarnation of worker
-``i`` with epoch ``e``, watches the returned sentinel, and asks it whether a worker that died may be
-restarted (and after how long). Signals are blocked in the thread that spawns, so a child never runs
-Python-level signal handling before it has installed its own (it unblocks them itself).
+::
+
+    Supervisor.start_all ── spawn(i, epoch) ──▶ STARTING ── on_ready ──▶ READY ──┐
+         ▲                                          │ no READY in time: kill        │ silent past the
+         │ tick: restart due → spawn                ▼                               │ heartbeat timeout:
+       DEAD ◀──── after_death: Restart(delay) ── reap(i) ◀── sentinel ◀─────────────┘ kill (Hung)
+         │        (counted by the crash-loop guard unless a message explains it)
+         ├─ after_death: GiveUp (crash loop) / StartFailed (died before its first READY) → BROKEN
+         └─ stop_all: STOPPING (SIGTERM: finish the current call, leave) → STOPPED
+
+The supervisor knows processes and time, not messages: it starts incarnation ``epoch`` of worker
+``i`` through a factory the front gives it, watches READY deadlines, heartbeat silence and
+restart delays (:meth:`Supervisor.tick`), and, after a death, decides restart / give up / start
+failure (:meth:`Supervisor.after_death`). The front acts on the decisions (replay, break the pool,
+report) and tells it what only the front can know: whether a message explains a death. Clock and
+processes are injected, so the decisions are tested without a real process. Not thread-safe: the
+front calls it with its lock held.
+
+Signals are blocked in the thread that spawns, so a child never runs Python-level signal handling
+before it has installed its own (it unblocks them itself).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import enum
+import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import multiprocess
 
-from .worker import EXIT_OK, EXIT_PARENT_GONE, EXIT_START_FAILED, WorkerSpec, worker_main
+from .config import SupervisorConfig
+from .errors import PoolBroken, WorkerStartError
+from .worker import (
+    EXIT_OK,
+    EXIT_PARENT_GONE,
+    EXIT_START_FAILED,
+    WorkerSpec,
+    worker_main,
+)
+
+log = logging.getLogger("shardpool.supervisor")
 
 _EXIT_NAMES = {
     EXIT_OK: "exited cleanly",
@@ -62,7 +92,7 @@ class RestartGuard:
             self._times.popleft()
         if len(self._times) >= self.max_restarts:
             return None
-        delay = min(self.backoff_max_s, self.backoff_s * (2 ** len(self._times)))
+        delay: float = min(self.backoff_max_s, self.backoff_s * 2.0 ** len(self._times))
         self._times.append(now)
         return delay
 
@@ -116,10 +146,8 @@ class WorkerProcess:
     def kill(self) -> None:
         """SIGKILL, for a worker that is hung or must go now."""
         if self.process.pid is not None and self.process.exitcode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def terminate(self) -> None:
         """SIGTERM: the worker dies at once (it keeps the default action)."""
@@ -141,8 +169,379 @@ class WorkerProcess:
                 self.kill()
                 self.join(5.0)
         code = self.exitcode
-        try:
+        with contextlib.suppress(ValueError):
             self.process.close()
-        except ValueError:
-            pass
         return code
+
+
+class Process(Protocol):
+    """What the supervisor needs of a worker process (:class:`WorkerProcess`, or a fake)."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def sentinel(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def terminate(self) -> None: ...
+
+    def join(self, timeout: float) -> int | None: ...
+
+    def reap(self, timeout: float = 2.0) -> int | None: ...
+
+
+Spawn = Callable[[int, int], Process]
+"""``spawn(index, epoch)``: a new, not yet started process for that incarnation."""
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"  # spawned, READY not yet seen
+    READY = "ready"
+    DEAD = "dead"  # waiting for its restart
+    STOPPING = "stopping"  # asked to stop (or killed), its exit not yet seen
+    STOPPED = "stopped"
+    BROKEN = "broken"  # will not be restarted: the pool is broken
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class WorkerRecord:
+    """One worker slot across its incarnations, as the supervisor sees it (times monotonic s)."""
+
+    index: int
+    guard: RestartGuard
+    epoch: int = 0
+    state: WorkerState = WorkerState.STARTING
+    proc: Process | None = None
+    deadline: float = 0.0  # READY deadline while STARTING, restart time while DEAD
+    last_seen: float = 0.0  # last frame of the current epoch
+    restarts: int = 0
+    last_exit: int | None = None
+    last_error: str = ""  # what was seen before a death (hang, missed READY, its CRASH)
+    last_cause: str = ""  # how the last incarnation ended, in words
+    hung: bool = False  # the last death was a kill for heartbeat silence
+
+
+@dataclass(frozen=True)
+class Death:
+    """A reaped incarnation: its exit ``code``, how it ended in words (``what``: "killed by
+    SIGKILL") and what was seen before it (``seen``: "no heartbeat for 10.2 s ...", or "")."""
+
+    index: int
+    epoch: int
+    pid: int | None
+    code: int | None
+    what: str
+    seen: str
+    hung: bool
+
+    @property
+    def cause(self) -> str:
+        return f"{self.what} ({self.seen})" if self.seen else self.what
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Restart after ``delay`` seconds (the supervisor spawns it then, from :meth:`tick`)."""
+
+    index: int
+    delay: float
+    counted: bool  # towards the crash-loop guard (False: a message explained the death)
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    """Stop restarting: the pool is broken by ``error`` (a crash loop, or a failed respawn)."""
+
+    index: int
+    error: PoolBroken
+
+
+@dataclass(frozen=True)
+class StartFailed:
+    """The worker died before its first READY: a start failure, not something to retry."""
+
+    index: int
+    error: WorkerStartError
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """It was stopping (or the pool no longer restarts anything): nothing more to do."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class Spawned:
+    """:meth:`Supervisor.tick` started the next incarnation of a dead worker."""
+
+    index: int
+    pid: int | None
+
+
+@dataclass(frozen=True)
+class Killed:
+    """:meth:`Supervisor.tick` killed it: hung (no heartbeat) or no READY in time; its death
+    comes through the sentinel next."""
+
+    index: int
+    reason: str
+
+
+Decision = Restart | GiveUp | StartFailed | Stopped | Spawned | Killed
+
+
+class Supervisor:
+    """Starts, watches and restarts the workers (see the module diagram).
+
+    Args:
+        workers: how many worker slots.
+        cfg: deadlines, heartbeat timeout, restart backoff and crash-loop limits.
+        spawn: makes the process of incarnation ``epoch`` of worker ``index`` (not started).
+        clock: monotonic seconds (injected for tests).
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        cfg: SupervisorConfig,
+        spawn: Spawn,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self._spawn = spawn
+        self._clock = clock
+        self.halted = False  # no more restarts: the pool is broken or closed
+        self.workers = [
+            WorkerRecord(
+                i,
+                RestartGuard(
+                    cfg.max_restarts, cfg.restart_window_s, cfg.restart_backoff_s,
+                    cfg.restart_backoff_max_s,
+                ),
+            )
+            for i in range(workers)
+        ]
+
+    # -- starting ------------------------------------------------------------------------------
+
+    def start(self, index: int) -> None:
+        """Spawn the next incarnation of worker ``index``.
+
+        Raises: whatever the spawn factory or the process start raises.
+        """
+        rec = self.workers[index]
+        rec.epoch += 1
+        proc = self._spawn(index, rec.epoch)
+        proc.start()
+        rec.proc = proc
+        rec.state = WorkerState.STARTING
+        rec.hung = False
+        rec.deadline = self._clock() + self.cfg.ready_timeout_s
+
+    def on_ready(self, index: int) -> bool:
+        """A READY of the current epoch arrived; True if the worker just became ready (the front
+        then connects and replays), False if it was not starting (e.g. asked to stop first)."""
+        rec = self.workers[index]
+        if rec.state is not WorkerState.STARTING:
+            return False
+        rec.state = WorkerState.READY
+        rec.last_seen = self._clock()
+        return True
+
+    def heard(self, index: int) -> None:
+        """Any frame of the current epoch arrived: the worker is alive."""
+        self.workers[index].last_seen = self._clock()
+
+    def all_ready(self) -> bool:
+        return all(rec.state is WorkerState.READY for rec in self.workers)
+
+    # -- watching ------------------------------------------------------------------------------
+
+    def sentinels(self) -> dict[int, int]:
+        """File descriptor → worker index of every process that may still end."""
+        live = (WorkerState.STARTING, WorkerState.READY, WorkerState.STOPPING)
+        return {
+            rec.proc.sentinel: rec.index
+            for rec in self.workers
+            if rec.proc is not None and rec.state in live
+        }
+
+    def tick(self, caught_up: Callable[[], bool]) -> tuple[list[Decision], float | None]:
+        """Act on the timers: kill a worker that missed its READY deadline or fell silent past
+        the heartbeat timeout, spawn one whose restart is due (:class:`Spawned`). ``caught_up()`` must say whether
+        every frame that arrived has been read: silence is only judged then (a front that fell
+        behind must not take its own delay for a hung worker). Returns the decisions taken and
+        the seconds until the next restart is due (None: none)."""
+        now = self._clock()
+        decisions: list[Decision] = []
+        due: float | None = None
+        hb_timeout = self.cfg.heartbeat_timeout_s
+        for rec in self.workers:
+            if rec.state is WorkerState.STARTING and now > rec.deadline and caught_up():
+                rec.last_error = f"no READY within {self.cfg.ready_timeout_s} s"
+                decisions.append(self._kill(rec, rec.last_error))
+            elif rec.state is WorkerState.DEAD and now >= rec.deadline:
+                try:
+                    self.start(rec.index)
+                    assert rec.proc is not None
+                    decisions.append(Spawned(rec.index, rec.proc.pid))
+                except Exception as exc:  # noqa: BLE001 - any spawn failure breaks the pool
+                    rec.state = WorkerState.BROKEN
+                    decisions.append(
+                        GiveUp(rec.index, PoolBroken(
+                            f"worker {rec.index} could not be respawned: {exc!r}"
+                        ))
+                    )
+            elif (
+                rec.state is WorkerState.READY
+                and now - rec.last_seen > hb_timeout
+                and caught_up()
+            ):
+                rec.last_error = (
+                    f"no heartbeat for {now - rec.last_seen:.1f} s "
+                    f"(supervisor.heartbeat_timeout_s = {hb_timeout})"
+                )
+                rec.hung = True
+                rec.last_seen = now  # one kill is enough; the sentinel takes it from here
+                decisions.append(self._kill(rec, rec.last_error))
+            if rec.state is WorkerState.DEAD:
+                left = rec.deadline - now
+                due = left if due is None else min(due, left)
+        return decisions, due
+
+    @staticmethod
+    def _kill(rec: WorkerRecord, reason: str) -> Killed:
+        assert rec.proc is not None
+        rec.proc.kill()  # its sentinel then reports the death
+        return Killed(rec.index, reason)
+
+    # -- deaths --------------------------------------------------------------------------------
+
+    def reap(self, index: int) -> Death:
+        """Its sentinel fired: join the process and say how it ended (state unchanged; the
+        front settles what the worker held, then asks :meth:`after_death`)."""
+        rec = self.workers[index]
+        assert rec.proc is not None
+        code = rec.proc.join(1.0)
+        rec.last_exit = code
+        return Death(
+            index, rec.epoch, rec.proc.pid, code, describe_exit(code), rec.last_error, rec.hung
+        )
+
+    def after_death(self, death: Death, explained: bool) -> Decision:
+        """Decide what follows a death reaped with :meth:`reap`. ``explained``: a message was in
+        its handler (the front counts that against the message, so the crash-loop guard does
+        not count it: a poison message must not break the pool)."""
+        rec = self.workers[death.index]
+        if rec.state is WorkerState.STOPPING or self.halted:
+            rec.state = WorkerState.STOPPED
+            return Stopped(rec.index)
+        if rec.state is WorkerState.STARTING and rec.restarts == 0:
+            rec.state = WorkerState.STOPPED
+            seen = f" ({death.seen})" if death.seen else ""
+            return StartFailed(
+                rec.index,
+                WorkerStartError(
+                    f"worker {rec.index} {death.what} before READY{seen}",
+                    exitcodes={rec.index: death.code},
+                ),
+            )
+        delay = rec.guard.backoff_s if explained else rec.guard.next_delay(self._clock())
+        if delay is None:
+            rec.state = WorkerState.BROKEN
+            return GiveUp(
+                rec.index,
+                PoolBroken(
+                    f"worker {rec.index} keeps dying ({rec.guard.max_restarts} restarts within "
+                    f"{rec.guard.window_s} s); last: {death.cause}",
+                    exitcodes={rec.index: death.code},
+                ),
+            )
+        rec.proc = None  # joined; dropping it closes its sentinel
+        rec.last_cause = death.cause
+        rec.last_error = ""
+        rec.state = WorkerState.DEAD
+        rec.restarts += 1
+        rec.deadline = self._clock() + delay
+        return Restart(rec.index, delay, counted=not explained)
+
+    def note_crash(self, index: int, what: str) -> None:
+        """The worker said why it is dying (a CRASH frame): part of the cause of its death."""
+        self.workers[index].last_error = what
+
+    # -- stopping ------------------------------------------------------------------------------
+
+    def halt(self) -> None:
+        """Restart nothing any more (the pool broke or is closing); a dead worker stays dead."""
+        self.halted = True
+        for rec in self.workers:
+            if rec.state is WorkerState.DEAD:
+                rec.state = WorkerState.BROKEN
+
+    def stop_all(self) -> None:
+        """Ask every running worker to stop (SIGTERM: it finishes the call it is in, starts
+        nothing more, acknowledges and leaves); a dead one is simply not restarted."""
+        self.halted = True
+        for rec in self.workers:
+            if rec.state in (WorkerState.READY, WorkerState.STARTING):
+                assert rec.proc is not None
+                rec.proc.terminate()
+                rec.state = WorkerState.STOPPING
+            elif rec.state is WorkerState.DEAD:
+                rec.state = WorkerState.STOPPED
+
+    def stopping(self) -> list[int]:
+        """Workers asked to stop whose exit has not been seen yet."""
+        return [rec.index for rec in self.workers if rec.state is WorkerState.STOPPING]
+
+    def kill_stopping(self) -> list[int]:
+        """Kill every worker still stopping (the deadline passed); returns their indexes."""
+        out = []
+        for rec in self.workers:
+            if rec.state is WorkerState.STOPPING and rec.proc is not None:
+                rec.proc.kill()
+                out.append(rec.index)
+        return out
+
+    def reap_all(self, timeout: float) -> dict[int, int | None]:
+        """Make sure every process is gone (wait up to ``timeout`` seconds for the first, then
+        SIGTERM, then SIGKILL); returns the exit codes by worker index."""
+        codes: dict[int, int | None] = {}
+        for rec in self.workers:
+            if rec.proc is not None:
+                codes[rec.index] = rec.proc.reap(timeout)
+                timeout = 0.5
+        return codes
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def pids(self) -> list[int | None]:
+        """The current pid of each worker (None while none runs)."""
+        return [
+            rec.proc.pid
+            if rec.proc is not None and rec.state is not WorkerState.STOPPED
+            else None
+            for rec in self.workers
+        ]
+
+    def exitcodes(self) -> dict[int, int | None]:
+        """The last exit code of each worker that has exited."""
+        return {rec.index: rec.last_exit for rec in self.workers if rec.last_exit is not None}
+
+    def report(self, index: int) -> dict[str, Any]:
+        rec = self.workers[index]
+        return {
+            "index": rec.index,
+            "state": rec.state.value,
+            "epoch": rec.epoch,
+            "restarts": rec.restarts,
+            "last_exit": rec.last_cause or None,
+        }

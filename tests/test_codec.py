@@ -12,7 +12,7 @@ from shardpool import codec
 def test_batch_roundtrip() -> None:
     items = [(b"c1", 0, cbor2.dumps({"a": 1})), (b"c2", 7, b""), (b"c1", 1, cbor2.dumps([1, 2]))]
     frame = codec.loads(codec.encode_batch(3, 100, True, items))
-    assert frame[:4] == [codec.BATCH, 3, 100, True]
+    assert frame[:4] == [codec.ToWorker.BATCH, 3, 100, True]
     assert [tuple(x) for x in frame[4:]] == items
     assert cbor2.loads(frame[4][2]) == {"a": 1}
 
@@ -31,7 +31,7 @@ def test_batch_roundtrip_property(
     epoch: int, first: int, redelivered: bool, items: list[tuple[bytes, int, bytes]]
 ) -> None:
     frame = codec.loads(codec.encode_batch(epoch, first, redelivered, items))
-    assert frame[:4] == [codec.BATCH, epoch, first, redelivered]
+    assert frame[:4] == [codec.ToWorker.BATCH, epoch, first, redelivered]
     assert [tuple(x) for x in frame[4:]] == items
 
 

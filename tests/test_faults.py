@@ -230,7 +230,7 @@ def test_bad_frame_to_a_worker_is_dropped_and_counted(tmp_path: Path) -> None:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.PUSH)
         try:
-            endpoint = f"ipc://{pool._front._rundir}/w0.1"
+            endpoint = f"ipc://{pool._front.rundir}/w0.1"
             sock.connect(endpoint)
             for frame in (b"\xff\x00garbage", b"\x83\x00\x01", b""):
                 sock.send(frame, flags=zmq.NOBLOCK)

@@ -1,0 +1,167 @@
+"""The front's per-channel records: routes, halts, and what counts against a poison message.
+
+A channel's :class:`Route` says which worker's window it goes to, the next per-channel seq, the
+pre-encoded start of its batch items, and — while the channel is halted — the messages held back
+at the front in order (outside the window, so a parked channel cannot fill its worker's window
+and stall the other channels). :class:`Channels` keeps the routes, the halts (with why and since
+when), the deaths counted against messages (quarantine), and the rule by which a channel a worker
+forgot is forgotten here too.
+
+Not thread-safe: the front calls it with its lock held.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .. import codec
+from ..errors import HandlerError, NotHalted
+from ..routing import Router, check_channel_id
+from .window import DoneCallback, Window
+
+__all__ = ["Channels", "Halt", "Route"]
+
+Held = list[tuple[int, bytes, "DoneCallback | None"]]  # (cseq, payload, on_done) while halted
+
+
+class Route:
+    """One channel as the front routes it (the producer hot path reads and bumps these)."""
+
+    __slots__ = ("window", "next_seq", "prefix", "held")
+
+    def __init__(self, window: Window, prefix: bytes) -> None:
+        self.window = window
+        self.next_seq = 0
+        self.prefix = prefix  # array(3) head + the channel id: the start of each of its items
+        self.held: Held | None = None  # messages waiting at the front while it is halted
+
+
+@dataclass
+class Halt:
+    """Why a channel is halted: the seq it is halted on, the failure reported for it, when
+    (epoch seconds), and whether it was quarantined (its worker kept dying on that message)."""
+
+    seq: int
+    error: HandlerError
+    since: float
+    quarantined: bool = False
+
+
+class Channels:
+    """Routes, halts and poison-message counts of every channel the front knows."""
+
+    def __init__(self, router: Router, windows: list[Window]) -> None:
+        self.router = router
+        self.windows = windows
+        self.routes: dict[bytes, Route] = {}
+        self.halts: dict[bytes, Halt] = {}
+        # (cid, cseq) → deaths of a worker with this message in its handler (careful replays)
+        self.suspects: dict[tuple[bytes, int], int] = {}
+        self.forgotten = 0  # records dropped
+        self._forgotten_submitted = 0  # messages numbered for channels since forgotten
+
+    # -- routes --------------------------------------------------------------------------------
+
+    def route(self, channel_id: Any) -> Route:
+        """The route of ``channel_id``, created on its first message.
+
+        Raises:
+            ChannelIdError: not bytes of 1..64 bytes.
+        """
+        channel_id = check_channel_id(channel_id)
+        route = self.routes.get(channel_id)
+        if route is None:
+            window = self.windows[self.router.worker_of(channel_id)]
+            route = self.routes[channel_id] = Route(window, codec.item_prefix(channel_id))
+        return route
+
+    def submitted(self) -> int:
+        """Messages numbered so far, forgotten channels included."""
+        return self._forgotten_submitted + sum(r.next_seq for r in self.routes.values())
+
+    def forget(self, window: Window, entries: list[list[Any]]) -> int:
+        """A worker dropped these ``[cid, next_cseq]`` channels: drop their routes too, unless a
+        newer message was numbered since (it is on its way, and the channel lives on) or the
+        channel is halted. Returns how many were dropped."""
+        n = 0
+        for cid, next_cseq in entries:
+            route = self.routes.get(cid)
+            if (
+                route is not None
+                and route.window is window
+                and route.next_seq == next_cseq
+                and route.held is None
+                and cid not in self.halts
+            ):
+                del self.routes[cid]
+                self._forgotten_submitted += next_cseq
+                n += 1
+        self.forgotten += n
+        return n
+
+    # -- halts ---------------------------------------------------------------------------------
+
+    def halt(self, cid: bytes, halt: Halt) -> Window:
+        """Park ``cid`` on ``halt.seq``: its later messages wait here. Returns its window (whose
+        parked count the caller recounts)."""
+        self.halts[cid] = halt
+        route = self.routes[cid]
+        if route.held is None:
+            route.held = []
+        return route.window
+
+    def resume(self, cid: bytes) -> tuple[Halt, Route]:
+        """Un-halt ``cid`` (an operator's resume or skip): its halt and route; the caller sends
+        the decision to the worker and places the held messages.
+
+        Raises:
+            NotHalted: the channel is not halted.
+        """
+        halt = self.halts.pop(cid, None)
+        if halt is None:
+            raise NotHalted(f"channel {cid.hex()} is not halted")
+        return halt, self.routes[cid]
+
+    def is_halted(self, cid: bytes) -> bool:
+        return cid in self.halts
+
+    def halted_on(self, window: Window) -> list[bytes]:
+        """The halted channels routed to ``window`` (re-halted before a replay)."""
+        return [cid for cid in self.halts if self.routes[cid].window is window]
+
+    def report(self) -> list[dict[str, Any]]:
+        """Every halted channel: id, seq, since, quarantined, the error text and type."""
+        return [
+            {
+                "channel": cid,
+                "seq": halt.seq,
+                "since": halt.since,
+                "quarantined": halt.quarantined,
+                "error": str(halt.error),
+                "type": halt.error.exc_type,
+            }
+            for cid, halt in self.halts.items()
+        ]
+
+    # -- poison messages -----------------------------------------------------------------------
+
+    def count_death(self, window: Window, key: tuple[bytes, int] | None) -> int:
+        """Count a death against message ``key`` (None: no message explains it) and return its
+        deaths so far. Forgets the counts of this window's messages that have since finished."""
+        if self.suspects:
+            open_keys = {(item[0], item[1]) for _, item in window.open_entries()}
+            for k in [k for k in self.suspects if k not in open_keys]:
+                route = self.routes.get(k[0])
+                if route is None or route.window is window:
+                    del self.suspects[k]
+        if key is None:
+            return 0
+        n = self.suspects[key] = self.suspects.get(key, 0) + 1
+        return n
+
+    def quarantine(self, key: tuple[bytes, int], error: HandlerError) -> Window:
+        """Halt the channel of a message that keeps killing its worker; returns its window."""
+        self.suspects.pop(key, None)
+        return self.halt(key[0], Halt(key[1], error, time.time(), quarantined=True))

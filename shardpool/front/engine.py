@@ -1,0 +1,631 @@
+"""The front's producer side and its operations: intake, drain, operator decisions, stats, close.
+
+:class:`Front` is the engine behind :class:`~shardpool.pool.ShardPool`; its I/O thread
+(:class:`~.iothread.FrontIO`) does everything that waits on workers. They share the state below
+under one lock (the attributes without a leading underscore).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from .. import codec
+from ..codec import ToWorker
+from ..config import Config
+from ..errors import (
+    DrainTimeout,
+    InDoubt,
+    PayloadTooLarge,
+    PoolBroken,
+    PoolClosed,
+    WorkerStartError,
+)
+from ..routing import Router, check_channel_id
+from ..supervisor import Supervisor
+from ..wakeup import WakePipe
+from .channels import Channels, Halt
+from .iothread import FrontIO
+from .link import Link
+from .outcomes import Done, FailureCallback, Outcome, ResultCallback, deliver
+from .window import DoneCallback, Window
+
+__all__ = ["STOP_GRACE_S", "CloseReport", "Front", "stop_grace"]
+
+log = logging.getLogger("shardpool.front")
+
+# Pool states.
+RUNNING = "running"
+CLOSING = "closing"
+CLOSED = "closed"
+BROKEN = "broken"
+
+STOP_GRACE_S = 1.0
+"""At most this much of a close's deadline is kept for the workers to finish the call they are in
+after the drain (seconds); see :func:`stop_grace`."""
+
+_Entry = tuple[bytes, int, bytes]  # (channel_id, cseq, payload)
+_item_head = codec.ITEM_HEAD
+_CSEQ, _PAYLOAD = codec.CSEQ_HEAD, codec.PAYLOAD_HEAD
+
+
+def stop_grace(timeout: float) -> float:
+    """The part of a ``timeout``-second close that follows the drain: a quarter, at most
+    :data:`STOP_GRACE_S` (seconds)."""
+    return min(STOP_GRACE_S, timeout / 4)
+
+
+@dataclass
+class CloseReport:
+    """What :meth:`Front.close` could not finish. Every accepted message ends in exactly one of:
+    finished (its result or failure was delivered; a message its channel is halted on counts as
+    failed), ``unfinished`` (never handed to a handler: safe to submit again) or ``in_doubt`` (a
+    worker was stopped or died while its handler may have been running it). Both lists hold
+    ``(channel_id, seq, payload)`` in per-channel order; ``exitcodes`` maps worker index to exit
+    code; ``drained`` is True when both are empty."""
+
+    unfinished: list[_Entry] = field(default_factory=list)
+    in_doubt: list[_Entry] = field(default_factory=list)
+    exitcodes: dict[int, int | None] = field(default_factory=dict)
+    drained: bool = True
+
+
+class Front:
+    """Routing, batching, in-flight windows and result delivery over a supervised set of workers.
+
+    Thread-safe: any number of producer threads may call :meth:`submit_bytes` concurrently.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        handler: Any = None,
+        *,
+        on_result: ResultCallback | None = None,
+        on_failure: FailureCallback | None = None,
+    ) -> None:
+        """Start the workers of ``config`` and wait for every READY. ``handler`` (an object or
+        ``"module:attr"``) replaces ``config.pool.handler`` when given.
+
+        Raises:
+            WorkerStartError: a worker failed to import/set up its handler (the worker's traceback
+                is the ``__cause__``), died before READY, or missed the READY deadline.
+        """
+        self.cfg = config
+        pool, transport = config.pool, config.transport
+        self.handler = pool.handler if handler is None else handler
+        self.on_result = on_result
+        self.on_failure = on_failure
+        self.lock = threading.Lock()
+        self.cv = threading.Condition(self.lock)
+        self.state = RUNNING
+        self.broken: PoolBroken | None = None
+        self.start_error: BaseException | None = None
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("acknowledged", "results", "failures", "restarts", "replayed", "acks", "quarantined"),
+            0,
+        )
+        self.room_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self.stats_replies: dict[int, dict[int, dict[str, Any]]] = {}
+        self._stats_ids = itertools.count(1)
+        self._batch_parts = 1 + 3 * transport.batch_size
+        self._max_inflight = transport.max_inflight
+        self._limit = transport.max_inflight  # 0 when not running: one test on the hot path
+        self._max_bytes = transport.max_message_bytes
+        self.linger = transport.batch_linger_ms / 1000.0  # seconds
+
+        self.rundir = tempfile.mkdtemp(prefix="shardpool-", dir=transport.runtime_dir or None)
+        os.chmod(self.rundir, 0o700)
+        self.ctx = zmq.Context()
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.rcvhwm = 0
+        self.pull.linger = 0
+        self.front_endpoint = f"ipc://{self.rundir}/front"
+        self.pull.bind(self.front_endpoint)
+        self.wakeup = WakePipe()
+        self.links = [
+            Link(i, os.path.join(self.rundir, f"w{i}.run")) for i in range(pool.workers)
+        ]
+        self.channels = Channels(Router(pool.slots, pool.workers), [k.window for k in self.links])
+        self._routes = self.channels.routes
+        self.io = FrontIO(self)
+        self.sup = Supervisor(pool.workers, config.supervisor, self.io.make_process)
+        self._thread = threading.Thread(target=self.io.main, name="shardpool-front", daemon=True)
+        self._thread.start()
+        try:
+            self._await_started()
+        except BaseException:
+            self._teardown(reap_timeout=0.5)
+            raise
+
+    # -- producer side -------------------------------------------------------------------------
+
+    def submit_bytes(
+        self,
+        channel_id: bytes,
+        payload: bytes,
+        *,
+        block: bool = True,
+        on_done: DoneCallback | None = None,
+    ) -> int:
+        """Queue pre-encoded ``payload`` for ``channel_id``; returns its per-channel seq.
+
+        Blocks while the worker's in-flight window is full (backpressure, never a drop).
+        ``on_done(value, error)``, if given, is called once for this message (on the I/O thread)
+        instead of ``on_result``/``on_failure``: with the handler's return value, or with the
+        :class:`HandlerError` of a final failure, or with a :class:`PoolClosed` (or
+        :class:`InDoubt`) error if the pool closed first. A halted message calls it only once
+        resumed or skipped (and ``on_done.halted(error)``, if it has one, when it halts).
+
+        Raises:
+            ChannelIdError: ``channel_id`` is not bytes of 1..64 bytes.
+            PayloadTooLarge: ``payload`` is longer than ``max_message_bytes``.
+            PoolClosed / PoolBroken: the pool does not accept work any more.
+            BlockingIOError: ``block=False`` and the window is full.
+        """
+        # The hot path of the whole pool: every line here runs once per message.
+        size = len(payload)
+        if size > self._max_bytes:
+            raise PayloadTooLarge(
+                f"payload is {size} bytes, over transport.max_message_bytes = {self._max_bytes}"
+            )
+        with self.lock:
+            try:
+                route = self._routes[channel_id]
+            except (KeyError, TypeError):
+                route = self.channels.route(channel_id)
+            win = route.window
+            if win.inflight - win.parked >= self._limit:  # full, or not running (limit 0)
+                self._wait_room(win, block)
+            cseq = route.next_seq
+            route.next_seq = cseq + 1
+            if route.held is not None:
+                # Halted channel: hold the message here, in order, outside the window, so a
+                # parked channel cannot fill its worker's window and stall the other channels.
+                route.held.append((cseq, payload, on_done))
+                return cseq
+            win.inflight += 1
+            parts = win.parts
+            if on_done is not None:
+                win.waiters[win.next_wseq + (len(parts) - 1) // 3 if parts else win.next_wseq] = (
+                    on_done
+                )
+            if parts:
+                parts += (route.prefix, _item_head(_CSEQ, cseq, _PAYLOAD, size), payload)
+                if len(parts) >= self._batch_parts:
+                    self.links[win.index].flush()
+            else:
+                parts += (b"", route.prefix, _item_head(_CSEQ, cseq, _PAYLOAD, size), payload)
+                self.batch_started(win)
+            return cseq
+
+    def submit_many_bytes(self, items: Iterable[tuple[bytes, bytes]]) -> int:
+        """Submit ``(channel_id, payload)`` pairs in order; returns how many were accepted.
+
+        The same semantics as calling :meth:`submit_bytes` for each pair (blocking while a window
+        is full), at a lower cost per message: the lock is taken once per chunk of
+        ``batch_size`` messages and released between chunks so acknowledgements keep flowing.
+        On an error the pairs before the bad one are accepted, the rest are not.
+
+        Raises: as :meth:`submit_bytes`.
+        """
+        it = iter(items)
+        chunk = self.cfg.transport.batch_size
+        routes = self._routes
+        max_bytes = self._max_bytes
+        batch_parts = self._batch_parts
+        links = self.links
+        accepted = 0
+        while True:
+            pairs = list(itertools.islice(it, chunk))
+            if not pairs:
+                return accepted
+            with self.lock:
+                # The loop body is submit_bytes' hot path, inlined: this is the fastest way in.
+                for channel_id, payload in pairs:
+                    size = len(payload)
+                    if size > max_bytes:
+                        raise PayloadTooLarge(
+                            f"payload is {size} bytes, over transport.max_message_bytes = "
+                            f"{max_bytes}"
+                        )
+                    try:
+                        route = routes[channel_id]
+                    except (KeyError, TypeError):
+                        route = self.channels.route(channel_id)
+                    win = route.window
+                    if win.inflight - win.parked >= self._limit:
+                        self._wait_room(win, True)
+                    cseq = route.next_seq
+                    route.next_seq = cseq + 1
+                    accepted += 1
+                    if route.held is not None:
+                        route.held.append((cseq, payload, None))
+                        continue
+                    win.inflight += 1
+                    parts = win.parts
+                    if parts:
+                        parts += (route.prefix, _item_head(_CSEQ, cseq, _PAYLOAD, size), payload)
+                        if len(parts) >= batch_parts:
+                            links[win.index].flush()
+                    else:
+                        parts += (
+                            b"", route.prefix, _item_head(_CSEQ, cseq, _PAYLOAD, size), payload
+                        )
+                        self.batch_started(win)
+
+    def request_bytes(self, channel_id: bytes, payload: bytes) -> concurrent.futures.Future[Any]:
+        """Like :meth:`submit_bytes`, but returns a future of the handler's result.
+
+        The future raises :class:`HandlerError` if the handler failed on this message.
+        """
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def done(value: Any, error: BaseException | None) -> None:
+            if not fut.set_running_or_notify_cancel():
+                return
+            if error is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(error)
+
+        self.submit_bytes(channel_id, payload, on_done=done)
+        return fut
+
+    def batch_started(self, win: Window) -> None:
+        """A message opened a new batch (lock held): send it now if the worker is idle, else
+        let the I/O thread flush it when the linger runs out (unless it fills up first)."""
+        if win.inflight == 1 or self.linger <= 0:
+            # Nothing in flight: the worker is idle, and holding the message back gains nothing.
+            self.links[win.index].flush()
+        else:
+            # Something is in flight, so the I/O thread is polling with the linger as timeout
+            # and flushes this batch on the next acknowledgement or when the linger runs out;
+            # no wake-up needed (one per batch would cost a GIL round trip each).
+            win.batch_t0 = time.monotonic()
+
+    def _wait_room(self, win: Window, block: bool) -> None:
+        """Wait (lock held by caller, released while waiting) until ``win`` has room."""
+        while True:
+            if self.state != RUNNING:
+                raise self.not_running_error()
+            if win.inflight - win.parked < self._max_inflight:
+                return
+            if not block:
+                raise BlockingIOError("in-flight window full")
+            if threading.current_thread() is self._thread:
+                # A result callback submitting more work: blocking here would stop the very
+                # thread that frees the window, so let it overshoot instead.
+                return
+            self.cv.wait(0.5)
+
+    def not_running_error(self) -> Exception:
+        """The error a producer gets once the pool stopped taking work: the one that broke it
+        (with its cause), or :class:`PoolClosed`."""
+        if self.state == BROKEN and self.broken is not None:
+            return self.broken
+        return PoolClosed("the pool is closed")
+
+    def channel_worker(self, channel_id: bytes) -> int:
+        """The worker index that serves ``channel_id``."""
+        return self.channels.router.worker_of(check_channel_id(channel_id))
+
+    async def wait_room_async(self, channel_id: bytes) -> None:
+        """Return once ``channel_id``'s worker has room in its window (or the pool stopped)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with self.lock:
+                if self.state != RUNNING:
+                    raise self.not_running_error()
+                win = self.links[self.channel_worker(channel_id)].window
+                if win.inflight - win.parked < self._max_inflight:
+                    return
+                fut: asyncio.Future[None] = loop.create_future()
+                self.room_waiters.append((loop, fut))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(fut, 0.5)
+
+    # -- draining, operating, stats ------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Send every pending batch now."""
+        with self.lock:
+            self._flush_all()
+
+    def _flush_all(self) -> None:
+        for link in self.links:
+            if link.window.parts:
+                link.flush()
+
+    def unfinished(self) -> int:
+        """Messages in flight that are not parked behind a halted channel (lock held)."""
+        return sum(k.window.inflight - k.window.parked for k in self.links)
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Wait until every accepted message is processed or failed (halted channels excepted).
+
+        Raises:
+            DrainTimeout: ``timeout`` seconds passed first.
+            PoolBroken: the pool broke while waiting.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.lock:
+            self._flush_all()
+            while True:
+                left = self.unfinished()
+                if left == 0:
+                    return
+                if self.state == BROKEN:
+                    raise self.not_running_error()
+                wait = 0.5
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise DrainTimeout(
+                            f"{left} messages still in flight after {timeout} s", pending=left
+                        )
+                    wait = min(wait, remaining)
+                self.cv.wait(wait)
+
+    def control(self, channel_id: bytes, op: str) -> None:
+        """An operator's decision on a halted channel, sent to its worker in band: ``resume``
+        (run the failed message again) or ``skip`` (record it as skipped); then its held
+        messages follow in order.
+
+        Raises:
+            NotHalted: the channel is not halted.
+        """
+        outcomes: list[Outcome] = []
+        with self.lock:
+            cid = check_channel_id(channel_id)
+            halt, route = self.channels.resume(cid)
+            log.info(
+                "channel %s: %s by the operator (was %s at seq %d)",
+                cid.hex(),
+                "resumed" if op == "resume" else "skipped",
+                "quarantined" if halt.quarantined else "halted",
+                halt.seq,
+            )
+            win = route.window
+            link = self.links[win.index]
+            if win.parts:
+                link.flush()
+            if not link.send(ToWorker.CONTROL, op, cid) and op == "skip":
+                # The worker is being restarted: the replay will not re-halt the channel, so
+                # settle the failed message here instead (a resume needs nothing: the replay
+                # runs it).
+                for w, item in win.open_entries():
+                    if item[0] == cid and item[1] == halt.seq:
+                        self.io.on_ack(link, [], [], [codec.operator_skip(w)], outcomes)
+                        break
+            held, route.held = route.held or [], None
+            win.count_parked(self.channels.is_halted)
+            for cseq, payload, on_done in held:
+                if win.place(route.prefix, cseq, payload, on_done):
+                    self.batch_started(win)
+                elif len(win.parts) >= self._batch_parts:
+                    link.flush()
+            self.cv.notify_all()
+        deliver(outcomes)
+
+    def halted_channels(self) -> dict[bytes, int]:
+        """Channels parked by the halt policy (or quarantined) → seq they are halted on."""
+        with self.lock:
+            return {cid: halt.seq for cid, halt in self.channels.halts.items()}
+
+    def halts(self) -> dict[bytes, Halt]:
+        """Every halted (or quarantined) channel → why and since when."""
+        with self.lock:
+            return dict(self.channels.halts)
+
+    def stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Front counters and a fresh per-worker report (asked in band, so it reflects every
+        message sent before the call). A worker that does not answer in ``timeout`` seconds keeps
+        its last known figures."""
+        with self.lock:
+            req = next(self._stats_ids)
+            replies = self.stats_replies[req] = {}
+            self._flush_all()
+            asked = [k.index for k in self.links if k.send(ToWorker.STATS, req)]
+            deadline = time.monotonic() + timeout
+            while len(replies) < len(asked) and time.monotonic() < deadline:
+                self.cv.wait(deadline - time.monotonic())
+            del self.stats_replies[req]
+            for index, reply in replies.items():
+                self.links[index].stats = reply
+            workers = [{**k.report(), **self.sup.report(k.index)} for k in self.links]
+            channels = self.channels
+            return {
+                "state": self.state,
+                "submitted": channels.submitted(),
+                **self.counters,
+                "batches": sum(k.batches_sent for k in self.links),
+                "forgotten": channels.forgotten,
+                "inflight": sum(k.window.inflight for k in self.links),
+                "channels": len(channels.routes),
+                "halted_channels": len(channels.halts),
+                "halted": channels.report(),
+                "workers": workers,
+            }
+
+    def worker_pids(self) -> list[int | None]:
+        """Current pid of each worker (None while it is not running)."""
+        with self.lock:
+            return self.sup.pids()
+
+    def _await_started(self) -> None:
+        deadline = time.monotonic() + self.cfg.supervisor.ready_timeout_s + 5.0
+        with self.lock:
+            while True:
+                if self.start_error is not None:
+                    raise self.start_error
+                if self.sup.all_ready():
+                    return
+                if time.monotonic() > deadline:  # the I/O thread enforces the real deadline
+                    raise WorkerStartError("workers did not report READY in time")
+                self.cv.wait(0.2)
+
+    def set_state(self, state: str) -> None:
+        """Change the pool state (lock held); anything but running shuts the window."""
+        self.state = state
+        self._limit = self._max_inflight if state == RUNNING else 0
+
+    def break_pool(self, err: PoolBroken) -> None:
+        """Mark the pool broken (lock held): producers get ``err``, nothing restarts any more."""
+        if self.state in (BROKEN, CLOSED):
+            return
+        err.exitcodes.update(self.sup.exitcodes())
+        log.error("pool broken: %s", err)
+        self.set_state(BROKEN)
+        self.broken = err
+        self.sup.halt()
+        self.cv.notify_all()
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self.state == CLOSED
+
+    def close(self, timeout: float | None = None, *, drain: bool = True) -> CloseReport:
+        """Shut down in phases: stop intake, drain, stop the workers, report, reap.
+
+        ``timeout`` (seconds, default ``stop_timeout_s``) bounds the whole close. With ``drain``
+        it waits for in-flight work until :func:`stop_grace` before the deadline; then each worker
+        is asked to stop (SIGTERM): it finishes the handler call it is in, starts nothing more,
+        acknowledges and leaves. Whatever still runs at the deadline is killed. Every message not
+        finished is returned in the report, as unfinished (never handed to a handler) or in doubt
+        (its handler may have run), and its ``on_done`` gets a :class:`PoolClosed` or an
+        :class:`InDoubt`; a message its channel is halted on gets its failure. Idempotent.
+        """
+        if self.state == CLOSED:
+            return CloseReport()
+        timeout = self.cfg.supervisor.stop_timeout_s if timeout is None else max(0.0, timeout)
+        deadline = time.monotonic() + timeout
+        report = CloseReport()
+        # Phase 1: stop intake.
+        with self.lock:
+            was_broken = self.state == BROKEN
+            if not was_broken:
+                self.set_state(CLOSING)
+            self.cv.notify_all()
+        # Phase 2: drain, keeping the last part of the deadline for the workers to stop.
+        if drain and not was_broken:
+            with contextlib.suppress(DrainTimeout, PoolBroken):
+                self.drain(max(0.0, deadline - stop_grace(timeout) - time.monotonic()))
+        with self.lock:
+            # Phase 3: ask every worker to stop, and wait for them until the deadline.
+            self.sup.stop_all()
+            self._await_stopped(deadline)
+            # Phase 4: kill what is left (its sentinel still has to be seen: a bounded wait).
+            for index in self.sup.kill_stopping():
+                log.warning("worker %d did not stop within the deadline; killed it", index)
+            self._await_stopped(time.monotonic() + 5.0)
+            # Phase 5: settle every message that did not finish.
+            outcomes = self._settle(report)
+            report.drained = not (report.unfinished or report.in_doubt)
+            if not report.drained:
+                log.warning(
+                    "closing with %d messages unfinished (never handed to a handler) and %d in "
+                    "doubt (a handler may have run them)",
+                    len(report.unfinished),
+                    len(report.in_doubt),
+                )
+            self.set_state(CLOSED)
+            self.cv.notify_all()
+            self.release_room_waiters()
+        deliver(outcomes)
+        # Phase 6: reap the processes and release sockets and the runtime directory.
+        report.exitcodes = self._teardown(reap_timeout=max(0.5, deadline - time.monotonic()))
+        return report
+
+    def _await_stopped(self, deadline: float) -> None:
+        """Wait (lock held, released while waiting) until no worker is stopping, or the deadline."""
+        while self.sup.stopping():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.cv.wait(min(left, 0.2))
+
+    def _settle(self, report: CloseReport) -> list[Outcome]:
+        """Sort every message that did not finish into ``report``; return the outcomes for their
+        ``on_done`` (lock held; the workers are gone or being killed)."""
+        outcomes: list[Outcome] = []
+        halts = self.channels.halts
+
+        def hand_back(entry: _Entry, on_done: DoneCallback | None, doubtful: bool) -> None:
+            (report.in_doubt if doubtful else report.unfinished).append(entry)
+            if on_done is not None:
+                err = (
+                    InDoubt(
+                        f"closed while channel {entry[0].hex()} seq {entry[1]} may have been in "
+                        "its handler (its worker stopped or died before acknowledging it); it may "
+                        "have been applied"
+                    )
+                    if doubtful
+                    else PoolClosed("closed before this message was handed to its handler")
+                )
+                outcomes.append(Done(on_done, None, err))
+
+        for link in self.links:
+            for item, on_done, doubtful in link.window.unsettled(
+                link.said_bye, link.stop_running
+            ):
+                cid, cseq = item[0], item[1]
+                halt = halts.get(cid)
+                if halt is not None and halt.seq == cseq:
+                    # Handed to its handler and failed: that failure is its outcome.
+                    if on_done is not None:
+                        outcomes.append(Done(on_done, None, halt.error))
+                    continue
+                hand_back((cid, cseq, item[2]), on_done, doubtful)
+            for on_done in link.window.waiters.values():  # none expected: all are in the window
+                outcomes.append(Done(on_done, None, PoolClosed("the pool closed")))
+            link.window.waiters.clear()
+        for cid, route in self.channels.routes.items():
+            for cseq, payload, on_done in route.held or ():
+                hand_back((cid, cseq, payload), on_done, False)
+        return outcomes
+
+    def release_room_waiters(self) -> None:
+        """Wake every ``wait_room_async`` (lock held): room may have opened, or the pool
+        stopped."""
+        if self.room_waiters:
+            for loop, fut in self.room_waiters:
+                loop.call_soon_threadsafe(_set_done, fut)
+            self.room_waiters.clear()
+
+    def _teardown(self, reap_timeout: float) -> dict[int, int | None]:
+        with self.lock:
+            self.set_state(CLOSED)
+            self.sup.halt()
+            self.cv.notify_all()
+        self.wakeup.wake()
+        self._thread.join(5.0)
+        codes = self.sup.reap_all(reap_timeout)
+        for link in self.links:
+            link.disconnect()
+            link.slot.close()
+        self.pull.close(linger=0)
+        self.ctx.term()
+        self.wakeup.close()
+        shutil.rmtree(self.rundir, ignore_errors=True)
+        return codes
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -1,0 +1,322 @@
+"""One worker's in-flight window: every message sent to it (or about to be) and not yet finished.
+
+::
+
+    pending batch (parts) ──seal──▶ Batch(first wseq, n, frame) ─┐      window = the batches, in
+    [header slot, (prefix, head, payload) * k]                   ├──▶   wseq order, each until its
+                                                                 │      last message finished
+    ACK ranges / results / failures ──finish_range/finish_one────┘      (a whole batch at once in
+                                                                         the common case)
+
+The window keeps the frames it sent rather than one record per message: nothing is stored per
+message on the producer's path, and a batch finished in order is retired with one dict operation.
+Items are decoded from a frame only on the rare paths (out-of-order finishes, replay, close).
+
+What is known about each message that is not finished, for a replay after a death or the report
+at close, lives in its batch: ``sent`` (handed to the current incarnation) and ``doubt`` (an
+incarnation that had it died without saying what it ran: it may have been applied).
+
+Not thread-safe: its owner (the front) calls it with its lock held. The producer hot path
+(:meth:`shardpool.front.Front.submit_bytes`) appends to ``parts`` and bumps ``inflight`` itself;
+everything else goes through the methods.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .. import codec
+
+__all__ = ["Batch", "DoneCallback", "Replay", "Window"]
+
+DoneCallback = Callable[[Any, "BaseException | None"], None]
+Item = list[Any]  # [channel_id, cseq, payload] as decoded from a frame
+_item_head = codec.ITEM_HEAD
+_CSEQ, _PAYLOAD = codec.CSEQ_HEAD, codec.PAYLOAD_HEAD
+
+
+class Batch:
+    """One batch of a window: its frame as sent (or sealed but not sent while the worker was
+    down), which of its messages have finished, and, decoded only when needed, its items."""
+
+    __slots__ = ("first", "n", "frame", "sent", "doubt", "remaining", "done", "_items")
+
+    def __init__(self, first: int, n: int, frame: bytes, sent: bool, doubt: bool = False) -> None:
+        self.first = first  # wseq of its first message; the others follow one by one
+        self.n = n
+        self.frame = frame
+        self.sent = sent  # handed to the current incarnation
+        # An incarnation that had it died without saying what it ran: each unfinished message may
+        # have been applied (replayed marked redelivered; reported in doubt at close).
+        self.doubt = doubt
+        self.remaining = n
+        self.done: set[int] | None = None  # wseqs finished so far, once any finished alone
+        self._items: list[Item] | None = None
+
+    def items(self) -> list[Item]:
+        """``[channel_id, cseq, payload]`` of each message, in wseq order."""
+        if self._items is None:
+            self._items = codec.loads(self.frame)[4:]
+        return self._items
+
+
+class Replay:
+    """What a fresh incarnation must be sent: ``batches`` (already in the window, renumbered) and
+    how many of their messages a dead incarnation may have run (``redelivered``)."""
+
+    __slots__ = ("batches", "redelivered")
+
+    def __init__(self) -> None:
+        self.batches: list[Batch] = []
+        self.redelivered = 0
+
+
+class Window:
+    """The in-flight window of one worker (see the module docstring).
+
+    Attributes used directly by the producer hot path: ``index`` (the worker), ``inflight``
+    (messages accepted for this worker and not finished: the window size), ``parked`` (of those,
+    messages of halted channels, which do not count against the limit), ``parts`` (the pending
+    batch: ``[header placeholder, (prefix, head, payload) * k]``), ``next_wseq`` and ``waiters``
+    (wseq → ``on_done`` of that message).
+    """
+
+    __slots__ = (
+        "index",
+        "inflight",
+        "parked",
+        "batches",
+        "starts",
+        "parts",
+        "next_wseq",
+        "batch_t0",
+        "waiters",
+    )
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.inflight = 0
+        self.parked = 0
+        self.batches: dict[int, Batch] = {}  # first wseq → batch, in wseq order
+        self.starts: list[int] = []  # first wseqs, sorted, to find a batch by any of its wseqs
+        self.parts: list[bytes] = []
+        self.next_wseq = 0
+        self.batch_t0 = 0.0  # when the pending batch got its first message (monotonic seconds)
+        self.waiters: dict[int, DoneCallback] = {}
+
+    # -- filling -------------------------------------------------------------------------------
+
+    def place(
+        self, prefix: bytes, cseq: int, payload: bytes, on_done: DoneCallback | None
+    ) -> bool:
+        """Put an already-numbered message into the pending batch: the same steps as the hot
+        path of ``Front.submit_bytes``. Returns True when it opened a new batch."""
+        self.inflight += 1
+        parts = self.parts
+        if on_done is not None:
+            self.waiters[self.pending_wseq()] = on_done
+        head = _item_head(_CSEQ, cseq, _PAYLOAD, len(payload))
+        if parts:
+            parts += (prefix, head, payload)
+            return False
+        parts += (b"", prefix, head, payload)
+        return True
+
+    def pending(self) -> int:
+        """Messages in the pending batch."""
+        return (len(self.parts) - 1) // 3 if self.parts else 0
+
+    def pending_wseq(self) -> int:
+        """The wseq the next message placed will get."""
+        return self.next_wseq + self.pending()
+
+    def seal(self, epoch: int) -> Batch:
+        """Number the pending messages, build their frame for ``epoch`` and put it in the window
+        (not yet sent: the caller sends ``frame`` and sets ``sent``)."""
+        parts = self.parts
+        n = (len(parts) - 1) // 3
+        first = self.next_wseq
+        self.next_wseq = first + n
+        parts[0] = codec.batch_header(epoch, first, False, n)
+        batch = Batch(first, n, b"".join(parts), False)
+        parts.clear()
+        self.batches[first] = batch
+        self.starts.append(first)
+        return batch
+
+    # -- finishing -----------------------------------------------------------------------------
+
+    def find(self, wseq: int) -> Batch | None:
+        """The batch holding ``wseq`` (None: not in the window any more)."""
+        batch = self.batches.get(wseq)
+        if batch is not None:
+            return batch
+        starts = self.starts
+        i = bisect.bisect_right(starts, wseq) - 1
+        if i < 0:
+            return None
+        batch = self.batches.get(starts[i])
+        if batch is None or wseq >= batch.first + batch.n:
+            return None
+        return batch
+
+    def _drop(self, batch: Batch) -> None:
+        del self.batches[batch.first]
+        # starts keeps retired firsts (bisect skips them); compact it now and then.
+        if len(self.starts) > 2 * len(self.batches) + 64:
+            self.starts = list(self.batches)
+
+    def finish_range(self, a: int, b: int, done: list[tuple[int, DoneCallback]]) -> int:
+        """Retire wseqs ``a``..``b-1`` (finished with a None result); returns how many were still
+        unfinished. Their waiters are appended to ``done`` as ``(wseq, on_done)``."""
+        n = 0
+        waiters = self.waiters
+        while a < b:
+            batch = self.find(a)
+            if batch is None:
+                a += 1
+                continue
+            end = min(b, batch.first + batch.n)
+            if batch.done is None and a == batch.first and end == batch.first + batch.n:
+                k = batch.n  # the whole batch, in order: the common case
+                self._drop(batch)
+            else:
+                finished = batch.done if batch.done is not None else set()
+                batch.done = finished
+                k = 0
+                for w in range(a, end):
+                    if w not in finished:
+                        finished.add(w)
+                        k += 1
+                batch.remaining -= k
+                if batch.remaining == 0:
+                    self._drop(batch)
+            if waiters:
+                for w in range(a, end):
+                    waiter = waiters.pop(w, None)
+                    if waiter is not None:
+                        done.append((w, waiter))
+            n += k
+            a = end
+        self.inflight -= n
+        return n
+
+    def open(self, wseq: int) -> tuple[Batch, Item] | None:
+        """The batch and item of ``wseq`` if it is still unfinished."""
+        batch = self.find(wseq)
+        if batch is None or (batch.done is not None and wseq in batch.done):
+            return None
+        return batch, batch.items()[wseq - batch.first]
+
+    def finish_one(self, batch: Batch, wseq: int) -> DoneCallback | None:
+        """Retire one message found with :meth:`open`; returns its waiter, if it had one."""
+        if batch.done is None:
+            batch.done = set()
+        batch.done.add(wseq)
+        batch.remaining -= 1
+        if batch.remaining == 0:
+            self._drop(batch)
+        self.inflight -= 1
+        return self.waiters.pop(wseq, None) if self.waiters else None
+
+    # -- the rare paths ------------------------------------------------------------------------
+
+    def entries(self) -> Iterator[tuple[Batch | None, int, Item]]:
+        """Every unfinished message as ``(batch, wseq, [cid, cseq, payload])``, in order, the
+        pending batch included (``batch`` None). Decodes: for the rare paths only."""
+        for batch in self.batches.values():
+            done = batch.done
+            for i, item in enumerate(batch.items()):
+                w = batch.first + i
+                if done is None or w not in done:
+                    yield batch, w, item
+        if self.parts:
+            frame = codec.batch_header(0, 0, False, self.pending()) + b"".join(self.parts[1:])
+            for w, item in enumerate(codec.loads(frame)[4:], self.next_wseq):
+                yield None, w, item
+
+    def open_entries(self) -> list[tuple[int, Item]]:
+        """Every unfinished message as ``(wseq, [cid, cseq, payload])``, in order."""
+        return [(w, item) for _, w, item in self.entries()]
+
+    def count_parked(self, halted: Callable[[bytes], bool]) -> None:
+        """Recount ``parked``: the unfinished messages of halted channels (a scan: only on halt,
+        resume and replay)."""
+        self.parked = sum(1 for _, _, item in self.entries() if halted(item[0]))
+
+    def worker_died(self, taken: int, said_bye: bool, reported: bool) -> None:
+        """Fold a death into what is known of each batch. ``taken``: the last wseq the worker
+        had taken in (its run slot); ``said_bye``: it stopped cleanly, every call it started
+        acknowledged; ``reported``: it said which calls were running when asked to stop (that
+        finer report is kept by the caller for the close report)."""
+        if said_bye:
+            for batch in self.batches.values():
+                batch.sent = False  # it never reached a handler
+        elif not reported:
+            for batch in self.batches.values():
+                if batch.sent:
+                    if batch.first <= taken:
+                        batch.doubt = True  # taken in: it may have been applied
+                    else:
+                        batch.sent = False  # never read
+
+    def take_for_replay(self, epoch: int, batch_size: int) -> Replay:
+        """Renumber every unfinished message for a fresh incarnation ``epoch`` and rebuild the
+        window as the frames that will send them, in order: the ones a dead incarnation may
+        have run first (marked redelivered, so the worker runs them carefully), then the ones
+        that never reached a handler (pending, sealed while the worker was down, or left by a
+        worker that stopped cleanly). Waiters follow their message. The caller sends each
+        returned batch's frame."""
+        if self.parts:
+            self.seal(epoch)  # never sent: it goes out as fresh, not redelivered
+        waiters = self.waiters
+        self.waiters = {}
+        doubtful: list[tuple[Item, DoneCallback | None]] = []
+        fresh: list[tuple[Item, DoneCallback | None]] = []
+        for batch, w, item in self.entries():
+            assert batch is not None  # nothing is pending after the seal
+            (doubtful if batch.doubt else fresh).append((item, waiters.get(w)))
+        self.batches.clear()
+        self.starts.clear()
+        replay = Replay()
+        replay.redelivered = len(doubtful)
+        for flag, entries in ((True, doubtful), (False, fresh)):
+            for i in range(0, len(entries), batch_size):
+                chunk = entries[i : i + batch_size]
+                first = self.next_wseq
+                self.next_wseq = first + len(chunk)
+                frame = codec.encode_batch(
+                    epoch, first, flag, [(c, s, p) for (c, s, p), _ in chunk]
+                )
+                batch = Batch(first, len(chunk), frame, True, flag)
+                self.batches[first] = batch
+                self.starts.append(first)
+                for j, (_, waiter) in enumerate(chunk):
+                    if waiter is not None:
+                        self.waiters[first + j] = waiter
+                replay.batches.append(batch)
+        return replay
+
+    def unsettled(
+        self, said_bye: bool, running: set[int] | None
+    ) -> Iterator[tuple[Item, DoneCallback | None, bool]]:
+        """At close, with the worker gone: every unfinished message as ``(item, on_done,
+        in_doubt)``, in order, its waiter removed. ``in_doubt`` is False only when the message
+        certainly never reached a handler: pending, never sent, sent to a worker that stopped
+        cleanly (``said_bye``), or not among the calls it reported ``running`` when asked to
+        stop."""
+        waiters = self.waiters
+        for batch, w, item in list(self.entries()):
+            if batch is None or (not batch.sent and not batch.doubt):
+                doubtful = False
+            elif batch.doubt:
+                doubtful = True
+            elif said_bye:
+                doubtful = False
+            elif running is not None:
+                doubtful = w in running
+            else:
+                doubtful = True
+            yield item, waiters.pop(w, None), doubtful

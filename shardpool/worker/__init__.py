@@ -1,0 +1,45 @@
+"""The worker: a process with one asyncio event loop serving its channels strictly in order.
+
+::
+
+    front ── BATCH / STATS / CONTROL / STOP ──▶ serve loop ──▶ Dispatcher ──▶ handler(channel, seq,
+                                                (serve.py)     (dispatch.py)        message, ...)
+    front ◀── READY / ACK / STATS / HEARTBEAT / STOPPING / BYE / CRASH ── Acks (acks.py)
+    front ◀── run slot (shared memory: what was taken in, which careful call runs) ── process.py
+
+* :mod:`.process` — what a worker is given (:class:`WorkerSpec`), its entry point, the parent
+  guard (it leaves within about a second of its front's death), the run slot, the exit codes.
+* :mod:`.serve` — one incarnation's life: start, serve frames, stop request, heartbeat, idle
+  sweep, BYE.
+* :mod:`.dispatch` — messages to per-channel FIFOs, one handler call per channel at a time,
+  order checks, failure policies, careful replays, forgetting channels.
+* :mod:`.acks` — what finished, one ACK frame per event-loop turn.
+"""
+
+from .acks import Acks
+from .dispatch import Dispatcher
+from .process import (
+    EXIT_OK,
+    EXIT_PARENT_GONE,
+    EXIT_START_FAILED,
+    NO_MESSAGE,
+    RunSlot,
+    WorkerSpec,
+    guard_parent,
+    worker_main,
+)
+from .serve import Worker
+
+__all__ = [
+    "EXIT_OK",
+    "EXIT_PARENT_GONE",
+    "EXIT_START_FAILED",
+    "NO_MESSAGE",
+    "Acks",
+    "Dispatcher",
+    "RunSlot",
+    "Worker",
+    "WorkerSpec",
+    "guard_parent",
+    "worker_main",
+]

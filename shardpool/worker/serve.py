@@ -1,0 +1,236 @@
+"""One worker incarnation's life: start, serve frames until asked to stop, finish, say BYE.
+
+The serve loop reads the frames of the front (batches, stats requests, operator controls, the stop
+request) on one asyncio event loop and hands batches to the :class:`~.dispatch.Dispatcher`.
+Beside it run the heartbeat (whose oversleep is the event-loop lag) and, when configured, the idle
+sweep that forgets channels silent for ``channel_idle_expiry_s``.
+
+A stop request (SIGTERM, or a STOP frame) is recorded by the signal handler; the dispatch loops
+check it between messages, so a long batch of a sync handler stops after the call in progress.
+The worker then reports which calls are running (STOPPING), lets them finish, acknowledges them
+and says BYE before it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import os
+import signal
+import traceback
+from types import FrameType
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from .. import codec
+from ..codec import ToFront, ToWorker
+from ..handler import load_handler, maybe_await
+from .acks import Acks
+from .dispatch import COUNTERS, Dispatcher
+from .process import EXIT_OK, EXIT_START_FAILED, RunSlot, WorkerSpec
+
+__all__ = ["Worker"]
+
+HOT_CHANNELS = 10
+"""Channels listed in the stats as the hottest (most messages since this incarnation began)."""
+
+SWEEP_CHUNK = 5000
+"""Channels examined per event-loop turn by the idle sweep."""
+
+
+class Worker:
+    """The state of one worker incarnation; :meth:`run` is its whole life."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.index = spec.index
+        self.epoch = spec.epoch
+        # Non-empty once a stop was requested (the signal numbers; 0 for a STOP frame). A list so
+        # the hot loops test a local name, and so the signal handler only has to append.
+        self.stop: list[int] = []
+        self._stop_reported = False
+        self._recv: Any = None  # the pending receive of the serve loop, cancelled by a stop
+        self.acks = Acks(spec.index, spec.epoch)
+        self.dispatch: Dispatcher | None = None
+        self.stale_frames = 0
+        self.bad_frames = 0
+        self.loop_lag_s = 0.0
+
+    def note_stop(self, signum: int, frame: FrameType | None) -> None:
+        """SIGTERM handler: only record the request (the loops act on it between messages)."""
+        self.stop.append(signum)
+
+    async def run(self) -> int:
+        """Start, serve until asked to stop, finish what is running, say BYE. Returns the exit
+        code."""
+        ctx = zmq.asyncio.Context()
+        # Sends never need to wait (HWM 0 below), so a plain socket avoids a future per frame.
+        push: zmq.Socket[bytes] = zmq.Socket(ctx, zmq.PUSH)
+        # No high-water mark: the front's in-flight window already bounds what can be queued, and
+        # a blocking send here could deadlock against a front that is blocked on us.
+        push.sndhwm = 0
+        push.linger = 2000  # a FATAL or BYE must get out before the process ends
+        push.connect(self.spec.front_endpoint)
+        self.acks.push = push
+        try:
+            try:
+                handler = load_handler(self.spec.handler, self.spec.handler_options)
+                if handler.setup is not None:
+                    await maybe_await(handler.setup(self.index))
+                slot = RunSlot(self.spec.run_slot) if self.spec.run_slot else None
+            except BaseException as exc:  # noqa: BLE001 - any start failure is reported, then fatal
+                self._report_failure(ToFront.FATAL, exc)
+                return EXIT_START_FAILED
+            self.dispatch = Dispatcher(self.spec, handler, self.acks, self.stop, slot)
+            pull = ctx.socket(zmq.PULL)
+            pull.rcvhwm = 0
+            pull.linger = 0
+            pull.bind(self.spec.data_endpoint)
+            loop = asyncio.get_running_loop()
+            # The loop callback wakes the serve loop; the plain handler (re-installed, since
+            # add_signal_handler replaced it) records the request at once, even mid-call.
+            loop.add_signal_handler(signal.SIGTERM, self.on_stop_request)
+            signal.signal(signal.SIGTERM, self.note_stop)
+            self.acks.send(ToFront.READY, os.getpid())
+            tasks = [loop.create_task(self._heartbeat())]
+            if self.spec.channel_idle_expiry_s > 0:
+                tasks.append(loop.create_task(self._sweep(self.spec.channel_idle_expiry_s)))
+            try:
+                await self.serve(pull)
+                # Asked to stop: report what is running, let it finish (halted channels stay
+                # parked; the front reports their messages), acknowledge, say goodbye.
+                self.on_stop_request()
+                await self.dispatch.idle.wait()
+                self.acks.flush()
+            except BaseException as exc:
+                # Dying (a bug, or a handler raising SystemExit/KeyboardInterrupt): the front
+                # will see the death on the sentinel; this tells it why, traceback included.
+                if not isinstance(exc, asyncio.CancelledError):
+                    self._report_failure(ToFront.CRASH, exc)
+                raise
+            finally:
+                for task in tasks:
+                    task.cancel()
+                pull.close(linger=0)
+            # BYE before the teardown hook: from here on nothing of ours will run a message.
+            self.acks.send(ToFront.BYE, self.stats())
+            if handler.teardown is not None:
+                await maybe_await(handler.teardown())
+            return EXIT_OK
+        finally:
+            push.close()
+            ctx.term()
+
+    def _report_failure(self, kind: ToFront, exc: BaseException) -> None:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.acks.send(kind, type(exc).__qualname__, str(exc), tb)
+
+    def on_stop_request(self) -> None:
+        """Act on a stop request (event-loop callback; idempotent): from now on no handler call
+        starts; tell the front which calls are running (the rest of what it sent us will never
+        run) and wake the serve loop."""
+        if not self.stop:
+            self.stop.append(0)
+        if self._stop_reported or self.acks.push is None or self.dispatch is None:
+            return
+        self._stop_reported = True
+        self.acks.flush()
+        self.acks.send(ToFront.STOPPING, self.dispatch.running())
+        recv = self._recv
+        if isinstance(recv, asyncio.Future) and not recv.done():
+            recv.cancel()
+
+    async def serve(self, pull: Any) -> None:
+        """Receive and dispatch frames until a stop is requested (SIGTERM or a STOP frame)."""
+        loads = codec.loads
+        stop = self.stop
+        dispatch = self.dispatch
+        assert dispatch is not None
+        while not stop:
+            self._recv = pull.recv()
+            try:
+                frame = await self._recv
+            except asyncio.CancelledError:
+                if stop:
+                    return  # on_stop_request cancelled the receive
+                raise
+            finally:
+                self._recv = None
+            try:
+                msg = loads(frame)
+                kind = msg[0]
+                epoch = msg[1]
+            except Exception:  # noqa: BLE001 - a malformed frame must not take the worker down
+                self.bad_frames += 1
+                continue
+            if epoch != self.epoch:
+                self.stale_frames += 1
+                continue
+            if kind == ToWorker.BATCH:
+                if msg[3]:
+                    await dispatch.careful_batch(msg)
+                else:
+                    dispatch.on_batch(msg)
+            elif kind == ToWorker.STATS:
+                self.acks.flush()
+                self.acks.send(ToFront.STATS, msg[2], self.stats())
+            elif kind == ToWorker.CONTROL:
+                dispatch.on_control(msg[2], msg[3])
+            elif kind == ToWorker.STOP:
+                stop.append(0)  # the in-band stop request, for a worker that cannot be signalled
+            else:
+                self.bad_frames += 1
+
+    async def _heartbeat(self) -> None:
+        """Beat every interval; the measured oversleep is the event-loop lag."""
+        loop = asyncio.get_running_loop()
+        interval = self.spec.heartbeat_interval_s
+        while True:
+            due = loop.time() + interval
+            await asyncio.sleep(interval)
+            self.loop_lag_s = max(0.0, loop.time() - due)
+            self.acks.send(ToFront.HEARTBEAT, self.loop_lag_s)
+
+    async def _sweep(self, expiry_s: float) -> None:
+        """Forget channels idle for ``expiry_s`` seconds: nothing queued or running, not halted,
+        ``state`` None. A channel counts as idle from the first sweep that finds it unchanged
+        (no new message since the previous sweep), so one is forgotten after ``expiry_s`` to
+        ``1.5 * expiry_s`` of silence. The scan yields to the event loop every
+        :data:`SWEEP_CHUNK` channels."""
+        dispatch = self.dispatch
+        assert dispatch is not None
+        interval = max(0.01, expiry_s / 2)
+        while True:
+            await asyncio.sleep(interval)
+            chans = list(dispatch.channels.values())
+            for i in range(0, len(chans), SWEEP_CHUNK):
+                if i:
+                    await asyncio.sleep(0)
+                dispatch.sweep(chans[i : i + SWEEP_CHUNK])
+            if self.acks.forgotten:
+                self.acks.flush()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and gauges of this incarnation (plain CBOR-encodable values)."""
+        d = self.dispatch
+        counters = dict.fromkeys(COUNTERS, 0) if d is None else dict(d.counters)
+        counters["failed"] += self.acks.unencodable
+        counters["bad_frames"] += self.bad_frames
+        channels = [] if d is None else list(d.channels.values())
+        queued = sum(len(ch._queue) for ch in channels if ch._queue)
+        halted = sum(1 for ch in channels if ch._halted)
+        hot = heapq.nlargest(HOT_CHANNELS, channels, key=lambda c: c._expect - c._first)
+        return {
+            **counters,
+            "stale_frames": self.stale_frames,
+            "pid": os.getpid(),
+            "epoch": self.epoch,
+            "channels": len(channels),
+            "queued": queued,
+            "halted_channels": halted,
+            "busy_channels": 0 if d is None else d.active,
+            "loop_lag_s": self.loop_lag_s,
+            "hot_channels": [[c.id, c._expect - c._first] for c in hot],
+        }
