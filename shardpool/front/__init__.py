@@ -36,8 +36,10 @@ spawns workers (with SIGINT/SIGTERM blocked, so children inherit them blocked).
 """
 
 from .channels import Halt, Route
-from .engine import STOP_GRACE_S, CloseReport, Front, stop_grace
+from .engine import Front
 from .outcomes import FailureCallback, ResultCallback
+from .shutdown import STOP_GRACE_S, CloseReport, stop_grace
+from .state import PoolState
 from .window import Batch, DoneCallback, Window
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "FailureCallback",
     "Front",
     "Halt",
+    "PoolState",
     "ResultCallback",
     "Route",
     "Window",

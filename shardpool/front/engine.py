@@ -18,7 +18,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -28,7 +27,6 @@ from ..codec import ToWorker
 from ..config import Config
 from ..errors import (
     DrainTimeout,
-    InDoubt,
     PayloadTooLarge,
     PoolBroken,
     PoolClosed,
@@ -37,51 +35,21 @@ from ..errors import (
 from ..routing import Router, check_channel_id
 from ..supervisor import Supervisor
 from ..wakeup import WakePipe
+from . import shutdown
 from .channels import Channels, Halt
 from .iothread import FrontIO
 from .link import Link
-from .outcomes import Done, FailureCallback, Outcome, ResultCallback, deliver
+from .outcomes import FailureCallback, Outcome, ResultCallback, deliver
+from .shutdown import CloseReport
+from .state import PoolState
 from .window import DoneCallback, Window
 
-__all__ = ["STOP_GRACE_S", "CloseReport", "Front", "stop_grace"]
+__all__ = ["Front"]
 
 log = logging.getLogger("shardpool.front")
 
-# Pool states.
-RUNNING = "running"
-CLOSING = "closing"
-CLOSED = "closed"
-BROKEN = "broken"
-
-STOP_GRACE_S = 1.0
-"""At most this much of a close's deadline is kept for the workers to finish the call they are in
-after the drain (seconds); see :func:`stop_grace`."""
-
-_Entry = tuple[bytes, int, bytes]  # (channel_id, cseq, payload)
 _item_head = codec.ITEM_HEAD
 _CSEQ, _PAYLOAD = codec.CSEQ_HEAD, codec.PAYLOAD_HEAD
-
-
-def stop_grace(timeout: float) -> float:
-    """The part of a ``timeout``-second close that follows the drain: a quarter, at most
-    :data:`STOP_GRACE_S` (seconds)."""
-    return min(STOP_GRACE_S, timeout / 4)
-
-
-@dataclass
-class CloseReport:
-    """What :meth:`Front.close` could not finish. Every accepted message ends in exactly one of:
-    finished (its result or failure was delivered; a message its channel is halted on counts as
-    failed), ``unfinished`` (never handed to a handler: safe to submit again) or ``in_doubt`` (a
-    worker was stopped or died while its handler may have been running it). Both lists hold
-    ``(channel_id, seq, payload)`` in per-channel order; ``exitcodes`` maps worker index to exit
-    code; ``drained`` is True when both are empty."""
-
-    unfinished: list[_Entry] = field(default_factory=list)
-    in_doubt: list[_Entry] = field(default_factory=list)
-    exitcodes: dict[int, int | None] = field(default_factory=dict)
-    drained: bool = True
-
 
 class Front:
     """Routing, batching, in-flight windows and result delivery over a supervised set of workers.
@@ -111,7 +79,7 @@ class Front:
         self.on_failure = on_failure
         self.lock = threading.Lock()
         self.cv = threading.Condition(self.lock)
-        self.state = RUNNING
+        self.state = PoolState.RUNNING
         self.broken: PoolBroken | None = None
         self.start_error: BaseException | None = None
         self.counters: dict[str, int] = dict.fromkeys(
@@ -148,7 +116,7 @@ class Front:
         try:
             self._await_started()
         except BaseException:
-            self._teardown(reap_timeout=0.5)
+            self.teardown(reap_timeout=0.5)
             raise
 
     # -- producer side -------------------------------------------------------------------------
@@ -300,7 +268,7 @@ class Front:
     def _wait_room(self, win: Window, block: bool) -> None:
         """Wait (lock held by caller, released while waiting) until ``win`` has room."""
         while True:
-            if self.state != RUNNING:
+            if self.state != PoolState.RUNNING:
                 raise self.not_running_error()
             if win.inflight - win.parked < self._max_inflight:
                 return
@@ -315,7 +283,7 @@ class Front:
     def not_running_error(self) -> Exception:
         """The error a producer gets once the pool stopped taking work: the one that broke it
         (with its cause), or :class:`PoolClosed`."""
-        if self.state == BROKEN and self.broken is not None:
+        if self.state == PoolState.BROKEN and self.broken is not None:
             return self.broken
         return PoolClosed("the pool is closed")
 
@@ -328,7 +296,7 @@ class Front:
         loop = asyncio.get_running_loop()
         while True:
             with self.lock:
-                if self.state != RUNNING:
+                if self.state != PoolState.RUNNING:
                     raise self.not_running_error()
                 win = self.links[self.channel_worker(channel_id)].window
                 if win.inflight - win.parked < self._max_inflight:
@@ -368,7 +336,7 @@ class Front:
                 left = self.unfinished()
                 if left == 0:
                     return
-                if self.state == BROKEN:
+                if self.state == PoolState.BROKEN:
                     raise self.not_running_error()
                 wait = 0.5
                 if deadline is not None:
@@ -478,18 +446,18 @@ class Front:
                     raise WorkerStartError("workers did not report READY in time")
                 self.cv.wait(0.2)
 
-    def set_state(self, state: str) -> None:
+    def set_state(self, state: PoolState) -> None:
         """Change the pool state (lock held); anything but running shuts the window."""
         self.state = state
-        self._limit = self._max_inflight if state == RUNNING else 0
+        self._limit = self._max_inflight if state == PoolState.RUNNING else 0
 
     def break_pool(self, err: PoolBroken) -> None:
         """Mark the pool broken (lock held): producers get ``err``, nothing restarts any more."""
-        if self.state in (BROKEN, CLOSED):
+        if self.state in (PoolState.BROKEN, PoolState.CLOSED):
             return
         err.exitcodes.update(self.sup.exitcodes())
         log.error("pool broken: %s", err)
-        self.set_state(BROKEN)
+        self.set_state(PoolState.BROKEN)
         self.broken = err
         self.sup.halt()
         self.cv.notify_all()
@@ -498,107 +466,13 @@ class Front:
 
     @property
     def closed(self) -> bool:
-        return self.state == CLOSED
+        return self.state == PoolState.CLOSED
 
     def close(self, timeout: float | None = None, *, drain: bool = True) -> CloseReport:
-        """Shut down in phases: stop intake, drain, stop the workers, report, reap.
-
-        ``timeout`` (seconds, default ``stop_timeout_s``) bounds the whole close. With ``drain``
-        it waits for in-flight work until :func:`stop_grace` before the deadline; then each worker
-        is asked to stop (SIGTERM): it finishes the handler call it is in, starts nothing more,
-        acknowledges and leaves. Whatever still runs at the deadline is killed. Every message not
-        finished is returned in the report, as unfinished (never handed to a handler) or in doubt
-        (its handler may have run), and its ``on_done`` gets a :class:`PoolClosed` or an
-        :class:`InDoubt`; a message its channel is halted on gets its failure. Idempotent.
-        """
-        if self.state == CLOSED:
-            return CloseReport()
-        timeout = self.cfg.supervisor.stop_timeout_s if timeout is None else max(0.0, timeout)
-        deadline = time.monotonic() + timeout
-        report = CloseReport()
-        # Phase 1: stop intake.
-        with self.lock:
-            was_broken = self.state == BROKEN
-            if not was_broken:
-                self.set_state(CLOSING)
-            self.cv.notify_all()
-        # Phase 2: drain, keeping the last part of the deadline for the workers to stop.
-        if drain and not was_broken:
-            with contextlib.suppress(DrainTimeout, PoolBroken):
-                self.drain(max(0.0, deadline - stop_grace(timeout) - time.monotonic()))
-        with self.lock:
-            # Phase 3: ask every worker to stop, and wait for them until the deadline.
-            self.sup.stop_all()
-            self._await_stopped(deadline)
-            # Phase 4: kill what is left (its sentinel still has to be seen: a bounded wait).
-            for index in self.sup.kill_stopping():
-                log.warning("worker %d did not stop within the deadline; killed it", index)
-            self._await_stopped(time.monotonic() + 5.0)
-            # Phase 5: settle every message that did not finish.
-            outcomes = self._settle(report)
-            report.drained = not (report.unfinished or report.in_doubt)
-            if not report.drained:
-                log.warning(
-                    "closing with %d messages unfinished (never handed to a handler) and %d in "
-                    "doubt (a handler may have run them)",
-                    len(report.unfinished),
-                    len(report.in_doubt),
-                )
-            self.set_state(CLOSED)
-            self.cv.notify_all()
-            self.release_room_waiters()
-        deliver(outcomes)
-        # Phase 6: reap the processes and release sockets and the runtime directory.
-        report.exitcodes = self._teardown(reap_timeout=max(0.5, deadline - time.monotonic()))
-        return report
-
-    def _await_stopped(self, deadline: float) -> None:
-        """Wait (lock held, released while waiting) until no worker is stopping, or the deadline."""
-        while self.sup.stopping():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self.cv.wait(min(left, 0.2))
-
-    def _settle(self, report: CloseReport) -> list[Outcome]:
-        """Sort every message that did not finish into ``report``; return the outcomes for their
-        ``on_done`` (lock held; the workers are gone or being killed)."""
-        outcomes: list[Outcome] = []
-        halts = self.channels.halts
-
-        def hand_back(entry: _Entry, on_done: DoneCallback | None, doubtful: bool) -> None:
-            (report.in_doubt if doubtful else report.unfinished).append(entry)
-            if on_done is not None:
-                err = (
-                    InDoubt(
-                        f"closed while channel {entry[0].hex()} seq {entry[1]} may have been in "
-                        "its handler (its worker stopped or died before acknowledging it); it may "
-                        "have been applied"
-                    )
-                    if doubtful
-                    else PoolClosed("closed before this message was handed to its handler")
-                )
-                outcomes.append(Done(on_done, None, err))
-
-        for link in self.links:
-            for item, on_done, doubtful in link.window.unsettled(
-                link.said_bye, link.stop_running
-            ):
-                cid, cseq = item[0], item[1]
-                halt = halts.get(cid)
-                if halt is not None and halt.seq == cseq:
-                    # Handed to its handler and failed: that failure is its outcome.
-                    if on_done is not None:
-                        outcomes.append(Done(on_done, None, halt.error))
-                    continue
-                hand_back((cid, cseq, item[2]), on_done, doubtful)
-            for on_done in link.window.waiters.values():  # none expected: all are in the window
-                outcomes.append(Done(on_done, None, PoolClosed("the pool closed")))
-            link.window.waiters.clear()
-        for cid, route in self.channels.routes.items():
-            for cseq, payload, on_done in route.held or ():
-                hand_back((cid, cseq, payload), on_done, False)
-        return outcomes
+        """Shut down in phases (see :func:`.shutdown.close`): stop intake, drain (unless
+        ``drain`` is false), stop the workers, report every message that did not finish, reap,
+        all within ``timeout`` seconds (default ``stop_timeout_s``). Idempotent."""
+        return shutdown.close(self, timeout, drain=drain)
 
     def release_room_waiters(self) -> None:
         """Wake every ``wait_room_async`` (lock held): room may have opened, or the pool
@@ -608,9 +482,11 @@ class Front:
                 loop.call_soon_threadsafe(_set_done, fut)
             self.room_waiters.clear()
 
-    def _teardown(self, reap_timeout: float) -> dict[int, int | None]:
+    def teardown(self, reap_timeout: float) -> dict[int, int | None]:
+        """Stop the I/O thread, reap the workers (waiting up to ``reap_timeout`` seconds, then
+        SIGTERM, then SIGKILL), release sockets and the runtime directory; the exit codes."""
         with self.lock:
-            self.set_state(CLOSED)
+            self.set_state(PoolState.CLOSED)
             self.sup.halt()
             self.cv.notify_all()
         self.wakeup.wake()
