@@ -17,7 +17,8 @@ single ZeroMQ frame holding one CBOR array whose first element is the protocol v
   (the client numbers messages 0, 1, 2, ...); the backend only echoes it.
 * ``channel_id`` is a CBOR byte string of 1..64 bytes, ``payload`` a byte string of at most
   ``transport.max_message_bytes`` bytes holding the CBOR-encoded message (or raw bytes with
-  ``pool.payload = "raw"``); the backend forwards it without decoding it.
+  ``pool.payload = "raw"``); the backend forwards it without decoding it. :func:`item_problem`
+  is the one statement of these two rules (the clients, the ingress and the pool all use it).
 * ``status`` is one of :data:`OK` (``value`` is the handler's return value), :data:`FAILED` (the
   handler raised; ``value`` is ``{"error": "handler_failed", "type", "message", "seq",
   "policy"}``), :data:`REJECTED` (refused at the door, never processed; ``value`` is ``{"error":
@@ -40,6 +41,9 @@ so a token with shared references costs no more to echo than it cost to send). A
 reserved (ZeroMQ uses empty frames for peer notifications) and should not be sent; it is answered
 with an ERROR like any other unreadable frame. Error texts describe a bad value (its type, its
 length, an integer's sign and bit length) and never quote it whole.
+
+:func:`decode` reads a producer's frame, :func:`decode_reply` one from the backend (the
+clients' only reader); both raise :class:`FrameError` for a frame that cannot be read.
 
 Frames are decoded within limits that keep decoding linear in a frame's size (see
 :func:`loads_frame`): map keys and set elements must be text or byte strings (else the frame is
@@ -65,9 +69,11 @@ from __future__ import annotations
 
 import decimal
 import fractions
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import cbor2
+
+from .errors import ChannelIdError, PayloadTooLarge, ShardPoolError
 
 __all__ = [
     "CLOSED",
@@ -77,6 +83,7 @@ __all__ = [
     "HALTED",
     "HELLO",
     "IN_DOUBT",
+    "MAX_CHANNEL_ID_BYTES",
     "MAX_CORR",
     "OK",
     "REJECTED",
@@ -85,7 +92,10 @@ __all__ = [
     "SUBMIT",
     "VERSION",
     "FrameError",
+    "ItemProblem",
+    "check_item",
     "decode",
+    "decode_reply",
     "describe",
     "encode_error",
     "encode_hello",
@@ -93,6 +103,7 @@ __all__ = [
     "encode_replies",
     "encode_submit",
     "exc_text",
+    "item_problem",
     "loads_frame",
 ]
 
@@ -124,6 +135,9 @@ FINAL_STATUSES: Final = frozenset({OK, FAILED, REJECTED, CLOSED, IN_DOUBT})
 
 MAX_CORR: Final = 2**64 - 1
 """Largest correlation id (they are CBOR unsigned integers of at most 64 bits)."""
+
+MAX_CHANNEL_ID_BYTES: Final = 64
+"""Longest accepted channel id in bytes (Lightning channel ids are 32)."""
 
 # Frame-level error codes (an ERROR reply).
 E_BAD_CBOR: Final = "bad_cbor"
@@ -206,7 +220,7 @@ def loads_frame(frame: bytes) -> Any:
     return _loads(frame, **_FRAME_DECODING)
 
 
-class FrameError(Exception):
+class FrameError(ShardPoolError):
     """A frame could not be read; ``code`` is one of :data:`FRAME_ERRORS`."""
 
     def __init__(self, code: str, message: str) -> None:
@@ -256,6 +270,125 @@ def decode(frame: bytes, max_items: int) -> tuple[int, Any]:
     raise FrameError(E_BAD_KIND, f"unknown frame kind {describe(kind)} (0 = SUBMIT, 1 = HELLO)")
 
 
+def decode_reply(frame: bytes) -> tuple[int, Any]:
+    """Read one frame from the backend: ``(REPLIES, [[corr, status, value], ...])``,
+    ``(HELLO, (token, info))`` or ``(ERROR, {"error": code, "message": text, ...})``.
+
+    Values are decoded without the limits of :func:`loads_frame`: they are the handler's results,
+    which may hold anything CBOR can say.
+
+    Raises:
+        FrameError: not CBOR, another version, an unknown kind, or a body of the wrong shape
+            (each reply must be an array of 3 elements with an integer status).
+    """
+    try:
+        msg = _loads(frame)
+    except Exception as exc:  # noqa: BLE001 - cbor2 raises several types for one problem
+        raise FrameError(E_BAD_CBOR, f"frame is not valid CBOR: {exc_text(exc)}") from None
+    if type(msg) is not list or len(msg) < 3:
+        raise FrameError(E_BAD_FRAME, f"a reply frame must be an array, got {describe(msg)}")
+    if type(msg[0]) is not int or msg[0] != VERSION:
+        raise FrameError(E_BAD_VERSION, f"protocol version {describe(msg[0])} is not supported")
+    kind, body = msg[1], msg[2]
+    if type(kind) is not int:
+        raise FrameError(E_BAD_KIND, f"unknown reply frame kind {describe(kind)}")
+    if kind == REPLIES and type(body) is list:
+        for entry in body:
+            if type(entry) is not list or len(entry) != 3 or type(entry[1]) is not int:
+                raise FrameError(
+                    E_BAD_FRAME, f"a reply must be [corr, status, value], got {describe(entry)}"
+                )
+        return REPLIES, body
+    if kind == HELLO and len(msg) == 4 and type(msg[3]) is dict:
+        return HELLO, (body, msg[3])
+    if kind == ERROR and type(body) is dict:
+        return ERROR, body
+    if kind in (REPLIES, HELLO, ERROR):
+        raise FrameError(E_BAD_FRAME, f"reply frame of kind {kind} has the wrong shape")
+    raise FrameError(E_BAD_KIND, f"unknown reply frame kind {describe(kind)}")
+
+
+class ItemProblem(NamedTuple):
+    """Why a ``(channel_id, payload)`` pair is refused: ``code`` is one of :data:`ITEM_ERRORS`,
+    ``message`` says what is wrong (describing the bad value, never quoting it)."""
+
+    code: str
+    message: str
+
+    def error(self) -> Exception:
+        """The exception a local caller raises for it: :class:`ChannelIdError`,
+        :class:`PayloadTooLarge` or (a payload that is not bytes) :class:`TypeError`."""
+        return _PROBLEM_ERRORS[self.code](self.message)
+
+
+def item_problem(
+    channel_id: object, payload: object, max_payload_bytes: int | None
+) -> ItemProblem | None:
+    """None if ``channel_id`` is a byte string of 1..:data:`MAX_CHANNEL_ID_BYTES` bytes and
+    ``payload`` a byte string of at most ``max_payload_bytes`` bytes (None: any length); else
+    the first problem, the channel id's before the payload's. Pure: never raises, and costs two
+    type checks and two length comparisons on a good pair (the ingress runs it per message).
+
+    ``bytes`` only: a ``bytearray`` or ``memoryview`` is a problem here (a decoded frame never
+    holds one); :func:`check_item` converts them first.
+    """
+    if type(channel_id) is not bytes or not 0 < len(channel_id) <= MAX_CHANNEL_ID_BYTES:
+        return _channel_id_problem(channel_id)
+    if type(payload) is not bytes:
+        return ItemProblem(E_BAD_PAYLOAD, f"payload must be a byte string, got {describe(payload)}")
+    if max_payload_bytes is not None and len(payload) > max_payload_bytes:
+        return ItemProblem(
+            E_PAYLOAD_TOO_LARGE,
+            f"payload is {len(payload)} bytes, over transport.max_message_bytes = "
+            f"{max_payload_bytes}",
+        )
+    return None
+
+
+def _channel_id_problem(channel_id: object) -> ItemProblem:
+    if type(channel_id) is not bytes:
+        return ItemProblem(
+            E_BAD_CHANNEL_ID,
+            f"channel id must be a byte string of 1..{MAX_CHANNEL_ID_BYTES} bytes, got "
+            + describe(channel_id),
+        )
+    n = len(channel_id)
+    return ItemProblem(
+        E_EMPTY_CHANNEL_ID if n == 0 else E_CHANNEL_ID_TOO_LONG,
+        f"channel id must be 1..{MAX_CHANNEL_ID_BYTES} bytes long, got {n} bytes",
+    )
+
+
+def check_item(
+    channel_id: object, payload: object, max_payload_bytes: int | None
+) -> tuple[bytes, bytes]:
+    """``(channel_id, payload)`` as ``bytes`` (a ``bytearray`` or ``memoryview`` is copied) if
+    :func:`item_problem` finds nothing wrong with them.
+
+    Raises:
+        ChannelIdError: the channel id is not a byte string of 1..64 bytes.
+        PayloadTooLarge: the payload is longer than ``max_payload_bytes``.
+        TypeError: the payload is not a byte string.
+    """
+    if type(channel_id) is not bytes and isinstance(channel_id, (bytearray, memoryview)):
+        channel_id = bytes(channel_id)
+    if type(payload) is not bytes and isinstance(payload, (bytearray, memoryview)):
+        payload = bytes(payload)
+    problem = item_problem(channel_id, payload, max_payload_bytes)
+    if problem is not None:
+        raise problem.error()
+    return channel_id, payload  # type: ignore[return-value]  # item_problem checked both
+
+
+_PROBLEM_ERRORS: Final[dict[str, type[Exception]]] = {
+    E_BAD_CHANNEL_ID: ChannelIdError,
+    E_EMPTY_CHANNEL_ID: ChannelIdError,
+    E_CHANNEL_ID_TOO_LONG: ChannelIdError,
+    E_BAD_PAYLOAD: TypeError,
+    E_PAYLOAD_TOO_LARGE: PayloadTooLarge,
+}
+
+
 _SMALL_INT_BITS = 64  # integers up to this size are quoted; larger ones only described
 _TEXT_MAX = 200  # characters of an exception's text kept in an error message
 
@@ -282,24 +415,30 @@ def describe(value: Any) -> str:
             return f"{t.__name__} of length {len(value)}"
         if t in (list, tuple, dict, set, frozenset):
             return f"{t.__name__} of {len(value)} elements"
-        if t is cbor2.CBORTag:
-            tag = value.tag
-            number = tag if type(tag) is int and tag.bit_length() <= _SMALL_INT_BITS else "?"
-            return f"CBOR tag {number} holding {type(value.value).__name__}"
-        if t is cbor2.CBORSimpleValue:
-            return f"CBOR simple value {int(value.value)}"
-        if value is cbor2.undefined:
-            return "CBOR undefined"
-        if t is decimal.Decimal:
-            if not value.is_finite():
-                return "decimal NaN" if value.is_nan() else "decimal infinity"
-            return f"decimal of {len(value.as_tuple().digits)} digits"
-        if t is fractions.Fraction:
-            num, den = value.numerator.bit_length(), value.denominator.bit_length()
-            return f"fraction of {num}/{den} bits"
-        return t.__name__
+        return _describe_rare(value, t)
     except Exception:  # noqa: BLE001 - a description must never fail the caller
         return "a value that cannot be described"
+
+
+def _describe_rare(value: Any, t: type) -> str:
+    """:func:`describe` for CBOR tags and simple values, decimals, fractions and anything else
+    (may raise: the caller catches)."""
+    if t is cbor2.CBORTag:
+        tag = value.tag
+        number = tag if type(tag) is int and tag.bit_length() <= _SMALL_INT_BITS else "?"
+        return f"CBOR tag {number} holding {type(value.value).__name__}"
+    if t is cbor2.CBORSimpleValue:
+        return f"CBOR simple value {int(value.value)}"
+    if value is cbor2.undefined:
+        return "CBOR undefined"
+    if t is decimal.Decimal:
+        if not value.is_finite():
+            return "decimal NaN" if value.is_nan() else "decimal infinity"
+        return f"decimal of {len(value.as_tuple().digits)} digits"
+    if t is fractions.Fraction:
+        num, den = value.numerator.bit_length(), value.denominator.bit_length()
+        return f"fraction of {num}/{den} bits"
+    return t.__name__
 
 
 def exc_text(exc: BaseException) -> str:

@@ -13,34 +13,22 @@ from collections.abc import Sequence
 
 import xxhash
 
-from .errors import ChannelIdError
+from .protocol import MAX_CHANNEL_ID_BYTES, check_item
 
-MAX_CHANNEL_ID_BYTES = 64
-"""Longest accepted channel id in bytes (Lightning channel ids are 32)."""
+__all__ = ["MAX_CHANNEL_ID_BYTES", "Router", "check_channel_id", "default_slot_table", "slot_of"]
 
 _xxh64 = xxhash.xxh64_intdigest
 
 
 def check_channel_id(channel_id: object) -> bytes:
-    """Return ``channel_id`` if it is ``bytes`` of 1..64 bytes.
+    """``channel_id`` as ``bytes`` (a ``bytearray`` or ``memoryview`` is copied) if it is a byte
+    string of 1..:data:`MAX_CHANNEL_ID_BYTES` bytes (the rule is
+    :func:`shardpool.protocol.item_problem`'s).
 
     Raises:
         ChannelIdError: wrong type, empty or longer than :data:`MAX_CHANNEL_ID_BYTES`.
     """
-    if type(channel_id) is not bytes:
-        if isinstance(channel_id, (bytearray, memoryview)):
-            channel_id = bytes(channel_id)
-        else:
-            raise ChannelIdError(
-                f"channel id must be bytes (1..{MAX_CHANNEL_ID_BYTES} bytes), "
-                f"got {type(channel_id).__name__}"
-            )
-    n = len(channel_id)  # type: ignore[arg-type]
-    if not 1 <= n <= MAX_CHANNEL_ID_BYTES:
-        raise ChannelIdError(
-            f"channel id must be 1..{MAX_CHANNEL_ID_BYTES} bytes long, got {n} bytes"
-        )
-    return channel_id  # type: ignore[return-value]
+    return check_item(channel_id, b"", None)[0]
 
 
 def slot_of(channel_id: bytes, slots: int) -> int:

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardpool.errors import ChannelIdError
+from shardpool import protocol as P
+from shardpool.errors import ChannelIdError, PayloadTooLarge
 from shardpool.routing import MAX_CHANNEL_ID_BYTES, Router, check_channel_id, slot_of
 
 PINNED_IDS = [
@@ -82,11 +83,11 @@ def test_custom_slot_table_is_checked() -> None:
 @pytest.mark.parametrize(
     ("bad", "words"),
     [
-        (b"", "1..64 bytes long, got 0"),
+        (b"", "1..64 bytes long, got 0 bytes"),
         (b"x" * 65, "got 65 bytes"),
-        ("text", "must be bytes"),
-        (12, "got int"),
-        (None, "got NoneType"),
+        ("text", "must be a byte string of 1..64 bytes, got str of length 4"),
+        (12, "got integer 12"),
+        (None, "got None"),
     ],
 )
 def test_bad_channel_ids(bad: object, words: str) -> None:
@@ -96,3 +97,39 @@ def test_bad_channel_ids(bad: object, words: str) -> None:
 
 def test_bytearray_ids_are_accepted_as_bytes() -> None:
     assert check_channel_id(bytearray(b"abc")) == b"abc"
+    assert type(check_channel_id(memoryview(b"abc"))) is bytes
+
+
+@pytest.mark.parametrize(
+    ("cid", "payload", "code"),
+    [
+        (b"c", b"p" * 10, None),
+        (b"x" * MAX_CHANNEL_ID_BYTES, b"", None),
+        ("c", b"p", P.E_BAD_CHANNEL_ID),
+        (bytearray(b"c"), b"p", P.E_BAD_CHANNEL_ID),  # a decoded frame never holds one
+        (b"", b"p", P.E_EMPTY_CHANNEL_ID),
+        (b"x" * 65, b"p", P.E_CHANNEL_ID_TOO_LONG),
+        (b"", 7, P.E_EMPTY_CHANNEL_ID),  # the channel id's problem is named first
+        (b"c", "p", P.E_BAD_PAYLOAD),
+        (b"c", b"p" * 11, P.E_PAYLOAD_TOO_LARGE),
+    ],
+)
+def test_item_problem_names_the_first_problem(cid: object, payload: object, code: str) -> None:
+    problem = P.item_problem(cid, payload, 10)
+    assert (problem and problem.code) == code
+    if problem is not None:
+        assert problem.code in P.ITEM_ERRORS and problem.message
+
+
+def test_item_problem_without_a_limit_takes_any_length() -> None:
+    assert P.item_problem(b"c", b"p" * 100_000, None) is None
+
+
+def test_check_item_raises_the_problem_and_copies_buffers() -> None:
+    assert P.check_item(bytearray(b"c"), memoryview(b"pp"), 2) == (b"c", b"pp")
+    with pytest.raises(ChannelIdError):
+        P.check_item(b"", b"p", 2)
+    with pytest.raises(PayloadTooLarge, match="3 bytes, over transport.max_message_bytes = 2"):
+        P.check_item(b"c", b"ppp", 2)
+    with pytest.raises(TypeError, match="got str of length 1"):
+        P.check_item(b"c", "p", 2)
