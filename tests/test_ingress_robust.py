@@ -173,7 +173,7 @@ def test_a_failure_of_the_ingress_itself_is_answered_logged_and_survived(
             assert got[2][0] == P.REJECTED and got[2][1]["error"] == P.E_INTERNAL_ERROR
             # A bug while sending replies: that reply is lost (and logged), the thread goes on.
             failures = ing.stats()["internal_errors"]
-            monkeypatch.setattr(ing, "_encode_entries", _raise)
+            monkeypatch.setattr(ing._outbox, "_encode", _raise)
             raw.sock.send(P.encode_submit([[4, b"a", cbor2.dumps({"i": 1})]]))
             deadline = time.monotonic() + 20.0
             while ing.stats()["internal_errors"] == failures:
