@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from service_handlers import in_process_backend
 
-from shardpool.client import AsyncClient, Client, ReplyError
+from shardpool.client import AsyncClient, Client, ReplyFailed
 from shardpool.control import ControlClient
 from shardpool.errors import ChannelIdError, PayloadTooLarge
 
@@ -34,7 +34,7 @@ def test_sync_client_send_request_call_and_local_checks(tmp_path: Path) -> None:
         fut = client.request(b"r", {"i": 3})
         assert fut.result(timeout=20.0)[1] == 3
         assert client.call(b"r", {"i": 4}, timeout=20.0)[1] == 4
-        with pytest.raises(ReplyError) as exc:
+        with pytest.raises(ReplyFailed) as exc:
             client.call(b"r", {"fail": True}, timeout=20.0)
         assert exc.value.status == "failed" and exc.value.info["type"] == "ValueError"
         replies = list(client.results(timeout=20.0))
@@ -94,7 +94,7 @@ def test_async_client(tmp_path: Path) -> None:
                 nxt[cid] = i + 1
                 n += 1
             assert n == 500
-            with pytest.raises(ReplyError) as exc:
+            with pytest.raises(ReplyFailed) as exc:
                 await client.call(b"req", {"p": 1, "i": 99}, timeout=20.0)  # out of order: raises
             assert exc.value.status == "failed"
 

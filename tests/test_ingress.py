@@ -14,7 +14,7 @@ from backend_tools import raw_producer
 from service_handlers import in_process_backend
 
 from shardpool import protocol as P
-from shardpool.client import Client, ReplyError
+from shardpool.client import Client, ReplyFailed
 from shardpool.control import ControlClient
 
 pytestmark = pytest.mark.multiprocess
@@ -120,7 +120,7 @@ def test_halted_channel_gets_a_notice_then_its_final_reply(tmp_path: Path) -> No
         assert bad.halted.value["type"] == "ValueError"
         assert not after.done()
         svc.pool.skip(b"h")
-        with pytest.raises(ReplyError) as exc:
+        with pytest.raises(ReplyFailed) as exc:
             bad.result(timeout=20.0)
         assert exc.value.status == "failed" and exc.value.info["policy"] == "skipped"
         assert after.result(timeout=20.0) == 1
