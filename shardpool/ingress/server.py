@@ -216,14 +216,7 @@ class Ingress:
                     self._internal_failure("monitor", "reading the socket monitor")
             self._safe_pump()
             if self._closing:
-                if not box.producers or time.monotonic() >= self._close_deadline:
-                    if box.producers:
-                        log.warning(
-                            "ingress closing with %d replies never resolved and %d not taken by "
-                            "their producers",
-                            box.unresolved(),
-                            box.held_replies,
-                        )
+                if self._may_leave():
                     return
                 continue
             if sock in events:
@@ -237,6 +230,21 @@ class Ingress:
                     except Exception:  # noqa: BLE001 - one frame must not stop the ingress
                         self._frame_failed(parts)
                 self._safe_pump()
+
+    def _may_leave(self) -> bool:
+        """Closing: True once every accepted message's final reply is out, or at the deadline
+        (saying what is left)."""
+        box = self._outbox
+        if not box.producers:
+            return True
+        if time.monotonic() < self._close_deadline:
+            return False
+        log.warning(
+            "ingress closing with %d replies never resolved and %d not taken by their producers",
+            box.unresolved(),
+            box.held_replies,
+        )
+        return True
 
     # -- failures of our own -----------------------------------------------------------------
 
