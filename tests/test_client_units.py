@@ -22,7 +22,10 @@ from shardpool.errors import ShardPoolError
 
 
 def test_decode_reply_reads_each_frame_kind() -> None:
-    replies = [[0, P.OK, {1: "int keys are fine in results"}], [None, P.REJECTED, {"error": "x"}]]
+    replies: list[list[Any]] = [
+        [0, P.OK, {1: "int keys are fine in results"}],
+        [None, P.REJECTED, {"error": "x"}],
+    ]
     assert P.decode_reply(P.encode_replies(replies)) == (P.REPLIES, replies)
     token, info = b"t" * 8, {"version": 1, "max_message_bytes": 10}
     assert P.decode_reply(P.encode_hello_reply(token, info)) == (P.HELLO, (token, info))

@@ -1,4 +1,5 @@
-"""Routing: stable across processes and runs, total over valid ids, strict about invalid ones."""
+"""Routing: stable across processes and runs, total over valid ids, strict about invalid ones
+(through protocol.item_problem, the one check of channel ids and payloads, tested here too)."""
 
 from __future__ import annotations
 
