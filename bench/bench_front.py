@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from shardpool import ShardPool
+from shardpool.bench.handlers import TRIVIAL_HANDLER
 
 N = 4096
 
@@ -17,7 +18,7 @@ N = 4096
 @pytest.fixture(scope="module", params=["raw", "cbor"])
 def pool(request: pytest.FixtureRequest) -> Iterator[ShardPool]:
     """A 1-worker pool with the trivial handler; ``raw`` hands payload bytes over undecoded."""
-    p = ShardPool("shardpool.loadtest:noop", workers=1, payload=request.param)
+    p = ShardPool(TRIVIAL_HANDLER, workers=1, payload=request.param)
     try:
         yield p
     finally:

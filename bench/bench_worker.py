@@ -7,10 +7,10 @@ import itertools
 from typing import Any
 
 from shardpool import codec
+from shardpool.bench.handlers import noop
 from shardpool.demo.handler import LightningHandler
 from shardpool.demo.traffic import generate
 from shardpool.handler import load_handler
-from shardpool.bench.handlers import noop
 from shardpool.worker import Acks, Dispatcher, WorkerSpec
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from shardpool.baselines import make_stream
+from shardpool.bench.stream import make_stream
 
 BATCH = 256
 """Messages per batch in the codec and worker benchmarks (the pool's default batch_size)."""

@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from shardpool import ShardPool
-from shardpool.baselines import make_stream
+from shardpool.bench.stream import make_stream
 
 
 def trivial(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         "kills": args.kills,
         "restarts": restarts,
         "recovery_front_s": {
-            "median": statistics.median(rec["front"]), "max": max(rec["front"]), "all": rec["front"],
+            "median": statistics.median(rec["front"]), "max": max(rec["front"]),
+            "all": rec["front"],
         },
         "recovery_end_to_end_s": {
             "median": statistics.median(rec["end_to_end"]), "max": max(rec["end_to_end"]),

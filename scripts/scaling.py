@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -86,15 +85,13 @@ def measure(
     """
     import cbor2
 
-    from shardpool.baselines import make_stream, run_bare_zmq, run_mp_queue
+    from shardpool.bench.baselines import run_bare_zmq, run_mp_queue
+    from shardpool.bench.handlers import LIGHTNING_HANDLER, TRIVIAL_HANDLER, calibrate_cost
+    from shardpool.bench.options import available_cpus
+    from shardpool.bench.report import machine_info
+    from shardpool.bench.runs import run_pool
+    from shardpool.bench.stream import make_stream
     from shardpool.demo.traffic import encode_stream
-    from shardpool.loadtest import (
-        LIGHTNING_HANDLER,
-        TRIVIAL_HANDLER,
-        available_cpus,
-        calibrate_cost,
-        run_pool,
-    )
 
     workers: list[int] = sorted(set(args.workers or default_workers(available_cpus())))
     n_trivial = [max(args.messages, args.messages_per_worker * w) for w in workers]
@@ -123,8 +120,7 @@ def measure(
     cpu: list[dict[str, Any]] = []
     doc: dict[str, Any] = {
         "version": 1,
-        "machine": {"cpus": available_cpus(), "python": platform.python_version(),
-                    "platform": platform.platform(terse=True)},
+        "machine": machine_info(),
         "options": {
             "workers": workers, "messages": args.messages,
             "messages_per_worker": args.messages_per_worker,

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from shardpool.bench.options import add_arguments as add_bench_arguments
+from shardpool.bench.options import from_arguments as bench_options
 from shardpool.config import config_to_dict, config_to_toml, find_config_path, load_config
 from shardpool.demo.load import DEMO_DEFAULT_RATE
 from shardpool.errors import ConfigError
@@ -83,43 +85,7 @@ def _add_bench(sub: _Subparsers) -> None:
             f"Exit {EXIT_OK} if the order was kept, {EXIT_FAILURE} if not or if a run failed."
         ),
     )
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="worker processes (default: the CPUs available, at most the physical "
-                   "cores)")
-    p.add_argument("--messages", type=int, default=200_000, metavar="N",
-                   help="messages in the traffic (default: %(default)s)")
-    p.add_argument("--channels", type=int, default=2_000, metavar="N",
-                   help="channels in the traffic (default: %(default)s)")
-    p.add_argument("--peers", type=int, default=None, metavar="N",
-                   help="peer connections the channels are spread over (default: channels / 10)")
-    p.add_argument("--repeats", type=int, default=3, metavar="N",
-                   help="repeats of each throughput run; medians are reported "
-                   "(default: %(default)s)")
-    p.add_argument("--cpu-cost-us", type=float, default=0.0, metavar="US",
-                   help="CPU microseconds the handler burns per commitment_signed, modelling "
-                   "signature checks (default: %(default)s)")
-    p.add_argument("--mode", choices=("closed", "open"), default="closed",
-                   help="closed: submit as fast as backpressure allows; open: pace the "
-                   "Lightning runs at --rate and time every message (default: %(default)s)")
-    p.add_argument("--rate", type=float, default=None, metavar="MSGS_PER_S",
-                   help="open-loop target rate (default: 20000)")
-    p.add_argument("--latency-load", type=float, default=0.3, metavar="FRACTION",
-                   help="closed mode: the latency phase runs open-loop at this fraction of the "
-                   "measured throughput (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=1, help="traffic seed (default: %(default)s)")
-    p.add_argument("--bytype-messages", type=int, default=6_000, metavar="N",
-                   help="messages run through the by-type dispatch baseline, 0 to skip "
-                   "(default: %(default)s)")
-    p.add_argument("--no-baselines", action="store_true",
-                   help="skip the trivial-handler, bare pyzmq+cbor2 and mp.Queue runs")
-    p.add_argument("--batch-size", type=int, default=256, metavar="N",
-                   help="messages per frame, pool and bare harness (default: %(default)s)")
-    p.add_argument("--max-inflight", type=int, default=16384, metavar="N",
-                   help="pool in-flight window per worker (default: %(default)s)")
-    p.add_argument("--config", default=None, metavar="PATH",
-                   help="pool config file (default: built-in defaults)")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
-                   help="deadline of each single run (default: %(default)s)")
+    add_bench_arguments(p)
     p.add_argument("--connect", nargs="?", const="", default=None, metavar="ENDPOINT",
                    help="instead of an embedded pool, send the traffic through the ingress of a "
                    "running `shardpool run` (ENDPOINT, or the default config's) and report "
@@ -130,43 +96,32 @@ def _add_bench(sub: _Subparsers) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Run the bench scenario; print the report. EXIT_OK if the order was kept, EXIT_FAILURE if
-    shardpool showed a violation or a run failed, EXIT_USAGE for an option out of range."""
-    from shardpool.config import physical_cores
-    from shardpool.loadtest import BenchOptions, Progress, available_cpus, format_report, run_bench
+    """Run the bench scenario (or, with ``--connect``, the load test through a running backend);
+    print the report. EXIT_OK if the order was kept, EXIT_FAILURE if shardpool showed a violation
+    or a run failed, EXIT_USAGE for an option out of range, EXIT_CONFIG for a bad pool config."""
+    from shardpool.bench.report import Progress
 
-    if args.connect is not None:
-        return _bench_remote(args, Progress(enabled=not args.quiet))
-    workers = args.workers
-    if workers is None:
-        workers = max(1, min(available_cpus(), physical_cores()))
-    opts = BenchOptions(
-        workers=workers,
-        messages=args.messages,
-        channels=args.channels,
-        peers=args.peers,
-        repeats=args.repeats,
-        cpu_cost_us=args.cpu_cost_us,
-        mode=args.mode,
-        rate=args.rate,
-        seed=args.seed,
-        baselines=not args.no_baselines,
-        bytype_messages=args.bytype_messages,
-        latency_load=args.latency_load,
-        batch_size=args.batch_size,
-        max_inflight=args.max_inflight,
-        config=args.config,
-        timeout_s=args.timeout,
-    )
+    opts = bench_options(args)
     try:
         opts.check()
     except ValueError as e:
         print(f"shardpool bench: {e}", file=sys.stderr)
         return EXIT_USAGE
+    progress = Progress(enabled=not args.quiet)
     try:
-        report = run_bench(opts, Progress(enabled=not args.quiet))
+        if args.connect is not None:
+            from shardpool.bench.remote import format_remote, run_remote
+
+            report = run_remote(args.connect or None, opts, progress)
+            text = format_remote(report)
+        else:
+            from shardpool.bench.report import format_report
+            from shardpool.bench.scenario import run_bench
+
+            report = run_bench(opts, progress)
+            text = format_report(report)
     except ConfigError as e:
-        _print_problems(e, args.config or "<defaults>")
+        _print_problems(e, opts.config or "<defaults>")
         return EXIT_CONFIG
     except KeyboardInterrupt:
         # The runs close their pools and reap their processes on the way out.
@@ -175,37 +130,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 - any failed run ends the bench with its reason
         print(f"shardpool bench: failed: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILURE
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(format_report(report))
-    return EXIT_OK if report["ok"] else EXIT_FAILURE
-
-
-def _bench_remote(args: argparse.Namespace, progress: Any) -> int:
-    """``bench --connect``: the traffic through a running backend's ingress."""
-    from shardpool.errors import ShardPoolError
-    from shardpool.remote_bench import format_remote, run_remote
-
-    if args.messages < 1 or args.channels < 1 or args.repeats < 1:
-        print("shardpool bench: --messages, --channels and --repeats must be >= 1",
-              file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        report = run_remote(
-            args.connect or None,
-            messages=args.messages,
-            channels=args.channels,
-            peers=args.peers or max(1, args.channels // 10),
-            repeats=args.repeats,
-            seed=args.seed,
-            timeout_s=args.timeout,
-            progress=progress,
-        )
-    except (ShardPoolError, TimeoutError, OSError) as e:
-        print(f"shardpool bench: {e}", file=sys.stderr)
-        return EXIT_FAILURE
-    print(json.dumps(report, indent=2) if args.json else format_remote(report))
+    print(json.dumps(report, indent=2) if args.json else text)
     return EXIT_OK if report["ok"] else EXIT_FAILURE
 
 

@@ -20,7 +20,15 @@
     │                          socket file, or it went away while a request waited)
     ├── ControlError           the backend answered a control request with an error
     ├── EndpointInUse          another ``shardpool run`` holds this ipc endpoint
-    └── InsecurePathError      a runtime directory is a symlink, not a directory, or not ours
+    ├── InsecurePathError      a runtime directory is a symlink, not a directory, or not ours
+    │
+    │   defined beside the wire format they read (listed here so the tree is whole):
+    ├── FrameError             shardpool.protocol: a producer's frame could not be read
+    └── ReplyError             shardpool.client: a message was not processed (``.status`` says why)
+        ├── ReplyRejected      refused at the door (bad input, draining, too many pending)
+        ├── ReplyFailed        the handler raised on it
+        ├── ReplyClosed        handed back at shutdown, never given to the handler
+        └── ReplyInDoubt       the backend stopped while the handler may have been running it
 
 :class:`RemoteTraceback` stands outside the tree on purpose: it is never raised, only chained as
 the ``__cause__`` of :class:`HandlerError` and :class:`WorkerStartError` to carry a worker's

@@ -13,7 +13,7 @@ import cbor2
 import psutil
 import pytest
 
-from shardpool.baselines import (
+from shardpool.bench.baselines import (
     SLOTS,
     BaselineResult,
     make_stream,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shardpool.loadtest import format_report
+from shardpool.bench.report import format_report
 
 pytestmark = pytest.mark.multiprocess
 

@@ -3,6 +3,7 @@ digest probe and the text report."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -10,18 +11,17 @@ from typing import Any
 
 import pytest
 
-from shardpool.demo import generate, replay
-from shardpool.demo.channel import ChannelState
-from shardpool.loadtest import (
+from shardpool.bench.handlers import (
     PROBE_TYPE,
     AsyncDigestLightningHandler,
-    BenchOptions,
     DigestLightningHandler,
     calibrate_cost,
-    format_report,
-    latency_summary,
     state_digest,
 )
+from shardpool.bench.options import BenchOptions, add_arguments, from_arguments
+from shardpool.bench.report import format_report, latency_summary
+from shardpool.demo import generate, replay
+from shardpool.demo.channel import ChannelState
 
 
 def test_latency_summary_uses_nearest_rank_percentiles_in_microseconds() -> None:
@@ -49,11 +49,30 @@ def test_latency_summary_uses_nearest_rank_percentiles_in_microseconds() -> None
         ({"latency_load": 0.0}, "latency_load"),
         ({"timeout_s": float("inf")}, "timeout_s"),
         ({"close_fraction": 1.5}, "close_fraction"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"config": 3}, "config must be a str"),
+        ({"baselines": "no"}, "baselines must be a bool"),
     ],
 )
 def test_options_out_of_range_are_named(change: dict[str, Any], word: str) -> None:
     with pytest.raises(ValueError, match=word):
         BenchOptions(**change).check()
+
+
+def test_flags_come_from_the_options_with_their_defaults() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert from_arguments(parser.parse_args([])) == BenchOptions()
+    opts = from_arguments(parser.parse_args(
+        ["--timeout", "5", "--no-baselines", "--mode", "open", "--peers", "3", "--workers", "1"]
+    ))
+    assert opts == BenchOptions(timeout_s=5.0, baselines=False, mode="open", peers=3, workers=1)
+    text = " ".join(parser.format_help().split())
+    assert "--messages N" in text and "(default: 200000)" in text
+    assert "(default: the CPUs available, at most the physical cores)" in text
+    assert "--close-fraction" not in text  # library-only options stay off the command line
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mode", "sideways"])
 
 
 def test_default_options_are_valid_and_spread_channels_over_peers() -> None:

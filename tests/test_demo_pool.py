@@ -10,8 +10,9 @@ from typing import Any
 import cbor2
 import pytest
 
+from shardpool.bench.handlers import ASYNC_LIGHTNING_HANDLER, LIGHTNING_HANDLER, state_digest
+from shardpool.bench.runs import PoolRun, run_pool
 from shardpool.demo import generate, replay
-from shardpool.loadtest import LIGHTNING_HANDLER, PoolRun, run_pool, state_digest
 
 pytestmark = pytest.mark.multiprocess
 
@@ -53,7 +54,7 @@ def test_the_by_type_baselines_traffic_and_delay_give_zero_violations_here() -> 
     reference = _reference(stream)
     encoded = [(cid, cbor2.dumps(msg)) for cid, msg in stream]
     run = run_pool(
-        encoded, 2, handler="shardpool.loadtest:AsyncDigestLightningHandler",
+        encoded, 2, handler=ASYNC_LIGHTNING_HANDLER,
         handler_options={"delay_s": 0.0002}, probe=list(reference), timeout_s=60.0,
     )
     _assert_order_kept(run, reference, len(stream))

@@ -12,42 +12,39 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
-from .client import Client
-from .demo.traffic import encode_stream
-from .loadtest import latency_summary
+from ..client import Client, Reply
+from ..demo.traffic import encode_stream
+from .options import BenchOptions
+from .report import latency_summary
+
+__all__ = ["format_remote", "run_remote"]
 
 
 def run_remote(
     endpoint: str | None,
-    *,
-    messages: int,
-    channels: int,
-    peers: int,
-    repeats: int,
-    seed: int,
-    timeout_s: float,
-    progress: Any = None,
+    opts: BenchOptions,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run ``repeats`` rounds of ``messages`` through the ingress at ``endpoint`` (None: the
-    default config's) and return the report.
+    """Run ``opts.repeats`` rounds of ``opts.messages`` (over ``opts.channels`` channels of
+    ``opts.n_peers`` peers, seeds from ``opts.seed`` on) through the ingress at ``endpoint``
+    (None: the default config's) and return the report. Each wait is bounded by
+    ``opts.timeout_s`` seconds; the other options do not apply.
 
     Raises:
-        NotRunning-style ShardPoolError / TimeoutError: the backend does not answer in time.
+        ShardPoolError (NotRunning, BackendLost, ...) / TimeoutError: the backend does not
+            answer in time.
     """
-    per_peer = -(-channels // peers)
+    repeats, timeout_s = opts.repeats, opts.timeout_s
     rates: list[float] = []
-    lat_ns: list[int] = []
-    statuses: dict[str, int] = {}
-    violations = 0
-    forced: set[bytes] = set()
-    reordered = 0
     total = 0
+    tally = _Tally()  # channel ids differ from repeat to repeat: one tally serves them all
     with Client(endpoint, timeout=timeout_s) as client:
         for r in range(repeats):
-            stream = encode_stream(peers, per_peer, messages, seed + r)
-            tally = _Tally()
+            stream = encode_stream(opts.n_peers, opts.channels_per_peer, opts.messages,
+                                   opts.seed + r)
             t0 = time.perf_counter()
             for i, (cid, payload) in enumerate(stream):
                 tally.sent(client.send_bytes(cid, payload), cid)
@@ -61,27 +58,21 @@ def run_remote(
                 tally.take(client.poll(0.05))
             rates.append(len(stream) / (time.perf_counter() - t0))
             total += len(stream)
-            lat_ns.extend(tally.latencies)
-            for k, v in tally.statuses.items():
-                statuses[k] = statuses.get(k, 0) + v
-            violations += tally.violations
-            forced |= tally.forced
-            reordered += tally.reordered
             if progress is not None:
                 progress(f"remote repeat {r + 1}/{repeats}: {rates[-1]:,.0f} msgs/s")
-    ok = statuses.get("ok", 0) == total and violations == 0 and reordered == 0
     return {
         "endpoint": client.endpoint,
         "messages": total,
         "repeats": repeats,
         "msgs_per_s": statistics.median(rates),
         "runs": rates,
-        "latency_us": latency_summary(lat_ns),
-        "statuses": statuses,
-        "violations": violations,
-        "force_closed_channels": len(forced),
-        "reply_reorders": reordered,
-        "ok": ok,
+        "latency_us": latency_summary(tally.latencies),
+        "statuses": tally.statuses,
+        "violations": tally.violations,
+        "force_closed_channels": len(tally.forced),
+        "reply_reorders": tally.reordered,
+        "ok": (tally.statuses.get("ok", 0) == total and tally.violations == 0
+               and tally.reordered == 0),
     }
 
 
@@ -109,7 +100,7 @@ def format_remote(report: dict[str, Any]) -> str:
 
 
 class _Tally:
-    """Replies of one repeat: latency from each send, statuses, violations, channel order."""
+    """Replies: latency from each send, statuses, violations, channel order."""
 
     def __init__(self) -> None:
         self.sent_at: dict[int, int] = {}
@@ -125,11 +116,13 @@ class _Tally:
         self.sent_at[corr] = time.perf_counter_ns()
         self.chan_of[corr] = cid
 
-    def take(self, replies: list[Any]) -> None:
+    def take(self, replies: list[Reply]) -> None:
         now = time.perf_counter_ns()
         for rep in replies:
-            if not rep.final:
-                continue  # a "halted" notice: the final reply is still to come
+            # A "halted" notice: the final reply is still to come. No corr: an item this client
+            # never sends (one without a readable correlation id).
+            if not rep.final or rep.corr is None:
+                continue
             self.latencies.append(now - self.sent_at.pop(rep.corr))
             self.statuses[rep.status] = self.statuses.get(rep.status, 0) + 1
             cid = self.chan_of.pop(rep.corr)

@@ -21,44 +21,40 @@ one; ``cbor2.dumps`` of the nested form 1.5-1.9 M msgs/s. The flat list also dec
 worker (~0.77 vs ~0.70 M msgs/s including each payload's ``cbor2.loads``), so the ceiling uses
 ``cbor2.dumps`` of the flat list.
 
-Run ``python -m shardpool.baselines`` for a manual check (both baselines, 1 and 2 workers).
+The workers are in :mod:`shardpool.bench.baseline_workers`; the stream of the manual check in
+:mod:`shardpool.bench.stream`. Run ``python -m shardpool.bench.baselines`` for a manual check (both
+baselines, 1 and 2 workers).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import math
 import multiprocessing
 import os
 import queue as queue_mod
-import random
 import shutil
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Literal
 
 import cbor2
 import multiprocess
 import zmq
 
-from .routing import Router
+from ..routing import Router
+from .baseline_workers import DONE, END, EXIT, READY, queue_worker, zmq_worker
+from .runs import RunResult
+from .stream import make_stream
 
-__all__ = ["BaselineResult", "make_stream", "run_bare_zmq", "run_mp_queue", "main", "SLOTS"]
+__all__ = ["SLOTS", "BaselineResult", "main", "run_bare_zmq", "run_mp_queue"]
 
 SLOTS = 4096
 """Slot count used to route in both baselines (the pool's default)."""
-
-_READY = "ready"
-_DONE = "done"
-_END = b""
-"""Data frame that ends the stream: an empty frame is never a valid CBOR batch."""
-_EXIT = b"exit"
-"""Sent after every DONE arrived: lets a worker close with linger=0 without losing its DONE."""
 
 _SEND_RETRY_MS = 200
 """How long one blocked send waits before the front re-checks its deadline and worker liveness."""
@@ -68,172 +64,12 @@ _EXIT_GRACE_S = 5.0
 """How long finished workers get to exit on their own before they are terminated."""
 _TERM_GRACE_S = 2.0
 """How long a terminated (SIGTERM) worker gets before it is killed (SIGKILL)."""
-_ORPHAN_CHECK_S = 0.5
-"""How often a worker checks whether its parent is gone (it then exits on its own)."""
 
 
-@dataclass(frozen=True, slots=True)
-class BaselineResult:
-    """Outcome of one baseline run.
-
-    ``elapsed_s`` (seconds) runs from the front's first routed message to the last worker's done
-    report; ``msgs_per_s`` is ``messages / elapsed_s``; ``per_worker[i]`` is how many messages the
-    handler of worker ``i`` was called with.
-    """
-
-    name: str
-    workers: int
-    messages: int
-    elapsed_s: float
-    msgs_per_s: float
-    per_worker: list[int]
-
-
-# --------------------------------------------------------------------------------------------
-# workload
-
-
-def make_stream(
-    messages: int, channels: int, *, payload_size: int = 190, seed: int = 0
-) -> list[tuple[bytes, bytes]]:
-    """Build ``messages`` interleaved ``(channel_id, cbor_payload)`` pairs over ``channels`` ids.
-
-    Channel ids are 32 random bytes; each message goes to a channel drawn uniformly at random, so
-    channels interleave as they do on a busy node. Each payload is a CBOR map shaped like an
-    ``update_add_htlc`` (``type``, per-channel ``id``, ``amount_msat``, ``payment_hash``,
-    ``cltv_expiry``, ``onion``), where the ``onion`` byte string pads the encoding to
-    ``payload_size`` bytes (±1 where a CBOR length header changes size; a size below the ~100 bytes
-    the other fields need gives an empty onion and a larger payload). The same ``seed`` gives the
-    same stream in every process and run.
-
-    Raises:
-        ValueError: ``messages < 0``, ``channels < 1`` or ``payload_size < 0``.
-    """
-    if messages < 0:
-        raise ValueError(f"messages must be >= 0, got {messages}")
-    if channels < 1:
-        raise ValueError(f"channels must be >= 1, got {channels}")
-    if payload_size < 0:
-        raise ValueError(f"payload_size must be >= 0, got {payload_size}")
-    rng = random.Random(seed)
-    cids = [rng.randbytes(32) for _ in range(channels)]
-    next_id = [0] * channels
-    # Onion bytes are slices of one random blob: realistic entropy without 200k randbytes calls.
-    blob = rng.randbytes(max(payload_size, 1) * 2)
-    stream: list[tuple[bytes, bytes]] = []
-    append = stream.append
-    dumps = cbor2.dumps
-    for _ in range(messages):
-        c = rng.randrange(channels)
-        htlc_id = next_id[c]
-        next_id[c] = htlc_id + 1
-        msg: dict[str, Any] = {
-            "type": "update_add_htlc",
-            "id": htlc_id,
-            "amount_msat": rng.randrange(1_000, 5_000_000_000),
-            "payment_hash": rng.randbytes(32),
-            "cltv_expiry": rng.randrange(800_000, 900_000),
-            "onion": b"",
-        }
-        k = _onion_len(payload_size, len(dumps(msg)))
-        if k:
-            off = rng.randrange(len(blob) - k + 1)
-            msg["onion"] = blob[off : off + k]
-        append((cids[c], dumps(msg)))
-    return stream
-
-
-def _bstr_head_len(n: int) -> int:
-    """Bytes of the CBOR header of a byte string of length ``n``."""
-    return 1 if n < 24 else 2 if n < 256 else 3 if n < 65536 else 5
-
-
-def _onion_len(target: int, size_with_empty_onion: int) -> int:
-    """Onion length that makes the payload ``target`` bytes (or 1 byte over, or 0 if too small)."""
-    fixed = size_with_empty_onion - 1  # everything but the empty byte string's 1-byte header
-    for head in (1, 2, 3, 5):
-        k = target - fixed - head
-        if k >= 0 and _bstr_head_len(k) == head:
-            return k
-    # target falls where the header grows by one byte: come as close as possible from above
-    for head in (2, 3, 5):
-        k = target - fixed - head + 1
-        if k >= 0 and _bstr_head_len(k) == head:
-            return k
-    return 0
-
-
-# --------------------------------------------------------------------------------------------
-# worker side (module level so that spawn can import them by reference)
-
-
-def _count(counts: dict[bytes, int], channel_id: bytes, message: object) -> None:
-    """The trivial handler: counts messages per channel."""
-    counts[channel_id] = counts.get(channel_id, 0) + 1
-
-
-def _exit_when_orphaned(parent_pid: int) -> None:
-    """Start a daemon thread that ends this process when its parent is gone.
-
-    A parent killed with SIGKILL runs no cleanup, and a worker blocked in ``recv``/``get`` would
-    otherwise wait forever; being re-parented changes ``os.getppid()``.
-    """
-
-    def watch() -> None:
-        while True:
-            time.sleep(_ORPHAN_CHECK_S)
-            if os.getppid() != parent_pid:
-                os._exit(70)
-
-    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
-
-
-def _zmq_worker(index: int, data_endpoint: str, report_endpoint: str, parent_pid: int) -> None:
-    """Bare-harness worker: PULL batches, decode frame and payloads, call the handler, report."""
-    _exit_when_orphaned(parent_pid)
-    ctx = zmq.Context()  # created here, not inherited: a ZeroMQ context never crosses a process
-    pull = ctx.socket(zmq.PULL)
-    push = ctx.socket(zmq.PUSH)
-    try:
-        pull.bind(data_endpoint)
-        push.connect(report_endpoint)
-        push.send(cbor2.dumps([_READY, index]))
-        counts: dict[bytes, int] = {}
-        loads = cbor2.loads
-        recv = pull.recv
-        handle = _count
-        while True:
-            frame = recv()
-            if not frame:
-                break
-            it = iter(loads(frame))
-            for cid, payload in zip(it, it):
-                handle(counts, cid, loads(payload))
-        push.send(cbor2.dumps([_DONE, index, sum(counts.values()), len(counts)]))
-        # Closing with linger=0 right now could discard DONE; the front says EXIT once it has it.
-        recv()
-    finally:
-        pull.close(linger=0)
-        push.close(linger=0)
-        ctx.term()
-
-
-def _queue_worker(index: int, inbox: Any, reports: Any, parent_pid: int) -> None:
-    """Naive worker: one ``get`` per message, decode the payload, call the handler, report."""
-    _exit_when_orphaned(parent_pid)
-    reports.put((_READY, index))
-    counts: dict[bytes, int] = {}
-    loads = cbor2.loads
-    get = inbox.get
-    handle = _count
-    while True:
-        item = get()
-        if item is None:
-            break
-        cid, payload = item
-        handle(counts, cid, loads(payload))
-    # The queue's feeder thread is joined at process exit, so DONE reaches the pipe before we die.
-    reports.put((_DONE, index, sum(counts.values()), len(counts)))
+BaselineResult = RunResult
+"""Outcome of one baseline run: ``elapsed_s`` (seconds) runs from the front's first routed message
+to the last worker's done report; ``per_worker[i]`` is how many messages the handler of worker
+``i`` was called with."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,10 +112,10 @@ def _reap(procs: Sequence[Any], grace_s: float) -> None:
             p.kill()
             p.join(_TERM_GRACE_S)
     for p in procs:
-        try:
-            p.close()  # releases the sentinel fd now rather than at garbage collection
-        except ValueError:
-            pass  # still running after SIGKILL + join: nothing more we can do here
+        # close() releases the sentinel fd now rather than at garbage collection; ValueError:
+        # still running after SIGKILL + join, nothing more can be done here.
+        with contextlib.suppress(ValueError):
+            p.close()
 
 
 def _await_zmq_reports(
@@ -302,10 +138,7 @@ def _await_zmq_reports(
     got: dict[int, list[Any]] = {}
     last = time.perf_counter()
     while len(got) < len(procs):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            missing = sorted(set(range(len(procs))) - set(got))
-            raise TimeoutError(f"baseline workers {missing} did not report {kind!r} in time")
+        remaining = _time_left(deadline, got, len(procs), kind)
         events = dict(poller.poll(max(1, int(remaining * 1000))))
         if sock in events:
             while True:
@@ -331,6 +164,19 @@ def _await_zmq_reports(
                 poller.unregister(fd)
                 del by_fd[fd]
     return got, last
+
+
+def _time_left(deadline: float, got: Collection[int], workers: int, kind: str) -> float:
+    """Seconds left until ``deadline`` (``time.monotonic()`` seconds).
+
+    Raises:
+        TimeoutError: none left; names the workers not in ``got`` (their ``kind`` report missing).
+    """
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        missing = sorted(set(range(workers)) - set(got))
+        raise TimeoutError(f"baseline workers {missing} did not report {kind!r} in time")
+    return remaining
 
 
 def _send_blocked(
@@ -401,16 +247,9 @@ def run_bare_zmq(
         report_ep = f"ipc://{rundir}/report"
         report.bind(report_ep)
         data_eps = [f"ipc://{rundir}/w{i}" for i in range(workers)]
-        for i, ep in enumerate(data_eps):
-            p = spawn.Process(
-                target=_zmq_worker,
-                args=(i, ep, report_ep, os.getpid()),
-                name=f"shardpool-bare-zmq-{i}",
-                daemon=True,
-            )
-            p.start()
-            procs.append(p)
-        _await_zmq_reports(report, procs, _READY, deadline)
+        argsets = [(i, ep, report_ep, os.getpid()) for i, ep in enumerate(data_eps)]
+        _spawn(spawn, zmq_worker, argsets, "shardpool-bare-zmq", procs)
+        _await_zmq_reports(report, procs, READY, deadline)
         pushes: list[zmq.Socket[bytes]] = []
         for ep in data_eps:
             s = ctx.socket(zmq.PUSH)
@@ -419,42 +258,16 @@ def run_bare_zmq(
             s.sndtimeo = _SEND_RETRY_MS
             s.connect(ep)
             pushes.append(s)
-
-        sends = [s.send for s in pushes]
-        bufs: list[list[bytes]] = [[] for _ in range(workers)]
-        limit = 2 * batch_size  # the flat list holds two items per message
-        worker_of = router.worker_of
-        dumps = cbor2.dumps
-        monotonic = time.monotonic
         t0 = time.perf_counter()
-        for cid, payload in stream:
-            w = worker_of(cid)
-            buf = bufs[w]
-            buf += (cid, payload)
-            if len(buf) >= limit:
-                frame = dumps(buf)
-                buf.clear()
-                try:
-                    sends[w](frame)
-                except zmq.Again:
-                    _send_blocked(pushes[w], frame, procs, deadline)
-                if monotonic() > deadline:
-                    raise TimeoutError("bare_zmq: the stream was not sent before the deadline")
-        for w, buf in enumerate(bufs):
-            for frame in ([dumps(buf)] if buf else []) + [_END]:
-                try:
-                    sends[w](frame)
-                except zmq.Again:
-                    _send_blocked(pushes[w], frame, procs, deadline)
-        dones, t1 = _await_zmq_reports(report, procs, _DONE, deadline)
+        _forward(stream, router, pushes, batch_size, procs, deadline)
+        dones, t1 = _await_zmq_reports(report, procs, DONE, deadline)
         finished = True
     finally:
         if finished:
             for s in sockets[1:]:
-                try:
-                    s.send(_EXIT, zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass  # that worker will be terminated by _reap instead
+                # A worker that does not get it is terminated by _reap instead.
+                with contextlib.suppress(zmq.ZMQError):
+                    s.send(EXIT, zmq.NOBLOCK)
         # sockets stay open while workers exit so that EXIT reaches them; linger=0 afterwards
         _reap(procs, _EXIT_GRACE_S if finished else 0.0)
         for s in sockets:
@@ -465,18 +278,66 @@ def run_bare_zmq(
     return _result("bare_zmq", workers, len(stream), t1 - t0, dones)
 
 
+def _spawn(
+    ctx: Any, target: Callable[..., None], argsets: list[tuple[Any, ...]], name: str,
+    procs: list[Any],
+) -> None:
+    """Start one daemon process of ``target`` per argument tuple, named ``name-i``; each is
+    appended to ``procs`` as soon as it is started, so that the caller reaps it whatever
+    happens next."""
+    for i, args in enumerate(argsets):
+        p = ctx.Process(target=target, args=args, name=f"{name}-{i}", daemon=True)
+        p.start()
+        procs.append(p)
+
+
+def _forward(
+    stream: Sequence[tuple[bytes, bytes]],
+    router: Router,
+    pushes: list[zmq.Socket[bytes]],
+    batch_size: int,
+    procs: Sequence[Any],
+    deadline: float,
+) -> None:
+    """The bare front: route each message, batch per worker, send every full batch as one frame
+    (``cbor2.dumps`` of the flat list), then each partial batch and the end marker.
+
+    Raises:
+        TimeoutError: ``deadline`` (``time.monotonic()`` seconds) passed first.
+        RuntimeError: a worker died while its pipe was full.
+    """
+    sends = [s.send for s in pushes]
+    bufs: list[list[bytes]] = [[] for _ in pushes]
+    limit = 2 * batch_size  # the flat list holds two items per message
+    worker_of = router.worker_of
+    dumps = cbor2.dumps
+    monotonic = time.monotonic
+    for cid, payload in stream:
+        w = worker_of(cid)
+        buf = bufs[w]
+        buf += (cid, payload)
+        if len(buf) >= limit:
+            frame = dumps(buf)
+            buf.clear()
+            try:
+                sends[w](frame)
+            except zmq.Again:
+                _send_blocked(pushes[w], frame, procs, deadline)
+            if monotonic() > deadline:
+                raise TimeoutError("bare_zmq: the stream was not sent before the deadline")
+    for w, buf in enumerate(bufs):
+        for frame in ([dumps(buf)] if buf else []) + [END]:
+            try:
+                sends[w](frame)
+            except zmq.Again:
+                _send_blocked(pushes[w], frame, procs, deadline)
+
+
 def _result(
     name: str, workers: int, n: int, elapsed: float, dones: Any
 ) -> BaselineResult:
     """The result of a run from the workers' done reports (``dones[i][2]``: messages handled)."""
-    return BaselineResult(
-        name=name,
-        workers=workers,
-        messages=n,
-        elapsed_s=elapsed,
-        msgs_per_s=n / elapsed if elapsed > 0 else math.inf,
-        per_worker=[int(dones[i][2]) for i in range(workers)],
-    )
+    return BaselineResult(name, workers, n, elapsed, [int(dones[i][2]) for i in range(workers)])
 
 
 def run_mp_queue(
@@ -528,16 +389,9 @@ def run_mp_queue(
             # about it, as concurrent.futures does for its call queue.
             q._ignore_epipe = True
             inboxes.append(q)
-        for i in range(workers):
-            p = spawn.Process(
-                target=_queue_worker,
-                args=(i, inboxes[i], reports, os.getpid()),
-                name=f"shardpool-mp-queue-{i}",
-                daemon=True,
-            )
-            p.start()
-            procs.append(p)
-        _await_queue_reports(reports, procs, _READY, deadline)
+        _spawn(spawn, queue_worker, [(i, q, reports, os.getpid()) for i, q in enumerate(inboxes)],
+               "shardpool-mp-queue", procs)
+        _await_queue_reports(reports, procs, READY, deadline)
 
         puts = [q.put for q in inboxes]
         worker_of = router.worker_of
@@ -550,7 +404,7 @@ def run_mp_queue(
                 raise TimeoutError("mp_queue: the stream was not sent before the deadline")
         for put in puts:
             put(None)
-        dones, t1 = _await_queue_reports(reports, procs, _DONE, deadline)
+        dones, t1 = _await_queue_reports(reports, procs, DONE, deadline)
         finished = True
     finally:
         _reap(procs, _EXIT_GRACE_S if finished else 0.0)
@@ -584,10 +438,7 @@ def _await_queue_reports(
     got: dict[int, tuple[Any, ...]] = {}
     last = time.perf_counter()
     while len(got) < len(procs):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            missing = sorted(set(range(len(procs))) - set(got))
-            raise TimeoutError(f"baseline workers {missing} did not report {kind!r} in time")
+        remaining = _time_left(deadline, got, len(procs), kind)
         try:
             report = reports.get(timeout=min(_REPORT_POLL_S, remaining))
         except queue_mod.Empty:
@@ -598,7 +449,7 @@ def _await_queue_reports(
                     raise RuntimeError(
                         f"baseline worker {i} (pid {p.pid}) exited with code {p.exitcode} "
                         f"before {kind!r}"
-                    )
+                    ) from None
             continue
         if report[0] == kind:
             got[report[1]] = report
@@ -613,7 +464,7 @@ def _await_queue_reports(
 def main(argv: Sequence[str] | None = None) -> int:
     """Print both baselines (and the dill-pickling queue) for each worker count; returns 0."""
     parser = argparse.ArgumentParser(
-        prog="python -m shardpool.baselines", description="Run shardpool's baselines once."
+        prog="python -m shardpool.bench.baselines", description="Run shardpool's baselines once."
     )
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--channels", type=int, default=1_000)
@@ -623,8 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Run through the importable module even under ``-m``: spawn must find the worker functions
     # by reference, and dill would otherwise pickle ``__main__`` functions by value.
-    mod = importlib.import_module("shardpool.baselines")
-    stream = mod.make_stream(args.messages, args.channels, payload_size=args.payload_size)
+    mod = importlib.import_module("shardpool.bench.baselines")
+    stream = make_stream(args.messages, args.channels, payload_size=args.payload_size)
     size = sum(len(p) for _, p in stream) / max(1, len(stream))
     print(
         f"{len(stream)} messages over {args.channels} channels, payload {size:.0f} B avg, "

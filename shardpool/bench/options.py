@@ -1,0 +1,253 @@
+"""The options of one bench scenario, and the ``shardpool bench`` flags made from them.
+
+Each field of :class:`BenchOptions` carries, in its metadata, its allowed range and — for those
+offered on the command line — its help text; :func:`add_arguments` turns those into argparse
+flags (the type and the choices come from the field's annotation, the default from the field),
+and :meth:`BenchOptions.check` into one range check. A default is written once, here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import types
+from collections.abc import Mapping
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+__all__ = ["BenchOptions", "Mode", "add_arguments", "available_cpus", "default_workers",
+           "from_arguments"]
+
+Mode = Literal["closed", "open"]
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """The CPUs available, at most the physical cores (a worker is CPU-bound), at least 1."""
+    from ..config import physical_cores
+
+    return max(1, min(available_cpus(), physical_cores()))
+
+
+def _meta(
+    help: str | None = None,
+    *,
+    lo: float | None = None,
+    above: bool = False,
+    hi: float | None = None,
+    flag: str | None = None,
+    metavar: str | None = None,
+    shown: str | None = None,
+) -> dict[str, Any]:
+    """A field's metadata.
+
+    Args:
+        help: the flag's help text (without its default); None keeps the field off the command
+            line (library use only).
+        lo, above, hi: the range: ``>= lo`` (``> lo`` with ``above``) and ``<= hi``.
+        flag: the flag when not ``--<field-name-with-dashes>``; ``--no-…`` for a bool that the
+            flag turns off.
+        metavar: the value's name in the help.
+        shown: the default as the help states it, where the value itself would not say it.
+    """
+    given = {"help": help, "lo": lo, "hi": hi, "flag": flag, "metavar": metavar, "shown": shown}
+    return {k: v for k, v in given.items() if v is not None} | ({"above": True} if above else {})
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """One bench scenario. Units are in the names; defaults run in well under a minute on 2 cores.
+
+    The fields offered as ``shardpool bench`` flags are described by their help (metadata); the
+    others, for library use:
+
+    * ``close_fraction``: share of channels that close cooperatively within the stream.
+    * ``bytype_delay_s``: per-message handling time in the by-type workers and in shardpool's
+      same-delay comparison run (seconds).
+    * ``latency_seconds``: length of the closed mode's open-loop latency phase (seconds of
+      traffic at its rate).
+    * ``sample_every``: in closed-loop runs, one message in this many is timed.
+    """
+
+    workers: int = field(
+        default_factory=default_workers,
+        metadata=_meta("worker processes", lo=1, metavar="N",
+                       shown="the CPUs available, at most the physical cores"),
+    )
+    messages: int = field(
+        default=200_000, metadata=_meta("messages in the traffic", lo=1, metavar="N")
+    )
+    channels: int = field(
+        default=2_000, metadata=_meta("channels in the traffic", lo=1, metavar="N")
+    )
+    peers: int | None = field(
+        default=None,
+        metadata=_meta("peer connections the channels are spread over", lo=1, metavar="N",
+                       shown="channels / 10"),
+    )
+    repeats: int = field(
+        default=3,
+        metadata=_meta("repeats of each throughput run; medians are reported", lo=1,
+                       metavar="N"),
+    )
+    cpu_cost_us: float = field(
+        default=0.0,
+        metadata=_meta("CPU microseconds the handler burns per commitment_signed, modelling "
+                       "signature checks", lo=0.0, metavar="US"),
+    )
+    mode: Mode = field(
+        default="closed",
+        metadata=_meta("closed: submit as fast as backpressure allows; open: pace the Lightning "
+                       "runs at --rate and time every message"),
+    )
+    rate: float = field(
+        default=20_000.0,
+        metadata=_meta("open-loop target rate", lo=0.0, above=True, metavar="MSGS_PER_S"),
+    )
+    latency_load: float = field(
+        default=0.3,
+        metadata=_meta("closed mode: the latency phase runs open-loop at this fraction of the "
+                       "measured throughput", lo=0.0, above=True, metavar="FRACTION"),
+    )
+    seed: int = field(default=1, metadata=_meta("traffic seed"))
+    bytype_messages: int = field(
+        default=6_000,
+        metadata=_meta("messages run through the by-type dispatch baseline, 0 to skip", lo=0,
+                       metavar="N"),
+    )
+    baselines: bool = field(
+        default=True,
+        metadata=_meta("skip the trivial-handler, bare pyzmq+cbor2 and mp.Queue runs",
+                       flag="--no-baselines"),
+    )
+    batch_size: int = field(
+        default=256,
+        metadata=_meta("messages per frame, pool and bare harness", lo=1, metavar="N"),
+    )
+    max_inflight: int = field(
+        default=16384, metadata=_meta("pool in-flight window per worker", lo=1, metavar="N")
+    )
+    config: str | None = field(
+        default=None,
+        metadata=_meta("pool config file", metavar="PATH", shown="built-in defaults"),
+    )
+    timeout_s: float = field(
+        default=120.0,
+        metadata=_meta("deadline of each single run", lo=0.0, above=True, flag="--timeout",
+                       metavar="SECONDS"),
+    )
+    close_fraction: float = field(default=0.05, metadata=_meta(lo=0.0, hi=1.0))
+    bytype_delay_s: float = field(default=0.0002, metadata=_meta(lo=0.0))
+    latency_seconds: float = field(default=2.0, metadata=_meta(lo=0.0))
+    sample_every: int = field(default=64, metadata=_meta(lo=1))
+
+    def check(self) -> None:
+        """Raises ValueError naming the first option out of range (or of the wrong type)."""
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            wanted = _wanted(_Kind.of(hints[f.name]), f.metadata, value)
+            if wanted is not None:
+                raise ValueError(f"{f.name} must be {wanted}, got {value!r}")
+
+    @property
+    def n_peers(self) -> int:
+        """Peer connections: ``peers``, or one per ten channels (at least 1)."""
+        return self.peers if self.peers is not None else max(1, self.channels // 10)
+
+    @property
+    def channels_per_peer(self) -> int:
+        """Channels per peer, rounded up so that every channel has a slot."""
+        return max(1, -(-self.channels // self.n_peers))
+
+
+class _Kind:
+    """What a field's annotation says: its base type, whether None is allowed, its choices."""
+
+    def __init__(self, base: type, optional: bool, choices: tuple[Any, ...]) -> None:
+        self.base = base
+        self.optional = optional
+        self.choices = choices
+
+    @classmethod
+    def of(cls, hint: Any) -> _Kind:
+        args = get_args(hint)
+        if get_origin(hint) in (Union, types.UnionType):
+            (inner,) = [a for a in args if a is not type(None)]
+            kind = cls.of(inner)
+            return cls(kind.base, True, kind.choices)
+        if get_origin(hint) is Literal:
+            return cls(type(args[0]), False, args)
+        return cls(hint, False, ())
+
+
+def _wanted(kind: _Kind, meta: Mapping[str, Any], value: Any) -> str | None:
+    """What ``value`` should be, or None when it is fine."""
+    if value is None and kind.optional:
+        return None
+    if kind.choices:
+        return None if value in kind.choices else "one of " + ", ".join(map(repr, kind.choices))
+    lo, hi, above = meta.get("lo"), meta.get("hi"), bool(meta.get("above"))
+    if kind.base is int:
+        ok = type(value) is int
+        wanted = "an integer"
+    elif kind.base is float:
+        ok = type(value) in (int, float) and math.isfinite(value)
+        wanted = "a finite number"
+    else:
+        return None if isinstance(value, kind.base) else f"a {kind.base.__name__}"
+    if lo is not None:
+        ok = ok and (value > lo if above else value >= lo)
+        wanted += f" {'>' if above else '>='} {lo:g}"
+    if hi is not None:
+        ok = ok and value <= hi
+        wanted += f" and <= {hi:g}"
+    return None if ok else wanted
+
+
+# ------------------------------------------------------------------------------- command line
+
+
+def _flag(f: Field[Any]) -> str:
+    return str(f.metadata.get("flag") or "--" + f.name.replace("_", "-"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add a flag for every :class:`BenchOptions` field that has help. Flags given land in the
+    namespace under the field's name; flags not given are left out, so that
+    :func:`from_arguments` takes the field's own default."""
+    hints = get_type_hints(BenchOptions)
+    for f in fields(BenchOptions):
+        if "help" not in f.metadata:
+            continue
+        kind = _Kind.of(hints[f.name])
+        options: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        if kind.base is bool:
+            off = _flag(f).startswith("--no-")
+            options["action"] = "store_false" if off else "store_true"
+            options["help"] = f.metadata["help"]
+        else:
+            shown = f.metadata.get("shown", f.default)
+            options["type"] = kind.base
+            options["help"] = f"{f.metadata['help']} (default: {shown})"
+            if kind.choices:
+                options["choices"] = kind.choices
+            if "metavar" in f.metadata:
+                options["metavar"] = f.metadata["metavar"]
+        parser.add_argument(_flag(f), **options)
+
+
+def from_arguments(namespace: argparse.Namespace) -> BenchOptions:
+    """The options given in ``namespace`` (parsed with :func:`add_arguments`); defaults for the
+    rest. Does not check them (:meth:`BenchOptions.check` does)."""
+    given = {f.name: getattr(namespace, f.name) for f in fields(BenchOptions)
+             if hasattr(namespace, f.name)}
+    return BenchOptions(**given)
