@@ -136,7 +136,9 @@ class Front:
         instead of ``on_result``/``on_failure``: with the handler's return value, or with the
         :class:`HandlerError` of a final failure, or with a :class:`PoolClosed` (or
         :class:`InDoubt`) error if the pool closed first. A halted message calls it only once
-        resumed or skipped (and ``on_done.halted(error)``, if it has one, when it halts).
+        resumed or skipped (and ``on_done.halted(error)``, if it has one, when it halts). The
+        ``on_done`` calls (and ``halted`` notices) of one channel come in the order its messages
+        were accepted; the ingress relies on it.
 
         Raises:
             ChannelIdError: ``channel_id`` is not bytes of 1..64 bytes.
