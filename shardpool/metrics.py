@@ -69,6 +69,84 @@ _INGRESS_COUNTERS = (
 )
 
 
+def _up(value: int) -> Metric:
+    up = GaugeMetricFamily("shardpool_up", "1 if the backend answered the scrape")
+    up.add_metric([], value)
+    return up
+
+
+def _counter(name: str, doc: str, value: float) -> Metric:
+    c = CounterMetricFamily(name, doc)
+    c.add_metric([], value)
+    return c
+
+
+def _gauge(name: str, doc: str, value: float) -> Metric:
+    g = GaugeMetricFamily(name, doc)
+    g.add_metric([], value)
+    return g
+
+
+def _pool_metrics(pool: dict[str, Any]) -> Iterator[Metric]:
+    for key, doc in _POOL_COUNTERS:
+        messages = key in ("submitted", "acknowledged")
+        yield _counter(f"shardpool_messages_{key}" if messages else f"shardpool_{key}", doc,
+                       pool[key])
+    for key, doc in (
+        ("inflight", "messages in flight"),
+        ("halted_channels", "halted channels (quarantined ones included)"),
+        ("channels", "channel records the front holds"),
+    ):
+        yield _gauge(f"shardpool_{key}", doc, pool[key])
+
+
+def _worker_metrics(workers: list[dict[str, Any]]) -> Iterator[Metric]:
+    for key, doc in _WORKER_COUNTERS:
+        c = CounterMetricFamily(f"shardpool_worker_{key}", doc, labels=["worker"])
+        for w in workers:
+            c.add_metric([str(w["index"])], w.get(key, 0))
+        yield c
+    for key, name, doc in _WORKER_GAUGES:
+        g = GaugeMetricFamily(f"shardpool_worker_{name}", doc, labels=["worker"])
+        for w in workers:
+            if w.get(key) is not None:
+                g.add_metric([str(w["index"])], w[key])
+        yield g
+    c = CounterMetricFamily(
+        "shardpool_worker_restarts", "restarts of this worker slot", labels=["worker"]
+    )
+    for w in workers:
+        c.add_metric([str(w["index"])], w["restarts"])
+    yield c
+    g = GaugeMetricFamily("shardpool_worker_ready", "1 if the worker is ready", labels=["worker"])
+    for w in workers:
+        g.add_metric([str(w["index"])], 1 if w["state"] == "ready" else 0)
+    yield g
+
+
+def _ingress_metrics(ing: dict[str, Any]) -> Iterator[Metric]:
+    for key, doc in _INGRESS_COUNTERS:
+        yield _counter(f"shardpool_ingress_{key}", doc, ing[key])
+    c = CounterMetricFamily(
+        "shardpool_ingress_rejected", "messages or frames refused, by error code", labels=["error"]
+    )
+    for code, n in sorted(ing.get("errors", {}).items()):
+        c.add_metric([code], n)
+    yield c
+    c = CounterMetricFamily(
+        "shardpool_ingress_replies", "replies sent to producers, by status", labels=["status"]
+    )
+    for status in ("ok", "failed", "closed", "in_doubt", "halted", "rejected"):
+        c.add_metric([status], ing[status])
+    yield c
+    for key, doc in (
+        ("producers", "producers connected"),
+        ("held_replies", "replies held for producers that have not read them yet"),
+        ("stalled_producers", "producers whose replies ZeroMQ cannot take at the moment"),
+    ):
+        yield _gauge(f"shardpool_ingress_{key}", doc, ing[key])
+
+
 class SnapshotCollector(Collector):
     """Turns one status snapshot into metric families on every scrape."""
 
@@ -80,83 +158,12 @@ class SnapshotCollector(Collector):
             snap = self._snapshot()
         except Exception:  # noqa: BLE001 - a scrape must not kill the server thread
             log.exception("metrics snapshot failed")
-            up = GaugeMetricFamily("shardpool_up", "1 if the backend answered the scrape")
-            up.add_metric([], 0)
-            yield up
+            yield _up(0)
             return
-        up = GaugeMetricFamily("shardpool_up", "1 if the backend answered the scrape")
-        up.add_metric([], 1)
-        yield up
-        pool = snap["pool"]
-        for key, doc in _POOL_COUNTERS:
-            c = CounterMetricFamily(
-                f"shardpool_messages_{key}"
-                if key in ("submitted", "acknowledged")
-                else f"shardpool_{key}",
-                doc,
-            )
-            c.add_metric([], pool[key])
-            yield c
-        for key, doc in (
-            ("inflight", "messages in flight"),
-            ("halted_channels", "halted channels (quarantined ones included)"),
-            ("channels", "channel records the front holds"),
-        ):
-            g = GaugeMetricFamily(f"shardpool_{key}", doc)
-            g.add_metric([], pool[key])
-            yield g
-        workers = snap["workers"]
-        for key, doc in _WORKER_COUNTERS:
-            c = CounterMetricFamily(f"shardpool_worker_{key}", doc, labels=["worker"])
-            for w in workers:
-                c.add_metric([str(w["index"])], w.get(key, 0))
-            yield c
-        for key, name, doc in _WORKER_GAUGES:
-            g = GaugeMetricFamily(f"shardpool_worker_{name}", doc, labels=["worker"])
-            for w in workers:
-                if w.get(key) is not None:
-                    g.add_metric([str(w["index"])], w[key])
-            yield g
-        c = CounterMetricFamily(
-            "shardpool_worker_restarts", "restarts of this worker slot", labels=["worker"]
-        )
-        for w in workers:
-            c.add_metric([str(w["index"])], w["restarts"])
-        yield c
-        g = GaugeMetricFamily(
-            "shardpool_worker_ready", "1 if the worker is ready", labels=["worker"]
-        )
-        for w in workers:
-            g.add_metric([str(w["index"])], 1 if w["state"] == "ready" else 0)
-        yield g
-        ing = snap["ingress"]
-        for key, doc in _INGRESS_COUNTERS:
-            c = CounterMetricFamily(f"shardpool_ingress_{key}", doc)
-            c.add_metric([], ing[key])
-            yield c
-        c = CounterMetricFamily(
-            "shardpool_ingress_rejected",
-            "messages or frames refused, by error code",
-            labels=["error"],
-        )
-        for code, n in sorted(ing.get("errors", {}).items()):
-            c.add_metric([code], n)
-        yield c
-        c = CounterMetricFamily(
-            "shardpool_ingress_replies", "replies sent to producers, by status", labels=["status"]
-        )
-        for status in ("ok", "failed", "closed", "in_doubt", "halted"):
-            c.add_metric([status], ing[status])
-        c.add_metric(["rejected"], ing["rejected"])
-        yield c
-        for key, doc in (
-            ("producers", "producers connected"),
-            ("held_replies", "replies held for producers that have not read them yet"),
-            ("stalled_producers", "producers whose replies ZeroMQ cannot take at the moment"),
-        ):
-            g = GaugeMetricFamily(f"shardpool_ingress_{key}", doc)
-            g.add_metric([], ing[key])
-            yield g
+        yield _up(1)
+        yield from _pool_metrics(snap["pool"])
+        yield from _worker_metrics(snap["workers"])
+        yield from _ingress_metrics(snap["ingress"])
         g = GaugeMetricFamily(
             "shardpool_hot_channel_messages",
             "messages of the hottest channels since their worker started",

@@ -31,17 +31,14 @@ clock starts. Every process started is reaped before a function returns or raise
 from __future__ import annotations
 
 import dataclasses
-import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import cbor2
-
 from ..demo.bytype import run_by_type_dispatch
 from ..demo.channel import replay
-from ..demo.traffic import generate
+from ..demo.traffic import encode, generate
 from .baselines import run_bare_zmq, run_mp_queue
 from .handlers import (
     ASYNC_LIGHTNING_HANDLER,
@@ -102,19 +99,11 @@ def make_traffic(opts: BenchOptions) -> Traffic:
     Raises:
         RuntimeError: the generated stream is not valid when replayed serially (a generator bug).
     """
-    # Millions of small objects, none of them cyclic: the collector would only slow this down.
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        decoded = generate(
-            opts.n_peers, opts.channels_per_peer, opts.messages, opts.seed,
-            close_fraction=opts.close_fraction,
-        )
-        dumps = cbor2.dumps
-        encoded = [(cid, dumps(msg)) for cid, msg in decoded]
-    finally:
-        if was:
-            gc.enable()
+    decoded = generate(
+        opts.n_peers, opts.channels_per_peer, opts.messages, opts.seed,
+        close_fraction=opts.close_fraction,
+    )
+    encoded = encode(decoded)
     states, violations = replay(decoded)
     if violations:
         raise RuntimeError(f"the traffic is not valid when replayed serially: {violations}")

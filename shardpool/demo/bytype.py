@@ -1,18 +1,20 @@
 """The naive baseline shardpool exists to replace: dispatch *by message type* (lnd issue 8393).
 
-lnd hands different message types of one channel to different goroutines. Here the same design runs
-on processes: the dispatcher (this process) routes each message by type to one of three type-worker
-processes — ``update`` (``update_*``), ``commitment`` (``commitment_signed``, ``revoke_and_ack``) and
-``control`` (``shutdown``, ``closing_signed``, ``channel_reestablish`` and anything unknown) — each
-of which "handles" its messages in FIFO order (sleeping ``delay_s`` ± ``jitter`` per message to model
-the work) and then reports it done. This process is the single state applier: it applies each
-message to its channel's :class:`ChannelState` in the order the type-workers *finished* them.
+lnd hands different message types of one channel to different goroutines. Here the same design
+runs on processes: the dispatcher (this process) routes each message by type to one of three
+type-worker processes — ``update`` (``update_*``), ``commitment`` (``commitment_signed``,
+``revoke_and_ack``) and ``control`` (``shutdown``, ``closing_signed``, ``channel_reestablish`` and
+anything unknown) — each of which "handles" its messages in FIFO order (sleeping ``delay_s`` ±
+``jitter`` per message to model the work) and then reports it done. This process is the single
+state applier: it applies each message to its channel's :class:`ChannelState` in the order the
+type-workers *finished* them.
 
-Within one type the order is kept, but across types it is not: the ``update`` worker carries most of
-the traffic, so its backlog grows while the ``commitment`` worker runs ahead. A ``commitment_signed``
-then reaches the state machine before the updates it covers (``empty_commitment`` /
-``commitment_mismatch``), a ``revoke_and_ack`` before its ``commitment_signed``, a fulfil before its
-HTLC is committed (``uncommitted_htlc``) — and the channel force-closes. A stream that is valid
+Within one type the order is kept, but across types it is not: the ``update`` worker carries most
+of the traffic, so its backlog grows while the ``commitment`` worker runs ahead. A
+``commitment_signed`` then reaches the state machine before the updates it covers
+(``empty_commitment`` / ``commitment_mismatch``), a ``revoke_and_ack`` before its
+``commitment_signed``, a fulfil before its HTLC is committed (``uncommitted_htlc``) — and the
+channel force-closes. A stream that is valid
 when applied in arrival order (:func:`~shardpool.demo.channel.replay` gives zero violations) comes
 out with violations on nearly every channel.
 """
@@ -113,13 +115,7 @@ def run_by_type_dispatch(
         TimeoutError: the workers did not start, or the run did not finish, within ``timeout``.
         RuntimeError: a type-worker died before the run finished.
     """
-    if not isinstance(delay_s, (int, float)) or not delay_s >= 0:
-        raise ValueError(f"delay_s must be >= 0 seconds, got {delay_s!r}")
-    if not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-    if not isinstance(jitter, (int, float)) or not 0 <= jitter <= 1:
-        raise ValueError(f"jitter must be within [0, 1], got {jitter!r}")
-
+    _check_arguments(delay_s, timeout, jitter)
     # Imported here so that importing the demo package (e.g. in a pool worker that only needs the
     # handler) does not pay for multiprocess/dill.
     import multiprocess
@@ -154,23 +150,10 @@ def run_by_type_dispatch(
             group = _ROUTE.get(msg_type, "control") if type(msg_type) is str else "control"
             inboxes[group].put(index)
 
-        states: dict[bytes, ChannelState] = {}
-        last_index: dict[bytes, int] = {}
-        by_code: dict[str, int] = {}
-        reordered = 0
+        ledger = _Ledger()
         for _ in range(len(stream)):
             _, index = _get(outbox, deadline, procs, "the run to finish")
-            channel_id, msg = stream[index]
-            state = states.get(channel_id)
-            if state is None:
-                state = states[channel_id] = ChannelState()
-            if index < last_index.get(channel_id, -1):
-                reordered += 1
-            else:
-                last_index[channel_id] = index
-            code = state.apply(msg)
-            if code is not None:
-                by_code[code] = by_code.get(code, 0) + 1
+            ledger.apply(index, *stream[index])
         elapsed_s = time.perf_counter() - t0
 
         for inbox in inboxes.values():
@@ -183,23 +166,62 @@ def run_by_type_dispatch(
             q.cancel_join_thread()
             q.close()
 
-    root_causes: dict[str, int] = {}
-    for state in states.values():
-        if state.violation is not None:
-            root_causes[state.violation] = root_causes.get(state.violation, 0) + 1
     return {
         "messages": len(stream),
-        "channels": len(states),
-        "violations": sum(by_code.values()),
-        "violations_by_code": dict(sorted(by_code.items())),
-        "root_causes": dict(sorted(root_causes.items())),
-        "force_closed_channels": sum(s.force_closed for s in states.values()),
-        "reordered_messages": reordered,
+        **ledger.summary(),
         "elapsed_s": elapsed_s,
         "startup_s": startup_s,
         "worker_pids": [p.pid for p in procs],
         "exitcodes": exitcodes,
     }
+
+
+def _check_arguments(delay_s: float, timeout: float, jitter: float) -> None:
+    """Raises ValueError naming the first argument of :func:`run_by_type_dispatch` out of range."""
+    if not isinstance(delay_s, (int, float)) or not delay_s >= 0:
+        raise ValueError(f"delay_s must be >= 0 seconds, got {delay_s!r}")
+    if not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if not isinstance(jitter, (int, float)) or not 0 <= jitter <= 1:
+        raise ValueError(f"jitter must be within [0, 1], got {jitter!r}")
+
+
+class _Ledger:
+    """The front side: applies each message in the order the type-workers finished it."""
+
+    def __init__(self) -> None:
+        self.states: dict[bytes, ChannelState] = {}
+        self.last_index: dict[bytes, int] = {}
+        self.by_code: dict[str, int] = {}
+        self.reordered = 0
+
+    def apply(self, index: int, channel_id: bytes, msg: Any) -> None:
+        """Apply message ``index`` of the stream (arrival order) to its channel's state."""
+        state = self.states.get(channel_id)
+        if state is None:
+            state = self.states[channel_id] = ChannelState()
+        if index < self.last_index.get(channel_id, -1):
+            self.reordered += 1
+        else:
+            self.last_index[channel_id] = index
+        code = state.apply(msg)
+        if code is not None:
+            self.by_code[code] = self.by_code.get(code, 0) + 1
+
+    def summary(self) -> dict[str, Any]:
+        """The figures of :func:`run_by_type_dispatch` that come from applying."""
+        root_causes: dict[str, int] = {}
+        for state in self.states.values():
+            if state.violation is not None:
+                root_causes[state.violation] = root_causes.get(state.violation, 0) + 1
+        return {
+            "channels": len(self.states),
+            "violations": sum(self.by_code.values()),
+            "violations_by_code": dict(sorted(self.by_code.items())),
+            "root_causes": dict(sorted(root_causes.items())),
+            "force_closed_channels": sum(s.force_closed for s in self.states.values()),
+            "reordered_messages": self.reordered,
+        }
 
 
 def _get(outbox: Any, deadline: float, procs: list[Any], what: str) -> tuple[str, Any]:

@@ -97,7 +97,9 @@ VIOLATION_CODES: Final[dict[str, str]] = {
     "htlc_already_removed": "fulfill/fail of an HTLC that already has a pending removal",
     "bad_preimage": "update_fulfill_htlc preimage does not hash to the payment_hash",
     "empty_commitment": "commitment_signed with no pending update to cover",
-    "commitment_mismatch": "commitment_signed num_htlcs differs from the HTLC count after pending updates",
+    "commitment_mismatch": (
+        "commitment_signed num_htlcs differs from the HTLC count after pending updates"
+    ),
     "revoke_without_commitment": "revoke_and_ack with no outstanding commitment",
     "shutdown_with_pending": "shutdown while updates are not yet committed",
     "shutdown_script_changed": "a second shutdown with a different scriptpubkey",
@@ -175,7 +177,8 @@ class ChannelState:
         self.remote_msat: int = remote_msat
         # Sum of the amounts of pending-add and committed HTLCs: the part of remote_msat locked up.
         self.inflight_msat: int = 0
-        self.htlcs: dict[int, tuple[int, bytes]] = {}  # committed: id -> (amount_msat, payment_hash)
+        # Committed: id -> (amount_msat, payment_hash).
+        self.htlcs: dict[int, tuple[int, bytes]] = {}
         self.pending_adds: dict[int, tuple[int, bytes]] = {}
         self.pending_removes: dict[int, bool] = {}  # id -> True (fulfilled) / False (failed)
         self.last_htlc_id: int = -1

@@ -27,14 +27,14 @@ import gc
 import hashlib
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TypeVar
 
 import cbor2
 
 from .channel import DEFAULT_REMOTE_MSAT
 
-__all__ = ["channel_id", "encode_stream", "generate", "iter_encoded", "iter_stream"]
+__all__ = ["channel_id", "encode", "encode_stream", "generate", "iter_encoded", "iter_stream"]
 
 _sha256 = hashlib.sha256
 _T = TypeVar("_T")
@@ -45,6 +45,9 @@ _AMOUNT_DECADES: Final = 5.0  # amounts are log-uniform over 1e3..1e8 msat (1 sa
 _FULFIL_P: Final = 0.85
 _REESTABLISH_P: Final = 0.004
 _CLTV_BASE: Final = 800_000  # a plausible block height
+
+# Message kinds: indices into _Generator.builders.
+_ADD, _REMOVE, _COMMIT, _REVOKE, _REESTABLISH, _SHUTDOWN, _CLOSE = range(7)
 
 
 def channel_id(seed: int, peer: int, channel: int, generation: int = 0) -> bytes:
@@ -130,23 +133,10 @@ def iter_stream(
 def _stream(
     peers: int, channels_per_peer: int, messages: int, seed: int, close_fraction: float
 ) -> Iterator[tuple[bytes, dict[str, Any]]]:
-    rng = random.Random(seed)
-    rand = rng.random
-    randbytes = rng.randbytes
-    n_slots = peers * channels_per_peer
-    lifetime = max(1.0, messages / n_slots)
-    # Signatures, secrets and failure onions are opaque to the state machine: drawing them from
-    # small seeded pools keeps the bytes realistic in size without paying for randomness per message.
-    sigs = [randbytes(64) for _ in range(256)]
-    secrets = [randbytes(32) for _ in range(256)]
-    reasons = [randbytes(292) for _ in range(16)]  # 292 B: BOLT #4's padded failure onion
-
-    def new_chan(slot: int, generation: int) -> _Chan:
-        peer, idx = divmod(slot, channels_per_peer)
-        countdown = int(lifetime * (0.2 + 0.8 * rand())) if rand() < close_fraction else -1
-        return _Chan(channel_id(seed, peer, idx, generation), generation, countdown)
-
-    chans = [new_chan(slot, 0) for slot in range(n_slots)]
+    gen = _Generator(peers, channels_per_peer, messages, seed, close_fraction)
+    rand = gen.rand
+    chans = gen.chans
+    build = gen.builders
     peer = 0
     for _ in range(messages):
         if rand() < 0.5:
@@ -155,121 +145,161 @@ def _stream(
         ch = chans[slot]
         if ch.countdown > 0:
             ch.countdown -= 1
-        r = rand()
+        yield ch.cid, build[_kind(ch, rand())](ch, slot)
 
-        if ch.shutting_down:
-            # Settle everything, then close: only removals, commitments and revocations remain.
-            if ch.outstanding and r < 0.3:
-                kind = 3
-            elif ch.free:
-                kind = 1
-            elif ch.pending_adds or ch.pending_removes:
-                kind = 2
-            elif ch.outstanding:
-                kind = 3
-            else:
-                kind = 6
-        elif ch.countdown == 0 or (
-            # Remote drained (it cannot add and nothing is left to settle): it closes too.
-            ch.avail < _MIN_AMOUNT_MSAT and not ch.free and not ch.pending_adds
-            and not ch.pending_removes and not ch.outstanding
-        ):
-            ch.countdown = 0
-            kind = 2 if (ch.pending_adds or ch.pending_removes) else 5
-        elif r < _REESTABLISH_P:
-            kind = 4
-        else:
-            pending = len(ch.pending_adds) + len(ch.pending_removes)
-            if ch.outstanding and r < 0.16:
-                kind = 3
-            elif pending and r < 0.16 + 0.07 * pending:
-                kind = 2
-            elif ch.free and r < 0.62:
-                kind = 1
-            elif len(ch.free) + len(ch.pending_adds) < _MAX_INFLIGHT and (
-                ch.avail >= _MIN_AMOUNT_MSAT
-            ):
-                kind = 0
-            elif ch.free:
-                kind = 1
-            elif pending:
-                kind = 2
-            elif ch.outstanding:
-                kind = 3
-            else:
-                kind = 4
 
-        if kind == 0:
-            amount = min(int(_MIN_AMOUNT_MSAT * math.pow(10.0, _AMOUNT_DECADES * rand())), ch.avail)
-            preimage = randbytes(32)
-            htlc_id = ch.next_id
-            ch.next_id = htlc_id + 1
-            ch.avail -= amount
-            ch.pending_adds.append([htlc_id, amount, preimage])
-            msg: dict[str, Any] = {
-                "type": "update_add_htlc",
-                "id": htlc_id,
-                "amount_msat": amount,
-                "payment_hash": _sha256(preimage).digest(),
-                "cltv_expiry": _CLTV_BASE + 40 + int(rand() * 100),
-            }
-        elif kind == 1:
-            free = ch.free
-            i = int(rand() * len(free))
-            htlc = free[i]
-            free[i] = free[-1]
-            free.pop()
-            if rand() < _FULFIL_P:
-                ch.pending_removes.append((htlc, True))
-                msg = {"type": "update_fulfill_htlc", "id": htlc[0], "payment_preimage": htlc[2]}
-            else:
-                ch.pending_removes.append((htlc, False))
-                msg = {"type": "update_fail_htlc", "id": htlc[0], "reason": reasons[slot & 15]}
-        elif kind == 2:
-            for htlc, fulfilled in ch.pending_removes:
-                if not fulfilled:
-                    ch.avail += htlc[1]
-            ch.n_committed += len(ch.pending_adds) - len(ch.pending_removes)
-            ch.free.extend(ch.pending_adds)
-            ch.pending_adds.clear()
-            ch.pending_removes.clear()
-            ch.committed_next_id = ch.next_id
-            ch.outstanding += 1
-            ch.commitments += 1
-            msg = {
-                "type": "commitment_signed",
-                "signature": sigs[int(rand() * 256)],
-                "num_htlcs": ch.n_committed,
-            }
-        elif kind == 3:
-            ch.outstanding -= 1
-            ch.revocations += 1
-            msg = {"type": "revoke_and_ack", "per_commitment_secret": secrets[int(rand() * 256)]}
-        elif kind == 4:
-            # A reconnect: the state machine reverses uncommitted updates, so must the mirror.
-            for htlc in ch.pending_adds:
+def _kind(ch: _Chan, r: float) -> int:
+    """The kind of ``ch``'s next message (an index into :attr:`_Generator.builders`), drawn with
+    ``r`` (uniform in [0, 1)) among those valid for its state."""
+    if ch.shutting_down:
+        return _settling_kind(ch, r)
+    if ch.countdown == 0 or (
+        # Remote drained (it cannot add and nothing is left to settle): it closes too.
+        ch.avail < _MIN_AMOUNT_MSAT and not ch.free and not ch.pending_adds
+        and not ch.pending_removes and not ch.outstanding
+    ):
+        ch.countdown = 0
+        return _COMMIT if (ch.pending_adds or ch.pending_removes) else _SHUTDOWN
+    if r < _REESTABLISH_P:
+        return _REESTABLISH
+    pending = len(ch.pending_adds) + len(ch.pending_removes)
+    if ch.outstanding and r < 0.16:
+        return _REVOKE
+    if pending and r < 0.16 + 0.07 * pending:
+        return _COMMIT
+    if ch.free and r < 0.62:
+        return _REMOVE
+    if len(ch.free) + len(ch.pending_adds) < _MAX_INFLIGHT and ch.avail >= _MIN_AMOUNT_MSAT:
+        return _ADD
+    # Nothing fits the draw: settle what can be settled, else reconnect.
+    return _settling_kind(ch, 1.0, last=_REESTABLISH)
+
+
+def _settling_kind(ch: _Chan, r: float, last: int = _CLOSE) -> int:
+    """Settle everything, then ``last``: only removals, commitments and revocations remain."""
+    if ch.outstanding and r < 0.3:
+        return _REVOKE
+    if ch.free:
+        return _REMOVE
+    if ch.pending_adds or ch.pending_removes:
+        return _COMMIT
+    if ch.outstanding:
+        return _REVOKE
+    return last
+
+
+class _Generator:
+    """One stream's state: the channel mirrors, the seeded randomness and the pools of opaque
+    bytes, and one message builder per kind (each updates the mirror as the message will)."""
+
+    def __init__(
+        self, peers: int, channels_per_peer: int, messages: int, seed: int, close_fraction: float
+    ) -> None:
+        rng = random.Random(seed)
+        self.rand = rng.random
+        self.randbytes = rng.randbytes
+        self.seed = seed
+        self.channels_per_peer = channels_per_peer
+        self.close_fraction = close_fraction
+        self.lifetime = max(1.0, messages / (peers * channels_per_peer))
+        # Signatures, secrets and failure onions are opaque to the state machine: drawing them
+        # from small seeded pools keeps the bytes realistic in size without paying for randomness
+        # per message.
+        self.sigs = [self.randbytes(64) for _ in range(256)]
+        self.secrets = [self.randbytes(32) for _ in range(256)]
+        self.reasons = [self.randbytes(292) for _ in range(16)]  # BOLT #4's padded failure onion
+        self.chans = [self._new_chan(slot, 0) for slot in range(peers * channels_per_peer)]
+        self.builders: tuple[Callable[[_Chan, int], dict[str, Any]], ...] = (
+            self._add, self._remove, self._commit, self._revoke, self._reestablish,
+            self._shutdown, self._close,
+        )
+
+    def _new_chan(self, slot: int, generation: int) -> _Chan:
+        rand = self.rand
+        peer, idx = divmod(slot, self.channels_per_peer)
+        closes = rand() < self.close_fraction
+        countdown = int(self.lifetime * (0.2 + 0.8 * rand())) if closes else -1
+        return _Chan(channel_id(self.seed, peer, idx, generation), generation, countdown)
+
+    def _add(self, ch: _Chan, slot: int) -> dict[str, Any]:
+        rand = self.rand
+        amount = min(int(_MIN_AMOUNT_MSAT * math.pow(10.0, _AMOUNT_DECADES * rand())), ch.avail)
+        preimage = self.randbytes(32)
+        htlc_id = ch.next_id
+        ch.next_id = htlc_id + 1
+        ch.avail -= amount
+        ch.pending_adds.append([htlc_id, amount, preimage])
+        return {
+            "type": "update_add_htlc",
+            "id": htlc_id,
+            "amount_msat": amount,
+            "payment_hash": _sha256(preimage).digest(),
+            "cltv_expiry": _CLTV_BASE + 40 + int(rand() * 100),
+        }
+
+    def _remove(self, ch: _Chan, slot: int) -> dict[str, Any]:
+        free = ch.free
+        i = int(self.rand() * len(free))
+        htlc = free[i]
+        free[i] = free[-1]
+        free.pop()
+        if self.rand() < _FULFIL_P:
+            ch.pending_removes.append((htlc, True))
+            return {"type": "update_fulfill_htlc", "id": htlc[0], "payment_preimage": htlc[2]}
+        ch.pending_removes.append((htlc, False))
+        return {"type": "update_fail_htlc", "id": htlc[0], "reason": self.reasons[slot & 15]}
+
+    def _commit(self, ch: _Chan, slot: int) -> dict[str, Any]:
+        for htlc, fulfilled in ch.pending_removes:
+            if not fulfilled:
                 ch.avail += htlc[1]
-            ch.pending_adds.clear()
-            ch.free.extend(htlc for htlc, _ in ch.pending_removes)
-            ch.pending_removes.clear()
-            ch.next_id = ch.committed_next_id
-            msg = {
-                "type": "channel_reestablish",
-                "next_commitment_number": ch.commitments + 1,
-                "next_revocation_number": ch.revocations,
-            }
-        elif kind == 5:
-            ch.shutting_down = True
-            # P2WPKH-shaped: OP_0 PUSH20 <20 bytes>.
-            msg = {"type": "shutdown", "scriptpubkey": b"\x00\x14" + ch.cid[:20]}
-        else:
-            msg = {
-                "type": "closing_signed",
-                "fee_satoshis": 250 + int(rand() * 4750),
-                "signature": sigs[int(rand() * 256)],
-            }
-            chans[slot] = new_chan(slot, ch.generation + 1)
-        yield ch.cid, msg
+        ch.n_committed += len(ch.pending_adds) - len(ch.pending_removes)
+        ch.free.extend(ch.pending_adds)
+        ch.pending_adds.clear()
+        ch.pending_removes.clear()
+        ch.committed_next_id = ch.next_id
+        ch.outstanding += 1
+        ch.commitments += 1
+        return {
+            "type": "commitment_signed",
+            "signature": self.sigs[int(self.rand() * 256)],
+            "num_htlcs": ch.n_committed,
+        }
+
+    def _revoke(self, ch: _Chan, slot: int) -> dict[str, Any]:
+        ch.outstanding -= 1
+        ch.revocations += 1
+        secret = self.secrets[int(self.rand() * 256)]
+        return {"type": "revoke_and_ack", "per_commitment_secret": secret}
+
+    def _reestablish(self, ch: _Chan, slot: int) -> dict[str, Any]:
+        # A reconnect: the state machine reverses uncommitted updates, so must the mirror.
+        for htlc in ch.pending_adds:
+            ch.avail += htlc[1]
+        ch.pending_adds.clear()
+        ch.free.extend(htlc for htlc, _ in ch.pending_removes)
+        ch.pending_removes.clear()
+        ch.next_id = ch.committed_next_id
+        return {
+            "type": "channel_reestablish",
+            "next_commitment_number": ch.commitments + 1,
+            "next_revocation_number": ch.revocations,
+        }
+
+    def _shutdown(self, ch: _Chan, slot: int) -> dict[str, Any]:
+        ch.shutting_down = True
+        # P2WPKH-shaped: OP_0 PUSH20 <20 bytes>.
+        return {"type": "shutdown", "scriptpubkey": b"\x00\x14" + ch.cid[:20]}
+
+    def _close(self, ch: _Chan, slot: int) -> dict[str, Any]:
+        msg = {
+            "type": "closing_signed",
+            "fee_satoshis": 250 + int(self.rand() * 4750),
+            "signature": self.sigs[int(self.rand() * 256)],
+        }
+        # The slot goes on with a fresh channel; the stream keeps its channel count.
+        self.chans[slot] = self._new_chan(slot, ch.generation + 1)
+        return msg
 
 
 def generate(
@@ -336,3 +366,14 @@ def encode_stream(
     """
     return _collect(iter_encoded(peers, channels_per_peer, messages, seed,
                                  close_fraction=close_fraction))
+
+
+def encode(stream: Iterable[tuple[bytes, Any]]) -> list[tuple[bytes, bytes]]:
+    """``stream`` (e.g. from :func:`generate`) with each message CBOR-encoded, as a list built
+    with the collector paused (see ``_collect``).
+
+    Raises:
+        cbor2.CBOREncodeError: a message CBOR cannot encode.
+    """
+    dumps = cbor2.dumps
+    return _collect((cid, dumps(msg)) for cid, msg in stream)
