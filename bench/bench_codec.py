@@ -25,7 +25,7 @@ def test_encode_batch_front_style(benchmark: Any, batch: list[tuple[bytes, bytes
 
     def build() -> bytes:
         parts: list[bytes] = [b""]
-        for cseq, (prefix, payload) in enumerate(zip(prefixes, payloads)):
+        for cseq, (prefix, payload) in enumerate(zip(prefixes, payloads, strict=True)):
             parts += (prefix, head(0x1B, cseq, 0x5A, len(payload)), payload)
         parts[0] = codec.batch_header(1, 0, False, len(payloads))
         return b"".join(parts)

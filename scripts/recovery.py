@@ -71,18 +71,19 @@ def measure_recovery(pool: ShardPool, kills: int, interval: float) -> dict[str, 
     return {"front": front, "end_to_end": end_to_end}
 
 
+def _killer(pool: ShardPool, stop: threading.Event, interval: float) -> None:
+    """Kill worker 0 every ``interval`` seconds until ``stop`` is set."""
+    while not stop.wait(interval):
+        _kill_worker0(pool)
+
+
 def measure_cost(pool: ShardPool, repeats: int, interval: float) -> dict[str, Any]:
     stream = make_stream(300_000, 2000)
     calm, chaotic = [], []
     for _ in range(repeats):
         for bucket, kill in ((calm, False), (chaotic, True)):
             stop = threading.Event()
-
-            def killer() -> None:
-                while not stop.wait(interval):
-                    _kill_worker0(pool)
-
-            k = threading.Thread(target=killer, daemon=True)
+            k = threading.Thread(target=_killer, args=(pool, stop, interval), daemon=True)
             t0 = time.perf_counter()
             if kill:
                 k.start()

@@ -30,12 +30,12 @@ The plot needs matplotlib (``pip install 'shardpool[plot]'``); without it only t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import math
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,9 @@ if (_CHECKOUT / "shardpool" / "__init__.py").is_file():
     # Measure the code of the checkout this script belongs to, even where another copy is
     # installed (spawned workers inherit this path).
     sys.path.insert(0, str(_CHECKOUT))
+
+from shardpool.bench.report import machine_info, median, paired, ratio  # noqa: E402
+from shardpool.bench.runs import RunResult  # noqa: E402
 
 TARGETS = {
     "trivial_1w_pool_over_bare": 0.6,
@@ -69,8 +72,24 @@ def default_workers(cpus: int) -> list[int]:
     return out
 
 
-def _median(xs: Sequence[float]) -> float:
-    return float(statistics.median(xs)) if xs else 0.0
+@dataclass
+class _Setup:
+    """What both series share: the arguments, the worker counts, the streams and the document
+    the points are added to (saved after each)."""
+
+    args: argparse.Namespace
+    workers: list[int]
+    doc: dict[str, Any]
+    save: Callable[[dict[str, Any]], None] | None
+    trivial_stream: list[tuple[bytes, bytes]] = field(default_factory=list)
+    n_trivial: list[int] = field(default_factory=list)
+    cpu_stream: list[tuple[bytes, bytes]] = field(default_factory=list)
+    n_cpu: list[int] = field(default_factory=list)
+    cpu_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def common(self) -> dict[str, Any]:
+        return {"batch_size": self.args.batch_size, "timeout_s": self.args.timeout}
 
 
 def measure(
@@ -83,42 +102,35 @@ def measure(
     Raises:
         ShardPoolError / TimeoutError / RuntimeError: a pool or baseline run failed.
     """
-    import cbor2
-
-    from shardpool.bench.baselines import run_bare_zmq, run_mp_queue
-    from shardpool.bench.handlers import LIGHTNING_HANDLER, TRIVIAL_HANDLER, calibrate_cost
+    from shardpool.bench.handlers import calibrate_cost
     from shardpool.bench.options import available_cpus
-    from shardpool.bench.report import machine_info
-    from shardpool.bench.runs import run_pool
     from shardpool.bench.stream import make_stream
     from shardpool.demo.traffic import encode_stream
 
     workers: list[int] = sorted(set(args.workers or default_workers(available_cpus())))
-    n_trivial = [max(args.messages, args.messages_per_worker * w) for w in workers]
+    setup = _Setup(args, workers, {}, save)
+    setup.n_trivial = [max(args.messages, args.messages_per_worker * w) for w in workers]
     # The same messages at every worker count: a prefix of another length has another share of
     # costly commitment_signed, and the speed-up would compare different work.
-    n_cpu = [args.cpu_messages for _ in workers]
-    _log(f"workers {workers}; trivial: up to {max(n_trivial):,} messages, cpu: up to "
-         f"{max(n_cpu):,} messages at {args.cpu_cost_us:g} us per commitment_signed")
-    trivial_stream = make_stream(max(n_trivial) if "trivial" in args.series else 0,
-                                 args.channels, seed=args.seed)
+    setup.n_cpu = [args.cpu_messages for _ in workers]
+    _log(f"workers {workers}; trivial: up to {max(setup.n_trivial):,} messages, cpu: up to "
+         f"{max(setup.n_cpu):,} messages at {args.cpu_cost_us:g} us per commitment_signed")
+    setup.trivial_stream = make_stream(
+        max(setup.n_trivial) if "trivial" in args.series else 0, args.channels, seed=args.seed
+    )
     cpu_peers = max(1, args.cpu_channels // 10)
     # A prefix of a valid demo stream is valid: one stream serves every worker count. Channels
     # open with a run of adds, so a prefix short against the channel count under-represents the
     # commitment_signed that carry the cost; the share is measured and reported per point.
-    cpu_stream = encode_stream(cpu_peers, -(-args.cpu_channels // cpu_peers), max(n_cpu), args.seed)
-    costly = [cbor2.loads(p).get("type") == "commitment_signed" for _, p in cpu_stream]
+    setup.cpu_stream = encode_stream(cpu_peers, -(-args.cpu_channels // cpu_peers),
+                                     max(setup.n_cpu), args.seed)
     # Calibrated once, here, before any worker starts: every run then does the same work per
     # message (workers calibrating at a busy start-up would each burn a different amount).
     cost_iters = calibrate_cost(args.cpu_cost_us) if "cpu" in args.series else 0
-    cpu_options: dict[str, Any] = {"cpu_cost_us": args.cpu_cost_us}
+    setup.cpu_options = {"cpu_cost_us": args.cpu_cost_us}
     if cost_iters:
-        cpu_options["cost_iters"] = cost_iters
-    common = {"batch_size": args.batch_size, "timeout_s": args.timeout}
-
-    trivial: list[dict[str, Any]] = []
-    cpu: list[dict[str, Any]] = []
-    doc: dict[str, Any] = {
+        setup.cpu_options["cost_iters"] = cost_iters
+    setup.doc.update({
         "version": 1,
         "machine": machine_info(),
         "options": {
@@ -132,122 +144,139 @@ def measure(
             "cost_iters": cost_iters,
             "batch_size": args.batch_size,
         },
-        "trivial": trivial,
-        "cpu": cpu,
+        "trivial": [],
+        "cpu": [],
         "complete": False,
-    }
-
-    def run_trivial() -> None:
-        for w, n in zip(workers, n_trivial):
-            stream = trivial_stream[:n]
-            queue_stream = stream[: args.queue_messages]
-            pool_runs: list[float] = []
-            many_runs: list[float] = []
-            raw_runs: list[float] = []
-            bare_runs: list[float] = []
-            queue_runs: list[float] = []
-            steps: list[tuple[str, Callable[[], float]]] = [
-                ("pool", lambda: run_pool(stream, w, handler=TRIVIAL_HANDLER, **common).msgs_per_s),
-                ("bare", lambda: run_bare_zmq(stream, w, batch_size=args.batch_size,
-                                              timeout=args.timeout).msgs_per_s),
-                ("pool_many", lambda: run_pool(stream, w, handler=TRIVIAL_HANDLER, many=True,
-                                               **common).msgs_per_s),
-                # Not like for like (the baselines decode every payload): the front's own ceiling.
-                ("pool_raw", lambda: run_pool(stream, w, handler=TRIVIAL_HANDLER, payload="raw",
-                                              **common).msgs_per_s),
-            ]
-            if not args.no_queue:
-                steps.append(("mp_queue", lambda: run_mp_queue(queue_stream, w,
-                                                               timeout=args.timeout).msgs_per_s))
-            sinks = {"pool": pool_runs, "pool_many": many_runs, "pool_raw": raw_runs,
-                     "bare": bare_runs, "mp_queue": queue_runs}
-            for r in range(args.repeats):
-                shift = r % len(steps)
-                for name, fn in steps[shift:] + steps[:shift]:
-                    rate = fn()
-                    sinks[name].append(rate)
-                    _log(f"trivial  w={w:<3} repeat {r + 1}/{args.repeats}  {name:<8} "
-                         f"{rate:>12,.0f} msgs/s")
-            point = {
-                "workers": w,
-                "messages": n,
-                "msgs_per_s": round(_median(pool_runs), 1),
-                "runs": [round(x, 1) for x in pool_runs],
-                "many_msgs_per_s": round(_median(many_runs), 1),
-                "many_runs": [round(x, 1) for x in many_runs],
-                "raw_msgs_per_s": round(_median(raw_runs), 1),
-                "raw_runs": [round(x, 1) for x in raw_runs],
-                "bare_msgs_per_s": round(_median(bare_runs), 1),
-                "bare_runs": [round(x, 1) for x in bare_runs],
-                "mp_queue_msgs_per_s": round(_median(queue_runs), 1) if queue_runs else None,
-                "mp_queue_runs": [round(x, 1) for x in queue_runs],
-                "mp_queue_messages": len(queue_stream),
-            }
-            point["pool_over_bare"] = _ratio(point["msgs_per_s"], point["bare_msgs_per_s"])
-            point["pool_over_mp_queue"] = _ratio(point["msgs_per_s"], point["mp_queue_msgs_per_s"])
-            # The same ratios per repeat (the runs of one repeat ran back to back), then the median:
-            # less sensitive to a slow spell of the machine than the ratio of the medians.
-            point["paired"] = {
-                "pool_over_bare": _paired(pool_runs, bare_runs),
-                "pool_over_mp_queue": _paired(pool_runs, queue_runs),
-                "pool_many_over_bare": _paired(many_runs, bare_runs),
-                "pool_many_over_mp_queue": _paired(many_runs, queue_runs),
-                "pool_raw_over_mp_queue": _paired(raw_runs, queue_runs),
-            }
-            point["pool_many_over_bare"] = _ratio(point["many_msgs_per_s"],
-                                                  point["bare_msgs_per_s"])
-            point["pool_many_over_mp_queue"] = _ratio(point["many_msgs_per_s"],
-                                                      point["mp_queue_msgs_per_s"])
-            point["pool_raw_over_mp_queue"] = _ratio(point["raw_msgs_per_s"],
-                                                     point["mp_queue_msgs_per_s"])
-            trivial.append(point)
-            _finish(doc, save)
-
-
-    def run_cpu() -> None:
-        # Worker counts interleave within each repeat (1, 2, 4, 1, 2, 4, ...): the speed-up is the
-        # figure here, and a slow spell of the machine then hits every worker count alike.
-        cpu_runs: dict[int, list[float]] = {w: [] for w in workers}
-        cpu_busy: dict[int, list[float]] = {w: [] for w in workers}  # worker CPU s per message
-        for r in range(args.repeats):
-            for w, n in zip(workers, n_cpu):
-                res = run_pool(cpu_stream[:n], w, handler=LIGHTNING_HANDLER,
-                               handler_options=cpu_options, **common)
-                if res.violations or any(res.sequence_errors.values()):
-                    raise RuntimeError(f"order violated at {w} workers: {res.violations_by_code} "
-                                       f"{res.sequence_errors}")
-                cpu_runs[w].append(res.msgs_per_s)
-                cpu_busy[w].append(res.worker_cpu_s / max(1, res.messages))
-                _log(f"cpu      w={w:<3} repeat {r + 1}/{args.repeats}  pool     "
-                     f"{res.msgs_per_s:>12,.0f} msgs/s")
-            cpu.clear()
-            for w, n in zip(workers, n_cpu):
-                share = sum(costly[:n]) / n
-                cpu.append({"workers": w, "messages": n,
-                            "msgs_per_s": round(_median(cpu_runs[w]), 1),
-                            "runs": [round(x, 1) for x in cpu_runs[w]],
-                            "speedup_paired": _paired(cpu_runs[w], cpu_runs.get(1, [])),
-                            # Worker CPU per message and the share of their cores the workers got:
-                            # flat CPU per message at a low utilisation means the workers were
-                            # starved by other load on the machine, not slowed down by the pool.
-                            "worker_cpu_us_per_message": round(_median(cpu_busy[w]) * 1e6, 1),
-                            "worker_utilisation": round(
-                                _median(cpu_busy[w]) * _median(cpu_runs[w]) / w, 3
-                            ),
-                            "costly_share": round(share, 4),
-                            "cost_us_per_message": round(share * args.cpu_cost_us, 1)})
-            _finish(doc, save)
-
+    })
     # In the order asked: a run cut short by a deadline keeps the series that came first.
     for series in args.series:
         if series == "trivial":
-            run_trivial()
+            _run_trivial(setup)
         else:
-            run_cpu()
+            _run_cpu(setup)
+    setup.doc["complete"] = True
+    _finish(setup.doc, save)
+    return setup.doc
 
-    doc["complete"] = True
-    _finish(doc, save)
-    return doc
+
+def _run_trivial(setup: _Setup) -> None:
+    """The trivial series: at each worker count, the pool three ways and the two baselines on the
+    same stream, in a rotating order."""
+    from shardpool.bench.baselines import run_bare_zmq, run_mp_queue
+    from shardpool.bench.handlers import TRIVIAL_HANDLER
+    from shardpool.bench.runs import run_pool
+
+    args = setup.args
+    pool = functools.partial(run_pool, handler=TRIVIAL_HANDLER, **setup.common)
+    for w, n in zip(setup.workers, setup.n_trivial, strict=True):
+        stream = setup.trivial_stream[:n]
+        queue_stream = stream[: args.queue_messages]
+        steps: list[tuple[str, Callable[[], RunResult]]] = [
+            ("pool", functools.partial(pool, stream, w)),
+            ("bare", functools.partial(run_bare_zmq, stream, w, batch_size=args.batch_size,
+                                       timeout=args.timeout)),
+            ("pool_many", functools.partial(pool, stream, w, many=True)),
+            # Not like for like (the baselines decode every payload): the front's own ceiling.
+            ("pool_raw", functools.partial(pool, stream, w, payload="raw")),
+        ]
+        if not args.no_queue:
+            steps.append(("mp_queue", functools.partial(run_mp_queue, queue_stream, w,
+                                                        timeout=args.timeout)))
+        runs: dict[str, list[float]] = {k: [] for k in ("pool", "pool_many", "pool_raw", "bare",
+                                                        "mp_queue")}
+        for r in range(args.repeats):
+            shift = r % len(steps)
+            for name, fn in steps[shift:] + steps[:shift]:
+                rate = fn().msgs_per_s
+                runs[name].append(rate)
+                _log(f"trivial  w={w:<3} repeat {r + 1}/{args.repeats}  {name:<8} "
+                     f"{rate:>12,.0f} msgs/s")
+        setup.doc["trivial"].append(_trivial_point(w, n, runs, len(queue_stream)))
+        _finish(setup.doc, setup.save)
+
+
+def _trivial_point(w: int, n: int, runs: dict[str, list[float]], queue_messages: int
+                   ) -> dict[str, Any]:
+    def rounded(xs: list[float]) -> list[float]:
+        return [round(x, 1) for x in xs]
+
+    pool, many, raw, bare, queue = (runs[k] for k in ("pool", "pool_many", "pool_raw", "bare",
+                                                       "mp_queue"))
+    point: dict[str, Any] = {
+        "workers": w,
+        "messages": n,
+        "msgs_per_s": round(median(pool), 1),
+        "runs": rounded(pool),
+        "many_msgs_per_s": round(median(many), 1),
+        "many_runs": rounded(many),
+        "raw_msgs_per_s": round(median(raw), 1),
+        "raw_runs": rounded(raw),
+        "bare_msgs_per_s": round(median(bare), 1),
+        "bare_runs": rounded(bare),
+        "mp_queue_msgs_per_s": round(median(queue), 1) if queue else None,
+        "mp_queue_runs": rounded(queue),
+        "mp_queue_messages": queue_messages,
+    }
+    point["pool_over_bare"] = ratio(point["msgs_per_s"], point["bare_msgs_per_s"])
+    point["pool_over_mp_queue"] = ratio(point["msgs_per_s"], point["mp_queue_msgs_per_s"])
+    # The same ratios per repeat (the runs of one repeat ran back to back), then the median:
+    # less sensitive to a slow spell of the machine than the ratio of the medians.
+    point["paired"] = {
+        "pool_over_bare": paired(pool, bare),
+        "pool_over_mp_queue": paired(pool, queue),
+        "pool_many_over_bare": paired(many, bare),
+        "pool_many_over_mp_queue": paired(many, queue),
+        "pool_raw_over_mp_queue": paired(raw, queue),
+    }
+    point["pool_many_over_bare"] = ratio(point["many_msgs_per_s"], point["bare_msgs_per_s"])
+    point["pool_many_over_mp_queue"] = ratio(point["many_msgs_per_s"],
+                                             point["mp_queue_msgs_per_s"])
+    point["pool_raw_over_mp_queue"] = ratio(point["raw_msgs_per_s"], point["mp_queue_msgs_per_s"])
+    return point
+
+
+def _run_cpu(setup: _Setup) -> None:
+    """The cpu series. Worker counts interleave within each repeat (1, 2, 4, 1, 2, 4, ...): the
+    speed-up is the figure here, and a slow spell of the machine then hits every worker count
+    alike."""
+    import cbor2
+
+    from shardpool.bench.handlers import LIGHTNING_HANDLER
+    from shardpool.bench.runs import run_pool
+
+    args = setup.args
+    costly = [cbor2.loads(p).get("type") == "commitment_signed" for _, p in setup.cpu_stream]
+    cpu_runs: dict[int, list[float]] = {w: [] for w in setup.workers}
+    cpu_busy: dict[int, list[float]] = {w: [] for w in setup.workers}  # worker CPU s per message
+    for r in range(args.repeats):
+        for w, n in zip(setup.workers, setup.n_cpu, strict=True):
+            res = run_pool(setup.cpu_stream[:n], w, handler=LIGHTNING_HANDLER,
+                           handler_options=setup.cpu_options, **setup.common)
+            if res.violations or any(res.sequence_errors.values()):
+                raise RuntimeError(f"order violated at {w} workers: {res.violations_by_code} "
+                                   f"{res.sequence_errors}")
+            cpu_runs[w].append(res.msgs_per_s)
+            cpu_busy[w].append(res.worker_cpu_s / max(1, res.messages))
+            _log(f"cpu      w={w:<3} repeat {r + 1}/{args.repeats}  pool     "
+                 f"{res.msgs_per_s:>12,.0f} msgs/s")
+        cpu = setup.doc["cpu"]
+        cpu.clear()
+        for w, n in zip(setup.workers, setup.n_cpu, strict=True):
+            share = sum(costly[:n]) / n
+            cpu.append({"workers": w, "messages": n,
+                        "msgs_per_s": round(median(cpu_runs[w]), 1),
+                        "runs": [round(x, 1) for x in cpu_runs[w]],
+                        "speedup_paired": paired(cpu_runs[w], cpu_runs.get(1, [])),
+                        # Worker CPU per message and the share of their cores the workers got:
+                        # flat CPU per message at a low utilisation means the workers were
+                        # starved by other load on the machine, not slowed down by the pool.
+                        "worker_cpu_us_per_message": round(median(cpu_busy[w]) * 1e6, 1),
+                        "worker_utilisation": round(
+                            median(cpu_busy[w]) * median(cpu_runs[w]) / w, 3
+                        ),
+                        "costly_share": round(share, 4),
+                        "cost_us_per_message": round(share * args.cpu_cost_us, 1)})
+        _finish(setup.doc, setup.save)
 
 
 def _finish(doc: dict[str, Any], save: Callable[[dict[str, Any]], None] | None) -> None:
@@ -255,7 +284,7 @@ def _finish(doc: dict[str, Any], save: Callable[[dict[str, Any]], None] | None) 
     for series in (doc["trivial"], doc["cpu"]):
         base = next((p["msgs_per_s"] for p in series if p["workers"] == 1), None)
         for p in series:
-            p["speedup"] = _ratio(p["msgs_per_s"], base) if base else None
+            p["speedup"] = ratio(p["msgs_per_s"], base) if base else None
             p["efficiency"] = (round(p["speedup"] / p["workers"], 3)
                                if p["speedup"] is not None else None)
     cpu1 = next((p.get("worker_cpu_us_per_message") for p in doc["cpu"] if p["workers"] == 1),
@@ -268,18 +297,6 @@ def _finish(doc: dict[str, Any], save: Callable[[dict[str, Any]], None] | None) 
     doc["targets"] = targets(doc)
     if save is not None:
         save(doc)
-
-
-def _paired(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Median of ``a[i] / b[i]`` (None when there is nothing to pair)."""
-    pairs = [x / y for x, y in zip(a, b) if y]
-    return round(_median(pairs), 3) if pairs else None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or not b or not math.isfinite(a) or not math.isfinite(b):
-        return None
-    return round(a / b, 3)
 
 
 def targets(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -31,6 +31,8 @@ __all__ = [
     "latency_summary",
     "machine_info",
     "median",
+    "paired",
+    "ratio",
 ]
 
 LATENCY_QUANTILES: tuple[tuple[str, float], ...] = (
@@ -87,14 +89,18 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else 0.0
 
 
-def _paired(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Median of ``a[i] / b[i]`` over the pairs (None when there is none)."""
-    pairs = [x / y for x, y in zip(a, b, strict=True) if y > 0]
+def paired(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Median of ``a[i] / b[i]`` over the pairs, 3 decimals (None when there is none): the ratio
+    of runs made back to back, steadier than the ratio of the medians on a noisy machine."""
+    pairs = [x / y for x, y in zip(a, b) if y > 0]  # noqa: B905 - a missing baseline: no pair
     return round(median(pairs), 3) if pairs else None
 
 
-def _ratio(a: float, b: float) -> float | None:
-    return round(a / b, 3) if b > 0 and math.isfinite(a) and math.isfinite(b) else None
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b`` to 3 decimals; None when either is missing or not finite, or ``b`` is not > 0."""
+    if a is None or b is None or not (b > 0 and math.isfinite(a) and math.isfinite(b)):
+        return None
+    return round(a / b, 3)
 
 
 def machine_info() -> dict[str, Any]:
@@ -193,20 +199,20 @@ def _add_baselines(report: Report, measured: Throughput) -> None:
     report["baselines"]["bare_zmq"] = _baseline_summary(measured.bare)
     report["baselines"]["mp_queue"] = _baseline_summary(measured.queue)
     report["ratios"] = {
-        "pool_over_bare": _ratio(median(trivial), median(bare)),
-        "pool_over_mp_queue": _ratio(median(trivial), median(queue)),
-        "pool_many_over_bare": _ratio(median(many), median(bare)),
-        "pool_many_over_mp_queue": _ratio(median(many), median(queue)),
-        "lightning_over_bare": _ratio(lightning, median(bare)),
-        "lightning_over_mp_queue": _ratio(lightning, median(queue)),
+        "pool_over_bare": ratio(median(trivial), median(bare)),
+        "pool_over_mp_queue": ratio(median(trivial), median(queue)),
+        "pool_many_over_bare": ratio(median(many), median(bare)),
+        "pool_many_over_mp_queue": ratio(median(many), median(queue)),
+        "lightning_over_bare": ratio(lightning, median(bare)),
+        "lightning_over_mp_queue": ratio(lightning, median(queue)),
     }
     # Per repeat (its runs ran back to back), then the median: steadier than the ratio of the
     # medians when the machine has slow spells.
     report["ratios_paired"] = {
-        "pool_over_bare": _paired(trivial, bare),
-        "pool_over_mp_queue": _paired(trivial, queue),
-        "pool_many_over_bare": _paired(many, bare),
-        "pool_many_over_mp_queue": _paired(many, queue),
+        "pool_over_bare": paired(trivial, bare),
+        "pool_over_mp_queue": paired(trivial, queue),
+        "pool_many_over_bare": paired(many, bare),
+        "pool_many_over_mp_queue": paired(many, queue),
     }
     _count_for_order(report["shardpool"], sum(r.failures for r in measured.trivial + measured.many),
                      _sum_seq(measured.trivial + measured.many))
