@@ -15,10 +15,21 @@ from typing import TYPE_CHECKING, Any
 
 from shardpool.bench.options import add_arguments as add_bench_arguments
 from shardpool.bench.options import from_arguments as bench_options
-from shardpool.config import config_to_dict, config_to_toml, find_config_path, load_config
+from shardpool.config import (
+    config_to_dict,
+    config_to_toml,
+    find_config_path,
+    load_config,
+)
 from shardpool.demo.load import DEMO_DEFAULT_RATE
 from shardpool.errors import ConfigError
-from shardpool.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from shardpool.exitcodes import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+)
 
 if TYPE_CHECKING:
     _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]

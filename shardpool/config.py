@@ -585,7 +585,7 @@ _SECTIONS: dict[str, type[_Section]] = {
     f.name: f.metadata["section"] for f in dataclasses.fields(Config) if "section" in f.metadata
 }
 for _name, _cls in _SECTIONS.items():
-    assert _cls.SECTION == _name, f"Config.{_name} holds section {_cls.SECTION!r}"
+    assert _name == _cls.SECTION, f"Config.{_name} holds section {_cls.SECTION!r}"
 
 
 def _keys(section: str) -> list[str]:

@@ -21,10 +21,8 @@
     ├── ControlError           the backend answered a control request with an error
     ├── EndpointInUse          another ``shardpool run`` holds this ipc endpoint
     ├── InsecurePathError      a runtime directory is a symlink, not a directory, or not ours
-    │
-    │   defined beside the wire format they read (listed here so the tree is whole):
-    ├── FrameError             shardpool.protocol: a producer's frame could not be read
-    └── ReplyError             shardpool.client: a message was not processed (``.status`` says why)
+    ├── FrameError             a producer's frame could not be read (``.code`` names the problem)
+    └── ReplyError             a client's message was not processed (``.status`` says why)
         ├── ReplyRejected      refused at the door (bad input, draining, too many pending)
         ├── ReplyFailed        the handler raised on it
         ├── ReplyClosed        handed back at shutdown, never given to the handler
@@ -220,3 +218,54 @@ class EndpointInUse(ShardPoolError):
 
 class InsecurePathError(ShardPoolError):
     """A runtime directory or socket path is unsafe (symlink, foreign owner, not a directory)."""
+
+
+class FrameError(ShardPoolError):
+    """A producer's frame could not be read; ``code`` is one of
+    :data:`shardpool.protocol.FRAME_ERRORS`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ReplyError(ShardPoolError):
+    """A message was not processed successfully. ``status`` is the reply's status (``"failed"``,
+    ``"rejected"``, ``"closed"``, ``"in_doubt"``, ``"halted"``, or ``"protocol"`` for a frame the
+    backend could not read), ``code`` the protocol error code and ``info`` the whole error map.
+
+    Raised as one of its subclasses for the four final outcomes; catching ``ReplyError`` catches
+    them all.
+    """
+
+    def __init__(self, status: str, info: Any) -> None:
+        info = info if isinstance(info, dict) else {"message": str(info)}
+        self.status = status
+        self.code: str = str(info.get("error", status))
+        self.info: dict[str, Any] = info
+        super().__init__(f"{status}: {info.get('message', self.code)}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.status, self.info))
+
+
+class ReplyRejected(ReplyError):
+    """Refused at the door, never processed (``"rejected"``): bad input (channel id, payload,
+    frame), the backend shutting down or draining, its pool broken, or too many messages of this
+    producer unanswered; ``code`` says which."""
+
+
+class ReplyFailed(ReplyError):
+    """The handler raised on this message (``"failed"``); ``info`` holds the exception's
+    ``type``, ``message``, the message's ``seq`` and the failure ``policy`` applied."""
+
+
+class ReplyClosed(ReplyError):
+    """Accepted, then handed back when the backend shut down, never given to the handler
+    (``"closed"``): safe to send again."""
+
+
+class ReplyInDoubt(ReplyError):
+    """The backend stopped while the handler may have been running this message (``"in_doubt"``):
+    it may or may not have been applied (the per-channel ``seq`` lets a handler tell)."""

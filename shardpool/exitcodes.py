@@ -1,17 +1,25 @@
-"""Exit codes of the ``shardpool`` processes (the CLI and ``shardpool run``), defined once.
-
-A worker process has its own codes (:mod:`shardpool.worker`): they are read by its front, not by
-a shell.
+"""Exit codes of the ``shardpool`` processes, defined once: the CLI and ``shardpool run`` (read by
+a shell or a service manager), and the worker processes (read by their front, which names them in
+its logs and errors; a negative code is the signal that killed the process).
 """
 
 from __future__ import annotations
 
 import signal
 
-__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE"]
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_PARENT_GONE",
+    "EXIT_START_FAILED",
+    "EXIT_USAGE",
+]
 
 EXIT_OK = 0
-"""Done as asked: a valid config, a clean drain, the order kept."""
+"""Done as asked: a valid config, a clean drain, the order kept. For a worker: it stopped when
+asked, every call it started finished and acknowledged (BYE)."""
 EXIT_FAILURE = 1
 """Something failed at run time (not the caller's input): no backend answered, a run failed, the
 shutdown was not clean."""
@@ -21,3 +29,9 @@ EXIT_CONFIG = EXIT_USAGE
 """An invalid config file is the caller's input as well, hence the same code as a usage error."""
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 """Stopped by Ctrl-C (SIGINT) before it finished, as a shell reports it."""
+
+# Worker processes.
+EXIT_START_FAILED = 3
+"""A worker could not import, build or set up its handler; a FATAL frame carried the traceback."""
+EXIT_PARENT_GONE = 4
+"""A worker's front disappeared; the worker left rather than run orphaned."""

@@ -126,8 +126,9 @@ def load_handler(target: str | object, options: Mapping[str, Any] | None = None)
     teardown = getattr(obj, "teardown", None) if handle is not obj else None
     return HandlerSpec(
         handle=handle,
+        # An object with an ``async def __call__`` is awaited like an async function.
         is_async=inspect.iscoroutinefunction(handle)
-        or inspect.iscoroutinefunction(getattr(handle, "__call__", None)),
+        or inspect.iscoroutinefunction(type(handle).__call__),
         setup=setup,
         teardown=teardown,
     )

@@ -9,7 +9,7 @@
         return channel.state
 
     with ShardPool(handle, workers=4) as pool:
-        pool.submit(b"chan-1", {"amount": 5})                 # fire and forget, in order per channel
+        pool.submit(b"chan-1", {"amount": 5})          # fire and forget, in order per channel
         total = pool.request(b"chan-1", {"amount": 1}).result(timeout=5)   # wait for one result
         pool.drain(timeout=30)                                 # everything accepted is finished
 
@@ -30,7 +30,14 @@ from typing import Any
 from . import codec
 from .config import Config, load_config, with_overrides
 from .errors import InputError
-from .front import CloseReport, DoneCallback, FailureCallback, Front, Halt, ResultCallback
+from .front import (
+    CloseReport,
+    DoneCallback,
+    FailureCallback,
+    Front,
+    Halt,
+    ResultCallback,
+)
 
 _SECTIONS_FOR_SHORT_NAMES = ("pool", "transport", "supervisor")
 _ABORT_TIMEOUT_S = 1.0  # close on leaving a with-block by an exception (seconds)

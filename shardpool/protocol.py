@@ -73,7 +73,7 @@ from typing import Any, Final, NamedTuple
 
 import cbor2
 
-from .errors import ChannelIdError, PayloadTooLarge, ShardPoolError
+from .errors import ChannelIdError, FrameError, PayloadTooLarge
 
 __all__ = [
     "CLOSED",
@@ -218,15 +218,6 @@ def loads_frame(frame: bytes) -> Any:
         Exception (cbor2's several types): not CBOR, or outside those limits.
     """
     return _loads(frame, **_FRAME_DECODING)
-
-
-class FrameError(ShardPoolError):
-    """A frame could not be read; ``code`` is one of :data:`FRAME_ERRORS`."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def decode(frame: bytes, max_items: int) -> tuple[int, Any]:

@@ -37,7 +37,8 @@ def slot_of(channel_id: bytes, slots: int) -> int:
 
 
 def default_slot_table(slots: int, workers: int) -> tuple[int, ...]:
-    """Spread ``slots`` slots over ``workers`` workers round-robin (slot ``s`` → ``s % workers``)."""
+    """Spread ``slots`` slots over ``workers`` workers round-robin (slot ``s`` → worker
+    ``s % workers``)."""
     if slots < 1 or workers < 1:
         raise ValueError(f"need slots >= 1 and workers >= 1, got slots={slots}, workers={workers}")
     return tuple(s % workers for s in range(slots))
@@ -49,7 +50,8 @@ class Router:
     __slots__ = ("slots", "table")
 
     def __init__(self, slots: int, workers: int, table: Sequence[int] | None = None) -> None:
-        """Raises ValueError if ``table`` has the wrong length or names a worker outside 0..workers-1."""
+        """Raises ValueError if ``table`` has the wrong length or names a worker outside
+        0..workers-1."""
         self.slots = slots
         if table is None:
             table = default_slot_table(slots, workers)

@@ -44,9 +44,10 @@ from .demo.load import DemoLoad
 from .errors import ConfigError, DrainTimeout, HandlerError, PoolBroken, ShardPoolError
 from .exitcodes import EXIT_FAILURE, EXIT_OK
 from .front import stop_grace
-from .ingress import Ingress, IngressSettings, _RateLimitedLog
+from .ingress import Ingress, IngressSettings
 from .metrics import MetricsServer
 from .pool import ShardPool
+from .ratelog import RateLimitedLog
 from .security import EndpointLock, check_endpoints, claim_endpoints, resolve_endpoints
 from .status import Figures
 from .wakeup import WakePipe
@@ -99,7 +100,7 @@ class Service:
         self._figures = Figures()
         self._pinning = _WorkerPinning()
         self._started = time.monotonic()
-        self._failure_log = _RateLimitedLog(log, 10.0)
+        self._failure_log = RateLimitedLog(log, 10.0)
         self.exit_code: int | None = None
         self._failed: str | None = None
 

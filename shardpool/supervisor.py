@@ -2,13 +2,13 @@
 
 ::
 
-    Supervisor.start_all ── spawn(i, epoch) ──▶ STARTING ── on_ready ──▶ READY ──┐
-         ▲                                          │ no READY in time: kill        │ silent past the
-         │ tick: restart due → spawn                ▼                               │ heartbeat timeout:
-       DEAD ◀──── after_death: Restart(delay) ── reap(i) ◀── sentinel ◀─────────────┘ kill (Hung)
-         │        (counted by the crash-loop guard unless a message explains it)
-         ├─ after_death: GiveUp (crash loop) / StartFailed (died before its first READY) → BROKEN
-         └─ stop_all: STOPPING (SIGTERM: finish the current call, leave) → STOPPED
+    start ── spawn(i, epoch) ──▶ STARTING ── on_ready ──▶ READY ───────────┐
+      ▲                             │ no READY in time: kill                 │ silent past the
+      │ tick: restart due → spawn   ▼                                        │ heartbeat timeout:
+    DEAD ◀── after_death: Restart(delay) ── reap(i) ◀── sentinel ◀───────────┘ kill (hung)
+      │      (counted by the crash-loop guard unless a message explains it)
+      ├─ after_death: GiveUp (crash loop) / StartFailed (died before its first READY) → BROKEN
+      └─ stop_all: STOPPING (SIGTERM: finish the current call, leave) → STOPPED
 
 The supervisor knows processes and time, not messages: it starts incarnation ``epoch`` of worker
 ``i`` through a factory the front gives it, watches READY deadlines, heartbeat silence and
@@ -39,13 +39,8 @@ import multiprocess
 
 from .config import SupervisorConfig
 from .errors import PoolBroken, WorkerStartError
-from .worker import (
-    EXIT_OK,
-    EXIT_PARENT_GONE,
-    EXIT_START_FAILED,
-    WorkerSpec,
-    worker_main,
-)
+from .exitcodes import EXIT_OK, EXIT_PARENT_GONE, EXIT_START_FAILED
+from .worker import WorkerSpec, worker_main
 
 log = logging.getLogger("shardpool.supervisor")
 
@@ -160,7 +155,7 @@ class WorkerProcess:
         return self.exitcode
 
     def reap(self, timeout: float = 2.0) -> int | None:
-        """Make sure the process is gone: wait, then SIGTERM, then SIGKILL. Returns the exit code."""
+        """Make sure the process is gone: wait, then SIGTERM, then SIGKILL; the exit code."""
         if self.process.pid is None:
             return None
         if self.join(timeout) is None:
@@ -376,10 +371,11 @@ class Supervisor:
 
     def tick(self, caught_up: Callable[[], bool]) -> tuple[list[Decision], float | None]:
         """Act on the timers: kill a worker that missed its READY deadline or fell silent past
-        the heartbeat timeout, spawn one whose restart is due (:class:`Spawned`). ``caught_up()`` must say whether
-        every frame that arrived has been read: silence is only judged then (a front that fell
-        behind must not take its own delay for a hung worker). Returns the decisions taken and
-        the seconds until the next restart is due (None: none)."""
+        the heartbeat timeout, spawn one whose restart is due (:class:`Spawned`).
+        ``caught_up()`` must say whether every frame that arrived has been read: silence is only
+        judged then (a front that fell behind must not take its own delay for a hung worker).
+        Returns the decisions taken and the seconds until the next restart is due (None:
+        none)."""
         now = self._clock()
         decisions: list[Decision] = []
         due: float | None = None

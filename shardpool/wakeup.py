@@ -8,6 +8,7 @@ means the waiter is already due to wake, and a closed one that it is gone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 
@@ -31,10 +32,8 @@ class WakePipe:
 
     def wake(self) -> None:
         """Make the read end readable. Never blocks, never raises."""
-        try:
+        with contextlib.suppress(OSError):
             os.write(self._w, b"\0")
-        except OSError:
-            pass
 
     def drain(self) -> None:
         """Consume every pending wake-up. Never blocks, never raises."""
@@ -56,8 +55,6 @@ class WakePipe:
         """Close both ends (idempotent)."""
         for fd in (self._r, self._w):
             if fd >= 0:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
         self._r = self._w = -1

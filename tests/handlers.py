@@ -23,7 +23,9 @@ async def record_async(channel: Any, seq: int, message: Any, redelivered: bool) 
     """Async: awaits a random short delay between reading and writing the channel state, so an
     interleaving of two calls of one channel would be caught."""
     last = channel.state if channel.state is not None else -1
-    await asyncio.sleep(random.choice((0.0, 0.0, 0.0001, 0.0005, 0.001)))  # noqa: sleep-ok - the handler's own work, in a worker
+    await asyncio.sleep(
+        random.choice((0.0, 0.0, 0.0001, 0.0005, 0.001))
+    )  # sleep-ok - the handler's own work, in a worker
     i = message["i"]
     if i != last + 1:
         raise AssertionError(f"channel {channel.id!r}: got index {i} after {last}")
@@ -38,13 +40,13 @@ async def gated(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
     messages without a gate return at once."""
     gate = message.get("gate")
     while gate and not os.path.exists(gate):
-        await asyncio.sleep(0.002)  # noqa: sleep-ok - the handler's own work, in a worker
+        await asyncio.sleep(0.002)  # sleep-ok - the handler's own work, in a worker
     return [seq, message.get("i")]
 
 
 def sleepy(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
     """Sync: burns ``message["ms"]`` milliseconds of wall time (a blocking, slow handler)."""
-    time.sleep(message.get("ms", 0) / 1000.0)  # noqa: sleep-ok - the handler's own work, in a worker
+    time.sleep(message.get("ms", 0) / 1000.0)  # sleep-ok - the handler's own work, in a worker
     return seq
 
 
@@ -126,6 +128,29 @@ class Ledger:
             return False
         return True
 
+    def _inject(self, fault: str, key: str, seq: int, message: Any) -> None:
+        """Fire ``fault`` before the message is applied (see the class docstring)."""
+        if fault in ("exit", "segv", "raise", "sysexit") and self._once(f"fault-{key}-{seq}"):
+            if fault == "exit":
+                os._exit(70)
+            if fault == "sysexit":
+                raise SystemExit(75)
+            if fault == "segv":
+                _segfault()
+            raise ValueError(f"injected failure on seq {seq}")
+        if fault == "always_exit":
+            os._exit(71)
+        if fault == "always_segv":
+            _segfault()
+        if fault == "always_hang":
+            while True:  # a CPU-bound handler that never returns: no heartbeat gets out
+                pass
+        if fault == "raise_n":
+            n = self.attempts.get((key, seq), 0)
+            self.attempts[(key, seq)] = n + 1
+            if n < message["n"]:
+                raise ValueError(f"injected failure {n + 1} of {message['n']} on seq {seq}")
+
     def handle(self, channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
         key = channel.id.hex()
         last, digest = self.applied.get(key, (-1, 0))
@@ -137,36 +162,20 @@ class Ledger:
             # A gap: legitimate only where the missing messages were skipped by policy.
             os.write(self.fd, f"G {key} {seq} {last} {int(redelivered)}\n".encode())
         fault = message.get("fault")
-        if fault in ("exit", "segv", "raise", "sysexit") and self._once(f"fault-{key}-{seq}"):
-            if fault == "exit":
-                os._exit(70)
-            if fault == "sysexit":
-                raise SystemExit(75)
-            if fault == "segv":
-                import ctypes
-
-                ctypes.string_at(0)
-            raise ValueError(f"injected failure on seq {seq}")
-        if fault == "always_exit":
-            os._exit(71)
-        if fault == "always_segv":
-            import ctypes
-
-            ctypes.string_at(0)
-        if fault == "always_hang":
-            while True:  # a CPU-bound handler that never returns: no heartbeat gets out
-                pass
+        if fault:
+            self._inject(fault, key, seq, message)
         if self.ms:
-            time.sleep(self.ms / 1000.0)  # noqa: sleep-ok - the handler's own work, in a worker
-        if fault == "raise_n":
-            n = self.attempts.get((key, seq), 0)
-            self.attempts[(key, seq)] = n + 1
-            if n < message["n"]:
-                raise ValueError(f"injected failure {n + 1} of {message['n']} on seq {seq}")
+            time.sleep(self.ms / 1000.0)  # sleep-ok - the handler's own work, in a worker
         digest = (digest * 1_000_003 + message["v"]) % (1 << 61)
         os.write(self.fd, f"A {key} {seq} {digest} {int(redelivered)}\n".encode())
         self.applied[key] = (seq, digest)
         return None
+
+
+def _segfault() -> None:
+    import ctypes
+
+    ctypes.string_at(0)
 
 
 def ledger_digest(values: list[int]) -> int:
@@ -207,8 +216,12 @@ class DiesOnRestart:
 
     def setup(self, worker_index: int) -> None:
         try:
-            os.close(os.open(os.path.join(self.dir, f"started-{worker_index}"),
-                             os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.close(
+                os.open(
+                    os.path.join(self.dir, f"started-{worker_index}"),
+                    os.O_CREAT | os.O_EXCL | os.O_WRONLY,
+                )
+            )
         except FileExistsError:
             os._exit(72)
 
@@ -244,7 +257,7 @@ def lifecycle(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
 async def poison_async(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
     """Async: awaits, then ``{"die": true}`` kills the worker (exit code 73) every time, while
     other channels' calls are in flight on the same event loop."""
-    await asyncio.sleep(0.001)  # noqa: sleep-ok - the handler's own work, in a worker
+    await asyncio.sleep(0.001)  # sleep-ok - the handler's own work, in a worker
     if message.get("die"):
         os._exit(73)
     return [seq, message["i"]]

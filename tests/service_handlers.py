@@ -117,10 +117,7 @@ def produce_main() -> None:
     """Args ``ENDPOINT PRODUCER CHANNELS MESSAGES SEED sync|async``: send, check, print JSON."""
     endpoint, producer, channels, messages, seed, mode = sys.argv[1:7]
     args = (endpoint, int(producer), int(channels), int(messages), int(seed))
-    if mode == "async":
-        summary = asyncio.run(_produce_async(*args))
-    else:
-        summary = produce_sync(*args)
+    summary = asyncio.run(_produce_async(*args)) if mode == "async" else produce_sync(*args)
     print(json.dumps(summary))
 
 
@@ -209,7 +206,7 @@ async def gated_or_ordered(channel: Any, seq: int, message: Any, redelivered: bo
         import os
 
         while not os.path.exists(gate):
-            await asyncio.sleep(0.002)  # noqa: sleep-ok - the handler's own work, in a worker
+            await asyncio.sleep(0.002)  # sleep-ok - the handler's own work, in a worker
         return [seq, message["i"]]
     return ordered(channel, seq, {"p": message.get("p", 0), "i": message["i"]}, redelivered)
 

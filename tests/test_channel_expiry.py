@@ -7,11 +7,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import handlers
 import pytest
 
 from shardpool import ShardPool
-
-import handlers
 
 pytestmark = pytest.mark.multiprocess
 
@@ -32,8 +31,12 @@ def _await_records(pool: ShardPool, expect: tuple[int, int], timeout: float) -> 
         assert time.monotonic() < deadline, f"records {got}, expected {expect}"
 
 
-def _send_round(pool: ShardPool, channels: int, per_channel: int, msg: dict[str, Any]) -> dict[bytes, list[Any]]:
-    futs = {_cid(c): [pool.request(_cid(c), msg) for _ in range(per_channel)] for c in range(channels)}
+def _send_round(
+    pool: ShardPool, channels: int, per_channel: int, msg: dict[str, Any]
+) -> dict[bytes, list[Any]]:
+    futs = {
+        _cid(c): [pool.request(_cid(c), msg) for _ in range(per_channel)] for c in range(channels)
+    }
     return {cid: [f.result(timeout=60) for f in fs] for cid, fs in futs.items()}
 
 

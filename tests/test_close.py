@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import handlers
 import pytest
 
 from shardpool import InDoubt, PoolClosed, ShardPool
-
-import handlers
 
 pytestmark = pytest.mark.multiprocess
 

@@ -40,4 +40,6 @@ def test_item_pieces_match_encode_batch() -> None:
     # reference encoder byte for byte.
     cid, cseq, payload = b"chan", 5, b"\xa1\x61x\x01"
     piece = codec.item_prefix(cid) + codec.item_head(cseq, len(payload)) + payload
-    assert codec.batch_header(1, 2, False, 1) + piece == codec.encode_batch(1, 2, False, [(cid, cseq, payload)])
+    assert codec.batch_header(1, 2, False, 1) + piece == codec.encode_batch(
+        1, 2, False, [(cid, cseq, payload)]
+    )

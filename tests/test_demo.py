@@ -29,7 +29,7 @@ from shardpool.demo import (
 )
 from shardpool.demo.channel import CLTV_EXPIRY_LIMIT, DEFAULT_REMOTE_MSAT, MAX_ACCEPTED_HTLCS
 
-# --- message builders ------------------------------------------------------------------------------
+# --- message builders -----------------------------------------------------------------------------
 
 SIG = b"\x11" * 64
 SECRET = b"\x22" * 32
@@ -41,15 +41,23 @@ def preimage(i: int) -> bytes:
 
 
 def add(i: int, amount: int = 1_000, cltv: int = 800_100, **over: Any) -> dict[str, Any]:
-    msg = {"type": "update_add_htlc", "id": i, "amount_msat": amount,
-           "payment_hash": hashlib.sha256(preimage(i)).digest(), "cltv_expiry": cltv}
+    msg = {
+        "type": "update_add_htlc",
+        "id": i,
+        "amount_msat": amount,
+        "payment_hash": hashlib.sha256(preimage(i)).digest(),
+        "cltv_expiry": cltv,
+    }
     msg.update(over)
     return msg
 
 
 def fulfill(i: int, pre: bytes | None = None) -> dict[str, Any]:
-    return {"type": "update_fulfill_htlc", "id": i,
-            "payment_preimage": preimage(i) if pre is None else pre}
+    return {
+        "type": "update_fulfill_htlc",
+        "id": i,
+        "payment_preimage": preimage(i) if pre is None else pre,
+    }
 
 
 def fail(i: int) -> dict[str, Any]:
@@ -73,7 +81,11 @@ def closing(fee: int = 500) -> dict[str, Any]:
 
 
 def reestablish(nc: int, nr: int) -> dict[str, Any]:
-    return {"type": "channel_reestablish", "next_commitment_number": nc, "next_revocation_number": nr}
+    return {
+        "type": "channel_reestablish",
+        "next_commitment_number": nc,
+        "next_revocation_number": nr,
+    }
 
 
 def run_valid(msgs: list[Any]) -> ChannelState:
@@ -85,7 +97,7 @@ def run_valid(msgs: list[Any]) -> ChannelState:
 
 CLOSED = [add(0), commit(1), revoke(), fulfill(0), commit(0), revoke(), shutdown(), closing()]
 
-# --- state machine: valid flows ----------------------------------------------------------------------
+# --- state machine: valid flows -------------------------------------------------------------------
 
 
 def test_fulfil_moves_balance_fail_returns_it() -> None:
@@ -129,7 +141,7 @@ def test_unknown_extra_fields_are_ignored() -> None:
     run_valid([add(0, extra_tlv=b"\x01"), commit(1)])
 
 
-# --- state machine: every violation ------------------------------------------------------------------
+# --- state machine: every violation ---------------------------------------------------------------
 
 VIOLATIONS: list[tuple[str, list[dict[str, Any]], Any]] = [
     ("add_after_shutdown", [shutdown()], add(0)),
@@ -159,8 +171,11 @@ VIOLATIONS: list[tuple[str, list[dict[str, Any]], Any]] = [
     ("closing_before_shutdown", [], closing()),
     ("closing_with_htlcs", [add(0), commit(1), revoke(), shutdown()], closing()),
     ("closing_with_htlcs", [add(0), commit(1), revoke(), shutdown(), fulfill(0)], closing()),
-    ("closing_unrevoked", [add(0), commit(1), revoke(), fulfill(0), commit(0), shutdown()],
-     closing()),
+    (
+        "closing_unrevoked",
+        [add(0), commit(1), revoke(), fulfill(0), commit(0), shutdown()],
+        closing(),
+    ),
     ("closing_fee_too_high", [shutdown()], closing(2 * DEFAULT_REMOTE_MSAT // 1000 + 1)),
     ("channel_closed", CLOSED, add(1)),
     ("channel_closed", CLOSED, revoke()),
@@ -193,8 +208,11 @@ VIOLATIONS: list[tuple[str, list[dict[str, Any]], Any]] = [
 ]
 
 
-@pytest.mark.parametrize(("code", "prefix", "bad"), VIOLATIONS,
-                         ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(VIOLATIONS)])
+@pytest.mark.parametrize(
+    ("code", "prefix", "bad"),
+    VIOLATIONS,
+    ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(VIOLATIONS)],
+)
 def test_violation_is_flagged_and_force_closes(code: str, prefix: list[Any], bad: Any) -> None:
     assert code in VIOLATION_CODES
     s = run_valid(prefix)
@@ -214,21 +232,44 @@ def test_every_documented_code_but_internal_error_is_reachable() -> None:
 
 
 _scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True), st.text(max_size=8), st.binary(max_size=70),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.binary(max_size=70),
 )
-_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3)
-                       | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
-_fields = st.sampled_from(["id", "amount_msat", "payment_hash", "cltv_expiry", "payment_preimage",
-                           "reason", "signature", "num_htlcs", "per_commitment_secret",
-                           "scriptpubkey", "fee_satoshis", "next_commitment_number",
-                           "next_revocation_number"])
+_values = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_fields = st.sampled_from(
+    [
+        "id",
+        "amount_msat",
+        "payment_hash",
+        "cltv_expiry",
+        "payment_preimage",
+        "reason",
+        "signature",
+        "num_htlcs",
+        "per_commitment_secret",
+        "scriptpubkey",
+        "fee_satoshis",
+        "next_commitment_number",
+        "next_revocation_number",
+    ]
+)
 _messages = st.one_of(
     _values,
-    st.builds(lambda t, f: {"type": t, **f},
-              st.sampled_from(MESSAGE_TYPES) | _values,
-              st.dictionaries(_fields, _values | st.integers(0, 3) | st.binary(min_size=32,
-                                                                                max_size=32))),
+    st.builds(
+        lambda t, f: {"type": t, **f},
+        st.sampled_from(MESSAGE_TYPES) | _values,
+        st.dictionaries(_fields, _values | st.integers(0, 3) | st.binary(min_size=32, max_size=32)),
+    ),
 )
 
 
@@ -243,26 +284,31 @@ def test_apply_never_raises_on_garbage(prefix_len: int, msgs: list[Any]) -> None
         assert (code is None) != s.force_closed
 
 
-# --- traffic generator --------------------------------------------------------------------------------
+# --- traffic generator ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("peers", "per_peer", "messages", "seed", "close_fraction"), [
-    (50, 40, 60_000, 1, 0.05),     # 2000 channels
-    (100, 30, 40_000, 2, 0.05),    # 3000 channels
-    (40, 50, 60_000, 3, 0.5),
-    (10, 10, 40_000, 4, 1.0),      # every channel closes and is replaced, repeatedly
-    (1, 2, 40_000, 5, 0.0),        # long-lived channels: ids grow, the remote drains and closes
-])
-def test_generated_streams_are_valid(peers: int, per_peer: int, messages: int, seed: int,
-                                     close_fraction: float) -> None:
+@pytest.mark.parametrize(
+    ("peers", "per_peer", "messages", "seed", "close_fraction"),
+    [
+        (50, 40, 60_000, 1, 0.05),  # 2000 channels
+        (100, 30, 40_000, 2, 0.05),  # 3000 channels
+        (40, 50, 60_000, 3, 0.5),
+        (10, 10, 40_000, 4, 1.0),  # every channel closes and is replaced, repeatedly
+        (1, 2, 40_000, 5, 0.0),  # long-lived channels: ids grow, the remote drains and closes
+    ],
+)
+def test_generated_streams_are_valid(
+    peers: int, per_peer: int, messages: int, seed: int, close_fraction: float
+) -> None:
     stream = generate(peers, per_peer, messages, seed, close_fraction=close_fraction)
     assert len(stream) == messages
     states, violations = replay(stream)
     assert violations == {}
     assert len(states) >= min(peers * per_peer, messages // 10)
     types = {m["type"] for _, m in stream}
-    assert types >= set(MESSAGE_TYPES) - ({"shutdown", "closing_signed"} if close_fraction == 0
-                                          else set())
+    assert types >= set(MESSAGE_TYPES) - (
+        {"shutdown", "closing_signed"} if close_fraction == 0 else set()
+    )
     if close_fraction >= 0.5:
         assert sum(s.closed for s in states.values()) >= peers * per_peer * close_fraction / 4
 
@@ -302,10 +348,17 @@ def test_iter_stream_is_lazy() -> None:
     assert replay(first)[1] == {}
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"peers": 0}, {"channels_per_peer": 0}, {"messages": -1}, {"peers": 1.5},
-    {"close_fraction": 1.5}, {"close_fraction": -0.1},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"peers": 0},
+        {"channels_per_peer": 0},
+        {"messages": -1},
+        {"peers": 1.5},
+        {"close_fraction": 1.5},
+        {"close_fraction": -0.1},
+    ],
+)
 def test_generator_rejects_bad_arguments(kwargs: dict[str, Any]) -> None:
     args: dict[str, Any] = {"peers": 1, "channels_per_peer": 1, "messages": 1, "seed": 0}
     close_fraction = kwargs.pop("close_fraction", 0.05)
@@ -316,11 +369,12 @@ def test_generator_rejects_bad_arguments(kwargs: dict[str, Any]) -> None:
         iter_stream(**args, close_fraction=close_fraction)
 
 
-# --- handler ------------------------------------------------------------------------------------------
+# --- handler --------------------------------------------------------------------------------------
 
 
-def feed(handler: LightningHandler, stream: list[tuple[bytes, Any]]) -> tuple[
-        dict[bytes, SimpleNamespace], list[Any]]:
+def feed(
+    handler: LightningHandler, stream: list[tuple[bytes, Any]]
+) -> tuple[dict[bytes, SimpleNamespace], list[Any]]:
     channels: dict[bytes, SimpleNamespace] = {}
     seqs: dict[bytes, int] = {}
     results = []
@@ -340,7 +394,8 @@ def test_handler_matches_serial_replay() -> None:
     assert results == [None] * len(stream)
     reference, _ = replay(stream)
     assert {c: ch.state.digest() for c, ch in channels.items()} == {
-        c: s.digest() for c, s in reference.items()}
+        c: s.digest() for c, s in reference.items()
+    }
     assert handler.processed == len(stream) and handler.violations == 0
 
 
@@ -348,9 +403,15 @@ def test_handler_reports_violation_result() -> None:
     handler = LightningHandler()
     ch = SimpleNamespace(id=b"c" * 32, state=None)
     assert handler.handle(ch, 0, revoke(), False) == {
-        "violation": "revoke_without_commitment", "type": "revoke_and_ack", "seq": 0}
+        "violation": "revoke_without_commitment",
+        "type": "revoke_and_ack",
+        "seq": 0,
+    }
     assert handler.handle(ch, 1, add(0), False) == {
-        "violation": "force_closed", "type": "update_add_htlc", "seq": 1}
+        "violation": "force_closed",
+        "type": "update_add_htlc",
+        "seq": 1,
+    }
     assert ch.state.force_closed and handler.violations == 2
 
 
@@ -359,7 +420,10 @@ def test_handler_decodes_cbor_bytes() -> None:
     ch = SimpleNamespace(id=b"c" * 32, state=None)
     assert handler.handle(ch, 0, cbor2.dumps(add(0)), False) is None
     assert handler.handle(ch, 1, b"\xff\x00garbage", False) == {
-        "violation": "malformed", "type": None, "seq": 1}
+        "violation": "malformed",
+        "type": None,
+        "seq": 1,
+    }
 
 
 def test_redelivered_duplicates_are_skipped() -> None:
@@ -403,8 +467,13 @@ class _BadBool:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    items=st.lists(st.tuples(st.one_of(st.integers(-3, 5), _values), _messages,
-                             st.one_of(st.booleans(), _values)), min_size=1, max_size=4),
+    items=st.lists(
+        st.tuples(
+            st.one_of(st.integers(-3, 5), _values), _messages, st.one_of(st.booleans(), _values)
+        ),
+        min_size=1,
+        max_size=4,
+    ),
 )
 def test_handler_never_raises_on_garbage(items: list[tuple[Any, Any, Any]]) -> None:
     handler = LightningHandler(cpu_cost_us=1.0)
@@ -431,13 +500,17 @@ def test_async_handler_matches_sync() -> None:
         # A real delay still applies the message once the await returns.
         ch = SimpleNamespace(id=b"a", state=None)
         assert await AsyncLightningHandler(delay_s=0.001).handle(ch, 0, revoke(), False) == {
-            "violation": "revoke_without_commitment", "type": "revoke_and_ack", "seq": 0}
+            "violation": "revoke_without_commitment",
+            "type": "revoke_and_ack",
+            "seq": 0,
+        }
         return channels, results
 
     channels, results = asyncio.run(asyncio.wait_for(run(), timeout=30))
     assert results == sync_results == [None] * len(stream)
     assert {c: ch.state.digest() for c, ch in channels.items()} == {
-        c: ch.state.digest() for c, ch in sync_channels.items()}
+        c: ch.state.digest() for c, ch in sync_channels.items()
+    }
 
 
 def _cpu_for(handler: LightningHandler, msgs: list[dict[str, Any]]) -> float:
@@ -462,10 +535,16 @@ def test_cpu_cost_burns_real_cpu_only_for_cost_types() -> None:
     assert _cpu_for(custom, [add(0)] * 50) > 0.05  # calibrates lazily without setup()
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"cpu_cost_us": -1}, {"cpu_cost_us": float("nan")}, {"cpu_cost_us": float("inf")},
-    {"cost_types": ["commitment_signed"]}, {"cost_types": (1,)},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"cpu_cost_us": -1},
+        {"cpu_cost_us": float("nan")},
+        {"cpu_cost_us": float("inf")},
+        {"cost_types": ["commitment_signed"]},
+        {"cost_types": (1,)},
+    ],
+)
 def test_handler_rejects_bad_arguments(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         LightningHandler(**kwargs)

@@ -1,4 +1,4 @@
-"""The by-type dispatch baseline (lnd issue 8393) really breaks per-channel order. Starts processes."""
+"""The by-type dispatch baseline (lnd issue 8393) really breaks per-channel order (processes)."""
 
 from __future__ import annotations
 
@@ -48,8 +48,12 @@ def test_by_type_dispatch_breaks_a_valid_stream() -> None:
     assert result["force_closed_channels"] > result["channels"] // 4
     assert sum(result["violations_by_code"].values()) == result["violations"]
     assert sum(result["root_causes"].values()) == result["force_closed_channels"]
-    assert set(result["root_causes"]) & {"empty_commitment", "commitment_mismatch",
-                                         "revoke_without_commitment", "uncommitted_htlc"}
+    assert set(result["root_causes"]) & {
+        "empty_commitment",
+        "commitment_mismatch",
+        "revoke_without_commitment",
+        "uncommitted_htlc",
+    }
     assert result["elapsed_s"] < 60.0
 
 

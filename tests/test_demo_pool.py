@@ -68,7 +68,9 @@ def test_the_checks_catch_one_reordered_pair() -> None:
     cid0 = stream[0][0]
     mine = [i for i, (cid, _) in enumerate(stream) if cid == cid0]
     i, j = next(
-        (a, b) for a, b in zip(mine, mine[1:]) if stream[a][1]["type"] != stream[b][1]["type"]
+        (a, b)
+        for a, b in zip(mine, mine[1:], strict=False)
+        if stream[a][1]["type"] != stream[b][1]["type"]
     )
     swapped = list(stream)
     swapped[i], swapped[j] = swapped[j], swapped[i]

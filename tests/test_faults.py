@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import handlers
 import pytest
 import zmq
 
 from shardpool import HandlerError, PoolBroken, ShardPool, WorkerStartError
-
-import handlers
 
 pytestmark = pytest.mark.multiprocess
 
@@ -64,8 +63,9 @@ class Load:
                     self.midway(pool)
 
 
-def run_load(tmp_path: Path, load: Load, *, after: Callable[[ShardPool], None] | None = None,
-             **options: Any) -> Outcome:
+def run_load(
+    tmp_path: Path, load: Load, *, after: Callable[[ShardPool], None] | None = None, **options: Any
+) -> Outcome:
     failures: list[HandlerError] = []
     ledger_dir = tmp_path / "ledger"
     ledger_dir.mkdir()
@@ -149,7 +149,7 @@ def test_worker_crash_is_recovered_in_order(tmp_path: Path, case: str) -> None:
     assert cause in restarted[0]["last_exit"]
     assert restarted[0]["epoch"] == 2 and restarted[0]["state"] == "ready"
     assert out.stats["replayed"] >= redelivered - duplicates
-    for (c, i) in load.faults:
+    for c, i in load.faults:
         # The message that crashed its worker came back, marked, and was applied exactly once.
         [applied] = [x for x in out.ledger[cid(c).hex()] if x[0] == "A" and x[1] == i]
         assert applied[3] == 1
@@ -179,7 +179,9 @@ def test_exception_halt_policy_parks_only_its_channel(tmp_path: Path, decision: 
     assert seen["halted"] == {cid(5): 3}
     parked = [x[1] for x in seen["ledger"][cid(5).hex()] if x[0] == "A"]
     assert parked == [0, 1, 2]
-    others = [k for k, v in seen["ledger"].items() if len([x for x in v if x[0] == "A"]) == PER_CHANNEL]
+    others = [
+        k for k, v in seen["ledger"].items() if len([x for x in v if x[0] == "A"]) == PER_CHANNEL
+    ]
     assert len(others) == CHANNELS - 1
     verify(out, skipped=frozenset({(5, 3)}) if decision == "skip" else frozenset())
     assert out.failures[0].policy == "halt" and out.failures[0].seq == 3
@@ -253,7 +255,9 @@ POISONS = {
 
 
 @pytest.mark.parametrize("case", sorted(POISONS))
-def test_poison_message_quarantines_its_channel_and_the_pool_goes_on(tmp_path: Path, case: str) -> None:
+def test_poison_message_quarantines_its_channel_and_the_pool_goes_on(
+    tmp_path: Path, case: str
+) -> None:
     fault, exc_type, cause, options = POISONS[case]
     seen: dict[str, Any] = {}
 
@@ -288,12 +292,18 @@ def test_poison_message_of_an_async_handler_is_found_among_concurrent_calls() ->
     be pinned on one; the careful replay runs them one at a time and finds the poison."""
     failures: list[HandlerError] = []
     with ShardPool(
-        handlers.poison_async, workers=2, restart_backoff_s=0.01, max_restarts=2,
+        handlers.poison_async,
+        workers=2,
+        restart_backoff_s=0.01,
+        max_restarts=2,
         on_failure=failures.append,
     ) as pool:
         poison = cid(7)
-        futs = {(c, i): pool.request(cid(c), {"i": i, "die": (c, i) == (7, 3)})
-                for i in range(10) for c in range(40)}
+        futs = {
+            (c, i): pool.request(cid(c), {"i": i, "die": (c, i) == (7, 3)})
+            for i in range(10)
+            for c in range(40)
+        }
         for (c, i), fut in futs.items():
             if c != 7:
                 assert fut.result(timeout=60) == [i, i]
@@ -420,7 +430,10 @@ def test_failure_policy_by_message_type(tmp_path: Path) -> None:
         }
     )
     out = run_load(
-        tmp_path, load, failure_policy="halt", failure_policy_by_type={"fee": "skip"},
+        tmp_path,
+        load,
+        failure_policy="halt",
+        failure_policy_by_type={"fee": "skip"},
         after=lambda pool: pool.skip(cid(6)),
     )
     verify(out, skipped=frozenset({(5, 3), (6, 3)}))

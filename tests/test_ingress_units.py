@@ -16,8 +16,8 @@ from shardpool import protocol as P
 from shardpool.errors import HandlerError, InDoubt, PoolBroken, PoolClosed
 from shardpool.ingress.items import read_item
 from shardpool.ingress.outbox import Outbox
-from shardpool.ingress.ratelog import RateLimitedLog
 from shardpool.ingress.records import Outcomes, Record
+from shardpool.ratelog import RateLimitedLog
 
 GOOD = b"\xa0"
 

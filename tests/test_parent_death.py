@@ -37,7 +37,7 @@ def _await_file(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> st
     while not path.exists():
         assert proc.poll() is None, "the front process ended early"
         assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.01)  # noqa: sleep-ok - polling for a file another process writes, under a deadline
+        time.sleep(0.01)  # sleep-ok - polling for a file another process writes, under a deadline
     return path.read_text()
 
 
@@ -49,7 +49,7 @@ def _kill_and_time(parent: subprocess.Popen[bytes], pids: list[int], limit: floa
     while not all(_gone(pid) for pid in pids):
         if time.monotonic() - t0 > limit:
             return float("inf")
-        time.sleep(0.01)  # noqa: sleep-ok - polling other processes' exit, under a deadline
+        time.sleep(0.01)  # sleep-ok - polling other processes' exit, under a deadline
     return time.monotonic() - t0
 
 
@@ -81,7 +81,9 @@ threading.Event().wait()
 def test_library_front_killed_mid_call_takes_its_worker_along(tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     front = subprocess.Popen(
-        [sys.executable, "-c", FRONT, str(marker), str(tmp_path)], env=subprocess_env(), cwd=tmp_path
+        [sys.executable, "-c", FRONT, str(marker), str(tmp_path)],
+        env=subprocess_env(),
+        cwd=tmp_path,
     )
     with _reaped(front) as orphans:
         worker = int(_await_file(marker, front, 60.0))

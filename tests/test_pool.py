@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import threading
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
+import handlers
 import pytest
 
 from shardpool import (
@@ -23,8 +25,6 @@ from shardpool import (
     ShardPool,
     WorkerStartError,
 )
-
-import handlers
 
 pytestmark = pytest.mark.multiprocess
 
@@ -167,16 +167,21 @@ def test_async_submit_awaits_room(tmp_path: Path) -> None:
     async def main() -> list[int]:
         got: list[int] = []
         pool = await ShardPool.open(
-            handlers.gated, workers=1, max_inflight=4, batch_size=2,
+            handlers.gated,
+            workers=1,
+            max_inflight=4,
+            batch_size=2,
             on_result=lambda c, s, v: got.append(v[1]),
         )
         async with pool:
             task = asyncio.ensure_future(
-                asyncio.gather(*[pool.asubmit(b"ch", {"gate": str(gate), "i": i}) for i in range(20)])
+                asyncio.gather(
+                    *[pool.asubmit(b"ch", {"gate": str(gate), "i": i}) for i in range(20)]
+                )
             )
             # While the window is full the loop stays free: this coroutine keeps running.
             for _ in range(50):
-                await asyncio.sleep(0.005)  # noqa: sleep-ok - pacing the loop, not synchronising
+                await asyncio.sleep(0.005)  # sleep-ok - pacing the loop, not synchronising
             assert not task.done()
             gate.touch()
             seqs = await asyncio.wait_for(task, 60)
@@ -214,8 +219,9 @@ def test_request_result_and_handler_error_with_remote_traceback() -> None:
 def test_class_handler_with_options_and_setup() -> None:
     # One instance per worker, built with handler_options, set up with its worker index.
     with ShardPool("handlers:Counting", workers=2, handler_options={"start": 100}) as pool:
-        results = [(pool.worker_of(_channel(i)), pool.call(_channel(i), {}, timeout=30))
-                   for i in range(20)]
+        results = [
+            (pool.worker_of(_channel(i)), pool.call(_channel(i), {}, timeout=30)) for i in range(20)
+        ]
     counts: dict[int, int] = collections.Counter()
     for owner, (worker, n) in results:
         assert worker == owner  # setup(worker_index) ran in the worker that serves the channel
@@ -290,13 +296,14 @@ def test_workers_exit_when_the_front_process_dies(tmp_path: Path) -> None:
     import psutil
 
     script = (
-        "import os, sys; sys.path.insert(0, %r)\n"
+        f"import os, sys; sys.path.insert(0, {os.path.dirname(handlers.__file__)!r})\n"
         "from shardpool import ShardPool\n"
         "import handlers\n"
-        "pool = ShardPool(handlers.record, workers=2, heartbeat_interval_s=0.1, heartbeat_timeout_s=5)\n"
+        "pool = ShardPool(handlers.record, workers=2, heartbeat_interval_s=0.1,"
+        " heartbeat_timeout_s=5)\n"
         "print(' '.join(str(p) for p in pool.worker_pids()), flush=True)\n"
         "os._exit(0)\n"  # the front vanishes without closing anything
-    ) % os.path.dirname(handlers.__file__)
+    )
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
@@ -304,10 +311,8 @@ def test_workers_exit_when_the_front_process_dies(tmp_path: Path) -> None:
     assert len(pids) == 2
     procs = []
     for pid in pids:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
     gone, alive = psutil.wait_procs(procs, timeout=20)
     for p in alive:
         p.kill()
@@ -317,7 +322,10 @@ def test_workers_exit_when_the_front_process_dies(tmp_path: Path) -> None:
 def test_submit_many_bytes_keeps_order_and_stops_at_bad_input() -> None:
     got: dict[bytes, list[int]] = collections.defaultdict(list)
     with ShardPool(
-        handlers.record, workers=2, batch_size=16, max_inflight=64,
+        handlers.record,
+        workers=2,
+        batch_size=16,
+        max_inflight=64,
         on_result=lambda c, s, v: got[c].append(v[1]),
     ) as pool:
         stream = [(_channel(c), cbor2.dumps({"i": i})) for i in range(200) for c in range(20)]
@@ -342,6 +350,7 @@ def test_on_done_outcomes_keep_channel_order_when_values_and_nones_mix() -> None
         def cb(value: Any, error: BaseException | None) -> None:
             with lock:
                 seen.append(i)
+
         return cb
 
     with ShardPool(handlers.none_or_value, workers=1, failure_policy="skip") as pool:

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import backend_tools
 import psutil
 import pytest
-import backend_tools
 from service_handlers import backend_sections, in_process_backend, subprocess_env
 
 from shardpool.client import Client
@@ -25,7 +25,6 @@ from shardpool.control import ControlClient
 from shardpool.status import render_status
 
 pytestmark = pytest.mark.multiprocess
-
 
 
 _env = subprocess_env
@@ -161,24 +160,24 @@ def test_sigterm_with_work_in_flight_drains_it_and_exits_0(tmp_path: Path) -> No
         supervisor={"stop_timeout_s": 30.0},
     )
     n = 400
-    with backend_process(tmp_path, sections) as (proc, _cfg, _):
-        with (
-            Client(sections["ingress"]["endpoint"], timeout=30.0) as client,
-            ControlClient(sections["control"]["endpoint"]) as ctl,
-        ):
-            sent = [
-                client.send(b"slow-%d" % (i % 40), {"gate": str(gate), "i": i}) for i in range(n)
-            ]
-            client.flush()
-            snap = _wait_status(ctl, lambda s: s["pool"]["inflight"] == n)
-            pids = [w["pid"] for w in snap["workers"]]
-            t0 = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            _wait_status(ctl, lambda s: s["service"]["state"] == "stopping")
-            gate.touch()  # the in-flight work can finish now, during the drain phase
-            assert proc.wait(timeout=60) == 0
-            assert time.monotonic() - t0 < 30  # within supervisor.stop_timeout_s
-            replies = list(client.results(timeout=10.0))
+    with (
+        backend_process(tmp_path, sections) as (proc, _cfg, _),
+        Client(sections["ingress"]["endpoint"], timeout=30.0) as client,
+        ControlClient(sections["control"]["endpoint"]) as ctl,
+    ):
+        sent = [
+            client.send(b"slow-%d" % (i % 40), {"gate": str(gate), "i": i}) for i in range(n)
+        ]
+        client.flush()
+        snap = _wait_status(ctl, lambda s: s["pool"]["inflight"] == n)
+        pids = [w["pid"] for w in snap["workers"]]
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _wait_status(ctl, lambda s: s["service"]["state"] == "stopping")
+        gate.touch()  # the in-flight work can finish now, during the drain phase
+        assert proc.wait(timeout=60) == 0
+        assert time.monotonic() - t0 < 30  # within supervisor.stop_timeout_s
+        replies = list(client.results(timeout=10.0))
     assert sorted(r.corr for r in replies) == sorted(sent)
     assert {r.status for r in replies} == {"ok"}
     for pid in pids:
@@ -229,19 +228,21 @@ def test_stop_deadline_answers_in_doubt_and_closed_apart(tmp_path: Path) -> None
         pool={"workers": 1, "handler": "handlers:gated"},
         supervisor={"stop_timeout_s": 4.0},
     )
-    with backend_process(tmp_path, sections) as (proc, _cfg, _):
-        with (
-            Client(sections["ingress"]["endpoint"], timeout=20.0) as client,
-            ControlClient(sections["control"]["endpoint"]) as ctl,
-        ):
-            done = client.send(b"free", {"i": 0})
-            stuck = client.send(b"stuck", {"gate": str(gate), "i": 0})
-            behind = [client.send(b"stuck", {"i": i}) for i in range(1, 4)]
-            client.flush()
-            _wait_status(ctl, lambda s: s["pool"]["acknowledged"] == 1 and s["pool"]["inflight"] == 4)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 1
-            replies = {r.corr: r.status for r in client.results(timeout=10.0)}
+    with (
+        backend_process(tmp_path, sections) as (proc, _cfg, _),
+        Client(sections["ingress"]["endpoint"], timeout=20.0) as client,
+        ControlClient(sections["control"]["endpoint"]) as ctl,
+    ):
+        done = client.send(b"free", {"i": 0})
+        stuck = client.send(b"stuck", {"gate": str(gate), "i": 0})
+        behind = [client.send(b"stuck", {"i": i}) for i in range(1, 4)]
+        client.flush()
+        _wait_status(
+            ctl, lambda s: s["pool"]["acknowledged"] == 1 and s["pool"]["inflight"] == 4
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 1
+        replies = {r.corr: r.status for r in client.results(timeout=10.0)}
     assert replies == {done: "ok", stuck: "in_doubt", **{c: "closed" for c in behind}}
     log = (tmp_path / "backend.log").read_text()
     assert "3 accepted messages were never handed to the handler" in log
@@ -277,23 +278,23 @@ def test_metrics_endpoint_and_worker_pinning(tmp_path: Path) -> None:
 
 
 def test_operator_skips_a_halted_channel_through_the_control_socket(tmp_path: Path) -> None:
-    with in_process_backend(
-        tmp_path, pool={"workers": 2, "handler": "handlers:fail_on", "failure_policy": "halt"}
-    ) as svc:
-        with (
-            Client(svc.ingress_endpoint, timeout=20.0) as client,
-            ControlClient(svc.control_endpoint) as ctl,
-        ):
-            bad = client.send(b"chan-h", {"i": 0, "fail": True})
-            later = client.send(b"chan-h", {"i": 1})
-            other = client.send(b"chan-o", {"i": 2})
-            assert client.call(b"chan-o", {"i": 3}, timeout=20.0) == 3  # others are not held
-            _wait_status(ctl, lambda s: s["pool"]["halted_channels"] == 1)
-            with pytest.raises(Exception, match="not halted"):
-                ctl.request("resume", {"channel": b"chan-o".hex()})
-            out = _cli("skip", b"chan-h".hex(), "--endpoint", svc.control_endpoint)
-            assert out.returncode == 0, out.stderr
-            replies = {r.corr: r for r in client.results(timeout=20.0)}
+    with (
+        in_process_backend(
+            tmp_path, pool={"workers": 2, "handler": "handlers:fail_on", "failure_policy": "halt"}
+        ) as svc,
+        Client(svc.ingress_endpoint, timeout=20.0) as client,
+        ControlClient(svc.control_endpoint) as ctl,
+    ):
+        bad = client.send(b"chan-h", {"i": 0, "fail": True})
+        later = client.send(b"chan-h", {"i": 1})
+        other = client.send(b"chan-o", {"i": 2})
+        assert client.call(b"chan-o", {"i": 3}, timeout=20.0) == 3  # others are not held
+        _wait_status(ctl, lambda s: s["pool"]["halted_channels"] == 1)
+        with pytest.raises(Exception, match="not halted"):
+            ctl.request("resume", {"channel": b"chan-o".hex()})
+        out = _cli("skip", b"chan-h".hex(), "--endpoint", svc.control_endpoint)
+        assert out.returncode == 0, out.stderr
+        replies = {r.corr: r for r in client.results(timeout=20.0)}
     finals = {c: r for c, r in replies.items() if r.status != "halted"}
     assert finals[bad].status == "failed"
     assert finals[later].ok and finals[later].value == 1
@@ -307,32 +308,32 @@ def test_quarantined_channel_shows_in_status_log_and_metrics(
     producer gets a HALTED notice, status lists the channel with the cause, metrics count it, the
     log says it, and `shardpool skip` lets the channel go on."""
     port = _free_port()
-    with in_process_backend(
-        tmp_path,
-        pool={"workers": 2, "handler": "service_handlers:poisonable"},
-        supervisor={"restart_backoff_s": 0.01, "max_restarts": 2},
-        metrics={"enabled": True, "host": "127.0.0.1", "port": port},
-    ) as svc:
-        with (
-            Client(svc.ingress_endpoint, timeout=60.0) as client,
-            ControlClient(svc.control_endpoint) as ctl,
-        ):
-            poison = client.send(b"chan-p", {"i": 0, "die": True})
-            behind = client.send(b"chan-p", {"i": 1})
-            others = {client.send(b"chan-%d" % k, {"i": k}): k for k in range(50)}
-            client.flush()
-            snap = _wait_status(ctl, lambda s: s["pool"]["quarantined"] == 1, timeout=60.0)
-            [halt] = snap["pool"]["halted"]
-            assert (halt["channel"], halt["seq"], halt["quarantined"]) == (b"chan-p".hex(), 0, True)
-            assert "exited with code 71" in halt["error"] and halt["type"] == "WorkerDied"
-            assert snap["pool"]["state"] == "running"
-            table = render_status(snap, width=200)
-            assert "QUARANTINED" in table and b"chan-p".hex() in table
-            with urllib.request.urlopen(svc.metrics_url, timeout=10) as resp:
-                assert "shardpool_quarantined_total 1.0" in resp.read().decode()
-            out = _cli("skip", b"chan-p".hex(), "--endpoint", svc.control_endpoint)
-            assert out.returncode == 0, out.stderr
-            replies = list(client.results(timeout=30.0))
+    with (
+        in_process_backend(
+            tmp_path,
+            pool={"workers": 2, "handler": "service_handlers:poisonable"},
+            supervisor={"restart_backoff_s": 0.01, "max_restarts": 2},
+            metrics={"enabled": True, "host": "127.0.0.1", "port": port},
+        ) as svc,
+        Client(svc.ingress_endpoint, timeout=60.0) as client,
+        ControlClient(svc.control_endpoint) as ctl,
+    ):
+        poison = client.send(b"chan-p", {"i": 0, "die": True})
+        behind = client.send(b"chan-p", {"i": 1})
+        others = {client.send(b"chan-%d" % k, {"i": k}): k for k in range(50)}
+        client.flush()
+        snap = _wait_status(ctl, lambda s: s["pool"]["quarantined"] == 1, timeout=60.0)
+        [halt] = snap["pool"]["halted"]
+        assert (halt["channel"], halt["seq"], halt["quarantined"]) == (b"chan-p".hex(), 0, True)
+        assert "exited with code 71" in halt["error"] and halt["type"] == "WorkerDied"
+        assert snap["pool"]["state"] == "running"
+        table = render_status(snap, width=200)
+        assert "QUARANTINED" in table and b"chan-p".hex() in table
+        with urllib.request.urlopen(svc.metrics_url, timeout=10) as resp:
+            assert "shardpool_quarantined_total 1.0" in resp.read().decode()
+        out = _cli("skip", b"chan-p".hex(), "--endpoint", svc.control_endpoint)
+        assert out.returncode == 0, out.stderr
+        replies = list(client.results(timeout=30.0))
     by_corr: dict[int, list[Any]] = {}
     for r in replies:
         by_corr.setdefault(r.corr, []).append(r)

@@ -59,10 +59,16 @@ class Clock:
         return self.now
 
 
-def make(workers: int = 1, fail_spawn: bool = False, **cfg: Any) -> tuple[Supervisor, Clock, list[FakeProcess]]:
+def make(
+    workers: int = 1, fail_spawn: bool = False, **cfg: Any
+) -> tuple[Supervisor, Clock, list[FakeProcess]]:
     settings = dict(
-        ready_timeout_s=5.0, heartbeat_timeout_s=2.0, restart_backoff_s=0.1,
-        restart_backoff_max_s=0.4, max_restarts=3, restart_window_s=60.0,
+        ready_timeout_s=5.0,
+        heartbeat_timeout_s=2.0,
+        restart_backoff_s=0.1,
+        restart_backoff_max_s=0.4,
+        max_restarts=3,
+        restart_window_s=60.0,
     )
     settings.update(cfg)
     clock = Clock()
@@ -115,7 +121,9 @@ def test_heartbeat_silence_kills_a_ready_worker_once() -> None:
     assert sup.tick(caught_up)[0] == []
     clock.now += 0.2
     decisions, _ = sup.tick(caught_up)
-    assert [type(d) for d in decisions] == [Killed] and "no heartbeat for 2.1 s" in decisions[0].reason
+    assert [type(d) for d in decisions] == [Killed] and "no heartbeat for 2.1 s" in decisions[
+        0
+    ].reason
     assert sup.tick(caught_up)[0] == []  # killed once; the sentinel takes it from here
     death = sup.reap(0)
     assert death.hung and death.cause.startswith("killed by SIGKILL (no heartbeat")
@@ -192,7 +200,11 @@ def test_stop_all_asks_running_workers_and_settles_the_dead() -> None:
     sup.on_ready(1)
     die(sup, 1, -9)  # worker 1 waits for its restart
     sup.stop_all()
-    assert [w.state for w in sup.workers] == [WorkerState.STOPPING, WorkerState.STOPPED, WorkerState.STOPPING]
+    assert [w.state for w in sup.workers] == [
+        WorkerState.STOPPING,
+        WorkerState.STOPPED,
+        WorkerState.STOPPING,
+    ]
     assert procs[0].signals == ["term"] and procs[2].signals == ["term"]
     assert sup.stopping() == [0, 2]
     assert die(sup, 0, 0) == Stopped(0)
@@ -215,8 +227,12 @@ def test_halt_stops_every_restart() -> None:
 
 @pytest.mark.parametrize(
     "code, words",
-    [(0, "exited cleanly"), (3, "failed to start its handler"), (-15, "killed by SIGTERM"),
-     (71, "exited with code 71")],
+    [
+        (0, "exited cleanly"),
+        (3, "failed to start its handler"),
+        (-15, "killed by SIGTERM"),
+        (71, "exited with code 71"),
+    ],
 )
 def test_exit_codes_are_named(code: int, words: str) -> None:
     from shardpool.supervisor import describe_exit

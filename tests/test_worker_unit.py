@@ -9,8 +9,8 @@ from typing import Any
 import cbor2
 
 from shardpool import codec
-from shardpool.handler import load_handler
 from shardpool.codec import ToFront, ToWorker
+from shardpool.handler import load_handler
 from shardpool.worker import NO_MESSAGE, Dispatcher, RunSlot, Worker, WorkerSpec
 
 
@@ -36,7 +36,9 @@ class W:
 
     def __init__(self, handler: Any, epoch: int, **spec: Any) -> None:
         self.worker = Worker(
-            WorkerSpec(index=0, epoch=epoch, data_endpoint="", front_endpoint="", handler=handler, **spec)
+            WorkerSpec(
+                index=0, epoch=epoch, data_endpoint="", front_endpoint="", handler=handler, **spec
+            )
         )
         self.push = FakePush()
         self.worker.acks.push = self.push  # type: ignore[assignment]
@@ -55,8 +57,12 @@ def seen_handler(channel: Any, seq: int, message: Any, redelivered: bool) -> Any
     return None
 
 
-def batch(epoch: int, first: int, items: list[tuple[bytes, int, Any]], redelivered: bool = False) -> bytes:
-    return codec.encode_batch(epoch, first, redelivered, [(c, s, cbor2.dumps(m)) for c, s, m in items])
+def batch(
+    epoch: int, first: int, items: list[tuple[bytes, int, Any]], redelivered: bool = False
+) -> bytes:
+    return codec.encode_batch(
+        epoch, first, redelivered, [(c, s, cbor2.dumps(m)) for c, s, m in items]
+    )
 
 
 def test_in_order_messages_are_acked_as_one_range() -> None:
@@ -70,7 +76,11 @@ def test_in_order_messages_are_acked_as_one_range() -> None:
 def test_order_violations_are_counted_by_kind() -> None:
     w, _ = make_worker(seen_handler)
     # a: 0, 1, 3 (gap), 3 (duplicate), 1 (reorder)
-    w.on_batch(codec.loads(batch(1, 0, [(b"a", 0, 0), (b"a", 1, 0), (b"a", 3, 0), (b"a", 3, 0), (b"a", 1, 0)])))
+    w.on_batch(
+        codec.loads(
+            batch(1, 0, [(b"a", 0, 0), (b"a", 1, 0), (b"a", 3, 0), (b"a", 3, 0), (b"a", 1, 0)])
+        )
+    )
     assert (w.counters["gaps"], w.counters["duplicates"], w.counters["reorders"]) == (1, 1, 1)
 
 
@@ -79,7 +89,9 @@ def test_first_message_of_a_new_incarnation_sets_the_baseline() -> None:
     w, _ = make_worker(seen_handler, epoch=2)
 
     async def main() -> None:
-        await w.careful_batch(codec.loads(batch(2, 0, [(b"a", 40, 0), (b"a", 41, 0)], redelivered=True)))
+        await w.careful_batch(
+            codec.loads(batch(2, 0, [(b"a", 40, 0), (b"a", 41, 0)], redelivered=True))
+        )
 
     asyncio.run(main())
     assert (w.counters["gaps"], w.counters["redelivered"]) == (0, 2)
@@ -127,8 +139,8 @@ def test_halt_policy_parks_the_channel_and_queues_its_later_messages() -> None:
         w.on_batch(codec.loads(batch(1, 0, [(b"b", 0, 0), (b"a", 0, 0), (b"b", 1, 0)])))
         assert w.channels[b"b"]._halted and len(w.channels[b"b"]._queue) == 2
         w.on_control("skip", b"b")  # skips seq 0, then seq 1 fails and halts again
-        await asyncio.sleep(0)  # noqa: sleep-ok - let the drain task take one step
-        await asyncio.sleep(0)  # noqa: sleep-ok
+        await asyncio.sleep(0)  # sleep-ok - let the drain task take one step
+        await asyncio.sleep(0)  # sleep-ok
         return w, push
 
     w, push = asyncio.run(main())
@@ -151,8 +163,17 @@ def test_unencodable_result_fails_only_its_own_message() -> None:
 
 def test_forged_item_without_an_integer_seq_is_skipped_not_fatal() -> None:
     w, push = make_worker(seen_handler)
-    frame = codec.dumps([ToWorker.BATCH, 1, 0, False, [b"a", 0, cbor2.dumps(0)], [b"a", "x", b"\xa0"],
-                         [b"a", 1, cbor2.dumps(0)]])
+    frame = codec.dumps(
+        [
+            ToWorker.BATCH,
+            1,
+            0,
+            False,
+            [b"a", 0, cbor2.dumps(0)],
+            [b"a", "x", b"\xa0"],
+            [b"a", 1, cbor2.dumps(0)],
+        ]
+    )
     w.on_batch(codec.loads(frame))
     assert w.counters["bad_frames"] == 1
     assert w.channels[b"a"].state == [0, 1]
@@ -174,12 +195,14 @@ class SlotWatcher:
     async def handle(self, channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
         self.running += 1
         self.seen.append((seq, self.slot.read()[1], self.running))
-        await asyncio.sleep(0)  # noqa: sleep-ok - a handler awaiting: others could run now
+        await asyncio.sleep(0)  # sleep-ok - a handler awaiting: others could run now
         self.running -= 1
         return None
 
 
-def test_careful_replay_runs_one_call_at_a_time_recording_each_in_the_run_slot(tmp_path: Path) -> None:
+def test_careful_replay_runs_one_call_at_a_time_recording_each_in_the_run_slot(
+    tmp_path: Path,
+) -> None:
     slot = RunSlot(str(tmp_path / "run"), create=True)
     watcher = SlotWatcher(slot)
     w, push = make_worker(watcher, epoch=3)
@@ -188,12 +211,18 @@ def test_careful_replay_runs_one_call_at_a_time_recording_each_in_the_run_slot(t
     async def main() -> None:
         items = [(b"a", 5, 0), (b"b", 7, 0), (b"a", 6, 0), (b"c", 0, 0)]
         await w.careful_batch(codec.loads(batch(3, 100, items, redelivered=True)))
-        await asyncio.sleep(0)  # noqa: sleep-ok - let the scheduled acknowledgement go out
+        await asyncio.sleep(0)  # sleep-ok - let the scheduled acknowledgement go out
 
     asyncio.run(main())
     assert watcher.seen == [(5, 100, 1), (7, 101, 1), (6, 102, 1), (0, 103, 1)]
     assert slot.read() == (103, NO_MESSAGE)  # all taken in; nothing running after the last call
-    acked = [w for f in push.frames if f[0] == ToFront.ACK for a, b in zip(f[3][::2], f[3][1::2]) for w in range(a, b)]
+    acked = [
+        w
+        for f in push.frames
+        if f[0] == ToFront.ACK
+        for a, b in zip(f[3][::2], f[3][1::2], strict=False)
+        for w in range(a, b)
+    ]
     assert sorted(acked) == [100, 101, 102, 103]
     slot.close()
 
@@ -233,9 +262,14 @@ def test_stop_report_names_the_running_calls_and_nothing_new_starts(tmp_path: Pa
 
     async def main() -> tuple[Dispatcher, FakePush]:
         w = W("handlers:gated", epoch=1)
-        items = [(b"a", 0, {"gate": gate_a}), (b"a", 1, {}), (b"b", 0, {"gate": gate_b}), (b"b", 1, {})]
+        items = [
+            (b"a", 0, {"gate": gate_a}),
+            (b"a", 1, {}),
+            (b"b", 0, {"gate": gate_b}),
+            (b"b", 1, {}),
+        ]
         w.d.on_batch(codec.loads(batch(1, 0, items)))
-        await asyncio.sleep(0)  # noqa: sleep-ok - let the channel tasks start their calls
+        await asyncio.sleep(0)  # sleep-ok - let the channel tasks start their calls
         w.worker.on_stop_request()
         open(gate_b, "w").close()  # b's running call may now finish; a's stays blocked
         await asyncio.wait_for(_until(lambda: not w.d.channels[b"b"]._busy), 5.0)
@@ -252,7 +286,7 @@ def test_stop_report_names_the_running_calls_and_nothing_new_starts(tmp_path: Pa
 
 async def _until(cond: Any) -> None:
     while not cond():
-        await asyncio.sleep(0.002)  # noqa: sleep-ok - polled under the caller's wait_for deadline
+        await asyncio.sleep(0.002)  # sleep-ok - polled under the caller's wait_for deadline
 
 
 def ending(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
@@ -264,7 +298,9 @@ def ending(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
 
 def test_an_ended_channel_is_dropped_once_its_last_message_is_done() -> None:
     w, push = make_worker(ending)
-    w.on_batch(codec.loads(batch(1, 0, [(b"a", 0, 0), (b"a", 1, "end"), (b"a", 2, 0), (b"b", 0, 0)])))
+    w.on_batch(
+        codec.loads(batch(1, 0, [(b"a", 0, 0), (b"a", 1, "end"), (b"a", 2, 0), (b"b", 0, 0)]))
+    )
     assert b"a" not in w.channels and w.channels[b"b"].state == 1
     [ack] = push.frames
     assert ack[0] == ToFront.ACK and ack[3] == [0, 4]
@@ -286,12 +322,14 @@ def test_idle_sweep_forgets_only_idle_stateless_unhalted_channels() -> None:
     async def main() -> tuple[Dispatcher, FakePush]:
         w = W(handler, epoch=1, channel_idle_expiry_s=0.04)
         w.d.on_batch(
-            codec.loads(batch(1, 0, [(b"idle", 0, 0), (b"stateful", 0, "keep"), (b"halted", 0, "fail")]))
+            codec.loads(
+                batch(1, 0, [(b"idle", 0, 0), (b"stateful", 0, "keep"), (b"halted", 0, "fail")])
+            )
         )
         sweep = asyncio.get_running_loop().create_task(w.worker._sweep(0.04))
         deadline = asyncio.get_running_loop().time() + 5.0
         while b"idle" in w.d.channels and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)  # noqa: sleep-ok - the sweep runs on its own timer
+            await asyncio.sleep(0.01)  # sleep-ok - the sweep runs on its own timer
         sweep.cancel()
         return w.d, w.push
 

@@ -17,7 +17,12 @@ from typing import Any
 import zmq
 
 from ..config import Config, find_config_path, load_config
-from ..control import HEARTBEAT_TIMEOUT_MS, ConnectionWatch, apply_heartbeats, stale_backend
+from ..control import (
+    HEARTBEAT_TIMEOUT_MS,
+    ConnectionWatch,
+    apply_heartbeats,
+    stale_backend,
+)
 from ..errors import AccessDenied, BackendLost, NotRunning
 from ..security import load_client_keys, load_public_key, resolve_endpoints
 

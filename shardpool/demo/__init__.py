@@ -23,7 +23,14 @@ from __future__ import annotations
 from .bytype import TYPE_GROUPS, run_by_type_dispatch
 from .channel import MESSAGE_TYPES, VIOLATION_CODES, ChannelState, replay
 from .handler import AsyncLightningHandler, LightningHandler
-from .traffic import channel_id, encode, encode_stream, generate, iter_encoded, iter_stream
+from .traffic import (
+    channel_id,
+    encode,
+    encode_stream,
+    generate,
+    iter_encoded,
+    iter_stream,
+)
 
 __all__ = [
     "MESSAGE_TYPES",

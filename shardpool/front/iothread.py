@@ -30,6 +30,7 @@ import zmq
 from .. import codec
 from ..codec import FINAL_ACTIONS, ToFront
 from ..errors import HandlerError, PoolBroken, RemoteTraceback, WorkerStartError
+from ..exitcodes import EXIT_OK
 from ..supervisor import (
     Death,
     GiveUp,
@@ -40,10 +41,11 @@ from ..supervisor import (
     WorkerProcess,
     WorkerState,
 )
-from ..worker import EXIT_OK, NO_MESSAGE, WorkerSpec
+from ..worker import NO_MESSAGE, WorkerSpec
 from .channels import Halt
 from .link import Link
 from .outcomes import Done, HaltNotice, Outcome, Reported, Result, deliver
+from .window import Window
 
 if TYPE_CHECKING:
     from .engine import Front
@@ -329,7 +331,22 @@ class FrontIO:
             n += win.finish_range(ranges[i], ranges[i + 1], done)
         for wseq, waiter in done:
             keyed.append((wseq, Done(waiter, None, None)))
-        on_result = f.on_result
+        n += self._results(win, results, keyed)
+        n += self._failures(win, failures, keyed)
+        if keyed:
+            keyed.sort(key=_first)
+            outcomes.extend(outcome for _, outcome in keyed)
+        f.counters["acknowledged"] += n
+        f.counters["results"] += len(results)
+        if n or failures:
+            f.cv.notify_all()
+
+    def _results(
+        self, win: Window, results: list[list[Any]], keyed: list[tuple[int, Outcome]]
+    ) -> int:
+        """Retire the messages that finished with a value; how many were still open."""
+        on_result = self.front.on_result
+        n = 0
         for wseq, value in results:
             found = win.open(wseq)
             if found is None:
@@ -341,6 +358,16 @@ class FrontIO:
                 keyed.append((wseq, Done(waiter, value, None)))
             elif on_result is not None:
                 keyed.append((wseq, Result(on_result, item[0], item[1], value)))
+        return n
+
+    def _failures(
+        self, win: Window, failures: list[list[Any]], keyed: list[tuple[int, Outcome]]
+    ) -> int:
+        """Apply the failures: a final one retires its message (its ``on_done``, if any, gets the
+        error; else ``on_failure`` does); a halt parks its channel, tells the message's
+        ``on_done`` (not final) and ``on_failure``. Returns how many messages were retired."""
+        f = self.front
+        n = 0
         for wseq, exc_type, message, tb, action in failures:
             found = win.open(wseq)
             if found is None:
@@ -370,13 +397,7 @@ class FrontIO:
                 if waiter is not None:
                     keyed.append((wseq, HaltNotice(waiter, err)))
             keyed.append((wseq, Reported(f.on_failure, err)))
-        if keyed:
-            keyed.sort(key=_first)
-            outcomes.extend(outcome for _, outcome in keyed)
-        f.counters["acknowledged"] += n
-        f.counters["results"] += len(results)
-        if n or failures:
-            f.cv.notify_all()
+        return n
 
     # -- incarnations ----------------------------------------------------------------------------
 

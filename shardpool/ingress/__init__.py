@@ -22,7 +22,8 @@ the messages, so replies leave in that order as they come. The :mod:`.outbox` se
 blocking and bounds what each producer can make the backend hold.
 
 Bad input is answered, counted by error code and logged at most once per code per
-:data:`LOG_INTERVAL_S` (:mod:`.ratelog`). Error texts describe bad values without formatting them
+:data:`LOG_INTERVAL_S` (:mod:`shardpool.ratelog`). Error texts describe bad values without
+formatting them
 (:func:`shardpool.protocol.describe`). Whatever else goes wrong while one frame or item is handled
 (a bug) is answered ``internal_error``, counted and logged with its traceback, rate-limited, and
 the loop goes on; a failure while sending replies or reading the monitor is caught the same way.
@@ -31,11 +32,7 @@ So no frame can stop or stall the ingress.
 
 from __future__ import annotations
 
-from .ratelog import RateLimitedLog
 from .server import LOG_INTERVAL_S, Ingress
 from .settings import IngressSettings
 
-__all__ = ["LOG_INTERVAL_S", "Ingress", "IngressSettings", "RateLimitedLog"]
-
-# shardpool.service still imports the old private name; drop this once it uses RateLimitedLog.
-_RateLimitedLog = RateLimitedLog
+__all__ = ["LOG_INTERVAL_S", "Ingress", "IngressSettings"]

@@ -22,7 +22,7 @@ from typing import Any
 import zmq
 
 from .. import protocol as P
-from .ratelog import RateLimitedLog
+from ..ratelog import RateLimitedLog
 from .records import Notice, Record
 
 __all__ = ["REPLY_ENTRIES", "REPLY_HWM", "Outbox", "Producer"]

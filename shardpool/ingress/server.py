@@ -12,9 +12,9 @@ import zmq
 
 from .. import protocol as P
 from ..errors import InputError, PoolBroken, PoolClosed
+from ..ratelog import RateLimitedLog
 from .items import item_corr, read_item
 from .outbox import Outbox, Producer
-from .ratelog import RateLimitedLog
 from .records import Outcomes, Record
 from .settings import IngressSettings
 from .sockets import RouterSocket, open_router

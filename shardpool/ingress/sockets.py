@@ -10,9 +10,9 @@ import zmq
 import zmq.auth
 from zmq.utils.monitor import parse_monitor_message
 
+from ..ratelog import RateLimitedLog
 from ..security import secure_socket_file
 from .outbox import REPLY_HWM
-from .ratelog import RateLimitedLog
 from .settings import IngressSettings
 
 __all__ = ["RouterSocket", "open_router"]

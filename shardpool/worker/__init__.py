@@ -8,7 +8,8 @@
     front ◀── run slot (shared memory: what was taken in, which careful call runs) ── process.py
 
 * :mod:`.process` — what a worker is given (:class:`WorkerSpec`), its entry point, the parent
-  guard (it leaves within about a second of its front's death), the run slot, the exit codes.
+  guard (it leaves within about a second of its front's death), the run slot. Its exit codes are
+  in :mod:`shardpool.exitcodes`.
 * :mod:`.serve` — one incarnation's life: start, serve frames, stop request, heartbeat, idle
   sweep, BYE.
 * :mod:`.dispatch` — messages to per-channel FIFOs, one handler call per channel at a time,
@@ -19,9 +20,6 @@
 from .acks import Acks
 from .dispatch import Dispatcher
 from .process import (
-    EXIT_OK,
-    EXIT_PARENT_GONE,
-    EXIT_START_FAILED,
     NO_MESSAGE,
     RunSlot,
     WorkerSpec,
@@ -31,9 +29,6 @@ from .process import (
 from .serve import Worker
 
 __all__ = [
-    "EXIT_OK",
-    "EXIT_PARENT_GONE",
-    "EXIT_START_FAILED",
     "NO_MESSAGE",
     "Acks",
     "Dispatcher",

@@ -80,7 +80,7 @@ class Dispatcher:
 
     # -- batches -------------------------------------------------------------------------------
 
-    def on_batch(self, msg: list[Any]) -> None:
+    def on_batch(self, msg: list[Any]) -> None:  # noqa: C901 - the hot path, one function on purpose
         """A BATCH frame that is not a replay (those go to :meth:`careful_batch`)."""
         # The worker's hot path: the loop body runs once per message, so it does only what every
         # message needs. Messages that do not finish inline with a None result are noted as

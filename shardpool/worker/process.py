@@ -6,7 +6,6 @@
   its handler is doing.
 * :class:`RunSlot` — memory shared with the front that survives a crash: what the worker took in,
   and which message a careful replay is running.
-* The exit codes the supervisor names.
 """
 
 from __future__ import annotations
@@ -22,12 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-EXIT_OK = 0
-"""Clean exit after a stop request: every call it started finished and was acknowledged (BYE)."""
-EXIT_START_FAILED = 3
-"""The handler could not be imported, built or set up; a FATAL frame carried the traceback."""
-EXIT_PARENT_GONE = 4
-"""The front process disappeared; the worker left rather than run orphaned."""
+from ..exitcodes import EXIT_PARENT_GONE
 
 NO_MESSAGE = -1
 """The run slot's value while no careful call is running."""
@@ -134,7 +128,7 @@ def guard_parent(parent_pid: int, *, pdeathsig: bool = True, poll_s: float = PAR
 
 def _watch_parent(parent_pid: int, poll_s: float) -> None:
     while True:
-        time.sleep(poll_s)  # noqa: sleep-ok - a watchdog's period, not synchronisation
+        time.sleep(poll_s)  # sleep-ok - a watchdog's period, not synchronisation
         if os.getppid() != parent_pid:
             # Re-parented: the front is gone and nothing we could still send has a reader.
             os._exit(EXIT_PARENT_GONE)

@@ -26,10 +26,11 @@ import zmq.asyncio
 
 from .. import codec
 from ..codec import ToFront, ToWorker
+from ..exitcodes import EXIT_OK, EXIT_START_FAILED
 from ..handler import load_handler, maybe_await
 from .acks import Acks
 from .dispatch import COUNTERS, Dispatcher
-from .process import EXIT_OK, EXIT_START_FAILED, RunSlot, WorkerSpec
+from .process import RunSlot, WorkerSpec
 
 __all__ = ["Worker"]
 

@@ -1,4 +1,4 @@
-"""Warnings about bad input, rate-limited so that a producer sending garbage cannot flood the log."""
+"""Warnings about bad input, rate-limited: a producer sending garbage cannot flood the log."""
 
 from __future__ import annotations
 
