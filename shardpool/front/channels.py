@@ -21,7 +21,7 @@ from ..errors import HandlerError, NotHalted
 from ..routing import Router, check_channel_id
 from .window import DoneCallback, Window
 
-__all__ = ["Channels", "Halt", "Route"]
+__all__ = ["Channels", "Halt", "Route", "quarantine_error"]
 
 Held = list[tuple[int, bytes, "DoneCallback | None"]]  # (cseq, payload, on_done) while halted
 
@@ -161,7 +161,29 @@ class Channels:
         n = self.suspects[key] = self.suspects.get(key, 0) + 1
         return n
 
-    def quarantine(self, key: tuple[bytes, int], error: HandlerError) -> Window:
-        """Halt the channel of a message that keeps killing its worker; returns its window."""
+    def quarantine(
+        self, key: tuple[bytes, int], error: HandlerError
+    ) -> tuple[Window, DoneCallback | None]:
+        """Halt the channel of a message that keeps killing its worker; returns its window and
+        the message's ``on_done`` (to be told of the halt)."""
         self.suspects.pop(key, None)
-        return self.halt(key[0], Halt(key[1], error, time.time(), quarantined=True))
+        window = self.halt(key[0], Halt(key[1], error, time.time(), quarantined=True))
+        return window, window.waiter_of(*key)
+
+
+def quarantine_error(
+    key: tuple[bytes, int], death: str, hung: bool, deaths: int, limit: int, traceback: str
+) -> HandlerError:
+    """The failure reported for a quarantined message: the death (``"worker 0 killed by
+    SIGSEGV"``), how many times, and the limit that was reached."""
+    cid, cseq = key
+    return HandlerError(
+        f"channel {cid.hex()} quarantined at seq {cseq}: {death} with this message in its "
+        f"handler, {deaths} times (supervisor.poison_after_crashes = {limit}); the channel is "
+        "halted",
+        channel_id=cid,
+        seq=cseq,
+        exc_type="WorkerHung" if hung else "WorkerDied",
+        policy="quarantine",
+        traceback=traceback,
+    )

@@ -23,7 +23,6 @@ from typing import Any
 import zmq
 
 from .. import codec
-from ..codec import ToWorker
 from ..config import Config
 from ..errors import (
     DrainTimeout,
@@ -35,11 +34,11 @@ from ..errors import (
 from ..routing import Router, check_channel_id
 from ..supervisor import Supervisor
 from ..wakeup import WakePipe
-from . import shutdown
+from . import operations, shutdown
 from .channels import Channels, Halt
 from .iothread import FrontIO
 from .link import Link
-from .outcomes import FailureCallback, Outcome, ResultCallback, deliver
+from .outcomes import FailureCallback, ResultCallback
 from .shutdown import CloseReport
 from .state import PoolState
 from .window import DoneCallback, Window
@@ -88,8 +87,8 @@ class Front:
         )
         self.room_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self.stats_replies: dict[int, dict[int, dict[str, Any]]] = {}
-        self._stats_ids = itertools.count(1)
-        self._batch_parts = 1 + 3 * transport.batch_size
+        self.stats_ids = itertools.count(1)
+        self.batch_parts = 1 + 3 * transport.batch_size
         self._max_inflight = transport.max_inflight
         self._limit = transport.max_inflight  # 0 when not running: one test on the hot path
         self._max_bytes = transport.max_message_bytes
@@ -175,7 +174,7 @@ class Front:
                 )
             if parts:
                 parts += (route.prefix, _item_head(_CSEQ, cseq, _PAYLOAD, size), payload)
-                if len(parts) >= self._batch_parts:
+                if len(parts) >= self.batch_parts:
                     self.links[win.index].flush()
             else:
                 parts += (b"", route.prefix, _item_head(_CSEQ, cseq, _PAYLOAD, size), payload)
@@ -196,7 +195,7 @@ class Front:
         chunk = self.cfg.transport.batch_size
         routes = self._routes
         max_bytes = self._max_bytes
-        batch_parts = self._batch_parts
+        batch_parts = self.batch_parts
         links = self.links
         accepted = 0
         while True:
@@ -313,9 +312,10 @@ class Front:
     def flush(self) -> None:
         """Send every pending batch now."""
         with self.lock:
-            self._flush_all()
+            self.flush_pending()
 
-    def _flush_all(self) -> None:
+    def flush_pending(self) -> None:
+        """Send every pending batch (lock held)."""
         for link in self.links:
             if link.window.parts:
                 link.flush()
@@ -333,7 +333,7 @@ class Front:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.lock:
-            self._flush_all()
+            self.flush_pending()
             while True:
                 left = self.unfinished()
                 if left == 0:
@@ -351,45 +351,13 @@ class Front:
                 self.cv.wait(wait)
 
     def control(self, channel_id: bytes, op: str) -> None:
-        """An operator's decision on a halted channel, sent to its worker in band: ``resume``
-        (run the failed message again) or ``skip`` (record it as skipped); then its held
-        messages follow in order.
+        """An operator's ``resume`` or ``skip`` of a halted channel (see
+        :func:`.operations.control`).
 
         Raises:
             NotHalted: the channel is not halted.
         """
-        outcomes: list[Outcome] = []
-        with self.lock:
-            cid = check_channel_id(channel_id)
-            halt, route = self.channels.resume(cid)
-            log.info(
-                "channel %s: %s by the operator (was %s at seq %d)",
-                cid.hex(),
-                "resumed" if op == "resume" else "skipped",
-                "quarantined" if halt.quarantined else "halted",
-                halt.seq,
-            )
-            win = route.window
-            link = self.links[win.index]
-            if win.parts:
-                link.flush()
-            if not link.send(ToWorker.CONTROL, op, cid) and op == "skip":
-                # The worker is being restarted: the replay will not re-halt the channel, so
-                # settle the failed message here instead (a resume needs nothing: the replay
-                # runs it).
-                for w, item in win.open_entries():
-                    if item[0] == cid and item[1] == halt.seq:
-                        self.io.on_ack(link, [], [], [codec.operator_skip(w)], outcomes)
-                        break
-            held, route.held = route.held or [], None
-            win.count_parked(self.channels.is_halted)
-            for cseq, payload, on_done in held:
-                if win.place(route.prefix, cseq, payload, on_done):
-                    self.batch_started(win)
-                elif len(win.parts) >= self._batch_parts:
-                    link.flush()
-            self.cv.notify_all()
-        deliver(outcomes)
+        operations.control(self, channel_id, op)
 
     def halted_channels(self) -> dict[bytes, int]:
         """Channels parked by the halt policy (or quarantined) → seq they are halted on."""
@@ -402,34 +370,8 @@ class Front:
             return dict(self.channels.halts)
 
     def stats(self, timeout: float = 5.0) -> dict[str, Any]:
-        """Front counters and a fresh per-worker report (asked in band, so it reflects every
-        message sent before the call). A worker that does not answer in ``timeout`` seconds keeps
-        its last known figures."""
-        with self.lock:
-            req = next(self._stats_ids)
-            replies = self.stats_replies[req] = {}
-            self._flush_all()
-            asked = [k.index for k in self.links if k.send(ToWorker.STATS, req)]
-            deadline = time.monotonic() + timeout
-            while len(replies) < len(asked) and time.monotonic() < deadline:
-                self.cv.wait(deadline - time.monotonic())
-            del self.stats_replies[req]
-            for index, reply in replies.items():
-                self.links[index].stats = reply
-            workers = [{**k.report(), **self.sup.report(k.index)} for k in self.links]
-            channels = self.channels
-            return {
-                "state": self.state,
-                "submitted": channels.submitted(),
-                **self.counters,
-                "batches": sum(k.batches_sent for k in self.links),
-                "forgotten": channels.forgotten,
-                "inflight": sum(k.window.inflight for k in self.links),
-                "channels": len(channels.routes),
-                "halted_channels": len(channels.halts),
-                "halted": channels.report(),
-                "workers": workers,
-            }
+        """Front counters and a fresh per-worker report (see :func:`.operations.stats`)."""
+        return operations.stats(self, timeout)
 
     def worker_pids(self) -> list[int | None]:
         """Current pid of each worker (None while it is not running)."""

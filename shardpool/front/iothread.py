@@ -42,7 +42,7 @@ from ..supervisor import (
     WorkerState,
 )
 from ..worker import NO_MESSAGE, WorkerSpec
-from .channels import Halt
+from .channels import Halt, quarantine_error
 from .link import Link
 from .outcomes import Done, HaltNotice, Outcome, Reported, Result, deliver
 from .window import Window
@@ -252,9 +252,7 @@ class FrontIO:
                     kind, index, epoch = msg[0], msg[1], msg[2]
                     link = f.links[index]
                 except Exception:  # noqa: BLE001 - never let a bad frame stop the front
-                    log.warning(
-                        "dropped a malformed frame from a worker (%d bytes)", len(frame)
-                    )
+                    log.warning("dropped a malformed frame from a worker (%d bytes)", len(frame))
                     continue
                 if epoch != link.epoch:
                     continue  # a dead incarnation's last words
@@ -292,8 +290,13 @@ class FrontIO:
             crash = codec.Failure._make(msg[1:])
             link.last_tb = crash.traceback
             f.sup.note_crash(link.index, f"{crash.exc_type}: {crash.message}")
-            log.error("worker %d is dying: %s: %s\n%s", link.index, crash.exc_type,
-                          crash.message, crash.traceback)
+            log.error(
+                "worker %d is dying: %s: %s\n%s",
+                link.index,
+                crash.exc_type,
+                crash.message,
+                crash.traceback,
+            )
         elif kind == ToFront.FATAL:
             fatal = codec.Failure._make(msg[1:])
             f.sup.note_crash(link.index, f"{fatal.exc_type}: {fatal.message}")
@@ -427,7 +430,7 @@ class FrontIO:
         link.disconnect()
         stopping = f.sup.workers[index].state is WorkerState.STOPPING
         link.window.worker_died(taken, link.said_bye, stopping and link.stop_running is not None)
-        key = None if link.said_bye else self._suspect(link, running)
+        key = None if link.said_bye or running == NO_MESSAGE else link.window.message(running)
         n = f.channels.count_death(link.window, key)
         if key is not None and n >= f.cfg.supervisor.poison_after_crashes:
             self._quarantine(link, key, death, n, outcomes)
@@ -453,44 +456,24 @@ class FrontIO:
             )
         f.cv.notify_all()
 
-    def _suspect(self, link: Link, running: int) -> tuple[bytes, int] | None:
-        """The message a careful replay was running when the worker died, as ``(cid, cseq)``,
-        if it is still unfinished."""
-        if running == NO_MESSAGE:
-            return None
-        found = link.window.open(running)
-        if found is None:
-            return None
-        item = found[1]
-        return item[0], item[1]
-
     def _quarantine(
         self, link: Link, key: tuple[bytes, int], death: Death, n: int, outcomes: list[Outcome]
     ) -> None:
         """Halt the channel of a message that keeps killing its worker; the operator resumes
         (runs it again) or skips it as any halt."""
         f = self.front
-        cid, cseq = key
-        err = HandlerError(
-            f"channel {cid.hex()} quarantined at seq {cseq}: worker {link.index} {death.cause} "
-            f"with this message in its handler, {n} times (supervisor.poison_after_crashes = "
-            f"{f.cfg.supervisor.poison_after_crashes}); the channel is halted",
-            channel_id=cid,
-            seq=cseq,
-            exc_type="WorkerHung" if death.hung else "WorkerDied",
-            policy="quarantine",
-            traceback=link.last_tb,
+        err = quarantine_error(
+            key,
+            f"worker {link.index} {death.cause}",
+            death.hung,
+            n,
+            f.cfg.supervisor.poison_after_crashes,
+            link.last_tb,
         )
-        win = f.channels.quarantine(key, err)
+        win, waiter = f.channels.quarantine(key, err)
         win.count_parked(f.channels.is_halted)
         f.counters["quarantined"] += 1
         f.counters["failures"] += 1
-        for w, item in win.open_entries():
-            if item[0] == cid and item[1] == cseq:
-                waiter = win.waiters.get(w)
-                if waiter is not None:
-                    outcomes.append(HaltNotice(waiter, err))
-                break
+        if waiter is not None:
+            outcomes.append(HaltNotice(waiter, err))
         outcomes.append(Reported(f.on_failure, err))
-
-

@@ -210,6 +210,18 @@ class Window:
             return None
         return batch, batch.items()[wseq - batch.first]
 
+    def message(self, wseq: int) -> tuple[bytes, int] | None:
+        """``(channel_id, cseq)`` of ``wseq`` if it is still unfinished."""
+        found = self.open(wseq)
+        return None if found is None else (found[1][0], found[1][1])
+
+    def waiter_of(self, channel_id: bytes, cseq: int) -> DoneCallback | None:
+        """The ``on_done`` of an unfinished message, found by channel and seq (a scan)."""
+        for _, w, item in self.entries():
+            if item[0] == channel_id and item[1] == cseq:
+                return self.waiters.get(w)
+        return None
+
     def finish_one(self, batch: Batch, wseq: int) -> DoneCallback | None:
         """Retire one message found with :meth:`open`; returns its waiter, if it had one."""
         if batch.done is None:
