@@ -1,6 +1,8 @@
 """The Lightning demo through a real pool: zero violations, and every channel's final state equals
 the serial replay. The by-type dispatch's violations on the same traffic are asserted in
 ``test_demo_bytype.py``; the second test here runs that very traffic and delay through shardpool.
+The last two do the same with the real traffic (BOLT #2 wire bytes, real signatures), where the
+by-type dispatch runs in the test itself.
 """
 
 from __future__ import annotations
@@ -10,15 +12,24 @@ from typing import Any
 import cbor2
 import pytest
 
-from shardpool.bench.handlers import ASYNC_LIGHTNING_HANDLER, LIGHTNING_HANDLER, state_digest
+from shardpool.bench.handlers import (
+    ASYNC_LIGHTNING_HANDLER,
+    ASYNC_WIRE_HANDLER,
+    LIGHTNING_HANDLER,
+    WIRE_HANDLER,
+    WIRE_PROBE,
+    state_digest,
+)
 from shardpool.bench.runs import PoolRun, run_pool
-from shardpool.demo import generate, replay
+from shardpool.demo import generate, replay, run_by_type_dispatch, wire
+from shardpool.demo.real import RealChannelState, replay_wire
+from shardpool.demo.realtraffic import generate_wire
 
 pytestmark = pytest.mark.multiprocess
 
 
-def _reference(stream: list[tuple[bytes, Any]]) -> dict[bytes, str]:
-    states, violations = replay(stream)
+def _reference(stream: list[tuple[bytes, Any]], *, real: bool = False) -> dict[bytes, str]:
+    states, violations = replay_wire(stream) if real else replay(stream)
     assert violations == {}  # the generator's promise: valid when applied in arrival order
     return {cid: state_digest(state) for cid, state in states.items()}
 
@@ -79,3 +90,26 @@ def test_the_checks_catch_one_reordered_pair() -> None:
     assert run.sequence_errors == {"gaps": 0, "duplicates": 0, "reorders": 0}  # the pool kept it
     assert run.digests[cid0] != reference[cid0]
     assert all(run.digests[c] == d for c, d in reference.items() if c != cid0)
+
+
+def test_thousands_of_real_channels_through_the_pool_equal_the_serial_replay() -> None:
+    stream = generate_wire(200, 10, 10_000, 31)
+    reference = _reference(stream, real=True)
+    assert len(reference) > 1_900  # nearly every one of the 2,000 slots was visited
+    run = run_pool(stream, 2, handler=WIRE_HANDLER, payload="raw", probe=list(reference),
+                   probe_message=WIRE_PROBE, timeout_s=60.0)
+    _assert_order_kept(run, reference, len(stream))
+    assert all(n > 0 for n in run.per_worker)
+
+
+def test_by_type_dispatch_breaks_the_real_traffic_and_shardpool_does_not() -> None:
+    stream = generate_wire(10, 5, 1_500, 32)
+    reference = _reference(stream, real=True)
+    res = run_by_type_dispatch(stream, delay_s=0.0002, timeout=60.0, seed=1,
+                               new_state=RealChannelState, type_of=wire.message_type)
+    assert res["violations"] > 0 and res["force_closed_channels"] > 0
+    assert res["reordered_messages"] > 0
+    run = run_pool(stream, 2, handler=ASYNC_WIRE_HANDLER, handler_options={"delay_s": 0.0002},
+                   payload="raw", probe=list(reference), probe_message=WIRE_PROBE,
+                   timeout_s=60.0)
+    _assert_order_kept(run, reference, len(stream))

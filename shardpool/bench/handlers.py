@@ -7,28 +7,39 @@
   compare every channel's final state with a serial replay.
 * :class:`AsyncDigestLightningHandler` — the same after awaiting a fixed delay per message (the
   by-type comparison's handling time).
+* :class:`DigestWireHandler` / :class:`AsyncDigestWireHandler` — the same two for the real
+  Lightning traffic (BOLT #2 wire bytes, real signature checks; ``payload = "raw"``), probed with
+  :data:`WIRE_PROBE`.
+
+The synthetic workload (CBOR dicts shaped like BOLT #2 messages, an optional calibrated CPU cost)
+is what the ceilings and micro benchmarks measure; the real one is what a node does per message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import math
+import struct
 from typing import Any
 
 import cbor2
 
 from ..demo.channel import ChannelState
-from ..demo.handler import LightningHandler
+from ..demo.handler import LightningHandler, WireLightningHandler, check_delay
 
 __all__ = [
     "ASYNC_LIGHTNING_HANDLER",
+    "ASYNC_WIRE_HANDLER",
     "LIGHTNING_HANDLER",
     "PROBE",
     "PROBE_TYPE",
     "TRIVIAL_HANDLER",
+    "WIRE_HANDLER",
+    "WIRE_PROBE",
     "AsyncDigestLightningHandler",
+    "AsyncDigestWireHandler",
     "DigestLightningHandler",
+    "DigestWireHandler",
     "calibrate_cost",
     "noop",
     "state_digest",
@@ -45,6 +56,12 @@ PROBE_TYPE = "_shardpool_digest"
 """Message type of the probe that asks :class:`DigestLightningHandler` for a channel's digest."""
 PROBE = cbor2.dumps({"type": PROBE_TYPE})
 """The probe, CBOR-encoded for ``request_bytes``."""
+WIRE_HANDLER = "shardpool.bench.handlers:DigestWireHandler"
+"""The real traffic's handler as the bench runs it: :class:`DigestWireHandler`."""
+ASYNC_WIRE_HANDLER = "shardpool.bench.handlers:AsyncDigestWireHandler"
+"""The real traffic's handler with a per-message delay: :class:`AsyncDigestWireHandler`."""
+WIRE_PROBE = struct.pack(">H", 0xFFFD) + b"shardpool/digest"
+"""The real traffic's probe: a message of a BOLT #1 custom type (>= 32768), never a BOLT #2 one."""
 
 
 def noop(channel: Any, seq: int, message: Any, redelivered: bool) -> None:
@@ -129,9 +146,7 @@ class AsyncDigestLightningHandler(DigestLightningHandler):
                  cost_iters: int | None = None) -> None:
         """Raises ValueError: ``delay_s`` negative or not finite, or as the parent class."""
         super().__init__(cpu_cost_us, cost_types, cost_iters)
-        if not (isinstance(delay_s, (int, float)) and math.isfinite(delay_s) and delay_s >= 0):
-            raise ValueError(f"delay_s must be a finite number >= 0, got {delay_s!r}")
-        self.delay_s = float(delay_s)
+        self.delay_s = check_delay(delay_s)
 
     async def handle(  # type: ignore[override]
         self, channel: Any, seq: Any, message: Any, redelivered: Any
@@ -139,3 +154,36 @@ class AsyncDigestLightningHandler(DigestLightningHandler):
         if not _is_probe(message):
             await asyncio.sleep(self.delay_s)
         return DigestLightningHandler.handle(self, channel, seq, message, redelivered)
+
+
+def _digest_of(channel: Any) -> str:
+    state = getattr(channel, "state", None)
+    return state_digest(state if isinstance(state, ChannelState) else None)
+
+
+class DigestWireHandler(WireLightningHandler):
+    """:class:`~shardpool.demo.handler.WireLightningHandler` that also answers
+    :data:`WIRE_PROBE` with :func:`state_digest` of the channel's state. Never raises."""
+
+    def handle(  # type: ignore[override]
+        self, channel: Any, seq: Any, message: Any, redelivered: Any
+    ) -> dict[str, Any] | str | None:
+        if message == WIRE_PROBE:
+            return _digest_of(channel)
+        return WireLightningHandler.handle(self, channel, seq, message, redelivered)
+
+
+class AsyncDigestWireHandler(DigestWireHandler):
+    """:class:`DigestWireHandler` whose ``handle`` first awaits ``delay_s`` seconds (probes
+    answer at once). Raises ValueError for a negative or non-finite ``delay_s``."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        super().__init__()
+        self.delay_s = check_delay(delay_s)
+
+    async def handle(  # type: ignore[override]
+        self, channel: Any, seq: Any, message: Any, redelivered: Any
+    ) -> dict[str, Any] | str | None:
+        if message != WIRE_PROBE:
+            await asyncio.sleep(self.delay_s)
+        return DigestWireHandler.handle(self, channel, seq, message, redelivered)

@@ -138,6 +138,7 @@ def run_pool(
     name: str = "shardpool",
     many: bool = False,
     payload: str = "cbor",
+    probe_message: bytes = PROBE,
 ) -> PoolRun:
     """Start a pool, push ``stream`` through the bytes fast path, drain, report, close.
 
@@ -157,6 +158,8 @@ def run_pool(
             chunk) instead of one ``submit_bytes`` call each.
         payload: ``"cbor"`` (the worker decodes each payload for the handler) or ``"raw"`` (the
             handler gets the bytes).
+        probe_message: the payload that asks the handler for a channel's digest
+            (:data:`~shardpool.bench.handlers.WIRE_PROBE` for the real traffic's handler).
 
     Raises:
         ShardPoolError subclasses from the pool (start failure, broken pool, DrainTimeout).
@@ -181,7 +184,7 @@ def run_pool(
         worker_cpu_s = _cpu_seconds(procs) - cpu0
         # Taken before the probes: only the traffic is counted.
         stats = pool.stats(timeout=min(10.0, timeout_s))
-        digests = _probe_digests(pool, probe, timeout_s) if probe else {}
+        digests = _probe_digests(pool, probe, timeout_s, probe_message) if probe else {}
     finally:
         pool.close(timeout=min(10.0, timeout_s))
     per_worker, seq_errors, hot = _worker_figures(stats["workers"])
@@ -302,9 +305,9 @@ def _submit_paced(
 
 
 def _probe_digests(
-    pool: ShardPool, channels: Sequence[bytes], timeout_s: float
+    pool: ShardPool, channels: Sequence[bytes], timeout_s: float, message: bytes
 ) -> dict[bytes, str]:
     """Ask every channel in ``channels`` for its state digest (in order behind its traffic)."""
-    futures = [(cid, pool.request_bytes(cid, PROBE)) for cid in channels]
+    futures = [(cid, pool.request_bytes(cid, message)) for cid in channels]
     deadline = time.monotonic() + timeout_s
     return {cid: fut.result(max(0.0, deadline - time.monotonic())) for cid, fut in futures}

@@ -14,6 +14,21 @@
   --demo-load``: the traffic sent through a running backend's ingress (not imported here: it
   needs the client).
 
+The real Lightning traffic (not imported here either: it loads pyln and libsecp256k1):
+
+* :mod:`~shardpool.demo.wire` — the BOLT #1/#2 wire codec (pyln-bolt2's definitions, compiled;
+  pyln-proto as the reference);
+* :mod:`~shardpool.demo.crypto` — BOLT #3 secrets and key derivation, signing and verifying with
+  coincurve (libsecp256k1);
+* :mod:`~shardpool.demo.real` — :class:`~shardpool.demo.real.RealChannelState`, the state machine
+  with real signature and secret checks, and ``replay_wire``;
+* :mod:`~shardpool.demo.realtraffic` — ``iter_wire``/``generate_wire``: seeded, signed wire
+  traffic, with faults to inject on request;
+* :class:`~shardpool.demo.handler.WireLightningHandler`, the pool handler for it.
+
+The CBOR dict traffic above is the *synthetic* workload (its optional CPU cost is a calibrated
+busy loop); the wire traffic is the *real* one.
+
 Everything here is pure Python apart from :func:`run_by_type_dispatch`, which starts processes,
 and :mod:`~shardpool.demo.load`, which sends through ZeroMQ.
 """

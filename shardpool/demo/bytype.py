@@ -25,7 +25,7 @@ import os
 import queue
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from .channel import ChannelState
@@ -88,6 +88,8 @@ def run_by_type_dispatch(
     timeout: float = 60.0,
     jitter: float = 0.5,
     seed: int = 0,
+    new_state: Callable[[bytes], ChannelState] | None = None,
+    type_of: Callable[[Any], str | None] | None = None,
 ) -> dict[str, Any]:
     """Run ``stream`` through the by-type dispatch baseline (see the module docstring).
 
@@ -101,6 +103,11 @@ def run_by_type_dispatch(
         timeout: overall deadline in seconds, process start-up included (> 0).
         jitter: relative spread of the per-message handling time, in [0, 1].
         seed: seeds the per-worker jitter.
+        new_state: the state of a channel first seen, from its id (default: a
+            :class:`ChannelState`); :class:`~shardpool.demo.real.RealChannelState` for the real
+            traffic.
+        type_of: a message's type name (default: a dict's ``"type"``);
+            :func:`~shardpool.demo.wire.message_type` for wire messages.
 
     Returns:
         ``{"messages", "channels", "violations", "violations_by_code", "root_causes",
@@ -145,12 +152,13 @@ def run_by_type_dispatch(
         startup_s = time.monotonic() - start
 
         t0 = time.perf_counter()
+        type_name = type_of or _dict_type
         for index, (_, msg) in enumerate(stream):
-            msg_type = msg.get("type") if type(msg) is dict else None
+            msg_type = type_name(msg)
             group = _ROUTE.get(msg_type, "control") if type(msg_type) is str else "control"
             inboxes[group].put(index)
 
-        ledger = _Ledger()
+        ledger = _Ledger(new_state)
         for _ in range(len(stream)):
             _, index = _get(outbox, deadline, procs, "the run to finish")
             ledger.apply(index, *stream[index])
@@ -186,10 +194,16 @@ def _check_arguments(delay_s: float, timeout: float, jitter: float) -> None:
         raise ValueError(f"jitter must be within [0, 1], got {jitter!r}")
 
 
+def _dict_type(msg: Any) -> str | None:
+    t = msg.get("type") if type(msg) is dict else None
+    return t if type(t) is str else None
+
+
 class _Ledger:
     """The front side: applies each message in the order the type-workers finished it."""
 
-    def __init__(self) -> None:
+    def __init__(self, new_state: Callable[[bytes], ChannelState] | None = None) -> None:
+        self.new_state = new_state or (lambda _cid: ChannelState())
         self.states: dict[bytes, ChannelState] = {}
         self.last_index: dict[bytes, int] = {}
         self.by_code: dict[str, int] = {}
@@ -199,7 +213,7 @@ class _Ledger:
         """Apply message ``index`` of the stream (arrival order) to its channel's state."""
         state = self.states.get(channel_id)
         if state is None:
-            state = self.states[channel_id] = ChannelState()
+            state = self.states[channel_id] = self.new_state(channel_id)
         if index < self.last_index.get(channel_id, -1):
             self.reordered += 1
         else:

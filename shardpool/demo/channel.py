@@ -43,8 +43,8 @@ would broadcast its commitment). Every later message then gets ``"force_closed"`
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
-from typing import Final
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar, Final
 
 __all__ = [
     "CLTV_EXPIRY_LIMIT",
@@ -162,6 +162,11 @@ class ChannelState:
         "last_seq",
     )
 
+    # Message type -> validator, and type -> its number in ``trace``; a subclass that speaks
+    # more message types (or checks more) replaces both.
+    _APPLY: ClassVar[Mapping[str, Callable[[Any, dict[object, object]], str | None]]]
+    _TYPE_INDEX: ClassVar[Mapping[str, int]]
+
     def __init__(
         self, local_msat: int = DEFAULT_LOCAL_MSAT, remote_msat: int = DEFAULT_REMOTE_MSAT
     ) -> None:
@@ -177,9 +182,9 @@ class ChannelState:
         self.remote_msat: int = remote_msat
         # Sum of the amounts of pending-add and committed HTLCs: the part of remote_msat locked up.
         self.inflight_msat: int = 0
-        # Committed: id -> (amount_msat, payment_hash).
-        self.htlcs: dict[int, tuple[int, bytes]] = {}
-        self.pending_adds: dict[int, tuple[int, bytes]] = {}
+        # Committed: id -> (amount_msat, payment_hash, cltv_expiry).
+        self.htlcs: dict[int, tuple[int, bytes, int]] = {}
+        self.pending_adds: dict[int, tuple[int, bytes, int]] = {}
         self.pending_removes: dict[int, bool] = {}  # id -> True (fulfilled) / False (failed)
         self.last_htlc_id: int = -1
         self.committed_last_htlc_id: int = -1
@@ -220,7 +225,7 @@ class ChannelState:
                 if type(t) is not str:
                     code = "malformed"
                 else:
-                    fn = _APPLY.get(t)
+                    fn = self._APPLY.get(t)
                     if fn is None:
                         code = "unknown_type"
                     elif self.closed and t != "channel_reestablish":
@@ -229,7 +234,8 @@ class ChannelState:
                         code = fn(self, msg)
                         if code is None:
                             self.applied += 1
-                            self.trace = ((self.trace ^ _TYPE_INDEX[t]) * _FNV_PRIME) & _MASK64
+                            index = self._TYPE_INDEX[t]
+                            self.trace = ((self.trace ^ index) * _FNV_PRIME) & _MASK64
         except Exception:
             # The validators check every field before mutating anything, so this is unreachable
             # unless this module has a bug; the contract is still "report, never raise".
@@ -262,7 +268,7 @@ class ChannelState:
             return "too_many_htlcs"
         if amount > self.remote_msat - self.inflight_msat:
             return "insufficient_balance"
-        self.pending_adds[htlc_id] = (amount, payment_hash)
+        self.pending_adds[htlc_id] = (amount, payment_hash, cltv)
         self.last_htlc_id = htlc_id
         self.inflight_msat += amount
         return None
@@ -305,6 +311,11 @@ class ChannelState:
             return "empty_commitment"
         if num_htlcs != len(self.htlcs) + len(self.pending_adds) - len(self.pending_removes):
             return "commitment_mismatch"
+        self._commit()
+        return None
+
+    def _commit(self) -> None:
+        """Apply a valid ``commitment_signed``: pending updates become committed."""
         htlcs = self.htlcs
         for htlc_id, fulfilled in self.pending_removes.items():
             amount = htlcs.pop(htlc_id)[0]
@@ -318,7 +329,6 @@ class ChannelState:
         self.committed_last_htlc_id = self.last_htlc_id
         self.commitment_number += 1
         self.outstanding += 1
-        return None
 
     def _on_revoke_and_ack(self, msg: dict[object, object]) -> str | None:
         if _blob(msg, "per_commitment_secret", 32) is None:
@@ -368,7 +378,7 @@ class ChannelState:
             return "reestablish_mismatch"
         # BOLT #2: on reconnection, reverse every update the remote sent that no
         # commitment_signed covered; the remote retransmits them (same ids) if it still wants them.
-        for amount, _ in self.pending_adds.values():
+        for amount, *_ in self.pending_adds.values():
             self.inflight_msat -= amount
         self.pending_adds.clear()
         self.pending_removes.clear()
@@ -420,7 +430,7 @@ class ChannelState:
         )
 
 
-_APPLY: Final[dict[str, Callable[[ChannelState, dict[object, object]], str | None]]] = {
+ChannelState._APPLY = {
     "update_add_htlc": ChannelState._on_add,
     "update_fulfill_htlc": ChannelState._on_fulfill,
     "update_fail_htlc": ChannelState._on_fail,
@@ -430,30 +440,39 @@ _APPLY: Final[dict[str, Callable[[ChannelState, dict[object, object]], str | Non
     "closing_signed": ChannelState._on_closing_signed,
     "channel_reestablish": ChannelState._on_reestablish,
 }
+ChannelState._TYPE_INDEX = _TYPE_INDEX
 
 
 def replay(
     stream: Iterable[tuple[bytes, object]],
     states: dict[bytes, ChannelState] | None = None,
+    *,
+    new_state: Callable[[bytes], ChannelState] | None = None,
 ) -> tuple[dict[bytes, ChannelState], dict[str, int]]:
     """Apply a ``(channel_id, message)`` stream serially, in order: the reference result.
 
     Args:
         stream: the messages, in arrival order.
         states: states to continue from (updated in place); a fresh dict if omitted.
+        new_state: makes the state of a channel first seen, from its id (default: a
+            :class:`ChannelState`, open with the default balances).
 
     Returns:
         ``(states by channel id, violation counts by code)``; the counts are empty for a valid
         stream. Never raises on bad messages (they are counted); a channel id must be hashable.
+
+    Raises:
+        whatever ``new_state`` raises for a channel id.
     """
     if states is None:
         states = {}
     violations: dict[str, int] = {}
     get = states.get
+    make = new_state or (lambda _cid: ChannelState())
     for channel_id, msg in stream:
         state = get(channel_id)
         if state is None:
-            state = states[channel_id] = ChannelState()
+            state = states[channel_id] = make(channel_id)
         code = state.apply(msg)
         if code is not None:
             violations[code] = violations.get(code, 0) + 1

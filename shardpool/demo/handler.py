@@ -26,7 +26,8 @@ import cbor2
 
 from .channel import ChannelState
 
-__all__ = ["AsyncLightningHandler", "LightningHandler"]
+__all__ = ["AsyncLightningHandler", "AsyncWireLightningHandler", "LightningHandler",
+           "WireLightningHandler", "check_delay"]
 
 _sha256 = hashlib.sha256
 _CALIBRATION_ITERS = 2_000
@@ -132,12 +133,34 @@ class LightningHandler:
             return {"violation": "internal_error", "type": None,
                     "seq": seq if type(seq) is int else None}
 
+    # The state type this handler keeps per channel; a subclass for another wire format replaces
+    # it with _new_state and _parse.
+    state_type: type[ChannelState] = ChannelState
+
+    def _new_state(self, channel_id: Any) -> ChannelState:
+        """A fresh state for a channel first seen. Raises ValueError for an id it cannot take."""
+        return ChannelState()
+
+    def _parse(self, message: Any) -> Any:
+        """The message as the state machine takes it: CBOR bytes (``payload = "raw"``) are
+        decoded; anything undecodable becomes None (``malformed``). Never raises."""
+        if isinstance(message, (bytes, bytearray, memoryview)):
+            try:
+                return cbor2.loads(message)
+            except Exception:
+                return None
+        return message
+
     def _handle(
         self, channel: Any, seq: Any, message: Any, redelivered: Any
     ) -> dict[str, Any] | None:
         state = getattr(channel, "state", None)
-        if type(state) is not ChannelState:
-            state = ChannelState()
+        if type(state) is not self.state_type:
+            try:
+                state = self._new_state(getattr(channel, "id", None))
+            except Exception:
+                return {"violation": "bad_channel", "type": None,
+                        "seq": seq if type(seq) is int else None}
             try:
                 channel.state = state
             except Exception:
@@ -150,11 +173,7 @@ class LightningHandler:
                 return None
             if seq > state.last_seq:
                 state.last_seq = seq
-        if isinstance(message, (bytes, bytearray, memoryview)):
-            try:
-                message = cbor2.loads(message)
-            except Exception:
-                message = None  # apply() reports it as "malformed"
+        message = self._parse(message)
         msg_type = _type_of(message)
         if msg_type is not None and self.cpu_cost_us > 0 and msg_type in self._cost_set:
             self._burn()
@@ -164,6 +183,13 @@ class LightningHandler:
             return None
         self.violations += 1
         return {"violation": code, "type": msg_type, "seq": seq if type(seq) is int else None}
+
+
+def check_delay(delay_s: Any) -> float:
+    """``delay_s`` as a float of seconds. Raises ValueError unless it is a finite number >= 0."""
+    if not isinstance(delay_s, (int, float)) or not (math.isfinite(delay_s) and delay_s >= 0):
+        raise ValueError(f"delay_s must be a finite number >= 0, got {delay_s!r}")
+    return float(delay_s)
 
 
 def _type_of(message: Any) -> str | None:
@@ -195,14 +221,61 @@ class AsyncLightningHandler(LightningHandler):
             ValueError: ``delay_s`` is negative or not finite, or as :class:`LightningHandler`.
         """
         super().__init__(cpu_cost_us, cost_types)
-        if not isinstance(delay_s, (int, float)) or not (math.isfinite(delay_s) and delay_s >= 0):
-            raise ValueError(f"delay_s must be a finite number >= 0, got {delay_s!r}")
-        self.delay_s: float = float(delay_s)
+        self.delay_s: float = check_delay(delay_s)
 
     async def handle(  # type: ignore[override]
         self, channel: Any, seq: Any, message: Any, redelivered: Any
     ) -> dict[str, Any] | None:
         """Await ``delay_s`` seconds, then do what :meth:`LightningHandler.handle` does (same
         arguments and result; never raises except ``asyncio.CancelledError`` when cancelled)."""
+        await asyncio.sleep(self.delay_s)
+        return LightningHandler.handle(self, channel, seq, message, redelivered)
+
+
+class WireLightningHandler(LightningHandler):
+    """The real Lightning traffic's handler: each message is the BOLT #2 wire encoding
+    (:mod:`~shardpool.demo.wire`), parsed here and applied to a
+    :class:`~shardpool.demo.real.RealChannelState` (real signature and secret checks). Run it
+    with ``pool.payload = "raw"`` (the bytes as the producer sent them) or send each message as a
+    CBOR byte string; either way the handler gets the wire bytes. Results and duplicates as
+    :class:`LightningHandler`; codes from :data:`~shardpool.demo.real.REAL_VIOLATION_CODES`.
+    Never raises; there is no synthetic CPU cost (the work is real)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from .real import RealChannelState
+
+        self.state_type = RealChannelState
+
+    def _new_state(self, channel_id: Any) -> ChannelState:
+        from .real import RealChannelState
+
+        return RealChannelState(bytes(channel_id))
+
+    def _parse(self, message: Any) -> Any:
+        from . import wire
+
+        if isinstance(message, (bytes, bytearray, memoryview)):
+            try:
+                return wire.decode(bytes(message))
+            except wire.WireError:
+                return None
+        return message
+
+
+class AsyncWireLightningHandler(WireLightningHandler):
+    """:class:`WireLightningHandler` whose ``handle`` first awaits ``asyncio.sleep(delay_s)``
+    (as :class:`AsyncLightningHandler`). Raises ValueError for a negative or non-finite
+    ``delay_s``."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        super().__init__()
+        self.delay_s: float = check_delay(delay_s)
+
+    async def handle(  # type: ignore[override]
+        self, channel: Any, seq: Any, message: Any, redelivered: Any
+    ) -> dict[str, Any] | None:
+        """Await ``delay_s`` seconds, then :meth:`LightningHandler.handle` (never raises except
+        ``asyncio.CancelledError``)."""
         await asyncio.sleep(self.delay_s)
         return LightningHandler.handle(self, channel, seq, message, redelivered)

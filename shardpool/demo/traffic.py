@@ -137,15 +137,22 @@ def _stream(
     rand = gen.rand
     chans = gen.chans
     build = gen.builders
-    peer = 0
-    for _ in range(messages):
-        if rand() < 0.5:
-            peer = int(rand() * peers)
-        slot = peer * channels_per_peer + int(rand() * channels_per_peer)
+    for slot in _visits(rand, peers, channels_per_peer, messages):
         ch = chans[slot]
         if ch.countdown > 0:
             ch.countdown -= 1
         yield ch.cid, build[_kind(ch, rand())](ch, slot)
+
+
+def _visits(rand: Callable[[], float], peers: int, channels_per_peer: int,
+            messages: int) -> Iterator[int]:
+    """The channel slot of each of ``messages`` messages: bursty per peer (the next message
+    comes from the same peer connection with probability 1/2)."""
+    peer = 0
+    for _ in range(messages):
+        if rand() < 0.5:
+            peer = int(rand() * peers)
+        yield peer * channels_per_peer + int(rand() * channels_per_peer)
 
 
 def _kind(ch: _Chan, r: float) -> int:
