@@ -1,17 +1,23 @@
 #!/usr/bin/env python3
 """Throughput versus worker count: JSON + PNG, with the issue-5 ratios measured in the same run.
 
-Two series, each point the median of ``--repeats`` runs:
+Three series, each point the median of ``--repeats`` runs. The first two are synthetic (they
+measure the pool, not a node's work); the third is a node's real work:
 
-* **trivial** — the bytes fast path with a handler that does nothing (the worker still decodes each
-  CBOR payload), on ``make_stream`` traffic (~190 B ``update_add_htlc``-shaped payloads). At every
-  worker count the bare pyzmq+cbor2 harness (the ceiling) and the ``multiprocessing.Queue``-per-
-  worker pool (the naive alternative) run on the same stream, interleaved with the pool runs
-  (``submit_bytes``, ``submit_many_bytes``, and ``payload="raw"`` — the handler gets the bytes
-  undecoded: not like for like, it shows the front's own ceiling) in a rotating order, so the noise
-  of a shared machine hits all of them alike.
-* **cpu** — the Lightning handler burning ``--cpu-cost-us`` of real CPU per ``commitment_signed``
-  (~18% of the demo traffic), the case where adding cores must pay off.
+* **trivial** (synthetic) — the bytes fast path with a handler that does nothing (the worker still
+  decodes each CBOR payload), on ``make_stream`` traffic (~190 B ``update_add_htlc``-shaped
+  payloads). At every worker count the bare pyzmq+cbor2 harness (the ceiling) and the
+  ``multiprocessing.Queue``-per-worker pool (the naive alternative) run on the same stream,
+  interleaved with the pool runs (``submit_bytes``, ``submit_many_bytes``, and ``payload="raw"`` —
+  the handler gets the bytes undecoded: not like for like, it shows the front's own ceiling) in a
+  rotating order, so the noise of a shared machine hits all of them alike.
+* **cpu** (synthetic) — the Lightning handler on CBOR dicts burning ``--cpu-cost-us`` of CPU in a
+  calibrated busy loop per ``commitment_signed`` (~18% of the demo traffic), the case where adding
+  cores must pay off.
+* **real** — the real Lightning traffic (BOLT #2 wire messages, ``payload = "raw"``; every
+  commitment, HTLC, funding and closing signature verified with libsecp256k1, every revocation
+  secret checked): messages/s and signature verifications/s, and the ratio to one process doing
+  the same work serially, measured in the same repeat (``over_serial``).
 
 ``speedup = throughput(w) / throughput(1)`` and ``efficiency = speedup / w`` per point. The targets
 (issue 5): trivial 1-worker pool ≥ 0.6 × bare and ≥ 5 × mp.Queue; cpu 1→2 workers ≥ 1.7×;
@@ -23,6 +29,7 @@ Usage::
     python3 scripts/scaling.py                               # 1, 2, 4, … up to the CPUs here
     python3 scripts/scaling.py --workers 1 2 4 8 12 --out results/scaling-16core.json
     python3 scripts/scaling.py --replot results/scaling-16core.json --plot scaling-16core.png
+    python3 scripts/scaling.py --series real --workers 1 2 4 8 12 15   # the real work only
 
 The plot needs matplotlib (``pip install 'shardpool[plot]'``); without it only the JSON is written.
 """
@@ -64,12 +71,9 @@ def _log(text: str, t0: float = time.perf_counter()) -> None:
 
 def default_workers(cpus: int) -> list[int]:
     """1, 2, 4, … below ``cpus``, then ``cpus`` itself (e.g. 2 → [1, 2]; 12 → [1, 2, 4, 8, 12])."""
-    out = [1]
-    while out[-1] * 2 < cpus:
-        out.append(out[-1] * 2)
-    if cpus > 1:
-        out.append(cpus)
-    return out
+    from shardpool.bench.realbench import worker_counts
+
+    return worker_counts(cpus)
 
 
 @dataclass
@@ -141,19 +145,23 @@ def measure(
             "cpu_channels": args.cpu_channels,
             "repeats": args.repeats, "cpu_cost_us": args.cpu_cost_us, "seed": args.seed,
             "series": list(args.series),
+            "real_messages": args.real_messages, "real_channels": args.real_channels,
             "cost_iters": cost_iters,
             "batch_size": args.batch_size,
         },
         "trivial": [],
         "cpu": [],
+        "real": [],
         "complete": False,
     })
     # In the order asked: a run cut short by a deadline keeps the series that came first.
     for series in args.series:
         if series == "trivial":
             _run_trivial(setup)
-        else:
+        elif series == "cpu":
             _run_cpu(setup)
+        else:
+            _run_real(setup)
     setup.doc["complete"] = True
     _finish(setup.doc, save)
     return setup.doc
@@ -279,9 +287,74 @@ def _run_cpu(setup: _Setup) -> None:
         _finish(setup.doc, setup.save)
 
 
+def _run_real(setup: _Setup) -> None:
+    """The real series: one traffic, signed once; per repeat a serial pass in this process and
+    a pool run at every worker count, in a rotating order.
+
+    Raises:
+        RuntimeError: a pool run broke the order (a violation, a sequence error, a final state
+            that differs from the serial replay).
+    """
+    from shardpool.bench.handlers import WIRE_HANDLER, WIRE_PROBE, state_digest
+    from shardpool.bench.realbench import serial_run
+    from shardpool.bench.runs import run_pool
+    from shardpool.demo.real import replay_wire, verifications
+    from shardpool.demo.realtraffic import generate_wire
+
+    args = setup.args
+    peers = max(1, args.real_channels // 10)
+    stream = generate_wire(peers, -(-args.real_channels // peers), args.real_messages, args.seed)
+    states, _ = replay_wire(stream)
+    reference = {c: state_digest(s) for c, s in states.items()}
+    sigs = verifications(states)
+    _log(f"real: {len(stream):,} wire messages, {len(reference):,} channels, {sigs:,} signatures")
+    serial: list[float] = []
+    runs: dict[int, list[float]] = {w: [] for w in setup.workers}
+    busy: dict[int, list[float]] = {w: [] for w in setup.workers}
+
+    def pool(w: int) -> None:
+        res = run_pool(stream, w, handler=WIRE_HANDLER, payload="raw", probe=list(reference),
+                       probe_message=WIRE_PROBE, **setup.common)
+        bad = sum(1 for c, d in reference.items() if res.digests.get(c) != d)
+        if res.violations or bad or any(res.sequence_errors.values()):
+            raise RuntimeError(f"order violated at {w} workers: {res.violations_by_code} "
+                               f"{res.sequence_errors}, {bad} final states differ")
+        runs[w].append(res.msgs_per_s)
+        busy[w].append(res.worker_cpu_s / res.messages)
+
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("serial", lambda: serial.append(serial_run(stream).msgs_per_s))]
+    steps += [(f"w={w}", functools.partial(pool, w)) for w in setup.workers]
+    for r in range(args.repeats):
+        shift = r % len(steps)
+        for name, fn in steps[shift:] + steps[:shift]:
+            fn()
+            rate = serial[-1] if name == "serial" else runs[int(name[2:])][-1]
+            _log(f"real     {name:<6} repeat {r + 1}/{args.repeats}  {rate:>12,.0f} msgs/s")
+        setup.doc["real"] = [_real_point(w, runs[w], busy[w], serial, sigs, len(stream))
+                             for w in setup.workers]
+        _finish(setup.doc, setup.save)
+
+
+def _real_point(w: int, runs: list[float], busy: list[float], serial: list[float], sigs: int,
+                n: int) -> dict[str, Any]:
+    msgs = median(runs)
+    return {
+        "workers": w, "messages": n, "msgs_per_s": round(msgs, 1),
+        "runs": [round(x, 1) for x in runs],
+        "verifications_per_s": round(msgs * sigs / n, 1),
+        "serial_msgs_per_s": round(median(serial), 1),
+        "serial_runs": [round(x, 1) for x in serial],
+        "over_serial": ratio(msgs, median(serial)),
+        "over_serial_paired": paired(runs, serial),
+        "worker_cpu_us_per_message": round(median(busy) * 1e6, 1),
+        "worker_utilisation": round(median(busy) * msgs / w, 3),
+    }
+
+
 def _finish(doc: dict[str, Any], save: Callable[[dict[str, Any]], None] | None) -> None:
     """Recompute speed-ups, efficiencies and targets from the points so far; save if asked."""
-    for series in (doc["trivial"], doc["cpu"]):
+    for series in (doc["trivial"], doc["cpu"], doc.setdefault("real", [])):
         base = next((p["msgs_per_s"] for p in series if p["workers"] == 1), None)
         for p in series:
             p["speedup"] = ratio(p["msgs_per_s"], base) if base else None
@@ -343,11 +416,11 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     except ImportError:
         _log("matplotlib is not installed (pip install 'shardpool[plot]'): no plot written")
         return False
-    tr, cpu = doc["trivial"], doc["cpu"]
+    tr, cpu, real = doc["trivial"], doc["cpu"], doc.get("real", [])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
     w = [p["workers"] for p in tr]
     ax1.plot(w, [p["msgs_per_s"] / 1e3 for p in tr], "o-",
-             label="shardpool, trivial handler, submit_bytes")
+             label="synthetic: trivial handler, submit_bytes")
     if all(p.get("many_msgs_per_s") for p in tr):
         ax1.plot(w, [p["many_msgs_per_s"] / 1e3 for p in tr], "o--",
                  label="shardpool, trivial handler, submit_many_bytes")
@@ -360,29 +433,38 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
                  label="multiprocessing.Queue per worker")
     wc = [p["workers"] for p in cpu]
     ax1.plot(wc, [p["msgs_per_s"] / 1e3 for p in cpu], "D-",
-             label=f"shardpool, LightningHandler ({doc['options']['cpu_cost_us']:g} µs/commit)")
+             label=f"synthetic: busy loop, {doc['options']['cpu_cost_us']:g} µs/commitment")
+    wr = [p["workers"] for p in real]
+    if real:
+        ax1.plot(wr, [p["msgs_per_s"] / 1e3 for p in real], "*-", ms=9,
+                 label="real: BOLT #2 wire, secp256k1 checks")
+        ax1.plot(wr, [p["serial_msgs_per_s"] / 1e3 for p in real], ":", color="grey",
+                 label="real, one process serially (no pool)")
     ax1.set_xlabel("workers")
     ax1.set_ylabel("thousand messages / s (median)")
     ax1.set_yscale("log")
     ax1.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax1.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax1.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax1.set_xticks(sorted(set(w) | set(wc)))
+    ax1.set_xticks(sorted(set(w) | set(wc) | set(wr)))
     ax1.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=8)
     ax1.set_title("throughput")
-    ax2.plot(w, [p["efficiency"] for p in tr], "o-", label="trivial handler, submit_bytes")
-    ax2.plot(wc, [p["efficiency"] for p in cpu], "D-", label="CPU-costed LightningHandler")
+    ax2.plot(w, [p["efficiency"] for p in tr], "o-", label="synthetic: trivial handler")
+    ax2.plot(wc, [p["efficiency"] for p in cpu], "D-", label="synthetic: busy loop")
     if all(p.get("cpu_efficiency") for p in cpu):
         ax2.plot(wc, [p["cpu_efficiency"] for p in cpu], "D:",
-                 label="CPU-costed, per worker-CPU-second")
+                 label="synthetic busy loop, per worker-CPU-second")
+    if real:
+        ax2.plot(wr, [p["efficiency"] for p in real], "*-", ms=9,
+                 label="real: BOLT #2 wire, secp256k1 checks")
     ax2.axhline(1.0, color="grey", lw=0.8)
     ax2.axhline(TARGETS["cpu_efficiency_up_to_cores_minus_1"], color="red", lw=0.8, ls="--",
                 label="goal 0.8 (CPU-costed)")
     ax2.set_xlabel("workers")
     ax2.set_ylabel("efficiency = speed-up ÷ workers")
     ax2.set_ylim(0, 1.15)
-    ax2.set_xticks(sorted(set(w) | set(wc)))
+    ax2.set_xticks(sorted(set(w) | set(wc) | set(wr)))
     ax2.grid(True, alpha=0.3)
     ax2.legend(fontsize=8)
     ax2.set_title("scaling efficiency")
@@ -396,12 +478,12 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
 
 
 def summary(doc: dict[str, Any]) -> str:
-    """A plain-text table of both series and the targets."""
+    """A plain-text table of every series and the targets."""
     lines = [f"{'series':<8}{'workers':>8}{'msgs/s':>12}{'speed-up':>10}{'effic.':>8}"
              f"{'bare':>12}{'mp.Queue':>11}{'÷bare':>7}{'÷Queue':>8}"
              f"{'many msgs/s':>13}{'÷bare':>7}{'÷Queue':>8}{'raw msgs/s':>12}{'÷Queue':>8}"]
-    for name in ("trivial", "cpu"):
-        for p in doc[name]:
+    for name in ("trivial", "cpu", "real"):
+        for p in doc.get(name, []):
             extra = ""
             if name == "trivial":
                 q = p["mp_queue_msgs_per_s"]
@@ -414,6 +496,10 @@ def summary(doc: dict[str, Any]) -> str:
                          f"{p.get('pool_many_over_mp_queue') or '-':>8}"
                          f"{(f'{raw:,.0f}' if raw else '-'):>12}"
                          f"{p.get('pool_raw_over_mp_queue') or '-':>8}")
+            elif name == "real":
+                extra = (f"   {p['verifications_per_s']:,.0f} verifications/s; ÷ one process "
+                         f"serially {p['over_serial']} (paired {p['over_serial_paired']}); "
+                         f"workers used {p['worker_cpu_us_per_message']} us CPU/msg")
             elif "cost_us_per_message" in p:
                 extra = (f"   handler cost {p['cost_us_per_message']} us/msg; workers used "
                          f"{p.get('worker_cpu_us_per_message', '-')} us CPU/msg, "
@@ -449,8 +535,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--channels", type=int, default=4096, help="channels in the trivial series")
     p.add_argument("--cpu-channels", type=int, default=1000, help="channels in the cpu series")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--series", nargs="+", choices=("trivial", "cpu"), default=["trivial", "cpu"],
-                   help="which series to measure, in this order (default: trivial cpu)")
+    p.add_argument("--real-messages", type=int, default=20_000,
+                   help="real series: wire messages per run (the same at every worker count)")
+    p.add_argument("--real-channels", type=int, default=300,
+                   help="channels in the real series")
+    p.add_argument("--series", nargs="+", choices=("trivial", "cpu", "real"),
+                   default=["trivial", "cpu", "real"],
+                   help="which series to measure, in this order (default: trivial cpu real)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per single run")
@@ -462,7 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="do not measure: re-plot and summarise an earlier JSON")
     args = p.parse_args(argv)
     for name in ("messages", "messages_per_worker", "queue_messages", "cpu_messages",
-                 "channels", "cpu_channels", "repeats", "batch_size"):
+                 "channels", "cpu_channels", "real_messages", "real_channels", "repeats",
+                 "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.workers and min(args.workers) < 1:

@@ -61,3 +61,36 @@ def test_bench_json_report_has_every_section_and_zero_violations() -> None:
     for needle in ("shardpool÷bare", "shardpool÷mp.Queue", "p99.9", "per-worker balance",
                    "by-type dispatch", "verdict: OK"):
         assert needle in text
+
+
+def test_bench_lightning_real_reports_rates_per_worker_count_against_serial() -> None:
+    cmd = [
+        sys.executable, "-m", "shardpool", "bench", "--json", "--workload", "lightning-real",
+        "--workers", "2", "--messages", "1500", "--channels", "60", "--repeats", "1",
+        "--bytype-messages", "600", "--timeout", "60",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+
+    assert report["ok"] is True and report["workload"] == "lightning-real"
+    t = report["traffic"]
+    assert t["messages"] == 1500 and t["signatures"] > 0 and t["secret_checks"] > 0
+    serial = report["serial"]
+    assert serial["msgs_per_s"] > 0 and serial["verifications_per_s"] > 0
+    assert serial["cost_us_by_type"]["commitment_signed"]["us"] > 0
+    sp = report["shardpool"]
+    assert [p["workers"] for p in sp["points"]] == [1, 2]
+    for p in sp["points"]:
+        assert p["msgs_per_s"] > 0 and p["verifications_per_s"] > 0 and p["over_serial"] > 0
+        assert sum(p["runs"][0]["per_worker"]) == 1500
+    assert sp["violations"] == 0 and sp["failures"] == 0 and sp["digest"]["mismatches"] == 0
+    assert sp["digest"]["channels_checked"] == 2 * t["channel_ids"]
+    bt = report["baselines"]["by_type"]
+    assert bt["violations"] > 0  # the by-type dispatch breaks the same real traffic
+    assert bt["shardpool_same_traffic"]["violations"] == 0
+
+    text = format_report(report)
+    for needle in ("lightning-real", "verif./s", "one process, serially", "shardpool, 2 workers",
+                   "commitment_signed", "by-type dispatch", "verdict: OK"):
+        assert needle in text

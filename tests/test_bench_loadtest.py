@@ -68,7 +68,8 @@ def test_flags_come_from_the_options_with_their_defaults() -> None:
     ))
     assert opts == BenchOptions(timeout_s=5.0, baselines=False, mode="open", peers=3, workers=1)
     text = " ".join(parser.format_help().split())
-    assert "--messages N" in text and "(default: 200000)" in text
+    assert "--messages N" in text and "(default: 200,000;" in text
+    assert "--workload {synthetic,lightning-real}" in text
     assert "(default: the CPUs available, at most the physical cores)" in text
     assert "--close-fraction" not in text  # library-only options stay off the command line
     with pytest.raises(SystemExit):
@@ -81,6 +82,11 @@ def test_default_options_are_valid_and_spread_channels_over_peers() -> None:
     assert (opts.n_peers, opts.channels_per_peer) == (200, 10)
     odd = BenchOptions(channels=25, peers=4)
     assert odd.n_peers * odd.channels_per_peer >= 25
+    real = BenchOptions(workload="lightning-real")
+    assert (real.n_messages, real.n_channels, real.n_peers) == (20_000, 300, 30)
+    assert BenchOptions(workload="lightning-real", messages=5).n_messages == 5
+    with pytest.raises(ValueError, match="workload must be one of"):
+        BenchOptions(workload="fake").check()  # type: ignore[arg-type]
 
 
 def test_state_digest_tells_apart_a_reordered_channel() -> None:

@@ -23,7 +23,7 @@ def test_scaling_script_writes_json_plot_and_targets(tmp_path: Path) -> None:
         "--workers", "1", "2", "--messages", "3000", "--messages-per-worker", "1000",
         "--queue-messages", "2000", "--cpu-messages", "1500", "--cpu-channels", "100",
         "--cpu-cost-us", "50", "--channels", "200", "--repeats", "1", "--timeout", "60",
-        "--out", str(out),
+        "--real-messages", "800", "--real-channels", "40", "--out", str(out),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -38,6 +38,11 @@ def test_scaling_script_writes_json_plot_and_targets(tmp_path: Path) -> None:
         assert series[0]["speedup"] == 1.0 and series[0]["efficiency"] == 1.0
         assert series[1]["efficiency"] == pytest.approx(series[1]["speedup"] / 2, abs=1e-3)
     assert doc["cpu"][0]["messages"] == doc["cpu"][1]["messages"] == 1500
+    assert [p["workers"] for p in doc["real"]] == [1, 2]
+    for p in doc["real"]:
+        assert p["messages"] == 800 and p["verifications_per_s"] > 0
+        assert p["serial_msgs_per_s"] > 0 and p["over_serial"] > 0
+    assert doc["real"][0]["speedup"] == 1.0
     assert set(doc["targets"]) == {"trivial_1w_pool_over_bare", "trivial_1w_pool_over_mp_queue",
                                    "trivial_1w_pool_many_over_bare",
                                    "trivial_1w_pool_many_over_mp_queue",
@@ -76,3 +81,4 @@ def test_replot_reads_an_earlier_json_without_measuring(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trivial" in proc.stdout and "cpu" in proc.stdout
+    assert "real" not in proc.stdout  # an older JSON without the real series still plots

@@ -22,7 +22,7 @@ from shardpool.bench.handlers import (
 )
 from shardpool.bench.runs import PoolRun, run_pool
 from shardpool.demo import generate, replay, run_by_type_dispatch, wire
-from shardpool.demo.real import RealChannelState, replay_wire
+from shardpool.demo.real import OPENING_TYPES, RealChannelState, replay_wire
 from shardpool.demo.realtraffic import generate_wire
 
 pytestmark = pytest.mark.multiprocess
@@ -106,7 +106,8 @@ def test_by_type_dispatch_breaks_the_real_traffic_and_shardpool_does_not() -> No
     stream = generate_wire(10, 5, 1_500, 32)
     reference = _reference(stream, real=True)
     res = run_by_type_dispatch(stream, delay_s=0.0002, timeout=60.0, seed=1,
-                               new_state=RealChannelState, type_of=wire.message_type)
+                               new_state=RealChannelState, type_of=wire.message_type,
+                               inline=OPENING_TYPES)
     assert res["violations"] > 0 and res["force_closed_channels"] > 0
     assert res["reordered_messages"] > 0
     run = run_pool(stream, 2, handler=ASYNC_WIRE_HANDLER, handler_options={"delay_s": 0.0002},

@@ -28,7 +28,7 @@ def run_remote(
     opts: BenchOptions,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run ``opts.repeats`` rounds of ``opts.messages`` (over ``opts.channels`` channels of
+    """Run ``opts.repeats`` rounds of ``opts.n_messages`` (over ``opts.n_channels`` channels of
     ``opts.n_peers`` peers, seeds from ``opts.seed`` on) through the ingress at ``endpoint``
     (None: the default config's) and return the report. Each wait is bounded by
     ``opts.timeout_s`` seconds; the other options do not apply.
@@ -43,7 +43,7 @@ def run_remote(
     tally = _Tally()  # channel ids differ from repeat to repeat: one tally serves them all
     with Client(endpoint, timeout=timeout_s) as client:
         for r in range(repeats):
-            stream = encode_stream(opts.n_peers, opts.channels_per_peer, opts.messages,
+            stream = encode_stream(opts.n_peers, opts.channels_per_peer, opts.n_messages,
                                    opts.seed + r)
             t0 = time.perf_counter()
             for i, (cid, payload) in enumerate(stream):

@@ -27,6 +27,7 @@ __all__ = [
     "LATENCY_QUANTILES",
     "Progress",
     "build_report",
+    "bytype_lines",
     "format_report",
     "latency_summary",
     "machine_info",
@@ -151,7 +152,7 @@ def _shardpool_section(
     for run in every_run:
         by_code.update(run.violations_by_code)
     return {
-        "handler": f"LightningHandler(cpu_cost_us={opts.cpu_cost_us:g})",
+        "handler": f"synthetic Lightning (cpu_cost_us={opts.cpu_cost_us:g})",
         "cost_iters": cost_iters,
         "workers": opts.workers,
         "mode": opts.mode,
@@ -240,6 +241,7 @@ def build_report(
     mix = Counter(msg["type"] for _, msg in traffic.decoded)
     report: Report = {
         "version": 1,
+        "workload": "synthetic",
         "machine": machine_info(),
         "options": asdict(opts),
         "traffic": {
@@ -307,7 +309,7 @@ def _throughput_lines(report: Report) -> list[str]:
                 f"({rp['pool_many_over_mp_queue']})"
             )
         lines.append(
-            f"  ratios, LightningHandler: shardpool÷bare {r['lightning_over_bare']}   "
+            f"  ratios, synthetic Lightning: shardpool÷bare {r['lightning_over_bare']}   "
             f"shardpool÷mp.Queue {r['lightning_over_mp_queue']}"
         )
     return lines
@@ -349,27 +351,37 @@ def _order_lines(sp: dict[str, Any], bt: dict[str, Any] | None) -> list[str]:
         "channel checks"
     )
     if bt:
-        causes = ", ".join(f"{k} {v}" for k, v in sorted(bt["root_causes"].items(),
-                                                            key=lambda kv: -kv[1]))
-        same = bt["shardpool_same_traffic"]
-        lines.append(
-            f"by-type dispatch (lnd 8393), first {bt['messages']:,} messages, "
-            f"{bt['delay_s'] * 1e6:.0f} µs per message: {bt['violations']:,} violations, "
-            f"{bt['force_closed_channels']:,}/{bt['channels']:,} channels force-closed"
-        )
-        if causes:
-            lines.append(f"  root causes: {causes}")
-        lines.append(
-            f"  shardpool, same traffic, {same['handler']}: {same['violations']} violations, "
-            f"{same['force_closed_channels']} force-closed, {same['digest_mismatches']} "
-            "digest mismatches"
-        )
+        lines.extend(bytype_lines(bt))
+    return lines
+
+
+def bytype_lines(bt: dict[str, Any]) -> list[str]:
+    """The by-type section (:func:`~shardpool.bench.scenario.compare_by_type`) as text."""
+    causes = ", ".join(f"{k} {v}" for k, v in sorted(bt["root_causes"].items(),
+                                                        key=lambda kv: -kv[1]))
+    same = bt["shardpool_same_traffic"]
+    lines = [
+        f"by-type dispatch (lnd 8393), first {bt['messages']:,} messages, "
+        f"{bt['delay_s'] * 1e6:.0f} µs per message: {bt['violations']:,} violations, "
+        f"{bt['force_closed_channels']:,}/{bt['channels']:,} channels force-closed"
+    ]
+    if causes:
+        lines.append(f"  root causes: {causes}")
+    lines.append(
+        f"  shardpool, same traffic, {same['handler']}: {same['violations']} violations, "
+        f"{same['force_closed_channels']} force-closed, {same['digest_mismatches']} "
+        "digest mismatches"
+    )
     return lines
 
 
 def format_report(report: Report) -> str:
     """The human-readable report of :func:`~shardpool.bench.scenario.run_bench` (a multi-line
-    string)."""
+    string), of either workload."""
+    if report.get("workload") == "lightning-real":
+        from .realbench import format_real_report
+
+        return format_real_report(report)
     o = report["options"]
     t = report["traffic"]
     sp = report["shardpool"]

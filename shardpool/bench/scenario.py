@@ -51,7 +51,8 @@ from .options import BenchOptions
 from .report import Progress, build_report, latency_summary, median
 from .runs import PoolRun, RunResult, run_pool
 
-__all__ = ["Latency", "Scenario", "Throughput", "Traffic", "make_traffic", "run_bench"]
+__all__ = ["Latency", "Scenario", "Throughput", "Traffic", "compare_by_type", "make_traffic",
+           "run_bench"]
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def make_traffic(opts: BenchOptions) -> Traffic:
         RuntimeError: the generated stream is not valid when replayed serially (a generator bug).
     """
     decoded = generate(
-        opts.n_peers, opts.channels_per_peer, opts.messages, opts.seed,
+        opts.n_peers, opts.channels_per_peer, opts.n_messages, opts.seed,
         close_fraction=opts.close_fraction,
     )
     encoded = encode(decoded)
@@ -238,42 +239,66 @@ class Scenario:
         o = self.opts
         n = min(o.bytype_messages, len(self.traffic.decoded))
         prefix = list(self.traffic.decoded[:n])
-        self.say(f"by-type dispatch (lnd 8393): first {n:,} messages, "
-                 f"{o.bytype_delay_s * 1e6:.0f} us per message")
-        res = run_by_type_dispatch(prefix, delay_s=o.bytype_delay_s, timeout=o.timeout_s,
-                                   seed=o.seed)
         states, _ = replay(prefix)
-        channels = list(states)
-        ours = self._run_pool(
-            self.traffic.encoded[:n], handler=ASYNC_LIGHTNING_HANDLER,
-            handler_options={"delay_s": o.bytype_delay_s, **self.lightning_options},
-            probe=channels, name="shardpool_same_traffic",
+        return compare_by_type(
+            o, self.say, prefix,
+            lambda channels: self._run_pool(
+                self.traffic.encoded[:n], handler=ASYNC_LIGHTNING_HANDLER,
+                handler_options={"delay_s": o.bytype_delay_s, **self.lightning_options},
+                probe=channels, name="shardpool_same_traffic",
+            ),
+            {cid: state_digest(st) for cid, st in states.items()},
+            f"AsyncLightningHandler(delay_s={o.bytype_delay_s:g})",
         )
-        mismatches = sum(1 for c in channels if ours.digests.get(c) != state_digest(states[c]))
-        self.say(f"by-type: {res['violations']:,} violations, {res['force_closed_channels']:,}/"
-                 f"{res['channels']:,} channels force-closed; shardpool on the same traffic: "
-                 f"{ours.violations} violations, {mismatches} digest mismatches")
-        return {
-            "messages": res["messages"],
-            "channels": res["channels"],
-            "delay_s": o.bytype_delay_s,
-            "violations": res["violations"],
-            "violations_by_code": res["violations_by_code"],
-            "root_causes": res["root_causes"],
-            "force_closed_channels": res["force_closed_channels"],
-            "reordered_messages": res["reordered_messages"],
-            "msgs_per_s": (round(res["messages"] / res["elapsed_s"], 1)
-                           if res["elapsed_s"] else None),
-            "shardpool_same_traffic": {
-                "handler": f"AsyncLightningHandler(delay_s={o.bytype_delay_s:g})",
-                "violations": ours.violations,
-                "force_closed_channels": ours.violating_channels,
-                "digest_mismatches": mismatches,
-                "failures": ours.failures,
-                "sequence_errors": ours.sequence_errors,
-                "msgs_per_s": round(ours.msgs_per_s, 1),
-            },
-        }
+
+
+def compare_by_type(
+    opts: BenchOptions,
+    say: Progress,
+    prefix: list[tuple[bytes, Any]],
+    run_ours: Callable[[list[bytes]], PoolRun],
+    reference: dict[bytes, str],
+    handler: str,
+    **dispatch: Any,
+) -> dict[str, Any]:
+    """The by-type dispatch (lnd 8393) on ``prefix``, then ``run_ours(channels)`` — shardpool on
+    the same messages with the same per-message delay, probing those channels — compared with
+    ``reference`` (channel id → serial replay digest); the report's section. ``dispatch`` goes to
+    :func:`~shardpool.demo.bytype.run_by_type_dispatch` (the state type, the type reader).
+
+    Raises:
+        TimeoutError / RuntimeError: the by-type run failed; as ``run_ours``.
+    """
+    say(f"by-type dispatch (lnd 8393): first {len(prefix):,} messages, "
+        f"{opts.bytype_delay_s * 1e6:.0f} us per message")
+    res = run_by_type_dispatch(prefix, delay_s=opts.bytype_delay_s, timeout=opts.timeout_s,
+                               seed=opts.seed, **dispatch)
+    ours = run_ours(list(reference))
+    mismatches = sum(1 for c, d in reference.items() if ours.digests.get(c) != d)
+    say(f"by-type: {res['violations']:,} violations, {res['force_closed_channels']:,}/"
+        f"{res['channels']:,} channels force-closed; shardpool on the same traffic: "
+        f"{ours.violations} violations, {mismatches} digest mismatches")
+    return {
+        "messages": res["messages"],
+        "channels": res["channels"],
+        "delay_s": opts.bytype_delay_s,
+        "violations": res["violations"],
+        "violations_by_code": res["violations_by_code"],
+        "root_causes": res["root_causes"],
+        "force_closed_channels": res["force_closed_channels"],
+        "reordered_messages": res["reordered_messages"],
+        "msgs_per_s": (round(res["messages"] / res["elapsed_s"], 1)
+                       if res["elapsed_s"] else None),
+        "shardpool_same_traffic": {
+            "handler": handler,
+            "violations": ours.violations,
+            "force_closed_channels": ours.violating_channels,
+            "digest_mismatches": mismatches,
+            "failures": ours.failures,
+            "sequence_errors": ours.sequence_errors,
+            "msgs_per_s": round(ours.msgs_per_s, 1),
+        },
+    }
 
 
 def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
@@ -287,9 +312,13 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
     """
     opts.check()
     say = progress or Progress(enabled=False)
+    if opts.workload == "lightning-real":
+        from .realbench import run_real_bench
+
+        return run_real_bench(opts, say)
     wall0 = time.perf_counter()
     say(
-        f"traffic: {opts.messages:,} messages over {opts.n_peers * opts.channels_per_peer:,} "
+        f"traffic: {opts.n_messages:,} messages over {opts.n_peers * opts.channels_per_peer:,} "
         f"channel slots ({opts.n_peers:,} peers), seed {opts.seed}"
     )
     traffic = make_traffic(opts)
