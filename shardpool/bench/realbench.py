@@ -184,6 +184,9 @@ def _point(w: int, runs: list[PoolRun], serial: list[float], sigs: int) -> dict[
         "over_serial_paired": paired(rates, serial),
         "worker_cpu_us_per_message": round(
             median([r.worker_cpu_s / r.messages for r in runs]) * 1e6, 1),
+        # The share of their cores the workers got: low means the machine was busy elsewhere.
+        "worker_utilisation": round(
+            median([r.worker_cpu_s / r.elapsed_s / w for r in runs if r.elapsed_s > 0]), 3),
     }
 
 
@@ -305,6 +308,8 @@ def format_real_report(report: dict[str, Any]) -> str:
             f"  {label:<42}{p['msgs_per_s']:>10,.0f}{p['verifications_per_s']:>11,.0f}"
             f"{p['over_serial'] or 0:>10.2f}{p['over_serial_paired'] or 0:>8.2f}   "
             + " ".join(f"{r['msgs_per_s'] / 1000:,.1f}k" for r in p["runs"])
+            + f"   (workers: {p['worker_cpu_us_per_message']:,.0f} µs CPU/msg, "
+            f"{p['worker_utilisation']:.0%} of their cores)"
         )
     lines += ["", "CPU per message by type (serial runs, mean µs, median of repeats; count):"]
     lines += [f"  {k:<22}{v['us']:>9,.1f} µs  × {v['count']:,}"
