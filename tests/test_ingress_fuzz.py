@@ -22,6 +22,7 @@ import pytest
 import zmq
 from backend_tools import raw_producer
 from hypothesis import HealthCheck, given, settings
+from hypothesis import example as explicit_example
 from hypothesis import strategies as st
 from service_handlers import in_process_backend
 
@@ -94,6 +95,31 @@ _frame = st.one_of(
     st.tuples(st.just("hello"), _junk),
 )
 
+
+# One frame of each kind of bad input (and good ones around them), run before the generated ones.
+_EVERY_KIND: list[tuple[Any, ...]] = [
+    ("submit", [("good", 0), ("poison_cbor", 1), ("poison_fail", 2)]),
+    ("garbage", b"\xff"),
+    ("shape", 5),
+    ("shape", [0, 0, []]),
+    ("shape", [1, 99, []]),
+    ("multipart", 1),
+    ("hello", None),
+    (
+        "submit",
+        [
+            ("not_list", 5),
+            ("short", 1, True),
+            ("bad_corr", -1, 0),
+            ("bad_cid", 7),
+            ("bad_cid", b""),
+            ("bad_cid", b"x" * 65),
+            ("bad_payload", "text", 0),
+            ("bad_payload", b"p" * (MAX_BYTES + 1), 0),
+            ("good", 0),
+        ],
+    ),
+]
 
 _KEEP_AS_TAG = (4, 5, 30, 35, 36)  # the spec: these tags are read as plain tags in a frame
 
@@ -335,6 +361,7 @@ def test_fuzzed_frames_are_answered_and_valid_messages_processed_in_order(tmp_pa
 
             @_fuzz_settings(100)
             @given(st.lists(_frame, min_size=20, max_size=60))
+            @explicit_example(_EVERY_KIND)  # generation varies with the session: run these surely
             def check(specs: list[tuple[Any, ...]]) -> None:
                 example[0] += 1
                 exp = _Expect(example[0])
