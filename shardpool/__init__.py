@@ -17,6 +17,7 @@ from .errors import (
     InDoubt,
     InputError,
     InsecurePathError,
+    MoveRefused,
     NotHalted,
     NotRunning,
     PayloadTooLarge,
@@ -28,6 +29,7 @@ from .errors import (
     ReplyInDoubt,
     ReplyRejected,
     ShardPoolError,
+    StateNotRestored,
     WorkerStartError,
 )
 from .front import CloseReport
@@ -51,6 +53,7 @@ __all__ = [
     "InDoubt",
     "InputError",
     "InsecurePathError",
+    "MoveRefused",
     "NotHalted",
     "NotRunning",
     "PayloadTooLarge",
@@ -63,6 +66,7 @@ __all__ = [
     "ReplyRejected",
     "ShardPool",
     "ShardPoolError",
+    "StateNotRestored",
     "WorkerStartError",
     "__version__",
 ]

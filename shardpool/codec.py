@@ -7,6 +7,12 @@ Front → worker (on the worker's own PUSH/PULL pipe)::
     [CONTROL, epoch, op, cid]                                             everything sent before it
     [STOP, epoch]                                                         the stop request, in
                                                                           band (locally: SIGTERM)
+    [DRAIN, epoch, gen, slots, cids, keep]    a move: once every channel of these slots (or these
+                                              channels; not those in keep) is idle, answer
+                                              SLOT_STATE and forget them
+    [CANCEL, epoch, gen]                      the move is off: keep them; answer CANCELLED
+    [INSTALL, epoch, wseq, gen, states]       a move arrives: restore these channels; acknowledged
+                                              like a message (it is a window entry)
 
 Worker → front (every worker PUSHes to the front's single PULL)::
 
@@ -26,6 +32,8 @@ Worker → front (every worker PUSHes to the front's single PULL)::
                                               else it was sent will be started
     [BYE, worker, epoch, {counter: value}]    stopped: every call it started has been
                                               acknowledged; nothing else ran
+    [SLOT_STATE, worker, epoch, gen, states, error]   drained (after the acks of those channels)
+    [CANCELLED, worker, epoch, gen, busy]
 
 ``wseq`` numbers the messages the front sent to one worker incarnation stream (implicit in a batch:
 ``first_wseq + i``); acknowledgements name *what* finished, not a watermark, because channels
@@ -57,6 +65,9 @@ class ToWorker(enum.IntEnum):
     STATS = 1
     CONTROL = 2
     STOP = 3
+    DRAIN = 4  # a move: hand over these slots / channels once they are idle
+    CANCEL = 5  # the move is called off: keep them
+    INSTALL = 6  # a move's arrival: restore these channels (a window entry, with a wseq)
 
 
 class ToFront(enum.IntEnum):
@@ -70,6 +81,8 @@ class ToFront(enum.IntEnum):
     BYE = 5
     CRASH = 6
     STOPPING = 7
+    SLOT_STATE = 8  # the drained channels' state: the move may commit
+    CANCELLED = 9  # the worker kept the channels of a cancelled move
 
 
 class Action(enum.StrEnum):
@@ -120,6 +133,28 @@ class Stopping(NamedTuple):
     worker: int
     epoch: int
     running: list[int]
+
+
+class SlotState(NamedTuple):
+    """The answer to DRAIN: each drained channel as ``[cid, state, expect, halted, parked]``
+    (``state``: bytes or None; ``expect``: the next cseq; ``parked``: the wseqs a halted channel
+    holds), or ``error`` (``[cid, text]``: a state that could not be taken; nothing was dropped)."""
+
+    worker: int
+    epoch: int
+    gen: int
+    states: list[list[Any]]
+    error: list[Any] | None
+
+
+class Cancelled(NamedTuple):
+    """The answer to CANCEL; ``busy`` names the channels that were still running (the reason a
+    drain did not finish)."""
+
+    worker: int
+    epoch: int
+    gen: int
+    busy: list[bytes]
 
 
 class Bye(NamedTuple):

@@ -436,6 +436,40 @@ class PoolConfig(_Section):
         unit="seconds",
         doc="forget a stateless channel idle this long; 0 = never",
     )
+    move_state: str = _choice(
+        "cbor", "hooks", "none", default="cbor", doc="how handler state moves with a channel"
+    )
+    move_timeout_s: float = _float(
+        0, 3600, lo_open=True, default=10.0, unit="seconds", doc="drain deadline of one move"
+    )
+    move_buffer_max: int = _int(
+        1, 10_000_000, default=100_000, doc="messages held at the front per move, at most"
+    )
+    max_concurrent_moves: int = _int(1, 4096, default=64, doc="slots moving at once, at most")
+    rebalance: str = _choice(
+        "off", "advise", "auto", default="advise", doc="load levelling: off, plan only, or act"
+    )
+    rebalance_interval_s: float = _float(
+        0, 3600, lo_open=True, default=5.0, unit="seconds", doc="load measurement period"
+    )
+    rebalance_threshold: float = _float(
+        0,
+        10,
+        lo_open=True,
+        default=0.10,
+        unit="fraction of the mean",
+        doc="busiest worker over the mean that triggers levelling",
+    )
+    rebalance_grace_s: float = _float(
+        0, 86_400, default=60.0, unit="seconds", doc="a moved slot stays put at least this long"
+    )
+    hot_channel_share: float = _float(
+        0,
+        1,
+        default=0.5,
+        unit="fraction of a mean worker's load",
+        doc="channel load that earns a pin; 0 = never",
+    )
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@
     │   └── AccessDenied       the backend refused the client's handshake (CURVE keys)
     ├── HandlerError           the handler raised (or its worker kept dying on the message)
     ├── DrainTimeout           ``drain``/``close`` ran past its deadline (TimeoutError too)
+    ├── MoveRefused            a slot or channel move could not start or was called off
+    ├── StateNotRestored       a moved channel's state could not be restored on its new worker
     ├── NotRunning             no backend answers at a control endpoint (none started, a stale
     │                          socket file, or it went away while a request waited)
     ├── ControlError           the backend answered a control request with an error
@@ -269,3 +271,17 @@ class ReplyClosed(ReplyError):
 class ReplyInDoubt(ReplyError):
     """The backend stopped while the handler may have been running this message (``"in_doubt"``):
     it may or may not have been applied (the per-channel ``seq`` lets a handler tell)."""
+
+
+class StateNotRestored(ShardPoolError):
+    """A moved channel's state could not be restored on its new worker (the handler's ``restore``
+    hook raised, or the CBOR state did not decode). Raised in the worker in place of the channel's
+    next message, so the failure policy applies: under ``halt`` the channel halts with this error
+    and its cause's traceback; ``resume`` then runs the message without the moved state."""
+
+
+class MoveRefused(ShardPoolError):
+    """A slot or channel move could not start (the pool is not running, a worker is not ready,
+    it is already moving, too many moves at once) or was called off before its commit (its drain
+    timed out, a channel's state could not be taken, its worker died): nothing was lost or
+    reordered; the channels stayed where they were."""

@@ -12,6 +12,14 @@ It may be a plain or an ``async`` function. The target may be:
 
 An object (or class instance) may define ``setup(worker_index)`` and ``teardown()``, called once
 per worker process (either may be ``async``).
+
+When the pool moves a channel to another worker (a resize, load levelling, a pin), its state goes
+with it. By default (``pool.move_state = "cbor"``) that is ``channel.state``, CBOR-encoded: keep it
+to CBOR-encodable values (dicts, lists, bytes, str, ints, floats, bools, None) or the move is
+refused, naming the channel and the type. A class handler may instead define
+``snapshot(channel) -> bytes | None`` and ``restore(channel, data)`` (``pool.move_state =
+"hooks"``): ``snapshot`` runs on the old worker once the channel is idle, ``restore`` on the new one
+before the channel's next message. With ``"none"`` a move drops handler state, as a crash does.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ class Channel:
         "_idle_sweeps",
         "_ending",
         "_ended",
+        "_slot",
     )
 
     def __init__(self, channel_id: bytes, ended: list[Channel] | None = None) -> None:
@@ -60,6 +69,7 @@ class Channel:
         self._idle_sweeps = 0
         self._ending = False
         self._ended = ended  # the worker's list of ended channels (None outside a worker)
+        self._slot = -1  # its routing slot (set by the worker)
 
     def end(self) -> None:
         """Say this channel is over (closed on chain, forgotten by the node): once its last
@@ -77,12 +87,15 @@ class Channel:
 
 @dataclass(frozen=True)
 class HandlerSpec:
-    """A resolved handler: the call, whether it is a coroutine function, and the hooks."""
+    """A resolved handler: the call, whether it is a coroutine function, and the hooks
+    (``setup``/``teardown`` per worker, ``snapshot``/``restore`` per moved channel)."""
 
     handle: HandleFn
     is_async: bool
     setup: Callable[[int], Any] | None
     teardown: Callable[[], Any] | None
+    snapshot: Callable[[Channel], bytes | None] | None = None
+    restore: Callable[[Channel, bytes | None], None] | None = None
 
 
 def resolve(target: str | object) -> object:
@@ -122,16 +135,34 @@ def load_handler(target: str | object, options: Mapping[str, Any] | None = None)
         if not callable(obj):
             raise TypeError(f"handler {target!r} is neither callable nor has a handle() method")
         handle = obj
-    setup = getattr(obj, "setup", None) if handle is not obj else None
-    teardown = getattr(obj, "teardown", None) if handle is not obj else None
+
+    def hook(name: str) -> Any:
+        return getattr(obj, name, None) if handle is not obj else None
+
     return HandlerSpec(
         handle=handle,
         # An object with an ``async def __call__`` is awaited like an async function.
         is_async=inspect.iscoroutinefunction(handle)
         or inspect.iscoroutinefunction(type(handle).__call__),
-        setup=setup,
-        teardown=teardown,
+        setup=hook("setup"),
+        teardown=hook("teardown"),
+        snapshot=hook("snapshot"),
+        restore=hook("restore"),
     )
+
+
+def check_move_hooks(spec: HandlerSpec, target: object) -> None:
+    """Refuse ``pool.move_state = "hooks"`` for a handler without both hooks.
+
+    Raises:
+        TypeError: ``snapshot`` or ``restore`` is missing (named).
+    """
+    missing = [name for name in ("snapshot", "restore") if getattr(spec, name) is None]
+    if missing:
+        raise TypeError(
+            f"pool.move_state = 'hooks' needs a handler object with snapshot(channel) and "
+            f"restore(channel, data); {target!r} has no {' and no '.join(missing)}"
+        )
 
 
 async def maybe_await(value: Any) -> Any:
@@ -141,4 +172,12 @@ async def maybe_await(value: Any) -> Any:
     return value
 
 
-__all__ = ["Channel", "HandlerSpec", "HandleFn", "load_handler", "resolve", "maybe_await"]
+__all__ = [
+    "Channel",
+    "HandlerSpec",
+    "HandleFn",
+    "check_move_hooks",
+    "load_handler",
+    "maybe_await",
+    "resolve",
+]

@@ -38,6 +38,7 @@ from .front import (
     Halt,
     ResultCallback,
 )
+from .front.moves import Move
 
 _SECTIONS_FOR_SHORT_NAMES = ("pool", "transport", "supervisor")
 _ABORT_TIMEOUT_S = 1.0  # close on leaving a with-block by an exception (seconds)
@@ -206,6 +207,12 @@ class ShardPool:
         """Pool counters and fresh per-worker figures (see :meth:`Front.stats`)."""
         return self._front.stats(timeout)
 
+    def placement(self) -> dict[str, Any]:
+        """Where channels go now, without asking the workers: ``slots_per_worker``, ``pins``
+        (channel hex → worker) and ``moves`` (in progress with age and held count, counts, pause
+        p50/p99 in seconds)."""
+        return self._front.placement()
+
     def halted_channels(self) -> dict[bytes, int]:
         """Channels parked after a failure under the ``halt`` policy, or quarantined → the failed
         message's seq."""
@@ -223,6 +230,40 @@ class ShardPool:
     def skip(self, channel_id: bytes) -> None:
         """Record the failed message of a halted channel as skipped and continue in order."""
         self._front.control(channel_id, "skip")
+
+    def move_slots(
+        self, slots: list[int], worker: int, *, timeout: float | None = None
+    ) -> Move:
+        """Move routing ``slots`` to ``worker`` while running: their channels' new messages wait
+        at the front while the old worker finishes what it has, then their state moves and they
+        go on at ``worker`` in order. Waits up to ``timeout`` seconds (default
+        ``pool.move_timeout_s`` + 5) and returns the move (``state``, ``pause_s``).
+
+        Raises:
+            MoveRefused: it could not start or was called off (nothing lost or reordered).
+        """
+        return self._front.move(slots, worker, timeout=timeout)
+
+    def pin(self, channel_id: bytes, worker: int, *, timeout: float | None = None) -> Move | None:
+        """Place one channel on ``worker``, ahead of the slot table (a hot channel on a worker of
+        its own), through the same barrier as a slot move. None if it was there already.
+
+        Raises:
+            ChannelIdError / MoveRefused.
+        """
+        return self._front.pin(channel_id, worker, timeout=timeout)
+
+    def unpin(self, channel_id: bytes, *, timeout: float | None = None) -> Move | None:
+        """Send a pinned channel back to its slot's worker.
+
+        Raises:
+            ChannelIdError / MoveRefused (also when it is not pinned).
+        """
+        return self._front.unpin(channel_id, timeout=timeout)
+
+    def worker_of_slot(self, slot: int) -> int:
+        """Index of the worker that owns routing ``slot`` now."""
+        return self._front.channels.router.table[slot]
 
     def worker_of(self, channel_id: bytes) -> int:
         """Index of the worker that serves ``channel_id``."""

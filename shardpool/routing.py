@@ -45,7 +45,12 @@ def default_slot_table(slots: int, workers: int) -> tuple[int, ...]:
 
 
 class Router:
-    """Maps channel ids to worker indexes through a fixed slot count and a slot table."""
+    """Maps channel ids to worker indexes through a fixed slot count and a slot table.
+
+    The slot count never changes (it would move every channel); the table does, one slot at a
+    time, when the pool moves a slot (and only once its old owner has finished every message of
+    it, see :mod:`shardpool.front.moves`).
+    """
 
     __slots__ = ("slots", "table")
 
@@ -60,8 +65,16 @@ class Router:
         bad = [w for w in table if not 0 <= w < workers]
         if bad:
             raise ValueError(f"slot table names worker {bad[0]}, allowed 0..{workers - 1}")
-        self.table: tuple[int, ...] = tuple(table)
+        self.table: list[int] = list(table)
+
+    def slot_of(self, channel_id: bytes) -> int:
+        """The slot of ``channel_id`` (assumed already checked)."""
+        return _xxh64(channel_id) % self.slots
 
     def worker_of(self, channel_id: bytes) -> int:
         """Worker index for ``channel_id`` (assumed already checked)."""
         return self.table[_xxh64(channel_id) % self.slots]
+
+    def slots_of(self, worker: int) -> list[int]:
+        """The slots ``worker`` owns."""
+        return [s for s, w in enumerate(self.table) if w == worker]

@@ -8,6 +8,8 @@ import random
 import time
 from typing import Any
 
+import cbor2
+
 
 def record(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
     """Sync: check the producer's per-channel index follows the last one; return (seq, index)."""
@@ -90,11 +92,13 @@ class Ledger:
     Each applied message appends ``A <cid> <seq> <digest> <redelivered>`` to ``<dir>/w<i>.log``
     with one ``os.write`` (the kernel keeps it even if the process is SIGKILLed right after), and
     the log is reloaded by the next incarnation of the same worker, so handler-side state survives
-    crashes. A redelivered message whose ``seq`` was already applied is a recognised duplicate
-    (``D`` line); an unmarked duplicate is a violation (``V`` line) and a gap is logged (``G``
-    line: seq and the last applied seq).
+    crashes. A channel moved in appends ``R`` (its position, taken over through the
+    snapshot/restore hooks, ``pool.move_state = "hooks"``). A redelivered message whose ``seq``
+    was already applied is a recognised duplicate (``D`` line); an unmarked duplicate is a
+    violation (``V`` line) and a gap is logged (``G`` line: seq and the last applied seq).
 
-    ``message["fault"]`` injects a fault before the message is applied:
+    ``message["ms"]`` (default: the ``ms`` option) is the wall time the message takes before it
+    is applied. ``message["fault"]`` injects a fault before the message is applied:
     ``exit`` (os._exit(70)), ``segv`` (read address 0) and ``raise`` fire once per message (a
     marker file makes the replayed copy succeed); ``raise_n`` raises ``message["n"]`` times;
     ``always_exit``, ``always_segv`` and ``always_hang`` (a busy loop) fire every time: a poison
@@ -114,12 +118,26 @@ class Ledger:
             with open(path) as f:
                 for line in f:
                     parts = line.split()
-                    if len(parts) == 5 and parts[0] == "A":
+                    if len(parts) == 5 and parts[0] in ("A", "R"):
                         self.applied[parts[1]] = (int(parts[2]), int(parts[3]))
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     def teardown(self) -> None:
         os.close(self.fd)
+
+    def snapshot(self, channel: Any) -> bytes | None:
+        """A moving channel's ledger position (``pool.move_state = "hooks"``)."""
+        rec = self.applied.get(channel.id.hex())
+        return None if rec is None else cbor2.dumps(list(rec))
+
+    def restore(self, channel: Any, data: bytes | None) -> None:
+        """Take over a moved channel's position, durably (an ``R`` line: a restart reloads it)."""
+        if data is None:
+            return
+        seq, digest = cbor2.loads(data)
+        key = channel.id.hex()
+        self.applied[key] = (seq, digest)
+        os.write(self.fd, f"R {key} {seq} {digest} 0\n".encode())
 
     def _once(self, name: str) -> bool:
         try:
@@ -164,8 +182,9 @@ class Ledger:
         fault = message.get("fault")
         if fault:
             self._inject(fault, key, seq, message)
-        if self.ms:
-            time.sleep(self.ms / 1000.0)  # sleep-ok - the handler's own work, in a worker
+        ms = message.get("ms", self.ms)
+        if ms:
+            time.sleep(ms / 1000.0)  # sleep-ok - the handler's own work, in a worker
         digest = (digest * 1_000_003 + message["v"]) % (1 << 61)
         os.write(self.fd, f"A {key} {seq} {digest} {int(redelivered)}\n".encode())
         self.applied[key] = (seq, digest)
@@ -261,3 +280,53 @@ async def poison_async(channel: Any, seq: int, message: Any, redelivered: bool) 
     if message.get("die"):
         os._exit(73)
     return [seq, message["i"]]
+
+
+def counter(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+    """Stateful: counts the messages of its channel in ``channel.state`` and checks that
+    ``message["i"]`` is that count (a state lost or restored wrong in a move shows at once).
+    Returns ``[seq, count]``; with ``message["ms"]`` it first awaits nothing but sleeps (a slow
+    call)."""
+    if message.get("ms"):
+        time.sleep(message["ms"] / 1000.0)  # sleep-ok - the handler's own work, in a worker
+    count = (channel.state or 0) + 1
+    if message["i"] != count - 1 and not redelivered:
+        raise AssertionError(f"channel {channel.id!r}: message {message['i']} at count {count}")
+    channel.state = count
+    return [seq, count]
+
+
+async def gated_counter(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+    """:func:`counter`, async, and with ``message["gate"]`` it first awaits (inside the worker)
+    until that file exists: a call that keeps its channel busy for as long as a test wants."""
+    gate = message.get("gate")
+    while gate and not os.path.exists(gate):
+        await asyncio.sleep(0.002)  # sleep-ok - the handler's own work, in a worker
+    return counter(channel, seq, message, redelivered)
+
+
+class Unmovable:
+    """Keeps a state that CBOR cannot encode on channels whose message says so."""
+
+    def handle(self, channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+        channel.state = object() if message.get("opaque") else (channel.state or 0) + 1
+        return seq
+
+
+class Hooked:
+    """Counts each channel's messages in ``channel.state`` and moves the count through the
+    snapshot/restore hooks; a channel told ``{"corrupt": True}`` keeps a count its ``restore``
+    refuses (a state that cannot be restored on the new worker)."""
+
+    def handle(self, channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+        channel.state = -1 if message.get("corrupt") else (channel.state or 0) + 1
+        return channel.state
+
+    def snapshot(self, channel: Any) -> bytes:
+        return cbor2.dumps(channel.state)
+
+    def restore(self, channel: Any, data: bytes | None) -> None:
+        count = cbor2.loads(data) if data is not None else None
+        if count == -1:
+            raise ValueError("the moved count is corrupt")
+        channel.state = count

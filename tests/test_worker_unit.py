@@ -206,7 +206,7 @@ def test_careful_replay_runs_one_call_at_a_time_recording_each_in_the_run_slot(
     slot = RunSlot(str(tmp_path / "run"), create=True)
     watcher = SlotWatcher(slot)
     w, push = make_worker(watcher, epoch=3)
-    w.slot = slot
+    w.run_slot = slot
 
     async def main() -> None:
         items = [(b"a", 5, 0), (b"b", 7, 0), (b"a", 6, 0), (b"c", 0, 0)]
@@ -231,7 +231,7 @@ def test_a_normal_batch_is_taken_in_whole_before_its_first_call(tmp_path: Path) 
     slot = RunSlot(str(tmp_path / "run"), create=True)
     seen: list[tuple[int, int]] = []
     w, _ = make_worker(lambda ch, seq, m, r: seen.append(slot.read()))
-    w.slot = slot
+    w.run_slot = slot
     w.on_batch(codec.loads(batch(1, 7, [(b"a", 0, 0), (b"a", 1, 0)])))
     # The front may treat wseqs 7..8 as possibly run, anything after as never read; normal
     # batches leave the running slot alone (it names messages of careful replays only).

@@ -1,11 +1,12 @@
 """The front's per-channel records: routes, halts, and what counts against a poison message.
 
 A channel's :class:`Route` says which worker's window it goes to, the next per-channel seq, the
-pre-encoded start of its batch items, and — while the channel is halted — the messages held back
-at the front in order (outside the window, so a parked channel cannot fill its worker's window
-and stall the other channels). :class:`Channels` keeps the routes, the halts (with why and since
-when), the deaths counted against messages (quarantine), and the rule by which a channel a worker
-forgot is forgotten here too.
+pre-encoded start of its batch items, its slot, and — while the channel is halted or being moved —
+the messages held back at the front in order (outside the window, so a parked channel cannot fill
+its worker's window and stall the other channels). :class:`Channels` keeps the routes (and which
+channels each slot holds, for moves), the pins (a channel placed on a worker of its own, ahead of
+the slot table), the halts (with why and since when), the deaths counted against messages
+(quarantine), and the rule by which a channel a worker forgot is forgotten here too.
 
 Not thread-safe: the front calls it with its lock held.
 """
@@ -14,12 +15,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import codec
 from ..errors import HandlerError, NotHalted
 from ..routing import Router, check_channel_id
 from .window import DoneCallback, Window
+
+if TYPE_CHECKING:
+    from .moves import Move
 
 __all__ = ["Channels", "Halt", "Route", "quarantine_error"]
 
@@ -29,13 +33,16 @@ Held = list[tuple[int, bytes, "DoneCallback | None"]]  # (cseq, payload, on_done
 class Route:
     """One channel as the front routes it (the producer hot path reads and bumps these)."""
 
-    __slots__ = ("window", "next_seq", "prefix", "held")
+    __slots__ = ("window", "next_seq", "prefix", "held", "slot", "move")
 
-    def __init__(self, window: Window, prefix: bytes) -> None:
+    def __init__(self, window: Window, prefix: bytes, slot: int) -> None:
         self.window = window
         self.next_seq = 0
         self.prefix = prefix  # array(3) head + the channel id: the start of each of its items
-        self.held: Held | None = None  # messages waiting at the front while it is halted
+        # Messages waiting at the front, in order, while it is halted or being moved (else None).
+        self.held: Held | None = None
+        self.slot = slot
+        self.move: Move | None = None  # the move fencing it
 
 
 @dataclass
@@ -56,6 +63,9 @@ class Channels:
         self.router = router
         self.windows = windows
         self.routes: dict[bytes, Route] = {}
+        self.by_slot: dict[int, set[bytes]] = {}  # the channels of each slot the front knows
+        self.pins: dict[bytes, int] = {}  # channel → the worker it is pinned to
+        self.moving: dict[int, Move] = {}  # slot → the move it is part of
         self.halts: dict[bytes, Halt] = {}
         # (cid, cseq) → deaths of a worker with this message in its handler (careful replays)
         self.suspects: dict[tuple[bytes, int], int] = {}
@@ -70,12 +80,32 @@ class Channels:
         Raises:
             ChannelIdError: not bytes of 1..64 bytes.
         """
-        channel_id = check_channel_id(channel_id)
-        route = self.routes.get(channel_id)
+        cid = check_channel_id(channel_id)
+        route = self.routes.get(cid)
         if route is None:
-            window = self.windows[self.router.worker_of(channel_id)]
-            route = self.routes[channel_id] = Route(window, codec.item_prefix(channel_id))
+            slot = self.router.slot_of(cid)
+            pinned = self.pins.get(cid)
+            worker = self.router.table[slot] if pinned is None else pinned
+            route = self.routes[cid] = Route(self.windows[worker], codec.item_prefix(cid), slot)
+            self.by_slot.setdefault(slot, set()).add(cid)
+            move = self.moving.get(slot) if pinned is None else None
+            if move is not None:
+                # A new channel of a slot being moved: held here until the move ends.
+                route.move = move
+                route.held = []
         return route
+
+    def worker_of(self, cid: bytes) -> int:
+        """Where ``cid`` goes now: its route's worker, else its pin, else its slot's owner."""
+        route = self.routes.get(cid)
+        if route is not None:
+            return route.window.index
+        return self.pins.get(cid, self.router.table[self.router.slot_of(cid)])
+
+    def of_slots(self, slots: tuple[int, ...]) -> list[bytes]:
+        """The known channels of these slots that follow the slot table (pinned ones do not)."""
+        pins = self.pins
+        return [cid for s in slots for cid in self.by_slot.get(s, ()) if cid not in pins]
 
     def submitted(self) -> int:
         """Messages numbered so far, forgotten channels included."""
@@ -96,6 +126,11 @@ class Channels:
                 and cid not in self.halts
             ):
                 del self.routes[cid]
+                members = self.by_slot.get(route.slot)
+                if members is not None:
+                    members.discard(cid)
+                    if not members:
+                        del self.by_slot[route.slot]
                 self._forgotten_submitted += next_cseq
                 n += 1
         self.forgotten += n

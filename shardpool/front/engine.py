@@ -35,9 +35,10 @@ from ..routing import Router, check_channel_id
 from ..supervisor import Supervisor
 from ..wakeup import WakePipe
 from . import operations, shutdown
-from .channels import Channels, Halt
+from .channels import Channels, Halt, Route
 from .iothread import FrontIO
 from .link import Link
+from .moves import Move, Mover
 from .outcomes import FailureCallback, ResultCallback
 from .shutdown import CloseReport
 from .state import PoolState
@@ -92,6 +93,7 @@ class Front:
         self._max_inflight = transport.max_inflight
         self._limit = transport.max_inflight  # 0 when not running: one test on the hot path
         self._max_bytes = transport.max_message_bytes
+        self._hold_max = pool.move_buffer_max
         self.linger = transport.batch_linger_ms / 1000.0  # seconds
 
         self.rundir = tempfile.mkdtemp(prefix="shardpool-", dir=transport.runtime_dir or None)
@@ -109,6 +111,7 @@ class Front:
         self.channels = Channels(Router(pool.slots, pool.workers), [k.window for k in self.links])
         self._routes = self.channels.routes
         self.io = FrontIO(self)
+        self.mover = Mover(self)
         self.sup = Supervisor(pool.workers, config.supervisor, self.io.make_process)
         self._thread = threading.Thread(target=self.io.main, name="shardpool-front", daemon=True)
         self._thread.start()
@@ -159,13 +162,12 @@ class Front:
             win = route.window
             if win.inflight - win.parked >= self._limit:  # full, or not running (limit 0)
                 self._wait_room(win, block)
+            if route.held is not None:
+                # Halted or moving: held here, in order, outside the window, so a parked channel
+                # cannot fill its worker's window and stall the other channels.
+                return self._hold(route, payload, on_done, block)
             cseq = route.next_seq
             route.next_seq = cseq + 1
-            if route.held is not None:
-                # Halted channel: hold the message here, in order, outside the window, so a
-                # parked channel cannot fill its worker's window and stall the other channels.
-                route.held.append((cseq, payload, on_done))
-                return cseq
             win.inflight += 1
             parts = win.parts
             if on_done is not None:
@@ -218,12 +220,12 @@ class Front:
                     win = route.window
                     if win.inflight - win.parked >= self._limit:
                         self._wait_room(win, True)
-                    cseq = route.next_seq
-                    route.next_seq = cseq + 1
                     accepted += 1
                     if route.held is not None:
-                        route.held.append((cseq, payload, None))
+                        self._hold(route, payload, None, True)
                         continue
+                    cseq = route.next_seq
+                    route.next_seq = cseq + 1
                     win.inflight += 1
                     parts = win.parts
                     if parts:
@@ -253,6 +255,49 @@ class Front:
 
         self.submit_bytes(channel_id, payload, on_done=done)
         return fut
+
+    def _hold(
+        self, route: Route, payload: bytes, on_done: DoneCallback | None, block: bool
+    ) -> int:
+        """Number a message of a halted or moving channel and hold it at the front (lock held).
+        A move holds at most ``pool.move_buffer_max`` messages: past that, only producers of
+        its channels wait (before their message is numbered, so the order stays the arrival
+        order); if the move ends meanwhile, the message goes out the normal way.
+
+        Raises:
+            BlockingIOError: ``block=False`` and the move's buffer is full.
+            PoolClosed / PoolBroken: the pool stopped while waiting.
+        """
+        while (move := route.move) is not None and move.held >= self._hold_max:
+            if not block:
+                raise BlockingIOError("the channel is moving and its buffer is full")
+            if self.state != PoolState.RUNNING:
+                raise self.not_running_error()
+            self.cv.wait(0.5)
+        cseq = route.next_seq
+        route.next_seq = cseq + 1
+        if route.held is None:  # the move ended while we waited
+            self.place(route, cseq, payload, on_done, route.window)
+            return cseq
+        route.held.append((cseq, payload, on_done))
+        if move is not None:
+            move.held += 1
+        return cseq
+
+    def place(
+        self,
+        route: Route,
+        cseq: int,
+        payload: bytes,
+        on_done: DoneCallback | None,
+        win: Window,
+    ) -> None:
+        """Put an already-numbered message of ``route``'s channel into ``win`` (lock held): the
+        slow-path twin of the hot path in :meth:`submit_bytes`."""
+        if win.place(route.prefix, cseq, payload, on_done):
+            self.batch_started(win)
+        elif len(win.parts) >= self.batch_parts:
+            self.links[win.index].flush()
 
     def batch_started(self, win: Window) -> None:
         """A message opened a new batch (lock held): send it now if the worker is idle, else
@@ -289,8 +334,8 @@ class Front:
         return PoolClosed("the pool is closed")
 
     def channel_worker(self, channel_id: bytes) -> int:
-        """The worker index that serves ``channel_id``."""
-        return self.channels.router.worker_of(check_channel_id(channel_id))
+        """The worker index that serves ``channel_id`` now (its pin, else its slot's owner)."""
+        return self.channels.worker_of(check_channel_id(channel_id))
 
     async def wait_room_async(self, channel_id: bytes) -> None:
         """Return once ``channel_id``'s worker has room in its window (or the pool stopped)."""
@@ -299,7 +344,10 @@ class Front:
             with self.lock:
                 if self.state != PoolState.RUNNING:
                     raise self.not_running_error()
-                win = self.links[self.channel_worker(channel_id)].window
+                route = self._routes.get(channel_id)
+                win = route.window if route is not None else self.links[
+                    self.channel_worker(channel_id)
+                ].window
                 if win.inflight - win.parked < self._max_inflight:
                     return
                 fut: asyncio.Future[None] = loop.create_future()
@@ -359,6 +407,25 @@ class Front:
         """
         operations.control(self, channel_id, op)
 
+    def move(
+        self, slots: list[int], worker: int, *, timeout: float | None = None
+    ) -> Move:
+        """Move ``slots`` to ``worker`` without losing or reordering anything (see
+        :mod:`.moves` and :func:`.operations.move`).
+
+        Raises:
+            MoveRefused: it could not start, or it was called off.
+        """
+        return operations.move(self, tuple(slots), (), worker, "operator", timeout)
+
+    def pin(self, channel_id: bytes, worker: int, *, timeout: float | None = None) -> Move | None:
+        """Place ``channel_id`` on ``worker`` ahead of the slot table (:func:`.operations.pin`)."""
+        return operations.pin(self, channel_id, worker, timeout)
+
+    def unpin(self, channel_id: bytes, *, timeout: float | None = None) -> Move | None:
+        """Send a pinned channel back to its slot's worker (:func:`.operations.unpin`)."""
+        return operations.unpin(self, channel_id, timeout)
+
     def halted_channels(self) -> dict[bytes, int]:
         """Channels parked by the halt policy (or quarantined) → seq they are halted on."""
         with self.lock:
@@ -368,6 +435,12 @@ class Front:
         """Every halted (or quarantined) channel → why and since when."""
         with self.lock:
             return dict(self.channels.halts)
+
+    def placement(self) -> dict[str, Any]:
+        """Slots per worker, pins and moves, from the front alone (see
+        :func:`.operations.placement`): answers at once, even while workers are busy."""
+        with self.lock:
+            return operations.placement(self)
 
     def stats(self, timeout: float = 5.0) -> dict[str, Any]:
         """Front counters and a fresh per-worker report (see :func:`.operations.stats`)."""
@@ -402,6 +475,7 @@ class Front:
         err.exitcodes.update(self.sup.exitcodes())
         log.error("pool broken: %s", err)
         self.set_state(PoolState.BROKEN)
+        self.mover.halt()
         self.broken = err
         self.sup.halt()
         self.cv.notify_all()
@@ -438,7 +512,7 @@ class Front:
         codes = self.sup.reap_all(reap_timeout)
         for link in self.links:
             link.disconnect()
-            link.slot.close()
+            link.run_slot.close()
         self.pull.close(linger=0)
         self.ctx.term()
         self.wakeup.close()

@@ -89,8 +89,10 @@ class FrontIO:
             retry_backoff_s=pool.retry_backoff_ms / 1000.0,
             heartbeat_interval_s=f.cfg.supervisor.heartbeat_interval_s,
             parent_pid=os.getpid(),
-            run_slot=link.slot.path,
+            run_slot=link.run_slot.path,
             channel_idle_expiry_s=pool.channel_idle_expiry_s,
+            slots=pool.slots,
+            move_state=pool.move_state,
         )
         # The worker's PR_SET_PDEATHSIG follows the thread that spawns it: this one, which lives
         # as long as the pool; its end takes any worker still alive with it.
@@ -227,6 +229,9 @@ class FrontIO:
                 behind = bool(f.pull.poll(0))
             return not behind
 
+        move_due = f.mover.tick(time.monotonic())
+        if move_due is not None:
+            due = move_due if due is None else min(due, move_due)
         decisions, restart_due = f.sup.tick(caught_up)
         for d in decisions:
             if isinstance(d, Killed):
@@ -280,6 +285,10 @@ class FrontIO:
             if replies is not None:
                 replies[link.index] = reply.stats
                 f.cv.notify_all()
+        elif kind == ToFront.SLOT_STATE:
+            f.mover.on_slot_state(link, msg)
+        elif kind == ToFront.CANCELLED:
+            f.mover.on_cancelled(link, msg)
         elif kind == ToFront.STOPPING:
             link.stop_running = set(codec.Stopping._make(msg[1:]).running)
         elif kind == ToFront.BYE:
@@ -425,11 +434,12 @@ class FrontIO:
         f = self.front
         link = f.links[index]
         death = f.sup.reap(index)
-        taken, running = link.slot.read()
-        link.slot.reset()
+        taken, running = link.run_slot.read()
+        link.run_slot.reset()
         link.disconnect()
         stopping = f.sup.workers[index].state is WorkerState.STOPPING
         link.window.worker_died(taken, link.said_bye, stopping and link.stop_running is not None)
+        f.mover.on_death(index)  # (after the window is settled: held messages follow it, fresh)
         key = None if link.said_bye or running == NO_MESSAGE else link.window.message(running)
         n = f.channels.count_death(link.window, key)
         if key is not None and n >= f.cfg.supervisor.poison_after_crashes:

@@ -30,7 +30,7 @@ class Link:
         "window",
         "epoch",
         "sock",
-        "slot",
+        "run_slot",
         "said_bye",
         "stop_running",
         "last_tb",
@@ -46,7 +46,7 @@ class Link:
         self.window = Window(index)
         self.epoch = 0  # of the current incarnation
         self.sock: zmq.Socket[bytes] | None = None  # only while the worker is ready
-        self.slot = RunSlot(slot_path, create=True)
+        self.run_slot = RunSlot(slot_path, create=True)
         # This incarnation's word on what it ran: BYE (nothing unacknowledged), or the calls that
         # were running when it was asked to stop (None: no report).
         self.said_bye = False
@@ -64,7 +64,7 @@ class Link:
         self.said_bye = False
         self.stop_running = None
         self.last_tb = ""
-        self.slot.reset()
+        self.run_slot.reset()
 
     def watch(self, pid: int | None) -> None:
         """Follow the new process's CPU and memory (psutil), for stats."""
@@ -97,6 +97,16 @@ class Link:
             batch.sent = True
             self.batches_sent += 1
         return batch
+
+    def install(self, gen: int, states: list[Any]) -> None:
+        """Append a move's INSTALL entry to the window and send it if the worker is ready (the
+        pending batch goes first)."""
+        if self.window.parts:
+            self.flush()
+        batch = self.window.add_install(self.epoch, gen, states)
+        if self.sock is not None:
+            self.sock.send(batch.frame)
+            batch.sent = True
 
     def send(self, kind: ToWorker, *fields: Any) -> bool:
         """Send a cold frame ``[kind, epoch, *fields]``; False if the worker is not ready."""

@@ -11,13 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 from .. import codec
 from ..codec import ToWorker
+from ..errors import MoveRefused
 from ..routing import check_channel_id
 from .outcomes import Outcome, deliver
 
 if TYPE_CHECKING:
     from .engine import Front
+    from .moves import Move
 
-__all__ = ["control", "stats"]
+__all__ = ["control", "move", "pin", "stats", "unpin"]
 
 log = logging.getLogger("shardpool.front")
 
@@ -53,13 +55,11 @@ def control(front: Front, channel_id: bytes, op: str) -> None:
                 if item[0] == cid and item[1] == halt.seq:
                     front.io.on_ack(link, [], [], [codec.operator_skip(w)], outcomes)
                     break
-        held, route.held = route.held or [], None
         win.count_parked(front.channels.is_halted)
-        for cseq, payload, on_done in held:
-            if win.place(route.prefix, cseq, payload, on_done):
-                front.batch_started(win)
-            elif len(win.parts) >= front.batch_parts:
-                link.flush()
+        if route.move is None:  # (a moving channel's messages stay held until the move ends)
+            held, route.held = route.held or [], None
+            for cseq, payload, on_done in held:
+                front.place(route, cseq, payload, on_done, win)
         front.cv.notify_all()
     deliver(outcomes)
 
@@ -91,5 +91,81 @@ def stats(front: Front, timeout: float) -> dict[str, Any]:
             "channels": len(channels.routes),
             "halted_channels": len(channels.halts),
             "halted": channels.report(),
+            "placement": placement(front),
             "workers": workers,
         }
+
+
+def move(
+    front: Front,
+    slots: tuple[int, ...],
+    cids: tuple[bytes, ...],
+    dst: int,
+    reason: str,
+    timeout: float | None,
+) -> Move:
+    """Move ``slots`` (or the channels ``cids``) to worker ``dst`` and wait up to ``timeout``
+    seconds (default ``pool.move_timeout_s`` + 5) for the move to end; returns it (``state``
+    ``"committed"``, or still in progress if the wait ran out).
+
+    Raises:
+        MoveRefused: it could not start, or it was called off (with the reason).
+    """
+    with front.lock:
+        m = front.mover.start(slots, cids, dst, reason)
+    m.done.wait(front.cfg.pool.move_timeout_s + 5 if timeout is None else timeout)
+    if m.state == "aborted":
+        raise MoveRefused(f"{m.describe()} was called off: {m.error}")
+    return m
+
+
+def pin(front: Front, channel_id: bytes, worker: int, timeout: float | None) -> Move | None:
+    """Place one channel on ``worker``, ahead of the slot table, through the move barrier
+    (None: it was there already; the pin is recorded).
+
+    Raises:
+        ChannelIdError / MoveRefused.
+    """
+    cid = check_channel_id(channel_id)
+    with front.lock:
+        ch = front.channels
+        route = ch.routes.get(cid)
+        here = route.window.index if route is not None else ch.router.worker_of(cid)
+        if here == worker:
+            ch.pins[cid] = worker
+            log.info("channel %s pinned to worker %d (already there)", cid.hex(), worker)
+            return None
+    return move(front, (), (cid,), worker, "pin", timeout)
+
+
+def unpin(front: Front, channel_id: bytes, timeout: float | None) -> Move | None:
+    """Send a pinned channel back to its slot's worker (None: it is there already).
+
+    Raises:
+        ChannelIdError / MoveRefused (also when the channel is not pinned).
+    """
+    cid = check_channel_id(channel_id)
+    with front.lock:
+        ch = front.channels
+        if cid not in ch.pins:
+            raise MoveRefused(f"channel {cid.hex()} is not pinned")
+        owner = ch.router.worker_of(cid)
+        if ch.pins[cid] == owner:
+            del ch.pins[cid]
+            log.info("channel %s unpinned (on its slot's worker %d)", cid.hex(), owner)
+            return None
+    return move(front, (), (cid,), owner, "unpin", timeout)
+
+
+def placement(front: Front) -> dict[str, Any]:
+    """Where the channels go (lock held): slots per worker, pins, moves (in progress, counts,
+    pause p50/p99 in seconds)."""
+    ch = front.channels
+    per_worker = [0] * len(front.links)
+    for w in ch.router.table:
+        per_worker[w] += 1
+    return {
+        "slots_per_worker": per_worker,
+        "pins": {cid.hex(): w for cid, w in ch.pins.items()},
+        "moves": front.mover.report(),
+    }

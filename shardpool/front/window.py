@@ -16,6 +16,10 @@ What is known about each message that is not finished, for a replay after a deat
 at close, lives in its batch: ``sent`` (handed to the current incarnation) and ``doubt`` (an
 incarnation that had it died without saying what it ran: it may have been applied).
 
+A move's arrival (INSTALL: the moved channels' state) is a window entry too, one wseq long, so that
+it is acknowledged, replayed first after a death, and always precedes the moved channels' messages.
+It shows as an item with an empty channel id on the rare paths, and is never a message.
+
 Not thread-safe: its owner (the front) calls it with its lock held. The producer hot path
 (:meth:`shardpool.front.Front.submit_bytes`) appends to ``parts`` and bumps ``inflight`` itself;
 everything else goes through the methods.
@@ -28,11 +32,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import codec
+from ..codec import ToWorker
 
 __all__ = ["Batch", "DoneCallback", "Replay", "Window"]
 
 DoneCallback = Callable[[Any, "BaseException | None"], None]
 Item = list[Any]  # [channel_id, cseq, payload] as decoded from a frame
+# A message to send again: its item, its waiter, and for an INSTALL entry (gen, states).
+_Resend = tuple[Item, "DoneCallback | None", "tuple[int, list[Any]] | None"]
 _item_head = codec.ITEM_HEAD
 _CSEQ, _PAYLOAD = codec.CSEQ_HEAD, codec.PAYLOAD_HEAD
 
@@ -41,9 +48,17 @@ class Batch:
     """One batch of a window: its frame as sent (or sealed but not sent while the worker was
     down), which of its messages have finished, and, decoded only when needed, its items."""
 
-    __slots__ = ("first", "n", "frame", "sent", "doubt", "remaining", "done", "_items")
+    __slots__ = ("first", "n", "frame", "sent", "doubt", "remaining", "done", "install", "_items")
 
-    def __init__(self, first: int, n: int, frame: bytes, sent: bool, doubt: bool = False) -> None:
+    def __init__(
+        self,
+        first: int,
+        n: int,
+        frame: bytes,
+        sent: bool,
+        doubt: bool = False,
+        install: tuple[int, list[Any]] | None = None,
+    ) -> None:
         self.first = first  # wseq of its first message; the others follow one by one
         self.n = n
         self.frame = frame
@@ -53,12 +68,14 @@ class Batch:
         self.doubt = doubt
         self.remaining = n
         self.done: set[int] | None = None  # wseqs finished so far, once any finished alone
+        self.install = install  # (gen, states) of an INSTALL entry; None for a batch of messages
         self._items: list[Item] | None = None
 
     def items(self) -> list[Item]:
-        """``[channel_id, cseq, payload]`` of each message, in wseq order."""
+        """``[channel_id, cseq, payload]`` of each message, in wseq order (an INSTALL entry: one
+        item with an empty channel id)."""
         if self._items is None:
-            self._items = codec.loads(self.frame)[4:]
+            self._items = [[b"", -1, b""]] if self.install else codec.loads(self.frame)[4:]
         return self._items
 
 
@@ -108,9 +125,7 @@ class Window:
 
     # -- filling -------------------------------------------------------------------------------
 
-    def place(
-        self, prefix: bytes, cseq: int, payload: bytes, on_done: DoneCallback | None
-    ) -> bool:
+    def place(self, prefix: bytes, cseq: int, payload: bytes, on_done: DoneCallback | None) -> bool:
         """Put an already-numbered message into the pending batch: the same steps as the hot
         path of ``Front.submit_bytes``. Returns True when it opened a new batch."""
         self.inflight += 1
@@ -131,6 +146,29 @@ class Window:
     def pending_wseq(self) -> int:
         """The wseq the next message placed will get."""
         return self.next_wseq + self.pending()
+
+    def add_install(self, epoch: int, gen: int, states: list[Any]) -> Batch:
+        """Append a move's INSTALL entry after everything sealed (the caller flushed the pending
+        batch first; it sends ``frame`` and sets ``sent``)."""
+        assert not self.parts, "flush the pending batch before an INSTALL"
+        first = self.next_wseq
+        self.next_wseq = first + 1
+        frame = codec.frame(ToWorker.INSTALL, epoch, first, gen, states)
+        batch = Batch(first, 1, frame, False, install=(gen, states))
+        self.batches[first] = batch
+        self.starts.append(first)
+        self.inflight += 1
+        return batch
+
+    def extract(self, channels: set[bytes]) -> list[tuple[Item, DoneCallback | None]]:
+        """Take every unfinished message of ``channels`` out of the window, in order, with its
+        waiter (a move carries a halted channel's parked messages to its new worker). The pending
+        batch is not searched: the caller flushed it before the move began."""
+        out: list[tuple[Item, DoneCallback | None]] = []
+        for batch, w, item in list(self.entries()):
+            if batch is not None and item[0] in channels:
+                out.append((item, self.finish_one(batch, w)))
+        return out
 
     def seal(self, epoch: int) -> Batch:
         """Number the pending messages, build their frame for ``epoch`` and put it in the window
@@ -285,31 +323,51 @@ class Window:
             self.seal(epoch)  # never sent: it goes out as fresh, not redelivered
         waiters = self.waiters
         self.waiters = {}
-        doubtful: list[tuple[Item, DoneCallback | None]] = []
-        fresh: list[tuple[Item, DoneCallback | None]] = []
+        doubtful: list[_Resend] = []
+        fresh: list[_Resend] = []
         for batch, w, item in self.entries():
             assert batch is not None  # nothing is pending after the seal
-            (doubtful if batch.doubt else fresh).append((item, waiters.get(w)))
+            entry = (item, waiters.get(w), batch.install)
+            (doubtful if batch.doubt else fresh).append(entry)
         self.batches.clear()
         self.starts.clear()
         replay = Replay()
-        replay.redelivered = len(doubtful)
+        replay.redelivered = sum(1 for _, _, install in doubtful if install is None)
         for flag, entries in ((True, doubtful), (False, fresh)):
-            for i in range(0, len(entries), batch_size):
-                chunk = entries[i : i + batch_size]
-                first = self.next_wseq
-                self.next_wseq = first + len(chunk)
-                frame = codec.encode_batch(
-                    epoch, first, flag, [(c, s, p) for (c, s, p), _ in chunk]
-                )
-                batch = Batch(first, len(chunk), frame, True, flag)
-                self.batches[first] = batch
-                self.starts.append(first)
-                for j, (_, waiter) in enumerate(chunk):
-                    if waiter is not None:
-                        self.waiters[first + j] = waiter
+            chunk: list[_Resend] = []
+            for entry in entries:
+                install = entry[2]
+                if install is None:
+                    chunk.append(entry)
+                    if len(chunk) == batch_size:
+                        replay.batches.append(self._resend(epoch, flag, chunk))
+                        chunk = []
+                    continue
+                if chunk:  # an INSTALL keeps its place: before the moved channels' messages
+                    replay.batches.append(self._resend(epoch, flag, chunk))
+                    chunk = []
+                batch = self.add_install(epoch, *install)
+                batch.sent, batch.doubt = True, flag
+                self.inflight -= 1  # add_install counted it again
                 replay.batches.append(batch)
+            if chunk:
+                replay.batches.append(self._resend(epoch, flag, chunk))
         return replay
+
+    def _resend(self, epoch: int, redelivered: bool, chunk: list[_Resend]) -> Batch:
+        """Put ``chunk`` back in the window as one batch numbered for ``epoch``."""
+        first = self.next_wseq
+        self.next_wseq = first + len(chunk)
+        frame = codec.encode_batch(
+            epoch, first, redelivered, [(c, s, p) for (c, s, p), _, _ in chunk]
+        )
+        batch = Batch(first, len(chunk), frame, True, redelivered)
+        self.batches[first] = batch
+        self.starts.append(first)
+        for j, (_, waiter, _) in enumerate(chunk):
+            if waiter is not None:
+                self.waiters[first + j] = waiter
+        return batch
 
     def unsettled(
         self, said_bye: bool, running: set[int] | None
@@ -321,6 +379,8 @@ class Window:
         stop."""
         waiters = self.waiters
         for batch, w, item in list(self.entries()):
+            if batch is not None and batch.install is not None:
+                continue  # a move's INSTALL entry, not a message
             if batch is None or (not batch.sent and not batch.doubt):
                 doubtful = False
             elif batch.doubt:

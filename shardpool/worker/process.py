@@ -49,6 +49,8 @@ class WorkerSpec:
     parent_pid: int = 0
     run_slot: str = ""  # path of this worker's RunSlot file ("" = none)
     channel_idle_expiry_s: float = 0.0  # 0 = never forget an idle channel
+    slots: int = 4096  # the routing slot count (a move names slots)
+    move_state: str = "cbor"  # how handler state leaves and arrives with a moved channel
 
 
 class RunSlot:

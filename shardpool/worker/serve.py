@@ -27,7 +27,7 @@ import zmq.asyncio
 from .. import codec
 from ..codec import ToFront, ToWorker
 from ..exitcodes import EXIT_OK, EXIT_START_FAILED
-from ..handler import load_handler, maybe_await
+from ..handler import check_move_hooks, load_handler, maybe_await
 from .acks import Acks
 from .dispatch import COUNTERS, Dispatcher
 from .process import RunSlot, WorkerSpec
@@ -78,6 +78,8 @@ class Worker:
         try:
             try:
                 handler = load_handler(self.spec.handler, self.spec.handler_options)
+                if self.spec.move_state == "hooks":
+                    check_move_hooks(handler, self.spec.handler)
                 if handler.setup is not None:
                     await maybe_await(handler.setup(self.index))
                 slot = RunSlot(self.spec.run_slot) if self.spec.run_slot else None
@@ -174,15 +176,26 @@ class Worker:
                     await dispatch.careful_batch(msg)
                 else:
                     dispatch.on_batch(msg)
-            elif kind == ToWorker.STATS:
-                self.acks.flush()
-                self.acks.send(ToFront.STATS, msg[2], self.stats())
-            elif kind == ToWorker.CONTROL:
-                dispatch.on_control(msg[2], msg[3])
-            elif kind == ToWorker.STOP:
-                stop.append(0)  # the in-band stop request, for a worker that cannot be signalled
             else:
-                self.bad_frames += 1
+                self._cold_frame(dispatch, kind, msg)
+
+    def _cold_frame(self, dispatch: Dispatcher, kind: int, msg: list[Any]) -> None:
+        """Every frame but BATCH."""
+        if kind == ToWorker.STATS:
+            self.acks.flush()
+            self.acks.send(ToFront.STATS, msg[2], self.stats())
+        elif kind == ToWorker.CONTROL:
+            dispatch.on_control(msg[2], msg[3])
+        elif kind == ToWorker.INSTALL:
+            dispatch.on_install(msg[2], msg[3], msg[4])
+        elif kind == ToWorker.DRAIN:
+            dispatch.on_drain(msg[2], msg[3], msg[4], msg[5])
+        elif kind == ToWorker.CANCEL:
+            dispatch.on_cancel(msg[2])
+        elif kind == ToWorker.STOP:
+            self.stop.append(0)  # the in-band stop request, for a worker that cannot be signalled
+        else:
+            self.bad_frames += 1
 
     async def _heartbeat(self) -> None:
         """Beat every interval; the measured oversleep is the event-loop lag."""
