@@ -83,6 +83,7 @@ class ToFront(enum.IntEnum):
     STOPPING = 7
     SLOT_STATE = 8  # the drained channels' state: the move may commit
     CANCELLED = 9  # the worker kept the channels of a cancelled move
+    LOAD = 10  # what the worker was busy with over the last period, by slot (sparse)
 
 
 class Action(enum.StrEnum):
@@ -145,6 +146,19 @@ class SlotState(NamedTuple):
     gen: int
     states: list[list[Any]]
     error: list[Any] | None
+
+
+class Load(NamedTuple):
+    """A worker's load over ``wall_s`` seconds: ``cpu_s`` of its CPU time, ``slots`` (slot →
+    messages it finished of that slot, active slots only) and ``hot`` (``[cid, messages]`` of its
+    busiest channels)."""
+
+    worker: int
+    epoch: int
+    wall_s: float
+    cpu_s: float
+    slots: dict[int, int]
+    hot: list[list[Any]]
 
 
 class Cancelled(NamedTuple):

@@ -1,14 +1,20 @@
-"""The control socket of ``shardpool run`` and its clients: ``status``, ``drain``, ``stop``.
+"""The control socket of ``shardpool run`` and its clients: ``status``, ``drain``, ``stop``, and
+the placement operations (``move``, ``pin``, ``unpin``, ``resize``).
 
 Wire format (one CBOR frame each way, DEALER → ROUTER)::
 
-    request  [1, op, args]            op: "ping" | "status" | "drain" | "stop" | "resume" | "skip";
-                                      args: a map ({"channel": hex} for resume and skip)
-    reply    [1, ok, payload]         ok: true → payload is the answer; false → {"error": text}
+    request  [1, op, args]            op: one of :data:`OPS`; args: a map (below)
+    reply    [1, ok, payload]         ok: true → payload is the answer;
+                                      false → {"error": text} (+ "code": "bad_request" when the
+                                      request itself was wrong: :class:`BadRequest`)
 
-* ``ping``   → ``{"pid", "version", "state", "ingress", "control", "metrics"}``: the readiness
-  handshake (the socket is bound only once the pool, the ingress and the metrics are up).
-* ``status`` → a snapshot (see :meth:`shardpool.service.Service.snapshot`).
+* ``ping``   → ``{"pid", "version", "state", "ingress", "control", "metrics", "workers"}``: the
+  readiness handshake (the socket is bound only once the pool, the ingress and the metrics are
+  up).
+* ``status`` → a snapshot (see :meth:`shardpool.service.Service.snapshot`), ``placement``
+  included.
+* ``placement`` → the pool's placement alone (:meth:`shardpool.ShardPool.placement`: slots per
+  worker, pins, moves, resize, levelling), answered at once without asking the workers.
 * ``drain``  → stop intake, finish every accepted message (``args["timeout"]`` seconds at most),
   then answer ``{"drained": bool, "pending": n}``; the backend stays up (status keeps working,
   producers are answered ``draining``) until it is stopped.
@@ -16,12 +22,25 @@ Wire format (one CBOR frame each way, DEALER → ROUTER)::
   as on SIGTERM.
 * ``resume`` / ``skip`` → ``{op: channel hex}`` once the halted channel's failed message is
   retried / recorded as skipped; an error when the channel is not halted.
+* ``move`` ``{"slots": [int, ...], "worker": int, "timeout"?: s}`` → once the move has ended,
+  ``{"gen", "slots", "src", "dst", "state", "pause_s"}`` (``state`` ``"committed"``, or still in
+  progress when ``timeout`` ran out); an error when it could not start or was called off.
+* ``pin`` ``{"channel": hex, "worker"?: int, "timeout"?: s}`` (no worker: the least loaded other
+  one) / ``unpin`` ``{"channel": hex, "timeout"?: s}`` → ``{"channel", "worker", "moved", "gen",
+  "state", "pause_s"}`` (``moved`` false: it was on that worker already).
+* ``resize`` ``{"workers": n, "timeout"?: s, "wait"?: bool}`` → once done, ``{"done": true,
+  "workers": n, "seconds": s}``; ``{"done": false, ...}`` when ``timeout`` passed first (the
+  resize goes on); with ``wait`` false, ``{"started": true, ...}`` at once.
+
+A bad slot, worker, channel id or count is answered with a :class:`BadRequest` error naming the
+value and what is allowed; a move the pool refuses or calls off with an error saying why.
 
 :func:`encode_request`, :func:`decode_request`, :func:`encode_reply` and :func:`decode_reply` are
 the only code that builds or reads these frames (server and client both use them).
 
-A request that needs the main thread (drain, stop) is answered later; the server thread keeps
-answering others meanwhile, which is why this is a ROUTER and not a REP socket.
+A request that takes time (drain on the main thread; move, pin, unpin and resize on a thread of
+their own) is answered later; the server thread keeps answering others meanwhile, which is why
+this is a ROUTER and not a REP socket.
 
 A client learns at once that no backend runs: a missing ipc socket file, or one whose
 ``<socket>.lock`` is held by nobody (the backend that wrote its pid there is gone:
@@ -56,6 +75,8 @@ from .wakeup import WakePipe
 log = logging.getLogger("shardpool.control")
 
 __all__ = [
+    "BAD_REQUEST",
+    "BadRequest",
     "ConnectionWatch",
     "ControlClient",
     "ControlError",
@@ -69,8 +90,28 @@ __all__ = [
 ]
 
 VERSION = 1
-OPS = ("ping", "status", "drain", "stop", "resume", "skip")
+OPS = (
+    "ping",
+    "status",
+    "placement",
+    "drain",
+    "stop",
+    "resume",
+    "skip",
+    "move",
+    "pin",
+    "unpin",
+    "resize",
+)
 """Every op a backend answers; any other is answered with an error naming these."""
+BAD_REQUEST = "bad_request"
+"""The ``code`` of an error reply to a request that was itself wrong (see :class:`BadRequest`)."""
+
+
+class BadRequest(ControlError):
+    """The backend refused a control request as wrong in itself: a slot, worker, channel id or
+    worker count that is malformed or names nothing there (the caller's input, as opposed to an
+    operation that could not be carried out)."""
 
 Respond = Callable[[bool, Any], None]
 Handler = Callable[[str, dict[str, Any], Respond], None]
@@ -115,8 +156,9 @@ def decode_reply(frame: bytes) -> Any:
     """The payload of a reply frame whose ``ok`` is true.
 
     Raises:
-        ControlError: ``ok`` is false (the text of its ``error``), or the frame is not a reply
-            ``[1, ok, payload]`` at all.
+        BadRequest: ``ok`` is false and the error's code is :data:`BAD_REQUEST`.
+        ControlError: ``ok`` is false otherwise (the text of its ``error``), or the frame is not
+            a reply ``[1, ok, payload]`` at all.
     """
     try:
         msg = cbor2.loads(frame)
@@ -126,8 +168,10 @@ def decode_reply(frame: bytes) -> Any:
         raise ControlError(f"malformed control reply: {msg!r:.200}")
     _, ok, payload = msg
     if not ok:
-        error = payload.get("error", payload) if isinstance(payload, dict) else payload
-        raise ControlError(str(error))
+        if not isinstance(payload, dict):
+            raise ControlError(str(payload))
+        error = str(payload.get("error", payload))
+        raise BadRequest(error) if payload.get("code") == BAD_REQUEST else ControlError(error)
     return payload
 
 

@@ -53,6 +53,7 @@ class Channel:
         "_ending",
         "_ended",
         "_slot",
+        "_reported",
     )
 
     def __init__(self, channel_id: bytes, ended: list[Channel] | None = None) -> None:
@@ -70,6 +71,7 @@ class Channel:
         self._ending = False
         self._ended = ended  # the worker's list of ended channels (None outside a worker)
         self._slot = -1  # its routing slot (set by the worker)
+        self._reported = 0  # messages seen (_expect - _first) at the last load report
 
     def end(self) -> None:
         """Say this channel is over (closed on chain, forgotten by the node): once its last

@@ -244,9 +244,12 @@ class ShardPool:
         """
         return self._front.move(slots, worker, timeout=timeout)
 
-    def pin(self, channel_id: bytes, worker: int, *, timeout: float | None = None) -> Move | None:
-        """Place one channel on ``worker``, ahead of the slot table (a hot channel on a worker of
-        its own), through the same barrier as a slot move. None if it was there already.
+    def pin(
+        self, channel_id: bytes, worker: int | None = None, *, timeout: float | None = None
+    ) -> Move | None:
+        """Place one channel on ``worker`` (None: the least loaded other worker), ahead of the
+        slot table (a hot channel on a worker of its own), through the same barrier as a slot
+        move. None if it was there already.
 
         Raises:
             ChannelIdError / MoveRefused.
@@ -260,6 +263,20 @@ class ShardPool:
             ChannelIdError / MoveRefused (also when it is not pinned).
         """
         return self._front.unpin(channel_id, timeout=timeout)
+
+    def resize(self, workers: int, *, timeout: float | None = None, wait: bool = True) -> None:
+        """Change the number of workers while running. Growing starts the new workers, then moves
+        slots to them by measured load; shrinking moves every slot and pinned channel off the
+        last workers (halted channels too), then stops them. Nothing is lost or reordered; at
+        most ``pool.max_concurrent_moves`` slots move at once. With ``wait`` (default), returns
+        once done, ``timeout`` seconds at most (None: no limit).
+
+        Raises:
+            MoveRefused: ``workers`` is not 1..1024, the pool is not running, or the resize was
+                called off (a new worker could not start: the pool goes on as it was).
+            DrainTimeout: ``timeout`` passed first; the resize goes on.
+        """
+        self._front.resize(workers, timeout=timeout, wait=wait)
 
     def worker_of_slot(self, slot: int) -> int:
         """Index of the worker that owns routing ``slot`` now."""

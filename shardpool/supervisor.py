@@ -8,7 +8,8 @@
     DEAD ◀── after_death: Restart(delay) ── reap(i) ◀── sentinel ◀───────────┘ kill (hung)
       │      (counted by the crash-loop guard unless a message explains it)
       ├─ after_death: GiveUp (crash loop) / StartFailed (died before its first READY) → BROKEN
-      └─ stop_all: STOPPING (SIGTERM: finish the current call, leave) → STOPPED
+      └─ stop_all, or retire(i) on a resize down: STOPPING (SIGTERM: finish the current call,
+         leave) → STOPPED
 
 The supervisor knows processes and time, not messages: it starts incarnation ``epoch`` of worker
 ``i`` through a factory the front gives it, watches READY deadlines, heartbeat silence and
@@ -314,16 +315,36 @@ class Supervisor:
         self._spawn = spawn
         self._clock = clock
         self.halted = False  # no more restarts: the pool is broken or closed
-        self.workers = [
-            WorkerRecord(
-                i,
-                RestartGuard(
-                    cfg.max_restarts, cfg.restart_window_s, cfg.restart_backoff_s,
-                    cfg.restart_backoff_max_s,
-                ),
-            )
-            for i in range(workers)
-        ]
+        self.workers: list[WorkerRecord] = []
+        for _ in range(workers):
+            self.add()
+
+    def add(self) -> int:
+        """A new worker slot (not started: :meth:`start` it); returns its index."""
+        cfg = self.cfg
+        index = len(self.workers)
+        guard = RestartGuard(
+            cfg.max_restarts, cfg.restart_window_s, cfg.restart_backoff_s, cfg.restart_backoff_max_s
+        )
+        self.workers.append(WorkerRecord(index, guard))
+        return index
+
+    def retire(self, index: int) -> None:
+        """Ask worker ``index`` to stop for good (a resize down): as :meth:`stop_all` for one
+        worker; it is not restarted."""
+        rec = self.workers[index]
+        if rec.state in (WorkerState.READY, WorkerState.STARTING):
+            assert rec.proc is not None
+            rec.proc.terminate()
+            rec.state = WorkerState.STOPPING
+        elif rec.state in (WorkerState.DEAD, WorkerState.BROKEN):
+            rec.state = WorkerState.STOPPED
+
+    def remove_last(self) -> None:
+        """Forget the last worker slot, once it has stopped (a resize down)."""
+        rec = self.workers[-1]
+        assert rec.state is WorkerState.STOPPED, rec.state
+        self.workers.pop()
 
     # -- starting ------------------------------------------------------------------------------
 

@@ -285,10 +285,12 @@ async def poison_async(channel: Any, seq: int, message: Any, redelivered: bool) 
 def counter(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
     """Stateful: counts the messages of its channel in ``channel.state`` and checks that
     ``message["i"]`` is that count (a state lost or restored wrong in a move shows at once).
-    Returns ``[seq, count]``; with ``message["ms"]`` it first awaits nothing but sleeps (a slow
-    call)."""
+    Returns ``[seq, count]``; with ``message["ms"]`` it first sleeps (a slow call); with
+    ``message["fail"]`` it raises (counting nothing)."""
     if message.get("ms"):
         time.sleep(message["ms"] / 1000.0)  # sleep-ok - the handler's own work, in a worker
+    if message.get("fail"):
+        raise ValueError(f"refusing message {message['i']}")
     count = (channel.state or 0) + 1
     if message["i"] != count - 1 and not redelivered:
         raise AssertionError(f"channel {channel.id!r}: message {message['i']} at count {count}")
@@ -330,3 +332,27 @@ class Hooked:
         if count == -1:
             raise ValueError("the moved count is corrupt")
         channel.state = count
+
+
+class FailsToStartFrom:
+    """A class handler whose ``setup`` fails on worker indexes from ``index`` on (a worker
+    added by a resize that cannot start)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def setup(self, worker_index: int) -> None:
+        if worker_index >= self.index:
+            raise RuntimeError(f"worker {worker_index} has no database connection")
+
+    def handle(self, channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+        return counter(channel, seq, message, redelivered)
+
+
+def spin(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+    """CPU-bound: burns ``message["us"]`` microseconds of CPU, then counts like :func:`counter`
+    (the load that levelling measures is CPU time)."""
+    end = time.thread_time() + message["us"] / 1e6
+    while time.thread_time() < end:
+        pass
+    return counter(channel, seq, message, redelivered)

@@ -26,6 +26,7 @@ from .. import codec
 from ..config import Config
 from ..errors import (
     DrainTimeout,
+    MoveRefused,
     PayloadTooLarge,
     PoolBroken,
     PoolClosed,
@@ -35,11 +36,13 @@ from ..routing import Router, check_channel_id
 from ..supervisor import Supervisor
 from ..wakeup import WakePipe
 from . import operations, shutdown
+from .balance import Balancer
 from .channels import Channels, Halt, Route
 from .iothread import FrontIO
 from .link import Link
 from .moves import Move, Mover
 from .outcomes import FailureCallback, ResultCallback
+from .resize import Resizer
 from .shutdown import CloseReport
 from .state import PoolState
 from .window import DoneCallback, Window
@@ -112,6 +115,8 @@ class Front:
         self._routes = self.channels.routes
         self.io = FrontIO(self)
         self.mover = Mover(self)
+        self.resizer = Resizer(self)
+        self.balancer = Balancer(self)
         self.sup = Supervisor(pool.workers, config.supervisor, self.io.make_process)
         self._thread = threading.Thread(target=self.io.main, name="shardpool-front", daemon=True)
         self._thread.start()
@@ -418,13 +423,40 @@ class Front:
         """
         return operations.move(self, tuple(slots), (), worker, "operator", timeout)
 
-    def pin(self, channel_id: bytes, worker: int, *, timeout: float | None = None) -> Move | None:
+    def pin(
+        self, channel_id: bytes, worker: int | None = None, *, timeout: float | None = None
+    ) -> Move | None:
         """Place ``channel_id`` on ``worker`` ahead of the slot table (:func:`.operations.pin`)."""
         return operations.pin(self, channel_id, worker, timeout)
 
     def unpin(self, channel_id: bytes, *, timeout: float | None = None) -> Move | None:
         """Send a pinned channel back to its slot's worker (:func:`.operations.unpin`)."""
         return operations.unpin(self, channel_id, timeout)
+
+    def resize(self, workers: int, *, timeout: float | None = None, wait: bool = True) -> None:
+        """Change the worker count to ``workers`` while running (see :mod:`.resize`); with
+        ``wait``, return once it is done (``timeout`` seconds at most; None: no limit).
+
+        Raises:
+            MoveRefused: a bad count, the pool is not running, or the resize was called off.
+            DrainTimeout: ``timeout`` passed first (the resize goes on).
+        """
+        with self.lock:
+            gen = self.resizer.request(workers)
+            if not wait:
+                return
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self.resizer.finished(gen):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise DrainTimeout(
+                        f"resize to {workers} workers not done within {timeout} s "
+                        f"({len(self.links)} workers now; it goes on)",
+                        pending=len(self.mover.moves),
+                    )
+                self.cv.wait(left)
+            if self.resizer.generation == gen and self.resizer.error is not None:
+                raise MoveRefused(f"resize to {workers} workers called off: {self.resizer.error}")
 
     def halted_channels(self) -> dict[bytes, int]:
         """Channels parked by the halt policy (or quarantined) → seq they are halted on."""
@@ -476,6 +508,7 @@ class Front:
         log.error("pool broken: %s", err)
         self.set_state(PoolState.BROKEN)
         self.mover.halt()
+        self.resizer.halt()
         self.broken = err
         self.sup.halt()
         self.cv.notify_all()

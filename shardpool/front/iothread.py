@@ -93,6 +93,7 @@ class FrontIO:
             channel_idle_expiry_s=pool.channel_idle_expiry_s,
             slots=pool.slots,
             move_state=pool.move_state,
+            load_interval_s=pool.rebalance_interval_s,
         )
         # The worker's PR_SET_PDEATHSIG follows the thread that spawns it: this one, which lives
         # as long as the pool; its end takes any worker still alive with it.
@@ -219,7 +220,8 @@ class FrontIO:
         return due
 
     def _timers(self, due: float | None, outcomes: list[Outcome]) -> float | None:
-        """The supervisor's timers (lock held): READY deadlines, heartbeat silence, restarts."""
+        """The timers (lock held): moves' deadlines, the resize and levelling, then the
+        supervisor's READY deadlines, heartbeat silence and restarts."""
         f = self.front
         behind: bool | None = None  # frames still unread: the silence may be ours, not theirs
 
@@ -229,9 +231,10 @@ class FrontIO:
                 behind = bool(f.pull.poll(0))
             return not behind
 
-        move_due = f.mover.tick(time.monotonic())
-        if move_due is not None:
-            due = move_due if due is None else min(due, move_due)
+        now = time.monotonic()
+        for placement_due in (f.mover.tick(now), f.resizer.tick(now), f.balancer.tick(now)):
+            if placement_due is not None:
+                due = placement_due if due is None else min(due, placement_due)
         decisions, restart_due = f.sup.tick(caught_up)
         for d in decisions:
             if isinstance(d, Killed):
@@ -289,6 +292,8 @@ class FrontIO:
             f.mover.on_slot_state(link, msg)
         elif kind == ToFront.CANCELLED:
             f.mover.on_cancelled(link, msg)
+        elif kind == ToFront.LOAD:
+            f.balancer.on_load(link, msg)
         elif kind == ToFront.STOPPING:
             link.stop_running = set(codec.Stopping._make(msg[1:]).running)
         elif kind == ToFront.BYE:
@@ -314,6 +319,8 @@ class FrontIO:
                 f"{fatal.message}"
             )
             err.__cause__ = RemoteTraceback(fatal.traceback)
+            if f.resizer.on_start_failed(link.index, err):
+                return  # a worker the resize added: the pool goes on without it
             if f.start_error is None and f.sup.workers[link.index].restarts == 0:
                 f.start_error = err
             # An import or setup error will not fix itself by restarting.
@@ -446,6 +453,8 @@ class FrontIO:
             self._quarantine(link, key, death, n, outcomes)
         decision = f.sup.after_death(death, explained=key is not None)
         if isinstance(decision, StartFailed):
+            if f.resizer.on_start_failed(index, decision.error):
+                return  # a worker the resize added: the pool goes on without it
             if f.start_error is None:
                 f.start_error = decision.error
             f.break_pool(decision.error)

@@ -112,6 +112,7 @@ class Mover:
         self._gens = itertools.count(1)
         self.moves: dict[int, Move] = {}  # gen → move in progress
         self.slot_gen: dict[int, int] = {}  # slot → generation of its last move
+        self.moved_at: dict[int, float] = {}  # slot → when its last move committed (monotonic s)
         self.pauses: collections.deque[float] = collections.deque(maxlen=_PAUSES_KEPT)
         self.counts: dict[str, int] = dict.fromkeys(("committed", "aborted"), 0)
 
@@ -132,6 +133,8 @@ class Mover:
             raise MoveRefused("the pool is not running")
         if not 0 <= dst < len(f.links) or f.sup.workers[dst].state is not WorkerState.READY:
             raise MoveRefused(f"worker {dst} is not ready")
+        if dst in f.resizer.retiring:
+            raise MoveRefused(f"worker {dst} is retiring (a resize down)")
         src = self._owner(slots, cids)
         if src == dst:
             raise MoveRefused(f"already on worker {dst}")
@@ -274,14 +277,16 @@ class Mover:
         halted = {cid for cid in members if cid in ch.halts}
         src, dst = f.links[move.src], f.links[target]
         parked = src.window.extract(halted) if halted else []
+        now = time.monotonic()
         for s in move.slots:
             ch.router.table[s] = target
             self.slot_gen[s] = move.gen
+            self.moved_at[s] = now
         for cid in move.cids:
-            if target == ch.router.table[ch.router.slot_of(cid)]:
-                ch.pins.pop(cid, None)  # back with its slot: unpinned
+            if move.reason == "unpin":
+                ch.pins.pop(cid, None)  # back with its slot
             else:
-                ch.pins[cid] = target
+                ch.pins[cid] = target  # (a pin to its slot's worker too: it stays if the slot goes)
         dst.install(move.gen, states)
         win = dst.window
         for item, waiter in parked:  # a halted channel's parked messages, still parked there
@@ -294,7 +299,7 @@ class Mover:
                 self._release(route)
         src.window.count_parked(ch.is_halted)
         win.count_parked(ch.is_halted)
-        move.pause_s = time.monotonic() - move.started
+        move.pause_s = now - move.started
         self.pauses.append(move.pause_s)
         if target != move.dst:
             move.error = f"worker {move.dst} went away: the channels stayed on worker {target}"

@@ -119,9 +119,12 @@ def move(
     return m
 
 
-def pin(front: Front, channel_id: bytes, worker: int, timeout: float | None) -> Move | None:
-    """Place one channel on ``worker``, ahead of the slot table, through the move barrier
-    (None: it was there already; the pin is recorded).
+def pin(
+    front: Front, channel_id: bytes, worker: int | None, timeout: float | None
+) -> Move | None:
+    """Place one channel on ``worker`` (None: the least loaded other worker that is not
+    retiring), ahead of the slot table, through the move barrier (None: it was there already;
+    the pin is recorded).
 
     Raises:
         ChannelIdError / MoveRefused.
@@ -130,12 +133,32 @@ def pin(front: Front, channel_id: bytes, worker: int, timeout: float | None) -> 
     with front.lock:
         ch = front.channels
         route = ch.routes.get(cid)
-        here = route.window.index if route is not None else ch.router.worker_of(cid)
+        here = route.window.index if route is not None else ch.worker_of(cid)
+        if worker is None:
+            worker = least_loaded(front, exclude=here)
+        front.balancer.on_unpinned(cid)  # the operator's pin from now on
         if here == worker:
             ch.pins[cid] = worker
             log.info("channel %s pinned to worker %d (already there)", cid.hex(), worker)
             return None
     return move(front, (), (cid,), worker, "pin", timeout)
+
+
+def least_loaded(front: Front, exclude: int) -> int:
+    """The worker other than ``exclude`` with the least measured load (then the fewest slots)
+    that is not retiring.
+
+    Raises:
+        MoveRefused: there is no such worker.
+    """
+    loads = front.balancer.worker_loads()
+    table = front.channels.router.table
+    others = [
+        w for w in range(len(front.links)) if w != exclude and w not in front.resizer.retiring
+    ]
+    if not others:
+        raise MoveRefused("no other worker to pin to")
+    return min(others, key=lambda w: (loads[w], table.count(w)))
 
 
 def unpin(front: Front, channel_id: bytes, timeout: float | None) -> Move | None:
@@ -149,6 +172,7 @@ def unpin(front: Front, channel_id: bytes, timeout: float | None) -> Move | None
         ch = front.channels
         if cid not in ch.pins:
             raise MoveRefused(f"channel {cid.hex()} is not pinned")
+        front.balancer.on_unpinned(cid)
         owner = ch.router.worker_of(cid)
         if ch.pins[cid] == owner:
             del ch.pins[cid]
@@ -159,13 +183,17 @@ def unpin(front: Front, channel_id: bytes, timeout: float | None) -> Move | None
 
 def placement(front: Front) -> dict[str, Any]:
     """Where the channels go (lock held): slots per worker, pins, moves (in progress, counts,
-    pause p50/p99 in seconds)."""
+    pause p50/p99 in seconds), the resize under way, and the levelling (measured load per worker
+    in shares of a core, the plan, dedicated workers, saturated channels)."""
     ch = front.channels
     per_worker = [0] * len(front.links)
     for w in ch.router.table:
         per_worker[w] += 1
     return {
+        "workers": len(front.links),
         "slots_per_worker": per_worker,
         "pins": {cid.hex(): w for cid, w in ch.pins.items()},
         "moves": front.mover.report(),
+        "resize": front.resizer.report(),
+        "levelling": front.balancer.report(),
     }

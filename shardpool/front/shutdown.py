@@ -89,6 +89,7 @@ def close(front: Front, timeout: float | None = None, *, drain: bool = True) -> 
         # Phase 3: ask every worker to stop, and wait for them until the deadline. A move in
         # progress ends here: its held messages stay held and are reported below.
         front.mover.halt()
+        front.resizer.halt()
         front.sup.stop_all()
         _await_stopped(front, deadline)
         # Phase 4: kill what is left (its sentinel still has to be seen: a bounded wait).

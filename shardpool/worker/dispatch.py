@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 from collections.abc import Callable
 from typing import Any
 
@@ -493,6 +494,23 @@ class Dispatcher:
                 self.handler.restore(ch, blob)
         elif mode == "cbor":
             ch.state = None if blob is None else codec.loads(blob)
+
+    # -- load ----------------------------------------------------------------------------------
+
+    def load_since_last(self, hot: int) -> tuple[dict[int, int], list[list[Any]]]:
+        """Messages finished per slot since the last call (active slots only) and the ``hot``
+        busiest channels as ``[cid, messages]``: what the front levels the load by."""
+        per_slot: dict[int, int] = {}
+        active: list[tuple[int, bytes]] = []
+        for ch in self.channels.values():
+            seen = ch._expect - ch._first
+            n = seen - ch._reported
+            if n > 0:
+                ch._reported = seen
+                per_slot[ch._slot] = per_slot.get(ch._slot, 0) + n
+                active.append((n, ch.id))
+        top = heapq.nlargest(hot, active)
+        return per_slot, [[cid, n] for n, cid in top]
 
     # -- forgetting channels -------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import asyncio
 import heapq
 import os
 import signal
+import time
 import traceback
 from types import FrameType
 from typing import Any
@@ -100,6 +101,8 @@ class Worker:
             tasks = [loop.create_task(self._heartbeat())]
             if self.spec.channel_idle_expiry_s > 0:
                 tasks.append(loop.create_task(self._sweep(self.spec.channel_idle_expiry_s)))
+            if self.spec.load_interval_s > 0:
+                tasks.append(loop.create_task(self._report_load(self.spec.load_interval_s)))
             try:
                 await self.serve(pull)
                 # Asked to stop: report what is running, let it finish (halted channels stay
@@ -206,6 +209,21 @@ class Worker:
             await asyncio.sleep(interval)
             self.loop_lag_s = max(0.0, loop.time() - due)
             self.acks.send(ToFront.HEARTBEAT, self.loop_lag_s)
+
+    async def _report_load(self, interval: float) -> None:
+        """Every ``interval`` seconds, tell the front how busy this worker was (CPU seconds) and
+        with which slots and channels (messages finished): the front's load levelling divides
+        the CPU time among the slots by their messages."""
+        dispatch = self.dispatch
+        assert dispatch is not None
+        loop = asyncio.get_running_loop()
+        wall, cpu = loop.time(), time.process_time()
+        while True:
+            await asyncio.sleep(interval)
+            now, now_cpu = loop.time(), time.process_time()
+            slots, hot = dispatch.load_since_last(HOT_CHANNELS)
+            self.acks.send(ToFront.LOAD, now - wall, now_cpu - cpu, slots, hot)
+            wall, cpu = now, now_cpu
 
     async def _sweep(self, expiry_s: float) -> None:
         """Forget channels idle for ``expiry_s`` seconds: nothing queued or running, not halted,

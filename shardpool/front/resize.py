@@ -1,0 +1,343 @@
+"""Changing the worker count while the pool runs, through slot moves.
+
+=========  =====================================================================================
+growing    start the new workers (indexes after the last); once each is READY, move slots to it,
+           hottest first by measured load (by count where nothing is measured yet), until every
+           worker carries about the mean
+shrinking  the last workers retire: every slot they own moves to the least loaded remaining
+           worker (halted channels go with their slot, still halted), their pinned channels are
+           pinned elsewhere; once a retiring worker owns nothing and has nothing in flight it is
+           asked to stop (SIGTERM, as at close), and once it has gone it is removed
+=========  =====================================================================================
+
+Moves go out in waves of at most ``pool.max_concurrent_moves`` slots; a move that is called off
+(a drain that timed out) is planned again on a later tick. A new worker that cannot start calls the
+resize off (the pool itself goes on with the workers it had). Driven by the front's I/O thread
+(:meth:`Resizer.tick`), which is also the thread that spawns workers: a worker's parent-death
+signal follows the thread that started it.
+
+Not thread-safe: the front calls it with its lock held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+from ..errors import MoveRefused
+from ..supervisor import WorkerState
+from .link import Link
+from .state import PoolState
+
+if TYPE_CHECKING:
+    from .engine import Front
+
+__all__ = ["Resizer"]
+
+log = logging.getLogger("shardpool.front")
+
+MAX_WORKERS = 1024  # as pool.workers
+_RETRY_S = 0.5  # after a wave's move was refused or called off
+
+
+class Resizer:
+    """The front's resize in progress, if any (see the module docstring)."""
+
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.target = len(front.links)
+        self.retiring: set[int] = set()
+        self.error: str | None = None
+        self.started = 0.0
+        self.generation = 0  # one per resize request; a waiter watches its own
+        self.done_generation = 0
+        self._next_wave = 0.0
+        self._base = self.target  # workers before the request: the ones after it are new
+
+    # -- asking --------------------------------------------------------------------------------
+
+    def request(self, workers: int) -> int:
+        """Aim for ``workers`` workers; returns the request's generation (see :meth:`finished`).
+
+        Raises:
+            MoveRefused: not running, or ``workers`` is not an integer from 1 to 1024.
+        """
+        f = self.front
+        if isinstance(workers, bool) or not isinstance(workers, int):
+            raise MoveRefused(f"resize: workers must be an integer, got {type(workers).__name__}")
+        if not 1 <= workers <= MAX_WORKERS:
+            raise MoveRefused(f"resize: workers must be from 1 to {MAX_WORKERS}, got {workers}")
+        if f.state != PoolState.RUNNING:
+            raise MoveRefused("the pool is not running")
+        # Workers from _base on are new: a request during a resize keeps the earlier base.
+        self._base = min(self._base if self.busy() else self.active(), workers)
+        self.generation += 1
+        self.target = workers
+        self.error = None
+        self.started = time.monotonic()
+        self._next_wave = 0.0
+        log.info("resize to %d workers (from %d)", workers, self.active())
+        f.wakeup.wake()
+        return self.generation
+
+    def active(self) -> int:
+        """Workers that stay: all but the retiring ones."""
+        return len(self.front.links) - len(self.retiring)
+
+    def busy(self) -> bool:
+        """A resize is under way (the levelling waits for it)."""
+        return self.done_generation != self.generation
+
+    def finished(self, generation: int) -> bool:
+        return self.done_generation >= generation
+
+    # -- the I/O thread ------------------------------------------------------------------------
+
+    def tick(self, now: float) -> float | None:
+        """Move the resize on; seconds until it wants to be called again (None: idle)."""
+        f = self.front
+        if not self.busy() or f.state != PoolState.RUNNING:
+            if self.retiring and f.state == PoolState.RUNNING:
+                self._remove_stopped()  # the leftovers of a resize called off
+                return 0.05 if self.retiring else None
+            return None
+        n = len(f.links)
+        if self.target > self.active():
+            self._unretire()
+            if self.retiring:  # some were stopping already: grow once they are gone
+                self._remove_stopped()
+                return 0.05
+            self._grow(self.target - self.active())
+            if not self.busy():
+                return None
+        elif self.target < self.active():
+            self.retiring.update(range(self.target, n))
+        self._remove_stopped()
+        if now < self._next_wave:
+            return self._next_wave - now
+        ready = all(
+            f.sup.workers[i].state is WorkerState.READY for i in range(len(f.links))
+            if i not in self.retiring
+        )
+        if not ready:
+            return 0.05  # a new worker is starting (its READY wakes us anyway)
+        if self._wave(now) or f.mover.moves:
+            return 0.05
+        if self.retiring:
+            self._retire_idle()
+            return 0.05
+        self._finish(self.error)
+        return None
+
+    def on_start_failed(self, index: int, error: BaseException) -> bool:
+        """A worker added by this resize failed before READY: the resize is called off — back
+        to the workers there were before it (the others it added retire as in a shrink) — and
+        it ends with this error. False if ``index`` is not such a worker (the caller breaks the
+        pool as usual)."""
+        f = self.front
+        if not self.busy() or index < self._base or f.sup.workers[index].restarts:
+            return False
+        if self.error is None:
+            self.error = f"worker {index} could not start: {error}"
+        self.target = self._base
+        self.retiring.update(range(self._base, len(f.links)))
+        for i in range(self._base, len(f.links)):
+            if f.sup.workers[i].state is not WorkerState.READY:
+                f.sup.retire(i)  # (a ready one retires once its slots are back)
+        f.wakeup.wake()
+        return True
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _grow(self, count: int) -> None:
+        f = self.front
+        for _ in range(count):
+            index = f.sup.add()
+            link = Link(index, os.path.join(f.rundir, f"w{index}.run"))
+            f.links.append(link)
+            f.channels.windows.append(link.window)
+            try:
+                f.sup.start(index)
+            except Exception as exc:  # noqa: BLE001 - reported; the pool goes on without it
+                f.sup.workers[index].state = WorkerState.STOPPED
+                self.on_start_failed(index, exc)
+                return
+            link.watch(f.sup.workers[index].proc.pid)  # type: ignore[union-attr]
+
+    def _unretire(self) -> None:
+        """A grow asked while a shrink is under way: the retiring workers stay if still there."""
+        f = self.front
+        keep = {i for i in self.retiring if f.sup.workers[i].state is WorkerState.READY}
+        self.retiring -= keep
+
+    def _wave(self, now: float) -> bool:
+        """Start the next wave of moves; False when nothing is left to move."""
+        f = self.front
+        room = f.cfg.pool.max_concurrent_moves - sum(
+            len(m.slots) + len(m.cids) for m in f.mover.moves.values()
+        )
+        if room <= 0:
+            return True  # a wave is under way
+        plan = self.plan()
+        if not plan:
+            return False
+        started = False
+        for (_src, dst), todo in plan.items():
+            slots = tuple(x for x in todo if isinstance(x, int))
+            pieces: list[tuple[tuple[int, ...], tuple[bytes, ...]]] = [(slots, ())] if slots else []
+            pieces += [((), (x,)) for x in todo if isinstance(x, bytes)]
+            for whole, cid_part in pieces:
+                if room <= 0:
+                    break
+                slot_part = whole[:room]
+                try:
+                    f.mover.start(slot_part, cid_part, dst, "resize")
+                except MoveRefused as exc:
+                    log.info("resize: a move waits: %s", exc)
+                    self._next_wave = now + _RETRY_S
+                    continue
+                room -= len(slot_part) + len(cid_part)
+                started = True
+        if not started and not f.mover.moves:
+            self._next_wave = now + _RETRY_S
+        return True
+
+    def plan(self) -> dict[tuple[int, int], list[int | bytes]]:
+        """What still has to move, as (src, dst) → slots (or pinned channel ids), hottest first.
+
+        Shrinking: every slot and pin of a retiring worker to the least loaded staying worker.
+        Growing: from the most to the least loaded worker while that brings both nearer the mean.
+        Slots already moving are left out.
+        """
+        f = self.front
+        ch = f.channels
+        weigh = f.balancer.slot_weight
+        staying = [i for i in range(len(f.links)) if i not in self.retiring]
+        load = dict.fromkeys(staying, 0.0)
+        owned: dict[int, list[int]] = defaultdict(list)  # slots not moving, by owner
+        for s, w in enumerate(ch.router.table):
+            move = ch.moving.get(s)
+            if move is not None:
+                w = move.dst  # counted where it is going
+            else:
+                owned[w].append(s)
+            if w in load:
+                load[w] += weigh(s)
+        out: dict[tuple[int, int], list[int | bytes]] = defaultdict(list)
+        if self.retiring:
+            self._plan_shrink(load, owned, out)
+        else:
+            self._plan_grow(load, owned, out)
+        return dict(out)
+
+    def _plan_shrink(
+        self,
+        load: dict[int, float],
+        owned: dict[int, list[int]],
+        out: dict[tuple[int, int], list[int | bytes]],
+    ) -> None:
+        ch = self.front.channels
+        weigh = self.front.balancer.slot_weight
+        for w in sorted(self.retiring):
+            for s in sorted(owned[w], key=weigh, reverse=True):
+                dst = min(load, key=load.__getitem__)
+                load[dst] += weigh(s)
+                out[(w, dst)].append(s)
+            for cid, pin in ch.pins.items():
+                route = ch.routes.get(cid)
+                if pin == w and (route is None or route.move is None):
+                    out[(w, min(load, key=load.__getitem__))].append(cid)
+
+    def _plan_grow(
+        self,
+        load: dict[int, float],
+        owned: dict[int, list[int]],
+        out: dict[tuple[int, int], list[int | bytes]],
+    ) -> None:
+        weigh = self.front.balancer.slot_weight
+        new = [i for i in load if i >= self._base]
+        if not new:
+            return
+        mean = sum(load.values()) / len(load)
+        by_weight = {w: sorted(slots, key=weigh, reverse=True) for w, slots in owned.items()}
+        for dst in new:
+            skip: dict[int, int] = defaultdict(int)  # per donor: its slots too heavy for dst
+            while load[dst] < mean:
+                src = max((w for w in load if w != dst), key=load.__getitem__)
+                donor = by_weight.get(src, [])
+                room = mean - load[dst]
+                i = skip[src]
+                while i < len(donor) and weigh(donor[i]) > room:
+                    i += 1  # (room only shrinks: what is too heavy now stays too heavy)
+                skip[src] = i
+                if i == len(donor) or load[src] <= mean:
+                    break
+                s = donor.pop(i)
+                load[src] -= weigh(s)
+                load[dst] += weigh(s)
+                out[(src, dst)].append(s)
+
+    def _retire_idle(self) -> None:
+        """Stop each retiring worker that owns nothing and holds nothing any more."""
+        f = self.front
+        ch = f.channels
+        for i in sorted(self.retiring):
+            rec = f.sup.workers[i]
+            if rec.state is not WorkerState.READY:
+                continue
+            link = f.links[i]
+            if (
+                i in ch.router.table
+                or i in ch.pins.values()
+                or link.window.inflight
+                or any(r.window is link.window for r in ch.routes.values())
+            ):
+                continue
+            log.info("resize: worker %d owns nothing any more: stopping it", i)
+            f.sup.retire(i)
+
+    def _remove_stopped(self) -> None:
+        """Drop the last workers once they have stopped (indexes stay dense)."""
+        f = self.front
+        while self.retiring and len(f.links) - 1 in self.retiring:
+            i = len(f.links) - 1
+            if f.sup.workers[i].state is not WorkerState.STOPPED:
+                break
+            link = f.links.pop()
+            f.channels.windows.pop()
+            f.sup.remove_last()
+            link.disconnect()
+            link.run_slot.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(link.run_slot.path)
+            self.retiring.discard(i)
+            log.info("resize: worker %d removed", i)
+
+    def _finish(self, error: str | None) -> None:
+        f = self.front
+        self.error = error
+        self.done_generation = self.generation
+        if error is None:
+            log.info(
+                "resize to %d workers done in %.1f s", len(f.links), time.monotonic() - self.started
+            )
+        else:
+            log.warning("resize called off: %s", error)
+        f.cv.notify_all()
+
+    def halt(self) -> None:
+        """The pool is closing or broken: a resize in progress ends here (waiters wake)."""
+        if self.busy():
+            self._finish("the pool stopped during the resize")
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "in_progress": self.busy(),
+            "retiring": sorted(self.retiring),
+            "error": self.error,
+        }

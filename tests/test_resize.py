@@ -1,0 +1,135 @@
+"""Resizing a running pool: workers added and retired through slot moves, every message of every
+channel processed once and in order, handler state exact, halted and pinned channels carried."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import handlers
+import pytest
+from test_moves import Traffic, _order_ok, cid
+
+from shardpool import MoveRefused, ShardPool
+from shardpool.errors import DrainTimeout
+
+pytestmark = pytest.mark.multiprocess
+
+
+class Background:
+    """Keeps ``traffic`` flowing (one round after another) until stopped."""
+
+    def __init__(self, traffic: Traffic) -> None:
+        self.traffic = traffic
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.traffic.send(1)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the test
+            self.error = exc
+
+    def end(self) -> None:
+        self.stop.set()
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+        if self.error is not None:
+            raise self.error
+
+
+def test_resize_2_3_1_2_under_load_keeps_order_and_state() -> None:
+    with ShardPool(handlers.counter, workers=2, heartbeat_interval_s=0.1) as pool:
+        traffic = Traffic(pool, 300)
+        load = Background(traffic)
+        try:
+            for n in (3, 1, 2):
+                pool.resize(n, timeout=60)
+                placement = pool.placement()
+                assert placement["workers"] == n and len(pool.worker_pids()) == n
+                per = placement["slots_per_worker"]
+                assert sum(per) == 4096 and max(per) - min(per) <= 1, per
+        finally:
+            load.end()
+        traffic.send(1)
+        traffic.check()
+        _order_ok(pool)
+        assert sum(len(f) for f in traffic.futs.values()) > 600  # it ran during the resizes
+
+
+def test_retiring_a_worker_carries_its_halted_and_pinned_channels() -> None:
+    with ShardPool(
+        handlers.counter, workers=3, failure_policy="halt", heartbeat_interval_s=0.1
+    ) as pool:
+        spare = range(1000, 2000)  # not among the traffic's channels
+        halted = next(c for c in spare if pool.worker_of(cid(c)) == 2)
+        pinned = next(c for c in spare if pool.worker_of(cid(c)) == 0)
+        assert pool.call(cid(halted), {"i": 0}, timeout=30) == [0, 1]
+        failed = pool.request(cid(halted), {"i": 1, "fail": True})
+        late = pool.request(cid(halted), {"i": 1})  # held behind the halt
+        pool.pin(cid(pinned), 2)
+        assert [pool.call(cid(pinned), {"i": i}, timeout=30) for i in range(2)] == [[0, 1], [1, 2]]
+        traffic = Traffic(pool, 200)
+        traffic.send(2)
+        pool.drain(timeout=30)
+        assert pool.halted_channels() == {cid(halted): 1}
+
+        pool.resize(2, timeout=60)
+        assert pool.halted_channels() == {cid(halted): 1}
+        assert pool.worker_of(cid(halted)) in (0, 1) and pool.worker_of(cid(pinned)) in (0, 1)
+        assert cid(pinned).hex() in pool.placement()["pins"]
+        assert not late.done()
+        pool.skip(cid(halted))
+        with pytest.raises(Exception, match="skipped"):
+            failed.result(timeout=30)
+        assert late.result(timeout=30) == [2, 2]  # the state moved: count 1 → 2
+        assert pool.call(cid(pinned), {"i": 2}, timeout=30) == [2, 3]
+        traffic.send(1)
+        pool.resize(1, timeout=60)
+        traffic.send(1)
+        traffic.check()
+        _order_ok(pool)
+
+
+def test_a_new_worker_that_cannot_start_calls_the_resize_off() -> None:
+    with ShardPool(
+        "handlers:FailsToStartFrom", handler_options={"index": 2}, workers=2
+    ) as pool:
+        traffic = Traffic(pool, 100)
+        traffic.send(1)
+        refused = r"called off: worker [23] could not start.*no database connection"
+        with pytest.raises(MoveRefused, match=refused):
+            pool.resize(4, timeout=60)
+        assert pool.placement()["workers"] == 2 and len(pool.worker_pids()) == 2
+        assert not pool.broken
+        traffic.send(1)
+        traffic.check()
+        pool.resize(1, timeout=60)  # the pool still resizes as usual
+        traffic.send(1)
+        traffic.check()
+
+
+@pytest.mark.parametrize("bad", [0, 1025, -1, "2", 2.0, True, None])
+def test_a_bad_worker_count_is_refused_naming_it(bad: Any) -> None:
+    with ShardPool(handlers.counter, workers=1) as pool:
+        with pytest.raises(MoveRefused, match="resize: workers must be"):
+            pool.resize(bad)
+        assert pool.placement()["workers"] == 1
+
+
+def test_a_resize_that_runs_past_its_timeout_goes_on() -> None:
+    with ShardPool(handlers.counter, workers=1, heartbeat_interval_s=0.1) as pool:
+        with pytest.raises(DrainTimeout, match="goes on"):
+            pool.resize(2, timeout=0.0001)
+        pool.resize(2, timeout=60)  # the same target: waits for the one under way
+        assert pool.placement()["slots_per_worker"] == [2048, 2048]
+
+
+def test_resizing_a_closed_pool_is_refused() -> None:
+    pool = ShardPool(handlers.counter, workers=1)
+    pool.close()
+    with pytest.raises(MoveRefused, match="not running"):
+        pool.resize(2)
