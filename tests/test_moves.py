@@ -406,19 +406,26 @@ def test_the_old_owner_dying_mid_drain_calls_the_move_off_and_loses_nothing(tmp_
         run.pool.close()
 
 
-def test_the_new_owner_dying_before_it_read_the_install_gets_it_first_again(tmp_path: Any) -> None:
+@pytest.mark.parametrize("old_owner_too", [False, True], ids=["new-owner", "both-owners"])
+def test_owners_dying_before_the_install_was_read_recover_exactly(
+    tmp_path: Any, old_owner_too: bool
+) -> None:
+    """The new owner is stopped, so INSTALL and the moved channels' messages wait in its pipe;
+    then it (and the old owner too) is killed: its successor gets INSTALL first again."""
     run = LedgerRun(tmp_path)
     try:
         run.send(2)
         run.pool.drain(timeout=60)
         slots = run.slots_of(0)[:20]
-        dst = run.pool.worker_pids()[1]
-        assert dst is not None
-        os.kill(dst, signal.SIGSTOP)  # INSTALL and what follows wait in its pipe
+        src, dst = run.pool.worker_pids()
+        assert src is not None and dst is not None
+        os.kill(dst, signal.SIGSTOP)
         try:
             assert run.pool.move_slots(slots, 1).state == "committed"
             run.send(1)
         finally:
+            if old_owner_too:
+                os.kill(src, signal.SIGKILL)
             os.kill(dst, signal.SIGKILL)
         run.send(1)
         run.pool.drain(timeout=60)

@@ -24,7 +24,14 @@
     │  replay runs one message at a time, so a further death names its message (run slot) and a
     │  message that keeps killing its worker quarantines its channel instead of breaking the pool
     ├─ supervisor timers: READY deadline, heartbeat silence (kill the hung worker), restart due
-    └─ linger deadline: flush half-full batches
+    ├─ linger deadline: flush half-full batches
+    ├─ moves (moves.py): fence a slot's channels at the front (held in order), DRAIN to the old
+    │  worker, SLOT_STATE back → commit: route to the new worker, INSTALL (state) in its window,
+    │  then the held messages; called off before the commit on a timeout or a death
+    ├─ resize (resize.py): start new workers and move slots to them, or move every slot off the
+    │  last workers and stop them — waves of moves
+    └─ levelling (balance.py): LOAD reports → smoothed load per slot and channel → a plan of moves
+       and hot-channel pins (shown under "advise", carried out under "auto")
 
   close(): stop intake → drain → SIGTERM (each worker finishes the call it is in, reports what is
   running, acknowledges, says BYE) → kill what is left at the deadline → report every message not

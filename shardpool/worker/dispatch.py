@@ -20,11 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import codec
-from ..codec import Action, ToFront
+from ..codec import Action
 from ..errors import StateNotRestored
 from ..handler import Channel, HandlerSpec
 from ..routing import slot_of
 from .acks import Acks
+from .handoff import Handoff
 from .process import NO_MESSAGE, RunSlot, WorkerSpec
 
 __all__ = ["COUNTERS", "Dispatcher"]
@@ -50,26 +51,6 @@ COUNTERS = (
 
 def _identity(payload: bytes) -> bytes:
     return payload
-
-
-def _busy(ch: Channel) -> bool:
-    """A call (or a retry wait) is running, or messages wait to run (a halted channel's parked
-    messages do not count: they stay parked wherever the channel goes)."""
-    return ch._busy or (ch._queue is not None and not ch._halted)
-
-
-class _Leaving:
-    """The channels of one move being drained, and which of them still have work."""
-
-    __slots__ = ("members", "_waiting")
-
-    def __init__(self, members: list[Channel]) -> None:
-        self.members = members
-        self._waiting = [ch for ch in members if _busy(ch)]
-
-    def busy(self) -> bool:
-        self._waiting = [ch for ch in self._waiting if _busy(ch)]
-        return bool(self._waiting)
 
 
 class Dispatcher:
@@ -99,10 +80,7 @@ class Dispatcher:
         self.idle = asyncio.Event()
         self.idle.set()
         self.careful = False  # running a replayed batch: one call at a time, in the run slot
-        self.leaving: dict[int, _Leaving] = {}  # move generation → what is being drained
-        # Channels whose moved state could not be restored → why; their next message fails with
-        # StateNotRestored under the failure policy (until the policy settles it).
-        self.unrestored: dict[bytes, Exception] = {}
+        self.handoff = Handoff(self)  # channels leaving and arriving with slot moves
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
 
     # -- batches -------------------------------------------------------------------------------
@@ -290,8 +268,8 @@ class Dispatcher:
                 self.release_ended()
                 if self.acks.forgotten:
                     self.acks.schedule()
-            if self.leaving:
-                self.check_leaving()
+            if self.handoff.leaving:
+                self.handoff.check()
 
     async def _run_one(self, ch: Channel, entry: _Entry, attempt: int) -> bool:
         """Process one message under the failure policy. False: the channel is now halted."""
@@ -299,12 +277,13 @@ class Dispatcher:
         handler = self.handler
         spec = self.spec
         slot = self.run_slot if self.careful else None
+        unrestored = self.handoff.unrestored
         while True:
             if attempt:
                 await asyncio.sleep(spec.retry_backoff_s * (2 ** (attempt - 1)))
             try:
-                if self.unrestored and ch.id in self.unrestored:
-                    cause = self.unrestored[ch.id]
+                if unrestored and ch.id in unrestored:
+                    cause = unrestored[ch.id]
                     raise StateNotRestored(
                         f"channel {ch.id.hex()}: its state could not be restored after a move: "
                         f"{type(cause).__name__}: {cause}"
@@ -321,7 +300,7 @@ class Dispatcher:
                     attempt += 1
                     self.counters["retried"] += 1
                     continue
-                self.unrestored.pop(ch.id, None)  # reported once; the policy settles it
+                unrestored.pop(ch.id, None)  # reported once; the policy settles it
                 if policy == "skip":
                     self._fail(wseq, exc, Action.SKIP)
                     return True
@@ -394,106 +373,6 @@ class Dispatcher:
     def running(self) -> list[int]:
         """The wseqs of the handler calls running now (one per busy channel)."""
         return [ch._queue[0][0] for ch in self.channels.values() if ch._busy and ch._queue]
-
-    # -- moves ---------------------------------------------------------------------------------
-
-    def on_drain(
-        self, gen: int, slots: list[int], cids: list[bytes], keep: list[bytes]
-    ) -> None:
-        """A move (DRAIN): once every channel of ``slots`` (or in ``cids``) is idle — awaits and
-        retries included; a halted channel counts as idle — send their state (SLOT_STATE) and
-        forget them. The front holds their newer messages, so nothing of them arrives after this;
-        what arrived before is already queued. Channels in ``keep`` (pinned here) stay."""
-        slot_set, cid_set, keep_set = frozenset(slots), frozenset(cids), frozenset(keep)
-        members = [
-            ch
-            for ch in self.channels.values()
-            if (ch._slot in slot_set or ch.id in cid_set) and ch.id not in keep_set
-        ]
-        self.leaving[gen] = _Leaving(members)
-        self.check_leaving()
-
-    def check_leaving(self) -> None:
-        """Answer every drain whose channels are all idle now."""
-        for gen, leave in list(self.leaving.items()):
-            if leave.busy():
-                continue
-            del self.leaving[gen]
-            self.acks.flush()  # their acknowledgements go first (one FIFO pipe)
-            states, error = self._take_states(leave.members)
-            if error is None:
-                for ch in leave.members:
-                    if self.channels.get(ch.id) is ch:
-                        del self.channels[ch.id]
-            self.acks.send(ToFront.SLOT_STATE, gen, states, error)
-
-    def on_cancel(self, gen: int) -> None:
-        """The front called a move off: keep its channels; say which were still running."""
-        leave = self.leaving.pop(gen, None)
-        busy = [] if leave is None else [ch.id for ch in leave.members if _busy(ch)]
-        self.acks.send(ToFront.CANCELLED, gen, busy)
-
-    def _take_states(
-        self, members: list[Channel]
-    ) -> tuple[list[list[Any]], list[Any] | None]:
-        """``[cid, state, expect, halted, parked]`` of each channel, or (``[]``, ``[cid, why]``)
-        for the first whose state cannot be taken (the move is refused; nothing changes)."""
-        states: list[list[Any]] = []
-        for ch in members:
-            try:
-                blob = self._snapshot(ch)
-            except Exception as exc:  # noqa: BLE001 - a refused move, reported with the cause
-                return [], [ch.id, f"{type(exc).__name__}: {exc}"]
-            parked = [entry[0] for entry in ch._queue] if ch._halted and ch._queue else []
-            # The parked messages are re-sent to the new worker: expect the first of them.
-            expect = ch._queue[0][1] if parked and ch._queue else ch._expect
-            states.append([ch.id, blob, expect, ch._halted, parked])
-        return states, None
-
-    def _snapshot(self, ch: Channel) -> bytes | None:
-        mode = self.spec.move_state
-        if mode == "hooks":
-            hook = self.handler.snapshot
-            return None if hook is None else hook(ch)
-        if mode == "none" or ch.state is None:
-            return None
-        try:
-            return codec.dumps(ch.state)
-        except Exception as exc:
-            raise TypeError(
-                f"channel.state of type {type(ch.state).__name__} is not CBOR-encodable ({exc}); "
-                "keep it to CBOR values or give the handler snapshot/restore hooks"
-            ) from exc
-
-    def on_install(self, wseq: int, gen: int, states: list[list[Any]]) -> None:
-        """A move arrives (INSTALL, a window entry): restore each channel — its state, the order
-        checker's expectation, a halt — before any of its messages, then acknowledge."""
-        if self.run_slot is not None:
-            self.run_slot.take(wseq)  # taken in: replayed before what follows it if we die
-        for cid, blob, expect, halted, _parked in states:
-            ch = self.channels.get(cid) or self.new_channel(cid)
-            try:
-                self._restore(ch, blob)
-            except Exception as exc:  # noqa: BLE001 - reported through the channel's next message
-                ch.state = None
-                self.unrestored[cid] = exc
-                if ch._queue is None:
-                    ch._queue = collections.deque()  # off the inline path, into _run_one
-            ch._expect = ch._first = expect
-            if halted:
-                ch._halted = True
-                if ch._queue is None:
-                    ch._queue = collections.deque()
-        self.acks.add_range(wseq, wseq + 1)
-        self.acks.flush()
-
-    def _restore(self, ch: Channel, blob: bytes | None) -> None:
-        mode = self.spec.move_state
-        if mode == "hooks":
-            if self.handler.restore is not None:
-                self.handler.restore(ch, blob)
-        elif mode == "cbor":
-            ch.state = None if blob is None else codec.loads(blob)
 
     # -- load ----------------------------------------------------------------------------------
 

@@ -190,11 +190,11 @@ class Worker:
         elif kind == ToWorker.CONTROL:
             dispatch.on_control(msg[2], msg[3])
         elif kind == ToWorker.INSTALL:
-            dispatch.on_install(msg[2], msg[3], msg[4])
+            dispatch.handoff.on_install(msg[2], msg[3], msg[4])
         elif kind == ToWorker.DRAIN:
-            dispatch.on_drain(msg[2], msg[3], msg[4], msg[5])
+            dispatch.handoff.on_drain(msg[2], msg[3], msg[4], msg[5])
         elif kind == ToWorker.CANCEL:
-            dispatch.on_cancel(msg[2])
+            dispatch.handoff.on_cancel(msg[2])
         elif kind == ToWorker.STOP:
             self.stop.append(0)  # the in-band stop request, for a worker that cannot be signalled
         else:
