@@ -21,6 +21,8 @@
     ├── NotRunning             no backend answers at a control endpoint (none started, a stale
     │                          socket file, or it went away while a request waited)
     ├── ControlError           the backend answered a control request with an error
+    │   └── BadRequest         the request itself was wrong (a slot, worker or channel that is
+    │                          malformed or names nothing there)
     ├── EndpointInUse          another ``shardpool run`` holds this ipc endpoint
     ├── InsecurePathError      a runtime directory is a symlink, not a directory, or not ours
     ├── FrameError             a producer's frame could not be read (``.code`` names the problem)
