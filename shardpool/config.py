@@ -437,7 +437,12 @@ class PoolConfig(_Section):
         doc="forget a stateless channel idle this long; 0 = never",
     )
     move_state: str = _choice(
-        "cbor", "hooks", "none", default="cbor", doc="how handler state moves with a channel"
+        "auto",
+        "cbor",
+        "hooks",
+        "none",
+        default="auto",
+        doc="how handler state moves with a channel (auto: hooks if the handler has both)",
     )
     move_timeout_s: float = _float(
         0, 3600, lo_open=True, default=10.0, unit="seconds", doc="drain deadline of one move"

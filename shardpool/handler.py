@@ -14,12 +14,14 @@ An object (or class instance) may define ``setup(worker_index)`` and ``teardown(
 per worker process (either may be ``async``).
 
 When the pool moves a channel to another worker (a resize, load levelling, a pin), its state goes
-with it. By default (``pool.move_state = "cbor"``) that is ``channel.state``, CBOR-encoded: keep it
+with it. For a handler without hooks that is ``channel.state``, CBOR-encoded: keep it
 to CBOR-encodable values (dicts, lists, bytes, str, ints, floats, bools, None) or the move is
 refused, naming the channel and the type. A class handler may instead define
-``snapshot(channel) -> bytes | None`` and ``restore(channel, data)`` (``pool.move_state =
-"hooks"``): ``snapshot`` runs on the old worker once the channel is idle, ``restore`` on the new one
-before the channel's next message. With ``"none"`` a move drops handler state, as a crash does.
+``snapshot(channel) -> bytes | None`` and ``restore(channel, data)``: ``snapshot`` runs on the old
+worker once the channel is idle, ``restore`` on the new one before the channel's next message.
+The default ``pool.move_state = "auto"`` uses the hooks when the handler has both, else
+``"cbor"``; ``"hooks"`` insists on them (a worker without both fails to start), ``"cbor"`` ignores
+them. With ``"none"`` a move drops handler state, as a crash does.
 """
 
 from __future__ import annotations
@@ -153,18 +155,22 @@ def load_handler(target: str | object, options: Mapping[str, Any] | None = None)
     )
 
 
-def check_move_hooks(spec: HandlerSpec, target: object) -> None:
-    """Refuse ``pool.move_state = "hooks"`` for a handler without both hooks.
+def move_state_of(mode: str, spec: HandlerSpec, target: object) -> str:
+    """How this handler's state moves: ``pool.move_state`` with ``"auto"`` settled (``"hooks"``
+    for a handler that has both ``snapshot`` and ``restore``, else ``"cbor"``).
 
     Raises:
-        TypeError: ``snapshot`` or ``restore`` is missing (named).
+        TypeError: ``"hooks"`` for a handler without both hooks (the missing ones named).
     """
     missing = [name for name in ("snapshot", "restore") if getattr(spec, name) is None]
-    if missing:
+    if mode == "auto":
+        return "cbor" if missing else "hooks"
+    if mode == "hooks" and missing:
         raise TypeError(
             f"pool.move_state = 'hooks' needs a handler object with snapshot(channel) and "
             f"restore(channel, data); {target!r} has no {' and no '.join(missing)}"
         )
+    return mode
 
 
 async def maybe_await(value: Any) -> Any:
@@ -178,7 +184,7 @@ __all__ = [
     "Channel",
     "HandlerSpec",
     "HandleFn",
-    "check_move_hooks",
+    "move_state_of",
     "load_handler",
     "maybe_await",
     "resolve",

@@ -559,3 +559,41 @@ def test_handlers_pickle_for_spawned_workers() -> None:
     assert clone.cpu_cost_us == 10 and clone.cost_types == ("commitment_signed",)
     a = pickle.loads(pickle.dumps(AsyncLightningHandler(delay_s=0.5)))
     assert a.delay_s == 0.5
+
+
+def _moving_feed(
+    handlers: list[LightningHandler], stream: list[tuple[bytes, Any]], every: int
+) -> dict[bytes, Any]:
+    """Feed ``stream``, moving each channel to the next handler (another worker) every ``every``
+    of its messages through the handlers' snapshot/restore hooks, as the pool does."""
+    channels: dict[bytes, SimpleNamespace] = {}
+    where: dict[bytes, int] = {}
+    seqs: dict[bytes, int] = {}
+    for cid, msg in stream:
+        ch = channels.setdefault(cid, SimpleNamespace(id=cid, state=None))
+        seq = seqs[cid] = seqs.get(cid, -1) + 1
+        if seq % every == every - 1:
+            src = where.get(cid, 0)
+            data = handlers[src].snapshot(ch)
+            ch = channels[cid] = SimpleNamespace(id=cid, state=None)  # the new worker's object
+            where[cid] = (src + 1) % len(handlers)
+            handlers[where[cid]].restore(ch, data)
+        assert handlers[where.get(cid, 0)].handle(ch, seq, msg, False) is None
+    return {cid: ch.state for cid, ch in channels.items()}
+
+
+def test_the_state_moves_exactly_through_the_handler_hooks() -> None:
+    stream = generate(10, 40, 6_000, 11)
+    handlers = [LightningHandler(), LightningHandler()]
+    states = _moving_feed(handlers, stream, every=7)
+    reference, _ = replay(stream)
+    # (the replay has no pool sequence numbers: last_seq is the handler's own)
+    assert {c: s.to_record() | {"last_seq": -1} for c, s in states.items()} == {
+        c: s.to_record() for c, s in reference.items()
+    }
+    assert handlers[0].snapshot(SimpleNamespace(id=b"x", state=None)) is None
+    fresh = SimpleNamespace(id=b"x", state="junk")
+    handlers[1].restore(fresh, None)
+    assert fresh.state is None
+    with pytest.raises(Exception):  # noqa: B017 - any error: the pool halts the channel with it
+        handlers[1].restore(fresh, cbor2.dumps({"local_msat": 1}))

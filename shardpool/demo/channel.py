@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, TypeVar
 
 __all__ = [
     "CLTV_EXPIRY_LIMIT",
@@ -132,6 +132,14 @@ def _blob(msg: dict[object, object], key: str, size: int) -> bytes | None:
     return None
 
 
+_S = TypeVar("_S", bound="ChannelState")
+
+
+def _slot_names(cls: type) -> list[str]:
+    """The ``__slots__`` of ``cls`` and its bases, base first."""
+    return [name for klass in reversed(cls.__mro__) for name in klass.__dict__.get("__slots__", ())]
+
+
 class ChannelState:
     """One channel's state as our node sees the remote's updates. See the module docstring.
 
@@ -199,6 +207,28 @@ class ChannelState:
         self.applied: int = 0  # valid messages applied
         self.trace: int = 0xCBF29CE484222325  # FNV-1a over the applied type sequence
         self.last_seq: int = -1
+
+    # -- moving to another worker ----------------------------------------------------------------
+
+    def to_record(self) -> dict[str, Any]:
+        """Every attribute as CBOR values, for a move to another worker (:meth:`from_record`
+        rebuilds the state)."""
+        return {name: getattr(self, name) for name in _slot_names(type(self))}
+
+    @classmethod
+    def from_record(cls: type[_S], record: Mapping[str, Any]) -> _S:
+        """The state :meth:`to_record` described (after a CBOR round trip: arrays are lists).
+
+        Raises:
+            KeyError: an attribute is missing from ``record``.
+        """
+        state = cls.__new__(cls)
+        for name in _slot_names(cls):
+            setattr(state, name, record[name])
+        # CBOR has no tuples: the HTLCs' (amount_msat, payment_hash, cltv_expiry) come as lists.
+        state.htlcs = {int(k): tuple(v) for k, v in state.htlcs.items()}  # type: ignore[misc]
+        state.pending_adds = {int(k): tuple(v) for k, v in state.pending_adds.items()}  # type: ignore[misc]
+        return state
 
     @property
     def available_msat(self) -> int:

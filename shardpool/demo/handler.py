@@ -133,6 +133,21 @@ class LightningHandler:
             return {"violation": "internal_error", "type": None,
                     "seq": seq if type(seq) is int else None}
 
+    def snapshot(self, channel: Any) -> bytes | None:
+        """The channel's state as CBOR, when the pool moves it to another worker (``None``: none
+        yet). Used with ``pool.move_state = "auto"`` (the default) or ``"hooks"``."""
+        state = getattr(channel, "state", None)
+        return cbor2.dumps(state.to_record()) if type(state) is self.state_type else None
+
+    def restore(self, channel: Any, data: bytes | None) -> None:
+        """The state :meth:`snapshot` took on the old worker, on the new one.
+
+        Raises:
+            ValueError, KeyError, cbor2.CBORDecodeError: ``data`` is not such a snapshot (the pool
+                halts the channel, naming the cause).
+        """
+        channel.state = None if data is None else self.state_type.from_record(cbor2.loads(data))
+
     # The state type this handler keeps per channel; a subclass for another wire format replaces
     # it with _new_state and _parse.
     state_type: type[ChannelState] = ChannelState

@@ -180,6 +180,27 @@ class RealChannelState(ChannelState):
         self.verifications = 0
         self.secret_checks = 0
 
+    def to_record(self) -> dict[str, Any]:
+        """As :meth:`ChannelState.to_record`, the remote's keys as their 33-byte encoding."""
+        record = super().to_record()
+        for name in ("funding_pubkey", "htlc_basepoint"):
+            key = record[name]
+            record[name] = None if key is None else key.format()
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> RealChannelState:
+        """As :meth:`ChannelState.from_record`.
+
+        Raises:
+            KeyError: an attribute is missing; ValueError: a key is not a valid point.
+        """
+        state = super().from_record(record)
+        for name in ("funding_pubkey", "htlc_basepoint"):
+            blob = getattr(state, name)
+            setattr(state, name, None if blob is None else PublicKey(blob))
+        return state
+
     def apply(self, msg: object) -> str | None:
         """Apply one message: a decoded dict (:func:`~shardpool.demo.wire.decode`) or the wire
         bytes themselves. Returns None or a code of :data:`REAL_VIOLATION_CODES`, as

@@ -50,7 +50,7 @@ class WorkerSpec:
     run_slot: str = ""  # path of this worker's RunSlot file ("" = none)
     channel_idle_expiry_s: float = 0.0  # 0 = never forget an idle channel
     slots: int = 4096  # the routing slot count (a move names slots)
-    move_state: str = "cbor"  # how handler state leaves and arrives with a moved channel
+    move_state: str = "auto"  # how handler state leaves and arrives with a moved channel
     load_interval_s: float = 0.0  # period of the LOAD report (seconds; 0 = none)
 
 

@@ -14,6 +14,7 @@ and says BYE before it exits.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import os
 import signal
@@ -28,7 +29,7 @@ import zmq.asyncio
 from .. import codec
 from ..codec import ToFront, ToWorker
 from ..exitcodes import EXIT_OK, EXIT_START_FAILED
-from ..handler import check_move_hooks, load_handler, maybe_await
+from ..handler import load_handler, maybe_await, move_state_of
 from .acks import Acks
 from .dispatch import COUNTERS, Dispatcher
 from .process import RunSlot, WorkerSpec
@@ -79,8 +80,9 @@ class Worker:
         try:
             try:
                 handler = load_handler(self.spec.handler, self.spec.handler_options)
-                if self.spec.move_state == "hooks":
-                    check_move_hooks(handler, self.spec.handler)
+                mode = move_state_of(self.spec.move_state, handler, self.spec.handler)
+                if mode != self.spec.move_state:
+                    self.spec = dataclasses.replace(self.spec, move_state=mode)
                 if handler.setup is not None:
                     await maybe_await(handler.setup(self.index))
                 slot = RunSlot(self.spec.run_slot) if self.spec.run_slot else None
