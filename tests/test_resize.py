@@ -112,6 +112,50 @@ def test_a_new_worker_that_cannot_start_calls_the_resize_off() -> None:
         traffic.check()
 
 
+def test_a_slot_that_keeps_failing_to_move_calls_the_resize_off_and_keeps_its_worker() -> None:
+    """A channel state that cannot move (not CBOR-encodable) on a retiring worker: its slot's
+    move is tried a few times, then the resize is called off naming the channel; the worker
+    stays with the slots it still owns and every channel goes on, in order."""
+    with ShardPool("handlers:Unmovable", workers=2, heartbeat_interval_s=0.1) as pool:
+        opaque = next(c for c in range(1000) if pool.worker_of(cid(c)) == 1)
+        assert pool.call(cid(opaque), {"opaque": True}, timeout=30) == 0
+        others = [c for c in range(1000, 1100)]
+        assert [pool.call(cid(c), {}, timeout=30) for c in others] == [0] * 100
+        with pytest.raises(
+            MoveRefused,
+            match=f"called off: a move was called off 3 times: .*{cid(opaque).hex()}.*CBOR",
+        ):
+            pool.resize(1, timeout=60)
+        place = pool.placement()
+        assert place["workers"] == 2 and len(pool.worker_pids()) == 2
+        assert not place["resize"]["in_progress"] and place["resize"]["target"] == 2
+        assert "CBOR" in place["resize"]["error"]
+        assert place["moves"]["aborted"] <= 6  # tried again after a pause, not in a tight loop
+        assert pool.worker_of(cid(opaque)) == 1
+        assert pool.call(cid(opaque), {"opaque": True}, timeout=30) == 1
+        assert [pool.call(cid(c), {}, timeout=30) for c in others] == [1] * 100
+        _order_ok(pool)
+
+
+@pytest.mark.parametrize("grow_after", [0, 1, 3])
+def test_a_grow_asked_while_a_shrink_runs_ends_at_the_new_count(grow_after: int) -> None:
+    """Shrink 4 → 1, then — whatever the shrink has done by then (nothing, some workers asked to
+    stop, most of it) — grow to 3: workers are removed from the end only, the resize ends at 3
+    and no message is lost or reordered."""
+    with ShardPool(handlers.counter, workers=4, heartbeat_interval_s=0.1) as pool:
+        traffic = Traffic(pool, 200)
+        traffic.send(1)
+        pool.resize(1, wait=False)
+        traffic.send(grow_after)  # lets the shrink get further before the grow
+        pool.resize(3, timeout=60)
+        place = pool.placement()
+        assert place["workers"] == 3 and len(pool.worker_pids()) == 3
+        assert sum(place["slots_per_worker"]) == 4096 and not place["resize"]["retiring"]
+        traffic.send(1)
+        traffic.check()
+        _order_ok(pool)
+
+
 @pytest.mark.parametrize("bad", [0, 1025, -1, "2", 2.0, True, None])
 def test_a_bad_worker_count_is_refused_naming_it(bad: Any) -> None:
     with ShardPool(handlers.counter, workers=1) as pool:

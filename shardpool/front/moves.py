@@ -331,6 +331,8 @@ class Mover:
         move.error = error
         self.moves.pop(move.gen, None)
         self.counts[state] += 1
+        if state == "aborted" and move.reason == "resize":
+            self.front.resizer.on_aborted(move.slots, move.cids, error or state)
         if state == "committed":
             log.info("%s: committed after %.1f ms%s", move.describe(), 1000 * (move.pause_s or 0),
                      f" ({error})" if error else "")

@@ -11,10 +11,13 @@ shrinking  the last workers retire: every slot they own moves to the least loade
 =========  =====================================================================================
 
 Moves go out in waves of at most ``pool.max_concurrent_moves`` slots; a move that is called off
-(a drain that timed out) is planned again on a later tick. A new worker that cannot start calls the
-resize off (the pool itself goes on with the workers it had). Driven by the front's I/O thread
-(:meth:`Resizer.tick`), which is also the thread that spawns workers: a worker's parent-death
-signal follows the thread that started it.
+(a drain that timed out) is planned again after :data:`RETRY_S`. A slot whose move is called off
+:data:`MAX_ABORTS` times in one resize (a channel state that cannot move, a drain that never
+ends) calls the resize off: the workers stay as they are then (retiring workers that still own
+slots keep them), and the resize ends with the last move's error. A new worker that cannot start
+calls the resize off too (the pool itself goes on with the workers it had). Driven by the front's
+I/O thread (:meth:`Resizer.tick`), which is also the thread that spawns workers: a worker's
+parent-death signal follows the thread that started it.
 
 Not thread-safe: the front calls it with its lock held.
 """
@@ -41,7 +44,10 @@ __all__ = ["Resizer"]
 log = logging.getLogger("shardpool.front")
 
 MAX_WORKERS = 1024  # as pool.workers
-_RETRY_S = 0.5  # after a wave's move was refused or called off
+RETRY_S = 0.5
+"""Seconds before the next wave after a move was refused or called off."""
+MAX_ABORTS = 3
+"""Moves of one slot (or pinned channel) called off in one resize before the resize is."""
 
 
 class Resizer:
@@ -57,6 +63,7 @@ class Resizer:
         self.done_generation = 0
         self._next_wave = 0.0
         self._base = self.target  # workers before the request: the ones after it are new
+        self._aborts: dict[int | bytes, int] = {}  # slot or pinned channel -> moves called off
 
     # -- asking --------------------------------------------------------------------------------
 
@@ -80,6 +87,7 @@ class Resizer:
         self.error = None
         self.started = time.monotonic()
         self._next_wave = 0.0
+        self._aborts.clear()
         log.info("resize to %d workers (from %d)", workers, self.active())
         f.wakeup.wake()
         return self.generation
@@ -100,21 +108,16 @@ class Resizer:
     def tick(self, now: float) -> float | None:
         """Move the resize on; seconds until it wants to be called again (None: idle)."""
         f = self.front
-        if not self.busy() or f.state != PoolState.RUNNING:
-            if self.retiring and f.state == PoolState.RUNNING:
-                self._remove_stopped()  # the leftovers of a resize called off
-                return 0.05 if self.retiring else None
+        if f.state != PoolState.RUNNING or not (self.busy() or self.retiring):
             return None
         n = len(f.links)
-        if self.target > self.active():
+        if self.busy() and self.target > self.active():
             self._unretire()
-            if self.retiring:  # some were stopping already: grow once they are gone
-                self._remove_stopped()
-                return 0.05
-            self._grow(self.target - self.active())
-            if not self.busy():
-                return None
-        elif self.target < self.active():
+            if not self.retiring:  # (else those stopping already go first: indexes stay dense)
+                self._grow(self.target - self.active())
+                if not self.busy():
+                    return None
+        elif self.busy() and self.target < self.active():
             self.retiring.update(range(self.target, n))
         self._remove_stopped()
         if now < self._next_wave:
@@ -130,6 +133,10 @@ class Resizer:
         if self.retiring:
             self._retire_idle()
             return 0.05
+        if not self.busy():
+            return None  # the leftovers of a resize called off are gone
+        if self.target > self.active():
+            return 0.0  # the retired ones are gone: now grow
         self._finish(self.error)
         return None
 
@@ -151,6 +158,24 @@ class Resizer:
         f.wakeup.wake()
         return True
 
+    def on_aborted(self, slots: tuple[int, ...], cids: tuple[bytes, ...], error: str) -> None:
+        """One of this resize's moves was called off: wait :data:`RETRY_S` before the next wave;
+        call the resize off once a slot or channel has failed to move :data:`MAX_ABORTS` times
+        (what stops it is not passing)."""
+        self._next_wave = time.monotonic() + RETRY_S
+        if not self.busy():
+            return
+        worst = 0
+        keys: tuple[int | bytes, ...] = (*slots, *cids)
+        for key in keys:
+            count = self._aborts[key] = self._aborts.get(key, 0) + 1
+            worst = max(worst, count)
+        if worst < MAX_ABORTS:
+            return
+        self._unretire()  # a retiring worker that still owns slots keeps them
+        self.target = self.active()
+        self._finish(f"a move was called off {worst} times: {error}")
+
     # -- steps ---------------------------------------------------------------------------------
 
     def _grow(self, count: int) -> None:
@@ -169,10 +194,15 @@ class Resizer:
             link.watch(f.sup.workers[index].proc.pid)  # type: ignore[union-attr]
 
     def _unretire(self) -> None:
-        """A grow asked while a shrink is under way: the retiring workers stay if still there."""
+        """A grow asked while a shrink is under way (or a shrink called off): the retiring workers
+        not asked to stop yet stay — those below every worker that is stopping, since workers
+        are removed from the end."""
         f = self.front
-        keep = {i for i in self.retiring if f.sup.workers[i].state is WorkerState.READY}
-        self.retiring -= keep
+        gone = (WorkerState.STOPPING, WorkerState.STOPPED)
+        first_gone = min(
+            (i for i in self.retiring if f.sup.workers[i].state in gone), default=len(f.links)
+        )
+        self.retiring = {i for i in self.retiring if i >= first_gone}
 
     def _wave(self, now: float) -> bool:
         """Start the next wave of moves; False when nothing is left to move."""
@@ -198,12 +228,12 @@ class Resizer:
                     f.mover.start(slot_part, cid_part, dst, "resize")
                 except MoveRefused as exc:
                     log.info("resize: a move waits: %s", exc)
-                    self._next_wave = now + _RETRY_S
+                    self._next_wave = now + RETRY_S
                     continue
                 room -= len(slot_part) + len(cid_part)
                 started = True
         if not started and not f.mover.moves:
-            self._next_wave = now + _RETRY_S
+            self._next_wave = now + RETRY_S
         return True
 
     def plan(self) -> dict[tuple[int, int], list[int | bytes]]:
@@ -282,21 +312,23 @@ class Resizer:
                 out[(src, dst)].append(s)
 
     def _retire_idle(self) -> None:
-        """Stop each retiring worker that owns nothing and holds nothing any more."""
+        """Stop each retiring worker that owns nothing and holds nothing any more, the last first:
+        the workers asked to stop are always the last ones (see :meth:`_unretire`)."""
         f = self.front
         ch = f.channels
-        for i in sorted(self.retiring):
+        for i in sorted(self.retiring, reverse=True):
             rec = f.sup.workers[i]
-            if rec.state is not WorkerState.READY:
+            if rec.state in (WorkerState.STOPPING, WorkerState.STOPPED):
                 continue
             link = f.links[i]
             if (
-                i in ch.router.table
+                rec.state is not WorkerState.READY
+                or i in ch.router.table
                 or i in ch.pins.values()
                 or link.window.inflight
                 or any(r.window is link.window for r in ch.routes.values())
             ):
-                continue
+                break
             log.info("resize: worker %d owns nothing any more: stopping it", i)
             f.sup.retire(i)
 
