@@ -112,7 +112,10 @@ class Mover:
         self._gens = itertools.count(1)
         self.moves: dict[int, Move] = {}  # gen → move in progress
         self.slot_gen: dict[int, int] = {}  # slot → generation of its last move
-        self.moved_at: dict[int, float] = {}  # slot → when its last move committed (monotonic s)
+        # slot → when its last move committed or was called off (monotonic s): levelling leaves
+        # it alone for pool.rebalance_grace_s either way, so it neither ping-pongs nor retries a
+        # move that cannot succeed (a state that cannot move) every period.
+        self.moved_at: dict[int, float] = {}
         self.pauses: collections.deque[float] = collections.deque(maxlen=_PAUSES_KEPT)
         self.counts: dict[str, int] = dict.fromkeys(("committed", "aborted"), 0)
 
@@ -331,8 +334,12 @@ class Mover:
         move.error = error
         self.moves.pop(move.gen, None)
         self.counts[state] += 1
-        if state == "aborted" and move.reason == "resize":
-            self.front.resizer.on_aborted(move.slots, move.cids, error or state)
+        if state == "aborted":
+            now = time.monotonic()
+            for s in move.slots:
+                self.moved_at[s] = now
+            if move.reason == "resize":
+                self.front.resizer.on_aborted(move.slots, move.cids, error or state)
         if state == "committed":
             log.info("%s: committed after %.1f ms%s", move.describe(), 1000 * (move.pause_s or 0),
                      f" ({error})" if error else "")
