@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -175,9 +176,10 @@ def _add_run(sub: _Subparsers) -> None:
         help="run the node backend: workers, ingress for producers, control socket, metrics",
         description=(
             "Start the pool, the producer ingress, the control socket (for `shardpool status`, "
-            "`drain`, `stop`) and, if metrics.enabled, the Prometheus endpoint; log where they "
-            "listen; run until SIGTERM/SIGINT, then stop intake, drain within "
-            "supervisor.stop_timeout_s and stop (a second signal stops at once). "
+            "`drain`, `stop`, `move`, `pin`, `unpin`, `resize`) and, if metrics.enabled, the "
+            "Prometheus endpoint; log where they listen; run until SIGTERM/SIGINT, then stop "
+            "intake, drain within supervisor.stop_timeout_s and stop (a second signal stops at "
+            "once). SIGTTIN adds a worker, SIGTTOU removes one (never below 1). "
             f"Exit {EXIT_OK} after a clean drain, {EXIT_FAILURE} otherwise, {EXIT_CONFIG} on an "
             "invalid or insecure configuration."
         ),
@@ -305,12 +307,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(client.request("status"), indent=2, default=str))
                 return EXIT_OK
-            if args.once:
-                print(render_status(client.request("status")))
-                return EXIT_OK
             tty = sys.stdout.isatty()
+            # A terminal gets lines cut at its width; a pipe or a file gets them whole.
+            width = shutil.get_terminal_size().columns if tty else None
+            if args.once:
+                print(render_status(client.request("status"), width))
+                return EXIT_OK
             while True:
-                text = render_status(client.request("status"))
+                text = render_status(client.request("status"), width)
                 # Home + clear-to-end redraws in place without the flicker of a full clear.
                 sys.stdout.write(("\x1b[H" + text.replace("\n", "\x1b[K\n") + "\x1b[K\x1b[J")
                                  if tty else text + "\n\n")
@@ -328,8 +332,9 @@ def _control_request(
     timeout: float | None = None, client_timeout: float = 5.0,
 ) -> Any:
     """One request to the backend's control socket; the reply, or an exit code (int) after
-    printing why (no backend, or it refused)."""
-    from shardpool.control import ControlClient
+    printing why: EXIT_USAGE when the backend found the request itself wrong (a slot, worker or
+    channel that does not exist), EXIT_FAILURE when no backend answered or it could not do it."""
+    from shardpool.control import BadRequest, ControlClient
     from shardpool.errors import ShardPoolError
 
     endpoint = _control_endpoint(args)
@@ -338,6 +343,9 @@ def _control_request(
     try:
         with ControlClient(endpoint, timeout=client_timeout) as client:
             return client.request(op, payload, timeout=timeout)
+    except BadRequest as e:
+        print(f"shardpool {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except ShardPoolError as e:
         print(f"shardpool {args.command}: {e}", file=sys.stderr)
         return EXIT_FAILURE
@@ -480,7 +488,7 @@ def _add_channel_decision(sub: _Subparsers, name: str, what: str) -> None:
             "channel is not halted or no backend answers."
         ),
     )
-    p.add_argument("channel", help="the channel id, in hex")
+    p.add_argument("channel", type=_channel_hex, help="the channel id, in hex")
     _add_endpoint_args(p, timeout=10.0)
     p.set_defaults(func=cmd_channel_decision, op=name)
 
@@ -495,7 +503,233 @@ def cmd_channel_decision(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# registered in _SUBCOMMANDS below: run, bench, status, drain, stop, keys, resume, skip.
+# ----------------------------------------------------------------------- move, pin, unpin, resize
+
+
+def _slot_list(text: str) -> list[int]:
+    """``5``, ``5,9`` or ``12-15`` (or a mix) as a list of slots; argparse reports a bad one."""
+    slots: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, dash, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi) if dash else int(lo)
+            if first < 0 or last < first:
+                raise ValueError
+            slots.extend(range(first, last + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a slot number (or a list such as 5,9,12-15)"
+        ) from None
+    return slots
+
+
+def _worker_index(text: str) -> int:
+    try:
+        worker = int(text)
+    except ValueError:
+        worker = -1
+    if worker < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a worker index (0, 1, ...)")
+    return worker
+
+
+def _worker_count(text: str) -> int:
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a worker count (1 or more)")
+    return workers
+
+
+def _channel_hex(text: str) -> str:
+    """A channel id given in hex, as ``status`` shows it (argparse reports a bad one)."""
+    try:
+        cid = bytes.fromhex(text)
+    except ValueError:
+        cid = b""
+    if not cid:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a channel id in hex (as `shardpool status` shows them)"
+        )
+    return cid.hex()
+
+
+def _add_placement_args(p: argparse.ArgumentParser, timeout: float) -> None:
+    _add_endpoint_args(p, timeout=timeout)
+    p.add_argument("--json", action="store_true", help="print the backend's answer as JSON")
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def _add_move(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "move",
+        help="move routing slots to another worker while running",
+        description=(
+            "Move SLOT (or several: 5,9,12-15; all owned by one worker) of a running backend to "
+            "WORKER: their channels' new messages wait at the front while the old worker "
+            "finishes what it has, then their state moves and they go on at WORKER, in order. "
+            "`shardpool status` shows the slots per worker and the moves. "
+            f"Exit {EXIT_OK} once committed, {EXIT_USAGE} for a slot or worker that does not "
+            f"exist, {EXIT_FAILURE} if the move was refused, called off, not done within "
+            "--timeout, or no backend answers."
+        ),
+    )
+    p.add_argument("slots", type=_slot_list, metavar="SLOT", help="slot number(s)")
+    p.add_argument("worker", type=_worker_index, metavar="WORKER", help="the worker to move to")
+    _add_placement_args(p, timeout=30.0)
+    p.set_defaults(func=cmd_move)
+
+
+def cmd_move(args: argparse.Namespace) -> int:
+    """``move`` through the control socket."""
+    reply = _control_request(
+        args, "move", {"slots": args.slots, "worker": args.worker, "timeout": args.timeout},
+        timeout=args.timeout + 5.0, client_timeout=args.timeout + 5.0,
+    )
+    if isinstance(reply, int):
+        return reply
+    committed = reply["state"] == "committed"
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return EXIT_OK if committed else EXIT_FAILURE
+    slots = reply["slots"]
+    what = f"slot {slots[0]}" if len(slots) == 1 else f"{len(slots)} slots"
+    if not committed:
+        print(
+            f"move {reply['gen']} of {what} (worker {reply['src']} → {reply['dst']}) not done "
+            f"within {args.timeout:g} s: {reply['state']}"
+        )
+        return EXIT_FAILURE
+    print(
+        f"moved {what} from worker {reply['src']} to worker {reply['dst']} "
+        f"(move {reply['gen']}, messages held {_ms(reply['pause_s'])})"
+    )
+    return EXIT_OK
+
+
+def _add_pin(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "pin",
+        help="place one channel on a worker of its own choosing, ahead of the slot table",
+        description=(
+            "Pin CHANNEL (hex, as `shardpool status` shows it) of a running backend to WORKER "
+            "(default: the least loaded other worker), through the same barrier as a slot move: "
+            "a hot channel on a worker of its own. `shardpool unpin` sends it back. "
+            f"Exit {EXIT_OK} once it is there, {EXIT_USAGE} for a bad channel id or a worker that "
+            f"does not exist, {EXIT_FAILURE} if the move was refused or called off, or no "
+            "backend answers."
+        ),
+    )
+    p.add_argument("channel", type=_channel_hex, metavar="CHANNEL", help="the channel id, in hex")
+    p.add_argument("worker", type=_worker_index, nargs="?", metavar="WORKER",
+                   help="the worker to pin it to (default: the least loaded other one)")
+    _add_placement_args(p, timeout=30.0)
+    p.set_defaults(func=cmd_pin, op="pin")
+
+
+def _add_unpin(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "unpin",
+        help="send a pinned channel back to its slot's worker",
+        description=(
+            "Undo `shardpool pin CHANNEL`: the channel goes back to the worker its slot belongs "
+            f"to, through the move barrier. Exit {EXIT_OK} once it is there, {EXIT_USAGE} for a "
+            f"bad channel id, {EXIT_FAILURE} if the channel is not pinned, the move was refused "
+            "or called off, or no backend answers."
+        ),
+    )
+    p.add_argument("channel", type=_channel_hex, metavar="CHANNEL", help="the channel id, in hex")
+    _add_placement_args(p, timeout=30.0)
+    p.set_defaults(func=cmd_pin, op="unpin", worker=None)
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    """``pin`` / ``unpin`` through the control socket."""
+    payload: dict[str, Any] = {"channel": args.channel, "timeout": args.timeout}
+    if args.worker is not None:
+        payload["worker"] = args.worker
+    reply = _control_request(
+        args, args.op, payload, timeout=args.timeout + 5.0, client_timeout=args.timeout + 5.0
+    )
+    if isinstance(reply, int):
+        return reply
+    done = not reply["moved"] or reply["state"] == "committed"
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return EXIT_OK if done else EXIT_FAILURE
+    if not done:
+        print(
+            f"{args.op} channel {reply['channel']}: move {reply['gen']} to worker "
+            f"{reply['worker']} not done within {args.timeout:g} s: {reply['state']}"
+        )
+        return EXIT_FAILURE
+    how = (
+        f"move {reply['gen']} from worker {reply['src']}, messages held {_ms(reply['pause_s'])}"
+        if reply["moved"]
+        else "it was there already"
+    )
+    where = "pinned to" if args.op == "pin" else "unpinned: back on its slot's"
+    print(f"channel {reply['channel']} {where} worker {reply['worker']} ({how})")
+    return EXIT_OK
+
+
+def _add_resize(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "resize",
+        help="change the number of workers of a running backend",
+        description=(
+            "Grow or shrink a running backend to N workers without stopping it: new workers "
+            "start and take slots by measured load; retiring ones (the last) hand every slot "
+            "and pinned channel over, then stop. Nothing is lost or reordered. SIGTTIN and "
+            "SIGTTOU to `shardpool run` add or remove one worker. "
+            f"Exit {EXIT_OK} once done, {EXIT_USAGE} for a count out of range, {EXIT_FAILURE} if "
+            "it was refused or called off (a new worker could not start), is not done within "
+            "--timeout (it goes on), or no backend answers."
+        ),
+    )
+    p.add_argument("workers", type=_worker_count, metavar="N", help="the number of workers")
+    p.add_argument("--no-wait", action="store_true", help="return once the resize has started")
+    _add_placement_args(p, timeout=120.0)
+    p.set_defaults(func=cmd_resize)
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    """``resize`` through the control socket."""
+    payload: dict[str, Any] = {"workers": args.workers, "timeout": args.timeout}
+    if args.no_wait:
+        payload["wait"] = False
+    reply = _control_request(
+        args, "resize", payload, timeout=args.timeout + 5.0, client_timeout=args.timeout + 5.0
+    )
+    if isinstance(reply, int):
+        return reply
+    ok = reply.get("started") or (reply["done"] and reply["workers"] == args.workers)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    elif reply.get("started"):
+        print(f"resize to {args.workers} workers started ({reply['workers']} workers now)")
+    elif not reply["done"]:
+        print(
+            f"resize to {args.workers} workers not done within {args.timeout:g} s "
+            f"({reply['workers']} workers now; it goes on)"
+        )
+    elif not ok:
+        print(
+            f"resize to {args.workers} workers was overtaken by a later resize: "
+            f"{reply['workers']} workers now"
+        )
+    else:
+        print(f"resized to {reply['workers']} workers in {reply['seconds']:.1f} s")
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+# registered in _SUBCOMMANDS below: run, bench, status, drain, stop, keys, resume, skip, move,
+# pin, unpin, resize.
 
 _SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
     _add_check_config,
@@ -507,6 +741,10 @@ _SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
     _add_keys,
     _add_resume,
     _add_skip,
+    _add_move,
+    _add_pin,
+    _add_unpin,
+    _add_resize,
 )
 
 

@@ -5,6 +5,14 @@ collector, so nothing is double-counted or kept in sync by hand). Names are ``sh
 per-worker series carry a ``worker`` label, ingress rejections an ``error`` label (the protocol's
 error code), replies a ``status`` label. Worker counters restart at 0 when a worker is restarted,
 which Prometheus' ``rate()`` handles as a counter reset.
+
+Placement (the worker count changes with a resize: per-worker series come and go with their
+worker): ``shardpool_workers``, ``shardpool_worker_slots``, ``shardpool_worker_load`` (share of
+a core), ``shardpool_worker_load_share`` (of the pool's measured load),
+``shardpool_moves_in_progress``, ``shardpool_moves_total{result}`` (committed, aborted),
+``shardpool_move_pause_p50_seconds`` / ``_p99_seconds`` (over the recent moves),
+``shardpool_pinned_channels``, ``shardpool_channel_saturated{channel}`` (1 for each channel that
+keeps a core busy), ``shardpool_resize_in_progress`` and ``shardpool_resize_target_workers``.
 """
 
 from __future__ import annotations
@@ -124,6 +132,54 @@ def _worker_metrics(workers: list[dict[str, Any]]) -> Iterator[Metric]:
     yield g
 
 
+def _placement_metrics(place: dict[str, Any]) -> Iterator[Metric]:
+    moves, resize = place["moves"], place["resize"]
+    levelling = place.get("levelling") or {}
+    yield _gauge("shardpool_workers", "worker processes (changes with a resize)", place["workers"])
+    g = GaugeMetricFamily(
+        "shardpool_worker_slots", "routing slots this worker owns", labels=["worker"]
+    )
+    for i, n in enumerate(place["slots_per_worker"]):
+        g.add_metric([str(i)], n)
+    yield g
+    for key, name, doc in (
+        ("load", "load", "measured load of the slots this worker owns, in shares of a core"),
+        ("load_share", "load_share", "this worker's share of the pool's measured load (0..1)"),
+    ):
+        g = GaugeMetricFamily(f"shardpool_worker_{name}", doc, labels=["worker"])
+        for i, x in enumerate(levelling.get(key) or ()):
+            g.add_metric([str(i)], x)
+        yield g
+    yield _gauge("shardpool_moves_in_progress", "slot or channel moves under way",
+                 len(moves["in_progress"]))
+    c = CounterMetricFamily("shardpool_moves", "moves ended, by result", labels=["result"])
+    for result in ("committed", "aborted"):
+        c.add_metric([result], moves[result])
+    yield c
+    for q, key in (("p50", "pause_p50_s"), ("p99", "pause_p99_s")):
+        g = GaugeMetricFamily(
+            f"shardpool_move_pause_{q}_seconds",
+            f"{q} of how long the recent moves held their channels' messages (fence to commit)",
+        )
+        if moves.get(key) is not None:
+            g.add_metric([], moves[key])
+        yield g
+    yield _gauge("shardpool_pinned_channels", "channels pinned to a worker ahead of the slot table",
+                 len(place.get("pins") or ()))
+    g = GaugeMetricFamily(
+        "shardpool_channel_saturated",
+        "1 for a channel that keeps a whole core busy (its order forbids splitting it)",
+        labels=["channel"],
+    )
+    for cid in levelling.get("saturated") or ():
+        g.add_metric([str(cid)], 1)
+    yield g
+    yield _gauge("shardpool_resize_in_progress", "1 while the worker count is changing",
+                 1 if resize["in_progress"] else 0)
+    yield _gauge("shardpool_resize_target_workers", "the worker count the last resize aims for",
+                 resize["target"])
+
+
 def _ingress_metrics(ing: dict[str, Any]) -> Iterator[Metric]:
     for key, doc in _INGRESS_COUNTERS:
         yield _counter(f"shardpool_ingress_{key}", doc, ing[key])
@@ -163,6 +219,8 @@ class SnapshotCollector(Collector):
         yield _up(1)
         yield from _pool_metrics(snap["pool"])
         yield from _worker_metrics(snap["workers"])
+        if snap.get("placement"):
+            yield from _placement_metrics(snap["placement"])
         yield from _ingress_metrics(snap["ingress"])
         g = GaugeMetricFamily(
             "shardpool_hot_channel_messages",

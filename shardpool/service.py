@@ -8,7 +8,16 @@ control ``ping`` answering means the whole backend is ready.
 The main thread then only waits: signal handlers record the signal (and ZeroMQ-free wake-up goes
 through :func:`signal.set_wakeup_fd`), control requests that need it (drain, stop) are queued to
 it, and once a second it samples the figures that ``status`` turns into rates and re-pins workers
-that were restarted. Shutdown runs in explicit phases:
+that were restarted or added.
+
+The worker count can change while running (``shardpool resize N``, or the gunicorn convention:
+SIGTTIN one worker more, SIGTTOU one fewer, never below one; the handler records the signal, the
+main loop asks the pool for the resize without waiting for it and logs it; a refused one is
+logged, never fatal). Placement operations that take time (``move``, ``pin``, ``unpin``, a
+waited ``resize``) run on a thread each, at most :data:`MAX_OPERATIONS` at once, so the control
+thread keeps answering ``status`` meanwhile; a request that is wrong in itself (a slot, worker or
+channel id that does not exist) is answered at once with a :class:`~shardpool.control.BadRequest`
+error naming the value and what is allowed. Shutdown runs in explicit phases:
 
 1. stop intake — the demo load stops and the ingress answers every new message ``shutting_down``;
 2. drain — wait for every accepted message, within ``supervisor.stop_timeout_s`` (less the last
@@ -39,15 +48,24 @@ import psutil
 from . import __version__
 from . import protocol as P
 from .config import Config
-from .control import OPS, ControlServer, Respond
+from .control import BAD_REQUEST, OPS, BadRequest, ControlServer, Respond
 from .demo.load import DemoLoad
-from .errors import ConfigError, DrainTimeout, HandlerError, PoolBroken, ShardPoolError
+from .errors import (
+    ConfigError,
+    DrainTimeout,
+    HandlerError,
+    MoveRefused,
+    PoolBroken,
+    ShardPoolError,
+)
 from .exitcodes import EXIT_FAILURE, EXIT_OK
 from .front import stop_grace
+from .front.moves import Move
 from .ingress import Ingress, IngressSettings
 from .metrics import MetricsServer
 from .pool import ShardPool
 from .ratelog import RateLimitedLog
+from .routing import check_channel_id
 from .security import EndpointLock, check_endpoints, claim_endpoints, resolve_endpoints
 from .status import Figures
 from .wakeup import WakePipe
@@ -60,6 +78,13 @@ SAMPLE_INTERVAL_S = 1.0
 """How often the main loop samples the figures (seconds): the base of the rates status shows."""
 DRAIN_SLICE_S = 0.2
 """Longest single wait while draining (seconds): how late a signal or stop request is seen."""
+MAX_OPERATIONS = 8
+"""Placement operations (move, pin, unpin, a waited resize) in progress at once, at most; one more
+is refused with an error saying so."""
+MAX_WORKERS = 1024
+"""The most workers a resize may ask for (as ``pool.workers``)."""
+RESIZE_SIGNALS = {signal.SIGTTIN: 1, signal.SIGTTOU: -1}
+"""Signal → change of the worker count (gunicorn's convention)."""
 
 
 class Service:
@@ -94,7 +119,10 @@ class Service:
         self._demo: DemoLoad | None = None
         # Recorded by signal handlers / other threads, acted on by the main loop.
         self._signals: list[int] = []
+        self._resize_signals: collections.deque[int] = collections.deque()
         self._stop_requests = 0
+        self._operations = 0  # placement operations running on threads of their own
+        self._operations_lock = threading.Lock()
         self._requests: collections.deque[tuple[str, dict[str, Any], Respond]] = collections.deque()
         self._wakeup = WakePipe()
         self._figures = Figures()
@@ -155,7 +183,7 @@ class Service:
             "shardpool %s running: pid %d, %d workers (handler %s)",
             __version__,
             os.getpid(),
-            cfg.pool.workers,
+            self.workers(),
             cfg.pool.handler,
         )
         log.info(
@@ -210,6 +238,10 @@ class Service:
         # Only record: the main loop acts (set_wakeup_fd has already woken it).
         self._signals.append(signum)
 
+    def _on_resize_signal(self, signum: int, frame: FrameType | None) -> None:
+        # SIGTTIN / SIGTTOU: only record, as above; the main loop resizes.
+        self._resize_signals.append(signum)
+
     def request_stop(self) -> None:
         """Ask the main loop to shut down (thread-safe; a second request forces it)."""
         self._stop_requests += 1
@@ -221,6 +253,14 @@ class Service:
             respond(True, self.info())
         elif op == "status":
             respond(True, self.snapshot(timeout=float(args.get("timeout", 2.0))))
+        elif op == "placement":
+            assert self.pool is not None
+            respond(True, self.pool.placement())
+        elif op in _PLACEMENT_OPS:
+            try:
+                self._placement_op(op, args, respond)
+            except BadRequest as exc:
+                respond(False, {"error": str(exc), "code": BAD_REQUEST})
         elif op == "drain":
             self._requests.append((op, args, respond))
             self._wake()
@@ -231,14 +271,183 @@ class Service:
             # An operator's decision on a channel halted by the halt policy (the pool is
             # thread-safe, so the control thread may act directly).
             try:
-                cid = bytes.fromhex(str(args.get("channel", "")))
+                cid = _channel_arg(args)
                 getattr(self.pool, op)(cid)
+            except BadRequest as exc:
+                respond(False, {"error": str(exc), "code": BAD_REQUEST})
             except (ValueError, ShardPoolError) as exc:
                 respond(False, {"error": str(exc)})
             else:
                 respond(True, {op: cid.hex()})
         else:
             respond(False, {"error": f"unknown control op {op!r} ({', '.join(OPS)})"})
+
+    # -- placement: move, pin, unpin, resize ---------------------------------------------------
+
+    def workers(self) -> int:
+        """How many workers the pool has now (it changes with a resize)."""
+        if self.pool is None:
+            return self.config.pool.workers
+        return int(self.pool.placement()["workers"])
+
+    def _placement_op(self, op: str, args: dict[str, Any], respond: Respond) -> None:
+        """Check a placement request's arguments here on the control thread (raising
+        :class:`BadRequest`), then carry it out on a thread of its own and answer from there."""
+        assert self.pool is not None
+        pool = self.pool
+        if self.state in ("stopping", "stopped"):
+            respond(False, {"error": f"{op}: the backend is shutting down"})
+            return
+        timeout = _timeout_arg(args)
+        if op == "move":
+            slots = self._slots_arg(args)
+            worker = self._worker_arg(args)
+            what = f"move {_slot_list(slots)} to worker {worker}"
+            self._run_operation(
+                what, lambda: _move_reply(pool.move_slots(slots, worker, timeout=timeout)), respond
+            )
+        elif op == "pin":
+            cid = _channel_arg(args)
+            target = None if args.get("worker") is None else self._worker_arg(args)
+            what = f"pin channel {cid.hex()}" + ("" if target is None else f" to worker {target}")
+            self._run_operation(
+                what, lambda: self._pin_reply(cid, pool.pin(cid, target, timeout=timeout)), respond
+            )
+        elif op == "unpin":
+            cid = _channel_arg(args)
+            self._run_operation(
+                f"unpin channel {cid.hex()}",
+                lambda: self._pin_reply(cid, pool.unpin(cid, timeout=timeout)),
+                respond,
+            )
+        else:
+            workers = self._count_arg(args)
+            if args.get("wait", True) is False:
+                try:
+                    pool.resize(workers, wait=False)
+                except MoveRefused as exc:
+                    respond(False, {"error": _resize_error(workers, exc)})
+                else:
+                    log.info("resize to %d workers requested (control socket)", workers)
+                    respond(True, {"started": True, **self._resize_reply(workers)})
+                return
+            self._run_operation(
+                f"resize to {workers} workers",
+                lambda: self._resize(workers, timeout),
+                respond,
+            )
+
+    def _run_operation(self, what: str, work: Callable[[], Any], respond: Respond) -> None:
+        """Run ``work`` on a daemon thread of its own and answer with what it returns, or with an
+        error naming ``what`` failed and why. Refused when :data:`MAX_OPERATIONS` run already."""
+        with self._operations_lock:
+            if self._operations >= MAX_OPERATIONS:
+                respond(False, {"error": f"{what}: {self._operations} placement operations are "
+                                         "in progress already; try again once one has ended"})
+                return
+            self._operations += 1
+
+        def run() -> None:
+            try:
+                result = work()
+            except MoveRefused as exc:
+                text = str(exc)
+                respond(False, {"error": text if text.startswith(what) else f"{what}: {text}"})
+            except ShardPoolError as exc:  # ChannelIdError, PoolBroken, PoolClosed ...
+                respond(False, {"error": f"{what}: {exc}"})
+            except Exception as exc:  # noqa: BLE001 - the asking client must get an answer
+                log.exception("%s failed", what)
+                respond(False, {"error": f"{what} failed: {exc!r}"})
+            else:
+                respond(True, result)
+            finally:
+                with self._operations_lock:
+                    self._operations -= 1
+
+        log.info("%s (control socket)", what)
+        threading.Thread(target=run, name="shardpool-placement-op", daemon=True).start()
+
+    def _resize(self, workers: int, timeout: float | None) -> dict[str, Any]:
+        """A waited resize (operation thread): ``done`` false when ``timeout`` passed first."""
+        assert self.pool is not None
+        t0 = time.monotonic()
+        try:
+            self.pool.resize(workers, timeout=timeout, wait=True)
+        except DrainTimeout:
+            return {"done": False, **self._resize_reply(workers), "seconds": time.monotonic() - t0}
+        except MoveRefused as exc:
+            raise MoveRefused(_resize_error(workers, exc)) from exc
+        return {"done": True, **self._resize_reply(workers), "seconds": time.monotonic() - t0}
+
+    def _resize_reply(self, workers: int) -> dict[str, Any]:
+        assert self.pool is not None
+        place = self.pool.placement()
+        return {"target": workers, "workers": place["workers"], "resize": place["resize"]}
+
+    def _pin_reply(self, cid: bytes, move: Move | None) -> dict[str, Any]:
+        assert self.pool is not None
+        if move is not None:
+            return {"channel": cid.hex(), "worker": move.dst, "moved": True, **_move_reply(move)}
+        return {"channel": cid.hex(), "worker": self.pool.worker_of(cid), "moved": False}
+
+    def _worker_arg(self, args: dict[str, Any]) -> int:
+        worker = _int_arg(args, "worker")
+        n = self.workers()
+        if not 0 <= worker < n:
+            raise BadRequest(
+                f"no worker {worker}: the pool has {n} worker{'s' if n != 1 else ''} "
+                f"(0..{n - 1})"
+            )
+        return worker
+
+    def _slots_arg(self, args: dict[str, Any]) -> list[int]:
+        raw = args.get("slots")
+        values = raw if isinstance(raw, list) else [raw]
+        if not values:
+            raise BadRequest("slots: name at least one slot")
+        total = self.config.pool.slots
+        slots: list[int] = []
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise BadRequest(f"slot must be an integer, got {value!r}")
+            if not 0 <= value < total:
+                raise BadRequest(
+                    f"no slot {value}: the pool has {total} slots (0..{total - 1}, pool.slots)"
+                )
+            if value not in slots:
+                slots.append(value)
+        return slots
+
+    def _count_arg(self, args: dict[str, Any]) -> int:
+        workers = _int_arg(args, "workers")
+        most = min(MAX_WORKERS, self.config.pool.slots)
+        if not 1 <= workers <= most:
+            why = "" if most == MAX_WORKERS else f" (pool.slots = {most}: a worker needs a slot)"
+            raise BadRequest(f"workers must be from 1 to {most}{why}, got {workers}")
+        return workers
+
+    def _resize_by_signal(self, signum: int) -> None:
+        """SIGTTIN / SIGTTOU (main loop): one worker more or fewer than the count the pool is
+        heading for, never below 1; the resize goes on without this loop waiting for it."""
+        assert self.pool is not None
+        name = signal.Signals(signum).name
+        place = self.pool.placement()
+        resize = place["resize"]
+        current = int(resize["target"] if resize["in_progress"] else place["workers"])
+        target = current + RESIZE_SIGNALS[signal.Signals(signum)]
+        most = min(MAX_WORKERS, self.config.pool.slots)
+        if not 1 <= target <= most:
+            log.warning(
+                "%s: not resizing: %d workers now, and %d is the %s", name, current,
+                1 if target < 1 else most, "fewest" if target < 1 else "most"
+            )
+            return
+        try:
+            self.pool.resize(target, wait=False)
+        except ShardPoolError as exc:  # MoveRefused: not running, ...
+            log.warning("%s: resize from %d to %d workers refused: %s", name, current, target, exc)
+        else:
+            log.info("%s: resizing from %d to %d workers", name, current, target)
 
     # -- main loop ---------------------------------------------------------------------------
 
@@ -250,6 +459,8 @@ class Service:
         if install_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 restore.append((sig, signal.signal(sig, self._on_signal)))
+            for sig in RESIZE_SIGNALS:
+                restore.append((sig, signal.signal(sig, self._on_resize_signal)))
             old_fd = signal.set_wakeup_fd(self._wakeup.write_fd, warn_on_full_buffer=False)
         try:
             reason = self._wait_for_stop()
@@ -296,6 +507,8 @@ class Service:
                 op, args, respond = self._requests.popleft()
                 if op == "drain":
                     self._drain_request(args, respond)
+            while self._resize_signals:
+                self._resize_by_signal(self._resize_signals.popleft())
             now = time.monotonic()
             if now >= next_tick:
                 self._tick()
@@ -430,7 +643,7 @@ class Service:
             "control": self.control_endpoint,
             "metrics": self.metrics_url,
             "config": self.config.source,
-            "workers": self.config.pool.workers,
+            "workers": self.workers(),
         }
 
     def snapshot(self, timeout: float = 2.0) -> dict[str, Any]:
@@ -449,6 +662,71 @@ class Service:
             self.ingress.stats(),
             self._demo.stats() if self._demo is not None else None,
         )
+
+
+_PLACEMENT_OPS = ("move", "pin", "unpin", "resize")
+
+
+def _int_arg(args: dict[str, Any], key: str) -> int:
+    value = args.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{key} must be an integer, got {value!r}")
+    return value
+
+
+def _timeout_arg(args: dict[str, Any]) -> float | None:
+    value = args.get("timeout")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise BadRequest(f"timeout must be a number of seconds above 0, got {value!r}")
+    return float(value)
+
+
+def _channel_arg(args: dict[str, Any]) -> bytes:
+    """The channel id of ``args["channel"]`` (hex).
+
+    Raises:
+        BadRequest: not a string, not hex, empty or too long.
+    """
+    text = args.get("channel")
+    if not isinstance(text, str):
+        raise BadRequest(f"channel must be a channel id in hex, got {text!r}")
+    try:
+        cid = bytes.fromhex(text)
+    except ValueError:
+        raise BadRequest(
+            f"channel {text!r} is not hex: give the channel id in hex, as status shows it"
+        ) from None
+    try:
+        return check_channel_id(cid)
+    except ShardPoolError as exc:  # ChannelIdError
+        raise BadRequest(f"channel {text!r}: {exc}") from None
+
+
+def _slot_list(slots: list[int]) -> str:
+    shown = ", ".join(map(str, slots[:8])) + (", …" if len(slots) > 8 else "")
+    return f"slot {shown}" if len(slots) == 1 else f"{len(slots)} slots ({shown})"
+
+
+def _resize_error(workers: int, exc: MoveRefused) -> str:
+    text = str(exc)
+    return text if text.startswith("resize to") else f"resize to {workers} workers: {text}"
+
+
+def _move_reply(move: Move) -> dict[str, Any]:
+    """What the control socket answers for a move (committed, or still under way)."""
+    return {
+        "gen": move.gen,
+        "slots": list(move.slots),
+        "channels": [cid.hex() for cid in move.cids],
+        "src": move.src,
+        "dst": move.dst,
+        "reason": move.reason,
+        "state": move.state,
+        "pause_s": move.pause_s,
+        "held": move.held,
+    }
 
 
 class _DrainOutcome(NamedTuple):

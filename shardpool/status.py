@@ -4,24 +4,30 @@
 The snapshot is what the control op ``status`` answers and what the Prometheus endpoint reads:
 plain values, channel ids in hex, rates computed against an earlier sample. Rendering is pure: no
 terminal control codes, no I/O; the CLI redraws it in place.
+
+The worker count changes with a resize, and a worker's counters start again from 0 when it is
+restarted: the order-violation totals keep what each worker incarnation that is gone had counted
+when last sampled, so a resize or a restart never makes a violation disappear from them.
 """
 
 from __future__ import annotations
 
 import collections
 import heapq
-import shutil
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-__all__ = ["HALTED_SHOWN", "HOT_TOP_K", "Figures", "render_status"]
+__all__ = ["HALTED_SHOWN", "HOT_TOP_K", "PLACEMENT_SHOWN", "Figures", "render_status"]
 
 HALTED_SHOWN = 10
 """Halted channels listed in the table (``--json`` has all of them)."""
 HOT_TOP_K = 10
 """Hottest channels in a snapshot."""
+PLACEMENT_SHOWN = 8
+"""Moves in progress, plan steps, pins and saturated channels listed in the table, each (``--json``
+has all of them)."""
 RATE_MIN_AGE_S = 0.5
 """Rates are computed against a sample at least this old (seconds)."""
 ORDER_COUNTERS = ("gaps", "duplicates", "reorders")
@@ -33,7 +39,19 @@ class _Sample(NamedTuple):
     at: float  # time.monotonic() seconds
     acknowledged: int
     accepted: int
-    workers: dict[int, tuple[int, int]]  # index -> (epoch, processed)
+    workers: dict[int, tuple[int, int | None, int]]  # index -> (epoch, pid, processed)
+
+
+class _Incarnation(NamedTuple):
+    epoch: int
+    pid: int | None
+    order: dict[str, int]  # its order counters when last seen
+
+
+def _same(a: tuple[int, int | None], b: tuple[int, int | None]) -> bool:
+    """The same worker incarnation: same epoch, and the same pid where both are known (a worker
+    removed by a resize and a new one at its index both start at epoch 1)."""
+    return a[0] == b[0] and (a[1] is None or b[1] is None or a[1] == b[1])
 
 
 class Figures:
@@ -48,6 +66,8 @@ class Figures:
         self._samples: collections.deque[_Sample] = collections.deque(maxlen=keep)
         self._lock = threading.Lock()
         self._clock = clock
+        self._seen: dict[int, _Incarnation] = {}  # worker index -> its incarnation last seen
+        self._departed = dict.fromkeys(ORDER_COUNTERS, 0)  # incarnations gone since
 
     def snapshot(
         self,
@@ -67,13 +87,20 @@ class Figures:
 
         Returns keys ``service``, ``pool`` (front counters; ``halted`` lists every halted or
         quarantined channel: hex id, seq, since, error), ``workers`` (per-worker figures +
-        ``processed_per_s``), ``order`` (summed gaps/duplicates/reorders), ``hot_channels``
-        (``[hex id, messages, worker]``, top :data:`HOT_TOP_K`), ``ingress``, ``rates``
-        (``processed_per_s``, ``ingress_per_s``) and ``demo_load``.
+        ``processed_per_s``, and from the placement ``slots``, ``load`` (share of a core) and
+        ``load_share`` (of the pool's measured load)), ``order`` (gaps/duplicates/reorders summed
+        over the workers, and over the worker incarnations gone since the first snapshot, as
+        last seen), ``hot_channels`` (``[hex id, messages, worker]``, top :data:`HOT_TOP_K`),
+        ``placement`` (:meth:`ShardPool.placement`, taken out of ``pool``; None if the pool
+        gave none), ``ingress``, ``rates`` (``processed_per_s``, ``ingress_per_s``) and
+        ``demo_load``.
         """
         for halt in pool["halted"]:
             halt["channel"] = bytes(halt["channel"]).hex()
         workers: list[dict[str, Any]] = pool.pop("workers")
+        placement: dict[str, Any] | None = pool.pop("placement", None)
+        if placement is not None:
+            _place_workers(workers, placement)
         hot = [
             (count, bytes(cid).hex(), w["index"])
             for w in workers
@@ -83,12 +110,34 @@ class Figures:
             "service": service,
             "pool": pool,
             "workers": workers,
-            "order": {k: sum(int(w.get(k, 0)) for w in workers) for k in ORDER_COUNTERS},
+            "order": self._order(workers),
             "hot_channels": [[cid, n, w] for n, cid, w in heapq.nlargest(HOT_TOP_K, hot)],
+            "placement": placement,
             "ingress": ingress,
             "rates": self._rates(pool["acknowledged"], ingress["accepted"], workers),
             "demo_load": demo_load,
         }
+
+    def _order(self, workers: list[dict[str, Any]]) -> dict[str, int]:
+        """Order-violation totals: the workers' counters plus those of every incarnation seen
+        before and gone since (removed by a resize, or restarted)."""
+        now = {
+            w["index"]: _Incarnation(
+                int(w.get("epoch", 0)),
+                w.get("pid"),
+                {k: int(w.get(k, 0)) for k in ORDER_COUNTERS},
+            )
+            for w in workers
+        }
+        with self._lock:
+            for index, old in self._seen.items():
+                new = now.get(index)
+                if new is None or not _same(old[:2], new[:2]):
+                    for k in ORDER_COUNTERS:
+                        self._departed[k] += old.order[k]
+            self._seen = now
+            departed = dict(self._departed)
+        return {k: departed[k] + sum(inc.order[k] for inc in now.values()) for k in ORDER_COUNTERS}
 
     def _rates(
         self, acknowledged: int, accepted: int, workers: list[dict[str, Any]]
@@ -97,7 +146,9 @@ class Figures:
         worker's ``processed_per_s`` (counted from 0 for a worker restarted since: a new epoch).
         Records this sample."""
         now = self._clock()
-        current = {w["index"]: (w.get("epoch", 0), w.get("processed", 0)) for w in workers}
+        current = {
+            w["index"]: (w.get("epoch", 0), w.get("pid"), w.get("processed", 0)) for w in workers
+        }
         rates = {"processed_per_s": 0.0, "ingress_per_s": 0.0}
         prev = self._sample_before(now - RATE_MIN_AGE_S)
         for w in workers:
@@ -107,9 +158,9 @@ class Figures:
             rates["processed_per_s"] = max(0.0, (acknowledged - prev.acknowledged) / dt)
             rates["ingress_per_s"] = max(0.0, (accepted - prev.accepted) / dt)
             for w in workers:
-                epoch, processed = current[w["index"]]
+                epoch, pid, processed = current[w["index"]]
                 old = prev.workers.get(w["index"])
-                base = old[1] if old is not None and old[0] == epoch else 0
+                base = old[2] if old is not None and _same(old[:2], (epoch, pid)) else 0
                 w["processed_per_s"] = max(0.0, (processed - base) / dt)
         with self._lock:
             self._samples.append(_Sample(now, acknowledged, accepted, current))
@@ -121,6 +172,19 @@ class Figures:
                 if sample.at <= t:
                     return sample
         return None
+
+
+def _place_workers(workers: list[dict[str, Any]], placement: dict[str, Any]) -> None:
+    """Each worker's ``slots``, ``load`` and ``load_share`` from the placement (by index)."""
+    slots = placement.get("slots_per_worker") or []
+    levelling = placement.get("levelling") or {}
+    load = levelling.get("load") or []
+    share = levelling.get("load_share") or []
+    for w in workers:
+        i = w["index"]
+        w["slots"] = slots[i] if i < len(slots) else 0
+        w["load"] = load[i] if i < len(load) else None
+        w["load_share"] = share[i] if i < len(share) else None
 
 
 def _si(n: float) -> str:
@@ -187,16 +251,20 @@ def _dash_or(value: float | None, fmt: str) -> str:
 def _worker_table(workers: list[dict[str, Any]]) -> list[str]:
     """The per-worker table, heading first."""
     lines = [
-        f"{'W':>2} {'PID':>7} {'STATE':<8} {'EPOCH':>5} {'RST':>3} {'CHANNELS':>8} {'QUEUED':>7} "
+        f"{'W':>2} {'PID':>7} {'STATE':<8} {'EPOCH':>5} {'RST':>3} {'SLOTS':>5} {'LOAD%':>5} "
+        f"{'CHANNELS':>8} {'QUEUED':>7} "
         f"{'INFLIGHT':>8} {'PROC/S':>7} {'PROCESSED':>10} {'FAILED':>6} {'REDELIV':>7} "
         f"{'LAG ms':>7} {'CPU%':>6} {'RSS MB':>7}"
     ]
     for w in workers:
         rss = w.get("rss_bytes")
         lag = w.get("loop_lag_s")
+        share = w.get("load_share")
         lines.append(
             f"{w['index']:>2} {w.get('pid') or '-':>7} {w['state']:<8} {w['epoch']:>5} "
-            f"{w['restarts']:>3} {w.get('channels', 0):>8} {w.get('queued', 0):>7} "
+            f"{w['restarts']:>3} {w.get('slots', '-'):>5} "
+            f"{_dash_or(None if share is None else share * 100, '.1f'):>5} "
+            f"{w.get('channels', 0):>8} {w.get('queued', 0):>7} "
             f"{w['inflight']:>8} {_si(w.get('processed_per_s', 0.0)):>7} "
             f"{w.get('processed', 0):>10} {w.get('failed', 0):>6} {w.get('redelivered', 0):>7} "
             f"{_dash_or(None if lag is None else lag * 1000, '.1f'):>7} "
@@ -221,26 +289,108 @@ def _halted(halted: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _short(cid: str) -> str:
+    return cid if len(cid) <= 16 else cid[:16] + "…"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def _more(items: list[Any], what: str) -> list[str]:
+    extra = len(items) - PLACEMENT_SHOWN
+    return [f"  … {extra} more {what} (shardpool status --json)"] if extra > 0 else []
+
+
+def _placement(place: dict[str, Any] | None) -> list[str]:
+    """Slots, moves, the resize, the levelling plan, pins and saturated channels."""
+    if not place:
+        return []
+    moves, resize = place["moves"], place["resize"]
+    levelling = place.get("levelling") or {}
+    pins: dict[str, int] = place.get("pins") or {}
+    lines = [
+        "",
+        f"placement: {sum(place['slots_per_worker'])} slots on {place['workers']} workers  "
+        f"pinned channels {len(pins)}  levelling {levelling.get('mode', '-')}  "
+        f"moves committed {moves['committed']}  aborted {moves['aborted']}  "
+        f"pause p50 {_ms(moves['pause_p50_s'])}  p99 {_ms(moves['pause_p99_s'])}",
+    ]
+    if resize["in_progress"]:
+        retiring = resize["retiring"]
+        lines.append(
+            f"resize:    to {resize['target']} workers in progress"
+            + (f" (retiring {', '.join(map(str, retiring))})" if retiring else "")
+        )
+    elif resize.get("error"):
+        lines.append(f"resize:    called off: {resize['error']}")
+    under_way = moves["in_progress"]
+    if under_way:
+        lines.append(f"moves in progress ({len(under_way)}):")
+        for m in under_way[:PLACEMENT_SHOWN]:
+            what = (
+                f"{len(m['slots'])} slot{'s' if len(m['slots']) != 1 else ''}"
+                if m["slots"]
+                else f"channel {_short(m['channels'][0])}"
+            )
+            lines.append(
+                f"  move {m['gen']}  {what}  worker {m['src']} → {m['dst']}  {m['reason']}  "
+                f"{m['state']}  age {m['age_s']:.1f} s  held {m['held']}"
+            )
+        lines += _more(under_way, "moves")
+    plan = levelling.get("plan") or []
+    if plan:
+        how = "shown, not carried out" if levelling.get("mode") == "advise" else "carried out"
+        lines.append(f"levelling plan ({levelling.get('mode')}: {how}):")
+        for step in plan[:PLACEMENT_SHOWN]:
+            what = (
+                f"move {len(step.get('slots') or [])} slot(s)"
+                if step["kind"] == "move"
+                else f"{step['kind']} channel {_short(str(step.get('channel')))}"
+            )
+            lines.append(
+                f"  {what}  worker {step['src']} → {step['dst']}  load {step['load']:.3f}"
+            )
+        lines += _more(plan, "steps")
+    dedicated = {str(c): int(w) for w, c in (levelling.get("dedicated") or {}).items()}
+    if pins:
+        lines.append(f"pinned channels ({len(pins)}; shardpool unpin CHANNEL):")
+        for cid, w in list(pins.items())[:PLACEMENT_SHOWN]:
+            lines.append(
+                f"  {_short(cid):<17}  worker {w}"
+                + ("  (dedicated worker)" if dedicated.get(cid) == w else "")
+            )
+        lines += _more(list(pins), "pins")
+    saturated = levelling.get("saturated") or []
+    if saturated:
+        lines.append(
+            f"saturated channels ({len(saturated)}; each keeps a core busy: order forbids "
+            "splitting one):"
+        )
+        lines += [f"  {_short(cid)}" for cid in saturated[:PLACEMENT_SHOWN]]
+        lines += _more(saturated, "saturated channels")
+    return lines
+
+
 def _hottest(hot: list[list[Any]]) -> list[str]:
     """The hottest channels: ``[hex id, messages, worker]`` each."""
     if not hot:
         return []
     lines = ["", f"hottest channels (top {len(hot)}, messages since worker start):"]
     for cid, count, worker in hot:
-        short = cid if len(cid) <= 16 else cid[:16] + "…"
-        lines.append(f"  {short:<17}  {count:>9}  worker {worker}")
+        lines.append(f"  {_short(cid):<17}  {count:>9}  worker {worker}")
     return lines
 
 
 def render_status(snap: Snapshot, width: int | None = None) -> str:
     """The ``shardpool status`` table for one snapshot, as text, each line cut at ``width``
-    columns (default: the terminal's width, else 120)."""
-    width = width or shutil.get_terminal_size((120, 40)).columns
+    columns (None: whole lines, as for a pipe or a file)."""
     lines = [
         *_summary(snap),
         "",
         *_worker_table(snap["workers"]),
+        *_placement(snap.get("placement")),
         *_halted(snap["pool"].get("halted") or []),
         *_hottest(snap.get("hot_channels") or []),
     ]
-    return "\n".join(line[:width] for line in lines)
+    return "\n".join(lines if width is None else (line[:width] for line in lines))

@@ -34,16 +34,18 @@ class Backend:
 
 
 @contextlib.contextmanager
-def backend_process(tmp_path: Path, sections: dict[str, dict[str, Any]]) -> Iterator[Backend]:
-    """Start ``shardpool run -c <config>``, wait for the control socket's answer (the readiness
-    handshake, 60 s at most), and on exit make sure the backend and every worker it ever had
-    are gone, whatever happened (printing the end of its log)."""
+def backend_process(
+    tmp_path: Path, sections: dict[str, dict[str, Any]], args: tuple[str, ...] = ()
+) -> Iterator[Backend]:
+    """Start ``shardpool run -c <config> [args]``, wait for the control socket's answer (the
+    readiness handshake, 60 s at most), and on exit make sure the backend and every worker it
+    ever had are gone, whatever happened (printing the end of its log)."""
     cfg = tmp_path / "backend.toml"
     cfg.write_text(toml_config(sections))
     log_path = tmp_path / "backend.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "shardpool", "run", "-c", str(cfg)],
+            [sys.executable, "-m", "shardpool", "run", "-c", str(cfg), *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=subprocess_env(),
