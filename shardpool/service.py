@@ -716,17 +716,7 @@ def _resize_error(workers: int, exc: MoveRefused) -> str:
 
 def _move_reply(move: Move) -> dict[str, Any]:
     """What the control socket answers for a move (committed, or still under way)."""
-    return {
-        "gen": move.gen,
-        "slots": list(move.slots),
-        "channels": [cid.hex() for cid in move.cids],
-        "src": move.src,
-        "dst": move.dst,
-        "reason": move.reason,
-        "state": move.state,
-        "pause_s": move.pause_s,
-        "held": move.held,
-    }
+    return move.report(time.monotonic())
 
 
 class _DrainOutcome(NamedTuple):

@@ -33,6 +33,17 @@ class Backend:
         self.proc.wait(10)
 
 
+def cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``python -m shardpool ARGS`` in a subprocess (deadline ``timeout`` s), output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "shardpool", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=subprocess_env(),
+    )
+
+
 @contextlib.contextmanager
 def backend_process(
     tmp_path: Path, sections: dict[str, dict[str, Any]], args: tuple[str, ...] = ()

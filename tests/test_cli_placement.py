@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -16,7 +14,7 @@ from typing import Any
 
 import backend_tools
 import pytest
-from service_handlers import backend_sections, in_process_backend, subprocess_env
+from service_handlers import backend_sections, in_process_backend
 
 from shardpool.cli import main
 from shardpool.client import Client
@@ -27,16 +25,6 @@ from shardpool.routing import slot_of
 from shardpool.status import Figures, render_status
 
 Snapshot = dict[str, Any]
-
-
-def _cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "shardpool", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=subprocess_env(),
-    )
 
 
 def _wait(ctl: ControlClient, op: str, cond: Callable[[Snapshot], bool], timeout: float) -> Any:
@@ -527,7 +515,7 @@ def test_resize_2_3_1_2_under_demo_load_keeps_every_channel_in_order(tmp_path: P
         replies = _wait(ctl, "status", lambda s: s["demo_load"]["replies"] >= 1000, 60.0)
         for n in (3, 1, 2):
             seen = replies["demo_load"]["replies"]
-            out = _cli("resize", str(n), "-c", cfg, "--timeout", "30")
+            out = backend_tools.cli("resize", str(n), "-c", cfg, "--timeout", "30")
             assert out.returncode == 0, (out.stdout, out.stderr)
             assert f"resized to {n} workers" in out.stdout
             # Traffic goes on at the new size before the next step.
@@ -535,7 +523,7 @@ def test_resize_2_3_1_2_under_demo_load_keeps_every_channel_in_order(tmp_path: P
                 ctl, "status", lambda s, seen=seen: s["demo_load"]["replies"] >= seen + 1000, 60.0
             )
             assert len(replies["workers"]) == n
-        out = _cli("status", "--json", "-c", cfg)
+        out = backend_tools.cli("status", "--json", "-c", cfg)
         assert out.returncode == 0, out.stderr
         snap = json.loads(out.stdout)
     demo = snap["demo_load"]

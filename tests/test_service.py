@@ -30,16 +30,6 @@ pytestmark = pytest.mark.multiprocess
 _env = subprocess_env
 
 
-def _cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "shardpool", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=_env(),
-    )
-
-
 @contextlib.contextmanager
 def backend_process(
     tmp_path: Path, sections: dict[str, dict[str, Any]]
@@ -50,7 +40,7 @@ def backend_process(
 
 
 def _status(cfg: Path) -> dict[str, Any]:
-    out = _cli("status", "--json", "-c", str(cfg))
+    out = backend_tools.cli("status", "--json", "-c", str(cfg))
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -134,7 +124,7 @@ def test_drain_then_stop_through_the_control_socket(tmp_path: Path) -> None:
             for i in range(200):
                 client.send(b"c%d" % (i % 7), {"p": 0, "i": i // 7})
             client.wait(20.0)
-            out = _cli("drain", "-c", str(cfg), "--timeout", "20")
+            out = backend_tools.cli("drain", "-c", str(cfg), "--timeout", "20")
             assert out.returncode == 0, out.stderr
             assert "drained" in out.stdout
             with pytest.raises(Exception) as exc:
@@ -144,7 +134,7 @@ def test_drain_then_stop_through_the_control_socket(tmp_path: Path) -> None:
         assert snap["service"]["state"] == "drained"
         assert snap["ingress"]["accepting"] is False
         assert snap["pool"]["acknowledged"] == 200
-        out = _cli("stop", "-c", str(cfg), "--timeout", "30")
+        out = backend_tools.cli("stop", "-c", str(cfg), "--timeout", "30")
         assert out.returncode == 0, out.stderr
         assert proc.wait(timeout=30) == 0
 
@@ -292,7 +282,7 @@ def test_operator_skips_a_halted_channel_through_the_control_socket(tmp_path: Pa
         _wait_status(ctl, lambda s: s["pool"]["halted_channels"] == 1)
         with pytest.raises(Exception, match="not halted"):
             ctl.request("resume", {"channel": b"chan-o".hex()})
-        out = _cli("skip", b"chan-h".hex(), "--endpoint", svc.control_endpoint)
+        out = backend_tools.cli("skip", b"chan-h".hex(), "--endpoint", svc.control_endpoint)
         assert out.returncode == 0, out.stderr
         replies = {r.corr: r for r in client.results(timeout=20.0)}
     finals = {c: r for c, r in replies.items() if r.status != "halted"}
@@ -331,7 +321,7 @@ def test_quarantined_channel_shows_in_status_log_and_metrics(
         assert "QUARANTINED" in table and b"chan-p".hex() in table
         with urllib.request.urlopen(svc.metrics_url, timeout=10) as resp:
             assert "shardpool_quarantined_total 1.0" in resp.read().decode()
-        out = _cli("skip", b"chan-p".hex(), "--endpoint", svc.control_endpoint)
+        out = backend_tools.cli("skip", b"chan-p".hex(), "--endpoint", svc.control_endpoint)
         assert out.returncode == 0, out.stderr
         replies = list(client.results(timeout=30.0))
     by_corr: dict[int, list[Any]] = {}

@@ -91,6 +91,8 @@ class Move:
         return f"move {self.gen} ({what}, worker {self.src} → {self.dst}, {self.reason})"
 
     def report(self, now: float) -> dict[str, Any]:
+        """What placement and the control socket show of it: ``age_s`` is the time since the
+        fence, ``pause_s`` from the fence to the commit (None before), both in seconds."""
         return {
             "gen": self.gen,
             "slots": list(self.slots),
@@ -101,6 +103,7 @@ class Move:
             "state": self.state,
             "age_s": now - self.started,
             "held": self.held,
+            "pause_s": self.pause_s,
         }
 
 
