@@ -356,3 +356,50 @@ def spin(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
     while time.thread_time() < end:
         pass
     return counter(channel, seq, message, redelivered)
+
+
+class Journal:
+    """The handler of the model test (``tests/test_moves_model.py``): each channel's ledger of
+    applied messages, ``[[seq, redelivered], ...]``, lives in ``channel.state`` (CBOR: it moves
+    with its slot) and is returned with each message as ``[seq, ledger]``. Every call is also
+    journalled to ``<dir>/journal``, one file shared by all workers, with one ``os.write`` each
+    (O_APPEND: the lines of all processes stay whole and in the order written, and a SIGKILL
+    right after keeps them): ``A`` (applied) or ``F`` (refused), channel, seq, the producer's
+    index ``message["i"]``, redelivered and the worker's pid.
+
+    ``message["fail"]``: refuse (raise) until the file ``<dir>/fix-<channel hex>-<seq>`` exists
+    (the operator's fix before a resume). ``message["ms"]``: first sleep that long (a slow call);
+    ``message["hold_ms"]``: sleep that long after applying it, unless redelivered (applied, not
+    yet acknowledged: a worker killed then leaves it to its successor).
+    """
+
+    def __init__(self, dir: str) -> None:
+        self.dir = dir
+        self.fd = -1
+        self.pid = 0
+
+    def setup(self, worker_index: int) -> None:
+        self.fd = os.open(
+            os.path.join(self.dir, "journal"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
+        )
+        self.pid = os.getpid()
+
+    def teardown(self) -> None:
+        os.close(self.fd)
+
+    def handle(self, channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+        key = channel.id.hex()
+        line = f"{key} {seq} {message['i']} {int(redelivered)} {self.pid}\n"
+        if message.get("ms"):
+            time.sleep(message["ms"] / 1000.0)  # sleep-ok - the handler's own work, in a worker
+        if message.get("fail") and not os.path.exists(
+            os.path.join(self.dir, f"fix-{key}-{seq}")
+        ):
+            os.write(self.fd, f"F {line}".encode())
+            raise ValueError(f"refusing seq {seq} until it is fixed")
+        ledger = [*(channel.state or []), [seq, redelivered]]
+        channel.state = ledger
+        os.write(self.fd, f"A {line}".encode())
+        if message.get("hold_ms") and not redelivered:
+            time.sleep(message["hold_ms"] / 1000.0)  # sleep-ok - the handler's own work
+        return [seq, ledger]
