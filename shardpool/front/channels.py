@@ -67,6 +67,9 @@ class Channels:
         self.pins: dict[bytes, int] = {}  # channel → the worker it is pinned to
         self.moving: dict[int, Move] = {}  # slot → the move it is part of
         self.halts: dict[bytes, Halt] = {}
+        # Operator skips sent to a worker and not yet acknowledged by it: channel → the skipped
+        # seq. If that worker dies first, the front settles the skip (FrontIO.settle_skips).
+        self.skipping: dict[bytes, int] = {}
         # (cid, cseq) → deaths of a worker with this message in its handler (careful replays)
         self.suspects: dict[tuple[bytes, int], int] = {}
         self.forgotten = 0  # records dropped

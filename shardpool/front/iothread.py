@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from .. import codec
-from ..codec import FINAL_ACTIONS, ToFront
+from ..codec import FINAL_ACTIONS, Action, ToFront
 from ..errors import HandlerError, PoolBroken, RemoteTraceback, WorkerStartError
 from ..exitcodes import EXIT_OK
 from ..supervisor import (
@@ -403,6 +403,8 @@ class FrontIO:
                 traceback=tb,
             )
             f.counters["failures"] += 1
+            if action == Action.SKIPPED:
+                f.channels.skipping.pop(cid, None)
             if action in FINAL_ACTIONS:
                 waiter = win.finish_one(batch, wseq)
                 n += 1
@@ -435,6 +437,21 @@ class FrontIO:
             link.died_at = 0.0
         f.cv.notify_all()
 
+    def settle_skips(self, link: Link, outcomes: list[Outcome]) -> None:
+        """Settle here the operator's skips that ``link``'s worker did not act on (it is down,
+        or died with the skip unread), as that worker would have: otherwise the replay would
+        run the skipped message again (lock held)."""
+        skipping = self.front.channels.skipping
+        if not skipping:
+            return
+        skipped = [
+            codec.operator_skip(w)
+            for w, (cid, cseq, _) in link.window.open_entries()
+            if skipping.get(cid) == cseq
+        ]
+        if skipped:
+            self.on_ack(link, [], [], skipped, outcomes)
+
     def _on_death(self, index: int, outcomes: list[Outcome]) -> None:
         """A worker process ended (lock held): settle what it held, count the death against the
         message a careful replay was running, and act on the supervisor's decision."""
@@ -446,6 +463,7 @@ class FrontIO:
         link.disconnect()
         stopping = f.sup.workers[index].state is WorkerState.STOPPING
         link.window.worker_died(taken, link.said_bye, stopping and link.stop_running is not None)
+        self.settle_skips(link, outcomes)
         f.mover.on_death(index)  # (after the window is settled: held messages follow it, fresh)
         key = None if link.said_bye or running == NO_MESSAGE else link.window.message(running)
         n = f.channels.count_death(link.window, key)

@@ -9,7 +9,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from .. import codec
 from ..codec import ToWorker
 from ..errors import MoveRefused
 from ..routing import check_channel_id
@@ -47,14 +46,13 @@ def control(front: Front, channel_id: bytes, op: str) -> None:
         link = front.links[win.index]
         if win.parts:
             link.flush()
+        if op == "skip":
+            # Until the worker acknowledges the skip, the front remembers it: if the worker is
+            # down, or dies before it has read it, the front settles the message itself, so
+            # the replay does not run it again (a resume needs nothing: the replay runs it).
+            front.channels.skipping[cid] = halt.seq
         if not link.send(ToWorker.CONTROL, op, cid) and op == "skip":
-            # The worker is being restarted: the replay will not re-halt the channel, so
-            # settle the failed message here instead (a resume needs nothing: the replay
-            # runs it).
-            for w, item in win.open_entries():
-                if item[0] == cid and item[1] == halt.seq:
-                    front.io.on_ack(link, [], [], [codec.operator_skip(w)], outcomes)
-                    break
+            front.io.settle_skips(link, outcomes)
         win.count_parked(front.channels.is_halted)
         if route.move is None:  # (a moving channel's messages stay held until the move ends)
             held, route.held = route.held or [], None
