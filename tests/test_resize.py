@@ -4,6 +4,7 @@ channel processed once and in order, handler state exact, halted and pinned chan
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import handlers
@@ -42,7 +43,11 @@ class Background:
 
 
 def test_resize_2_3_1_2_under_load_keeps_order_and_state() -> None:
-    with ShardPool(handlers.counter, workers=2, heartbeat_interval_s=0.1) as pool:
+    # No LOAD report in this test (rebalance_interval_s): a resize places slots by measured load,
+    # so only unmeasured slots come out even in count, as asserted below.
+    with ShardPool(
+        handlers.counter, workers=2, heartbeat_interval_s=0.1, rebalance_interval_s=3600.0
+    ) as pool:
         traffic = Traffic(pool, 300)
         load = Background(traffic)
         try:
@@ -134,6 +139,29 @@ def test_a_slot_that_keeps_failing_to_move_calls_the_resize_off_and_keeps_its_wo
         assert pool.worker_of(cid(opaque)) == 1
         assert pool.call(cid(opaque), {"opaque": True}, timeout=30) == 1
         assert [pool.call(cid(c), {}, timeout=30) for c in others] == [1] * 100
+        _order_ok(pool)
+
+
+def test_a_grow_gives_every_new_worker_its_share_of_slots_when_one_slot_is_hot() -> None:
+    """All the measured load in one slot: it cannot be split, so the load levels no further —
+    the new workers still get their share of the other slots by count, none is left empty."""
+    with ShardPool(
+        handlers.spin, workers=1, rebalance="off", rebalance_interval_s=0.1,
+        heartbeat_interval_s=0.1,
+    ) as pool:
+        hot = cid(0)
+        futs = [pool.request(hot, {"i": i, "us": 2000}) for i in range(600)]  # ~1.2 s of CPU
+        deadline = time.monotonic() + 30
+        polls = 0
+        while pool.placement()["levelling"]["load"][0] < 0.3:  # measured (LOAD reports)
+            assert time.monotonic() < deadline, pool.placement()["levelling"]
+            # A round trip on a channel of its own paces the polling (no sleep).
+            assert pool.call(cid(1), {"i": polls, "us": 0}, timeout=30) == [polls, polls + 1]
+            polls += 1
+        pool.resize(3, timeout=60)
+        per = pool.placement()["slots_per_worker"]
+        assert sum(per) == 4096 and min(per) >= 4096 // 3 - 1, per
+        assert [f.result(timeout=60) for f in futs] == [[i, i + 1] for i in range(600)]
         _order_ok(pool)
 
 

@@ -1,9 +1,9 @@
 """Changing the worker count while the pool runs, through slot moves.
 
 =========  =====================================================================================
-growing    start the new workers (indexes after the last); once each is READY, move slots to it,
-           hottest first by measured load (by count where nothing is measured yet), until every
-           worker carries about the mean
+growing    start the new workers (indexes after the last); once each is READY, move measured slots
+           to it, hottest first, until it carries about the mean load, then slots nothing was
+           measured in until it owns its share of the slots
 shrinking  the last workers retire: every slot they own moves to the least loaded remaining
            worker (halted channels go with their slot, still halted), their pinned channels are
            pinned elsewhere; once a retiring worker owns nothing and has nothing in flight it is
@@ -25,6 +25,7 @@ Not thread-safe: the front calls it with its lock held.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import os
 import time
@@ -288,28 +289,78 @@ class Resizer:
         owned: dict[int, list[int]],
         out: dict[tuple[int, int], list[int | bytes]],
     ) -> None:
-        weigh = self.front.balancer.slot_weight
+        """Growing: by measured load first, then by count for the slots nothing was measured in
+        (so one hot slot that cannot be split does not leave a new worker empty)."""
         new = [i for i in load if i >= self._base]
         if not new:
             return
+        weigh = self.front.balancer.slot_weight
+        by_weight = {w: sorted(owned[w], key=weigh, reverse=True) for w in load}
+        self._grow_by_load(new, load, by_weight, out)
+        self._grow_by_count(new, load, by_weight, out)
+
+    def _grow_by_load(
+        self,
+        new: list[int],
+        load: dict[int, float],
+        by_weight: dict[int, list[int]],
+        out: dict[tuple[int, int], list[int | bytes]],
+    ) -> None:
+        """The hottest measured slots that fit under the mean, from the busiest workers first
+        (each donor's slots sorted by weight: the measured ones come first)."""
+        weigh = self.front.balancer.slot_weight
+        measured = self.front.balancer.slot_load
         mean = sum(load.values()) / len(load)
-        by_weight = {w: sorted(slots, key=weigh, reverse=True) for w, slots in owned.items()}
         for dst in new:
-            skip: dict[int, int] = defaultdict(int)  # per donor: its slots too heavy for dst
-            while load[dst] < mean:
-                src = max((w for w in load if w != dst), key=load.__getitem__)
-                donor = by_weight.get(src, [])
-                room = mean - load[dst]
-                i = skip[src]
-                while i < len(donor) and weigh(donor[i]) > room:
-                    i += 1  # (room only shrinks: what is too heavy now stays too heavy)
-                skip[src] = i
-                if i == len(donor) or load[src] <= mean:
-                    break
-                s = donor.pop(i)
-                load[src] -= weigh(s)
-                load[dst] += weigh(s)
+            for src in sorted((w for w in load if w != dst), key=load.__getitem__, reverse=True):
+                donor = by_weight[src]
+                i = 0
+                while i < len(donor) and donor[i] in measured and load[src] > mean > load[dst]:
+                    x = weigh(donor[i])
+                    if x > mean - load[dst]:
+                        i += 1  # too heavy for what dst may still take
+                        continue
+                    s = donor.pop(i)
+                    load[src] -= x
+                    load[dst] += x
+                    out[(src, dst)].append(s)
+                if load[dst] >= mean or load[src] <= mean:
+                    break  # dst is full, or no donor after this one is above the mean
+
+    def _grow_by_count(
+        self,
+        new: list[int],
+        load: dict[int, float],
+        by_weight: dict[int, list[int]],
+        out: dict[tuple[int, int], list[int | bytes]],
+    ) -> None:
+        """Slots with no measured load, from the workers that own the most, until each new
+        worker owns its share of the slots."""
+        ch = self.front.channels
+        measured = self.front.balancer.slot_load
+        counts = dict.fromkeys(load, 0)
+        for s, w in enumerate(ch.router.table):
+            move = ch.moving.get(s)
+            w = w if move is None else move.dst  # counted where it is going
+            if w in counts:
+                counts[w] += 1
+        for (src, dst), moved in out.items():
+            counts[src] -= len(moved)
+            counts[dst] += len(moved)
+        share = len(ch.router.table) // len(load)
+        donors = [(-counts[w], w) for w in load if w not in new]
+        heapq.heapify(donors)
+        for dst in new:
+            while counts[dst] < share and donors:
+                _, src = heapq.heappop(donors)
+                donor = by_weight[src]
+                if counts[src] <= share or not donor or donor[-1] in measured:
+                    continue  # nothing (light) to spare: this donor is done
+                s = donor.pop()
+                counts[src] -= 1
+                counts[dst] += 1
                 out[(src, dst)].append(s)
+                heapq.heappush(donors, (-counts[src], src))
 
     def _retire_idle(self) -> None:
         """Stop each retiring worker that owns nothing and holds nothing any more, the last first:
