@@ -127,6 +127,37 @@ def test_every_slot_moves_twice_under_load_with_exact_state() -> None:
         assert pool.stats()["placement"]["slots_per_worker"] == [2048, 2048]
 
 
+def test_a_producer_waiting_for_room_follows_its_channel_when_the_move_commits() -> None:
+    # A producer blocked on a full window lets go of the front's lock; if its channel's move
+    # commits meanwhile, its message must go to the new worker. (It once went to the window it
+    # had waited on, the old worker's, which had handed the channel's state over: out of order.)
+    with ShardPool(
+        handlers.counter, workers=2, max_inflight=1, batch_size=1, move_buffer_max=2
+    ) as pool:  # (a small move buffer: no burst of held messages to wait out at each move)
+        slot = slot_of(cid(7), 4096)
+        futs: list[Any] = []
+        stop = threading.Event()
+
+        def produce() -> None:
+            while not stop.is_set():
+                futs.append(pool.request(cid(7), {"i": len(futs), "ms": 2}))
+
+        sender = threading.Thread(target=produce)
+        sender.start()
+        try:
+            for _ in range(20):
+                pool.move_slots([slot], 1 - pool.worker_of_slot(slot), timeout=30)
+        finally:
+            stop.set()
+            sender.join(30)
+        assert not sender.is_alive()
+        pool.drain(timeout=30)
+        assert pool.halts() == {}  # a message out of order halts the channel (policy: halt)
+        for i, f in enumerate(futs):
+            assert f.result(timeout=30) == [i, i + 1]
+        _order_ok(pool)
+
+
 def test_a_drain_waits_for_an_awaiting_call_and_a_stuck_one_is_called_off(tmp_path: Any) -> None:
     gate = str(tmp_path / "gate")
     with ShardPool(handlers.gated_counter, workers=2, move_timeout_s=0.5) as pool:

@@ -166,7 +166,7 @@ class Front:
                 route = self.channels.route(channel_id)
             win = route.window
             if win.inflight - win.parked >= self._limit:  # full, or not running (limit 0)
-                self._wait_room(win, block)
+                win = self._room_for(route, block)
             if route.held is not None:
                 # Halted or moving: held here, in order, outside the window, so a parked channel
                 # cannot fill its worker's window and stall the other channels.
@@ -224,7 +224,7 @@ class Front:
                         route = self.channels.route(channel_id)
                     win = route.window
                     if win.inflight - win.parked >= self._limit:
-                        self._wait_room(win, True)
+                        win = self._room_for(route, True)
                     accepted += 1
                     if route.held is not None:
                         self._hold(route, payload, None, True)
@@ -315,6 +315,16 @@ class Front:
             # and flushes this batch on the next acknowledgement or when the linger runs out;
             # no wake-up needed (one per batch would cost a GIL round trip each).
             win.batch_t0 = time.monotonic()
+
+    def _room_for(self, route: Route, block: bool) -> Window:
+        """Wait (lock held by caller, released while waiting) until the window of ``route``'s
+        channel has room, and return that window: a move may commit while the lock is released,
+        and then the channel's messages go to its new worker, never to the window waited on."""
+        while True:
+            win = route.window
+            self._wait_room(win, block)
+            if route.window is win:
+                return win
 
     def _wait_room(self, win: Window, block: bool) -> None:
         """Wait (lock held by caller, released while waiting) until ``win`` has room."""
