@@ -195,6 +195,37 @@ def test_a_hot_channel_is_pinned_alone_then_unpinned_when_it_cools() -> None:
     assert b.report()["dedicated"] == {}
 
 
+def test_no_slot_is_moved_onto_the_worker_a_hot_channel_is_being_pinned_to() -> None:
+    # The period that plans the pin also levels (the hot worker is far over the mean): its slot
+    # moves must not pick the worker that the pin is about to dedicate to the channel, which
+    # would only have to hand them back the next period.
+    f = FakeFront(4, rebalance="auto", rebalance_grace_s=0.0)
+    b = Balancer(f)  # type: ignore[arg-type]
+    hot = b"hot-channel"
+    home = f.channels.worker_of(hot)
+
+    def busy_hot() -> None:
+        for w in range(4):
+            mine = {s: 100 for s in range(SLOTS) if f.channels.router.table[s] == w}
+            if w == home:
+                report(b, w, 0.95, mine, [[hot, 1600]])
+            else:
+                report(b, w, 0.3, mine)
+
+    for _ in range(balance.STREAK + 2):
+        before = len(f.started)
+        periods(b, 1, busy_hot)
+        now = f.started[before:]
+        pins = [dst for _, cids, dst, _ in now if cids]
+        if pins:
+            break
+    assert pins, "the hot channel was never pinned"
+    onto = [(slots, why) for slots, _, dst, why in now if slots and dst == pins[0]]
+    assert onto == []
+    # ... and that same period starts handing the dedicated worker's own slots to the others.
+    assert any(slots and dst != pins[0] for slots, _, dst, _ in now)
+
+
 def test_a_channel_that_keeps_a_whole_core_busy_is_reported_saturated() -> None:
     f = FakeFront(2)
     b = Balancer(f)  # type: ignore[arg-type]
@@ -231,4 +262,26 @@ def test_auto_levelling_moves_load_off_a_busy_worker_without_reordering() -> Non
         assert moves["committed"] >= 1 and moves["aborted"] == 0
         stats = pool.stats()
         for w in stats["workers"]:
+            assert (w["gaps"], w["duplicates"], w["reorders"]) == (0, 0, 0)
+
+
+@pytest.mark.multiprocess
+def test_a_worker_that_always_has_a_frame_waiting_still_reports_its_load() -> None:
+    # pyzmq completes a receive at once when a frame is waiting, and awaiting a done future does
+    # not yield to the event loop: a saturated worker once never sent LOAD (nor heartbeats),
+    # so levelling saw no load exactly when a worker was busiest.
+    with ShardPool(
+        handlers.spin, workers=1, rebalance="off", rebalance_interval_s=0.1, max_inflight=2000
+    ) as pool:
+        sent = dict.fromkeys(range(50), 0)
+        loads: list[float] = []
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:  # ~0.4 s of work always queued at the worker
+            for c in sent:
+                pool.submit(cid(c), {"i": sent[c], "us": 200})
+                sent[c] += 1
+            loads.append(pool.placement()["levelling"]["load"][0])
+        assert max(loads) > 0.1, loads[-5:]
+        pool.drain(timeout=30)
+        for w in pool.stats()["workers"]:
             assert (w["gaps"], w["duplicates"], w["reorders"]) == (0, 0, 0)

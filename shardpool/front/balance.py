@@ -154,6 +154,9 @@ class Balancer:
         mean = sum(loads[i] for i in workers) / len(workers)
         plan = self._plan_pins(loads, workers, mean)
         dedicated = self._dedicated()
+        # A worker this period pins a hot channel to is dedicated from now on: no slot goes there.
+        dedicated.update({step["dst"]: bytes.fromhex(step["channel"]) for step in plan
+                          if step["kind"] == "pin"})
         plan += self._plan_slots(now, loads, workers, mean, dedicated)
         return plan
 

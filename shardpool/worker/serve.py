@@ -42,6 +42,10 @@ HOT_CHANNELS = 10
 SWEEP_CHUNK = 5000
 """Channels examined per event-loop turn by the idle sweep."""
 
+YIELD_S = 0.005
+"""A worker kept busy lets its event loop run the other tasks (heartbeat, LOAD report, idle sweep,
+async handler calls) at least this often (seconds)."""
+
 
 class Worker:
     """The state of one worker incarnation; :meth:`run` is its whole life."""
@@ -156,9 +160,18 @@ class Worker:
         stop = self.stop
         dispatch = self.dispatch
         assert dispatch is not None
+        clock = asyncio.get_running_loop().time
+        yield_due = clock() + YIELD_S
         while not stop:
             self._recv = pull.recv()
             try:
+                recv = self._recv
+                if isinstance(recv, asyncio.Future) and recv.done() and clock() >= yield_due:
+                    # pyzmq completes a receive at once when a frame is waiting, and awaiting a
+                    # done future does not yield: under sustained load the loop would never run
+                    # the heartbeat, the LOAD report or the sweep. Let it turn now and then.
+                    await asyncio.sleep(0)
+                    yield_due = clock() + YIELD_S
                 frame = await self._recv
             except asyncio.CancelledError:
                 if stop:
