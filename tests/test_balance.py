@@ -195,6 +195,37 @@ def test_a_hot_channel_is_pinned_alone_then_unpinned_when_it_cools() -> None:
     assert b.report()["dedicated"] == {}
 
 
+def test_a_dedicated_worker_hands_its_idle_slots_over_at_once_spread_over_the_others() -> None:
+    # 4 workers of 64 slots each; only the hot channel's home worker and slot 0's carry load.
+    f = FakeFront(4, rebalance="auto", max_concurrent_moves=64)
+    b = Balancer(f)  # type: ignore[arg-type]
+    hot = b"hot-channel"
+    home = f.channels.worker_of(hot)
+
+    def busy_hot() -> None:
+        for w in range(4):
+            if w == home:
+                report(b, w, 0.95, {f.channels.router.slot_of(hot): 1600}, [[hot, 1600]])
+            else:
+                report(b, w, 0.3, {s: 100 for s in f.channels.router.slots_of(w)[:1]})
+
+    for _ in range(balance.STREAK + 2):
+        table = list(f.channels.router.table)
+        f.started.clear()
+        periods(b, 1, busy_hot)
+        if any(cids for _, cids, _, _ in f.started):
+            break
+    [dedicated] = [dst for _, cids, dst, _ in f.started if cids]
+    idle = [s for s, w in enumerate(table) if w == dedicated and s not in b.slot_load]
+    assert len(idle) > balance.MAX_MOVES
+    # The period of the pin: every idle slot of the dedicated worker goes, to each other worker
+    # in turn.
+    assert [s for s in idle if f.channels.router.table[s] == dedicated] == []
+    shares = [sum(len(slots) for slots, _, dst, _ in f.started if dst == w) for w in range(4)]
+    assert shares[dedicated] == 0 and max(shares) - min(x for i, x in enumerate(shares)
+                                                        if i != dedicated) <= 1, shares
+
+
 def test_no_slot_is_moved_onto_the_worker_a_hot_channel_is_being_pinned_to() -> None:
     # The period that plans the pin also levels (the hot worker is far over the mean): its slot
     # moves must not pick the worker that the pin is about to dedicate to the channel, which

@@ -14,7 +14,7 @@ Each period the front plans (:meth:`Balancer.tick`):
   ``pool.rebalance_grace_s``; at most ``MAX_MOVES`` slots per period;
 * **hot channels**: a channel above ``pool.hot_channel_share`` of the mean worker load for
   ``STREAK`` periods is pinned to the least loaded worker, which becomes *dedicated*: its other
-  slots are moved away. It is unpinned once it stays under half that share for ``COOL`` periods. A
+  slots are moved away (the busy ones ``MAX_MOVES`` a period, the idle ones at once). It is unpinned once it stays under half that share for ``COOL`` periods. A
   channel that keeps a whole core busy is *saturated*: reported, never split (order forbids it).
 
 ``pool.rebalance = "advise"`` logs the plan (when it changes) and shows it in stats and status;
@@ -261,16 +261,27 @@ class Balancer:
         dedicated: dict[int, bytes],
         free: Any,
     ) -> dict[tuple[int, int], list[int]]:
-        """A dedicated worker keeps its hot channel alone: its slots go to the others."""
+        """A dedicated worker keeps its hot channel alone: its slots go to the others — at most
+        ``MAX_MOVES`` with a measured load per period (each to the least loaded worker), and up
+        to ``pool.max_concurrent_moves`` idle ones (spread over the others in turn: they cost a
+        drain round trip, not a pause anyone waits on), so the worker is alone within periods,
+        not the minutes that 8 slots a period would take."""
+        f = self.front
         moves: dict[tuple[int, int], list[int]] = {}
-        count = 0
+        measured = idle = 0
         for w in dedicated:
-            for s in sorted(self.front.channels.router.slots_of(w), key=self.slot_weight,
+            for s in sorted(f.channels.router.slots_of(w), key=self.slot_weight,
                             reverse=True):
-                if count >= MAX_MOVES or not free(s):
+                busy = s in self.slot_load
+                full = measured >= MAX_MOVES if busy else idle >= f.cfg.pool.max_concurrent_moves
+                if full or not free(s):
                     continue
-                count += 1
-                dst = min(movable, key=loads.__getitem__)
+                if busy:
+                    measured += 1
+                    dst = min(movable, key=loads.__getitem__)
+                else:
+                    dst = movable[idle % len(movable)]
+                    idle += 1
                 moves.setdefault((w, dst), []).append(s)
                 loads[w] -= min(loads[w], self.slot_load.get(s, 0.0))
                 loads[dst] += self.slot_weight(s)
