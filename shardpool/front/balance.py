@@ -14,8 +14,9 @@ Each period the front plans (:meth:`Balancer.tick`):
   ``pool.rebalance_grace_s``; at most ``MAX_MOVES`` slots per period;
 * **hot channels**: a channel above ``pool.hot_channel_share`` of the mean worker load for
   ``STREAK`` periods is pinned to the least loaded worker, which becomes *dedicated*: its other
-  slots are moved away (the busy ones ``MAX_MOVES`` a period, the idle ones at once). It is unpinned once it stays under half that share for ``COOL`` periods. A
-  channel that keeps a whole core busy is *saturated*: reported, never split (order forbids it).
+  slots are moved away (the busy ones ``MAX_MOVES`` a period, the idle ones at once). It is
+  unpinned once it stays under half that share for ``COOL`` periods. A channel that keeps a whole
+  core busy is *saturated*: reported, never split (order forbids it).
 
 ``pool.rebalance = "advise"`` logs the plan (when it changes) and shows it in stats and status;
 ``"auto"`` carries it out through the move barrier; ``"off"`` only measures.
