@@ -69,7 +69,7 @@ def test_flags_come_from_the_options_with_their_defaults() -> None:
     assert opts == BenchOptions(timeout_s=5.0, baselines=False, mode="open", peers=3, workers=1)
     text = " ".join(parser.format_help().split())
     assert "--messages N" in text and "(default: 200,000;" in text
-    assert "--workload {synthetic,lightning-real}" in text
+    assert "--workload {synthetic,lightning-real,levelling}" in text
     assert "(default: the CPUs available, at most the physical cores)" in text
     assert "--close-fraction" not in text  # library-only options stay off the command line
     with pytest.raises(SystemExit):

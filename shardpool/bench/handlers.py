@@ -10,6 +10,9 @@
 * :class:`DigestWireHandler` / :class:`AsyncDigestWireHandler` — the same two for the real
   Lightning traffic (BOLT #2 wire bytes, real signature checks; ``payload = "raw"``), probed with
   :data:`WIRE_PROBE`.
+* :class:`CountingSpinHandler` — the levelling bench's handler (:data:`SPIN_HANDLER`): a fixed
+  CPU cost per message and an order check on a per-channel message number, probed with
+  :data:`COUNT_PROBE` for the last number it saw.
 
 The synthetic workload (CBOR dicts shaped like BOLT #2 messages, an optional calibrated CPU cost)
 is what the ceilings and micro benchmarks measure; the real one is what a node does per message.
@@ -29,6 +32,8 @@ from ..demo.handler import LightningHandler, WireLightningHandler, check_delay
 
 __all__ = [
     "ASYNC_LIGHTNING_HANDLER",
+    "COUNT_PROBE",
+    "SPIN_HANDLER",
     "ASYNC_WIRE_HANDLER",
     "LIGHTNING_HANDLER",
     "PROBE",
@@ -38,6 +43,7 @@ __all__ = [
     "WIRE_PROBE",
     "AsyncDigestLightningHandler",
     "AsyncDigestWireHandler",
+    "CountingSpinHandler",
     "DigestLightningHandler",
     "DigestWireHandler",
     "calibrate_cost",
@@ -62,6 +68,10 @@ ASYNC_WIRE_HANDLER = "shardpool.bench.handlers:AsyncDigestWireHandler"
 """The real traffic's handler with a per-message delay: :class:`AsyncDigestWireHandler`."""
 WIRE_PROBE = struct.pack(">H", 0xFFFD) + b"shardpool/digest"
 """The real traffic's probe: a message of a BOLT #1 custom type (>= 32768), never a BOLT #2 one."""
+SPIN_HANDLER = "shardpool.bench.handlers:CountingSpinHandler"
+"""The levelling bench's handler: :class:`CountingSpinHandler` (``payload = "raw"``)."""
+COUNT_PROBE = b"?"
+"""Asks :class:`CountingSpinHandler` for the last message number of a channel (no cost burnt)."""
 
 
 def noop(channel: Any, seq: int, message: Any, redelivered: bool) -> None:
@@ -187,3 +197,41 @@ class AsyncDigestWireHandler(DigestWireHandler):
         if message != WIRE_PROBE:
             await asyncio.sleep(self.delay_s)
         return DigestWireHandler.handle(self, channel, seq, message, redelivered)
+
+
+class CountingSpinHandler:
+    """A CPU-bound handler with a fixed cost per message and an order check (``payload = "raw"``).
+
+    Each message is the channel's message number ``k`` (1, 2, …) as 8 bytes big-endian. The
+    handler burns ``cost_iters`` SHA-256 rounds (see :func:`calibrate_cost`), then checks that
+    ``k`` follows the last number it saw on this channel, kept in ``channel.state`` (an int: it
+    moves with the channel as CBOR). A number out of order returns ``{"violation": "order",
+    "expected": …, "got": …}``; a redelivered duplicate (``k`` at or below the last) is
+    accepted silently. :data:`COUNT_PROBE` returns the last number seen (0 for none).
+    """
+
+    def __init__(self, cost_iters: int = 0) -> None:
+        """Raises ValueError: ``cost_iters`` not an int >= 0."""
+        if type(cost_iters) is not int or cost_iters < 0:
+            raise ValueError(f"cost_iters must be an int >= 0, got {cost_iters!r}")
+        self.cost_iters = cost_iters
+        self._sink = b"\x00" * 32
+
+    def handle(
+        self, channel: Any, seq: Any, message: Any, redelivered: Any
+    ) -> dict[str, Any] | int | None:
+        if message == COUNT_PROBE:
+            return int(channel.state or 0)
+        h = self._sink
+        for _ in range(self.cost_iters):
+            h = hashlib.sha256(h).digest()
+        self._sink = h  # the work is used, as a verification's result would be
+        k = int.from_bytes(message, "big")
+        last = int(channel.state or 0)
+        if k == last + 1:
+            channel.state = k
+            return None
+        if redelivered and k <= last:
+            return None
+        channel.state = max(k, last)
+        return {"violation": "order", "expected": last + 1, "got": k}

@@ -16,19 +16,30 @@ from collections.abc import Mapping
 from dataclasses import Field, dataclass, field, fields
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-__all__ = ["WORKLOAD_DEFAULTS", "BenchOptions", "Mode", "Workload", "add_arguments",
-           "available_cpus", "default_workers", "from_arguments"]
+__all__ = ["LEVELLING_PHASES", "LEVELLING_WINDOW", "WORKLOAD_DEFAULTS", "BenchOptions", "Mode",
+           "Workload", "add_arguments", "available_cpus", "default_workers", "from_arguments"]
 
 Mode = Literal["closed", "open"]
-Workload = Literal["synthetic", "lightning-real"]
+Workload = Literal["synthetic", "lightning-real", "levelling"]
 
 WORKLOAD_DEFAULTS: dict[str, tuple[int, int]] = {
     "synthetic": (200_000, 2_000),
     "lightning-real": (20_000, 300),
+    "levelling": (0, 1_000),
 }
 """Messages and channels of each workload when not given: the real traffic costs ~100 µs a
 message to generate and as much to check, so it runs a tenth of the messages over fewer, longer-
-lived channels (each opens with three messages)."""
+lived channels (each opens with three messages). The levelling runs last ``run_s`` seconds each
+(no message count)."""
+
+LEVELLING_WINDOW = 1024
+"""The levelling workload's in-flight window per worker: ~0.1 s of work at 100 µs a message. A
+move's pause is its old worker's backlog (DRAIN travels in band, behind every message sent
+before it), so the pool's default of 16,384 would hold each move for seconds in a saturated
+closed loop."""
+
+LEVELLING_PHASES = ("zipf", "hot", "pause")
+"""The levelling workload's phases, in the order they run (see :mod:`shardpool.bench.levelling`)."""
 
 
 def available_cpus() -> int:
@@ -97,17 +108,20 @@ class BenchOptions:
                        "calibrated-CPU handler, every ceiling and baseline; lightning-real: BOLT "
                        "#2 wire messages with real secp256k1 signatures checked per message, "
                        "messages/s and verifications/s per worker count against one process "
-                       "doing the same work serially"),
+                       "doing the same work serially; levelling: Zipf-skewed CPU-bound traffic "
+                       "with pool.rebalance off vs auto, a hot channel's neighbours' latency "
+                       "before and after its pin, the pause per slot move"),
     )
     messages: int | None = field(
         default=None,
         metadata=_meta("messages in the traffic", lo=1, metavar="N",
-                       shown="200,000; lightning-real: 20,000"),
+                       shown="200,000; lightning-real: 20,000; levelling: runs by time, "
+                       "--run-seconds"),
     )
     channels: int | None = field(
         default=None,
         metadata=_meta("channels in the traffic", lo=1, metavar="N",
-                       shown="2,000; lightning-real: 300"),
+                       shown="2,000; lightning-real: 300; levelling: 1,000"),
     )
     peers: int | None = field(
         default=None,
@@ -153,8 +167,11 @@ class BenchOptions:
         default=256,
         metadata=_meta("messages per frame, pool and bare harness", lo=1, metavar="N"),
     )
-    max_inflight: int = field(
-        default=16384, metadata=_meta("pool in-flight window per worker", lo=1, metavar="N")
+    max_inflight: int | None = field(
+        default=None,
+        metadata=_meta("pool in-flight window per worker", lo=1, metavar="N",
+                       shown="16,384; levelling: 1,024, so that a move, which waits for its old "
+                       "worker's backlog, is not held for seconds in a saturated closed loop"),
     )
     config: str | None = field(
         default=None,
@@ -163,6 +180,54 @@ class BenchOptions:
     timeout_s: float = field(
         default=120.0,
         metadata=_meta("deadline of each single run", lo=0.0, above=True, flag="--timeout",
+                       metavar="SECONDS"),
+    )
+    run_s: float = field(
+        default=12.0,
+        metadata=_meta("levelling: seconds of traffic in each Zipf run (rebalance off and auto "
+                       "alike) and in each half of a hot-channel run", lo=0.0, above=True,
+                       flag="--run-seconds", metavar="SECONDS"),
+    )
+    phases: str = field(
+        default=",".join(LEVELLING_PHASES),
+        metadata=_meta("levelling: the phases to run, comma-separated: zipf (off vs auto), hot "
+                       "(a hot channel pinned), pause (moves of 1 and 64 slots)",
+                       metavar="LIST"),
+    )
+    zipf_s: float = field(
+        default=1.1,
+        metadata=_meta("levelling: Zipf exponent of the channels' message rates", lo=0.0,
+                       metavar="S"),
+    )
+    message_cost_us: float = field(
+        default=100.0,
+        metadata=_meta("levelling: CPU microseconds the handler burns per message", lo=0.0,
+                       above=True, metavar="US"),
+    )
+    hot_share: float = field(
+        default=0.4,
+        metadata=_meta("levelling: the hot channel's share of the traffic", lo=0.0, above=True,
+                       hi=0.95, metavar="FRACTION"),
+    )
+    hot_load: float = field(
+        default=0.8,
+        metadata=_meta("levelling: share of a CPU the hot channel's worker is kept busy before "
+                       "the pin; the open-loop rate is calibrated to it in each run, within what "
+                       "the machine has free", lo=0.0, above=True, hi=1.0, metavar="FRACTION"),
+    )
+    pause_moves: int = field(
+        default=20,
+        metadata=_meta("levelling: moves of each size (1 and 64 slots) in the pause phase",
+                       lo=1, metavar="N"),
+    )
+    rebalance_interval_s: float = field(
+        default=0.5,
+        metadata=_meta("levelling: pool.rebalance_interval_s of the bench's pools", lo=0.0,
+                       above=True, metavar="SECONDS"),
+    )
+    rebalance_grace_s: float = field(
+        default=5.0,
+        metadata=_meta("levelling: pool.rebalance_grace_s of the bench's pools", lo=0.0,
                        metavar="SECONDS"),
     )
     close_fraction: float = field(default=0.05, metadata=_meta(lo=0.0, hi=1.0))
@@ -178,6 +243,24 @@ class BenchOptions:
             wanted = _wanted(_Kind.of(hints[f.name]), f.metadata, value)
             if wanted is not None:
                 raise ValueError(f"{f.name} must be {wanted}, got {value!r}")
+        unknown = [p for p in self.phase_list if p not in LEVELLING_PHASES]
+        if unknown or not self.phase_list:
+            raise ValueError(
+                f"phases must be a comma-separated list of {', '.join(LEVELLING_PHASES)}, "
+                f"got {self.phases!r}"
+            )
+
+    @property
+    def phase_list(self) -> list[str]:
+        """The levelling phases asked for, in the order they run."""
+        asked = {p.strip() for p in self.phases.split(",") if p.strip()}
+        return [p for p in LEVELLING_PHASES if p in asked] + sorted(
+            asked - set(LEVELLING_PHASES))
+
+    @property
+    def window(self) -> int:
+        """The pool's in-flight window per worker: ``max_inflight``, or the workload's default."""
+        return self.max_inflight or (LEVELLING_WINDOW if self.workload == "levelling" else 16_384)
 
     @property
     def n_messages(self) -> int:

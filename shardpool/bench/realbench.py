@@ -134,7 +134,7 @@ def _measure(opts: BenchOptions, traffic: RealTraffic, say: Progress) -> _Measur
             run = run_pool(
                 traffic.stream, w, handler=WIRE_HANDLER, payload="raw", probe=channels,
                 probe_message=WIRE_PROBE, batch_size=opts.batch_size,
-                max_inflight=opts.max_inflight, config=opts.config, timeout_s=opts.timeout_s,
+                max_inflight=opts.window, config=opts.config, timeout_s=opts.timeout_s,
                 name=f"shardpool_{w}w",
             )
             ref = traffic.reference

@@ -34,9 +34,13 @@ def run_remote(
     ``opts.timeout_s`` seconds; the other options do not apply.
 
     Raises:
+        ValueError: ``opts.workload`` is not the synthetic one (the others need an embedded pool).
         ShardPoolError (NotRunning, BackendLost, ...) / TimeoutError: the backend does not
             answer in time.
     """
+    if opts.workload != "synthetic":
+        raise ValueError(f"--connect sends the synthetic traffic; --workload {opts.workload} "
+                         f"runs an embedded pool (leave out --connect)")
     repeats, timeout_s = opts.repeats, opts.timeout_s
     rates: list[float] = []
     total = 0

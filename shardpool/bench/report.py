@@ -382,6 +382,10 @@ def format_report(report: Report) -> str:
         from .realbench import format_real_report
 
         return format_real_report(report)
+    if report.get("workload") == "levelling":
+        from .levelling import format_levelling_report
+
+        return format_levelling_report(report)
     o = report["options"]
     t = report["traffic"]
     sp = report["shardpool"]

@@ -128,7 +128,7 @@ class Scenario:
     def _run_pool(self, stream: list[tuple[bytes, bytes]], **how: Any) -> PoolRun:
         o = self.opts
         return run_pool(
-            stream, o.workers, batch_size=o.batch_size, max_inflight=o.max_inflight,
+            stream, o.workers, batch_size=o.batch_size, max_inflight=o.window,
             config=o.config, timeout_s=o.timeout_s, **how,
         )
 
@@ -316,6 +316,10 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
         from .realbench import run_real_bench
 
         return run_real_bench(opts, say)
+    if opts.workload == "levelling":
+        from .levelling import run_levelling_bench
+
+        return run_levelling_bench(opts, say)
     wall0 = time.perf_counter()
     say(
         f"traffic: {opts.n_messages:,} messages over {opts.n_peers * opts.channels_per_peer:,} "
