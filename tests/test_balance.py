@@ -68,6 +68,21 @@ def periods(b: Balancer, n: int, feed: Any) -> None:
         b.tick(1_000_000.0)
 
 
+def hot_feed(f: FakeFront, b: Balancer, hot: bytes, home: int) -> Any:
+    """A period's reports of 4 workers: ``home`` 95% busy with ``hot`` carrying most of it, the
+    others 30%; every slot counts 100 messages."""
+
+    def feed() -> None:
+        for w in range(4):
+            mine = {s: 100 for s in range(SLOTS) if f.channels.router.table[s] == w}
+            if w == home:
+                report(b, w, 0.95, mine, [[hot, 1600]])
+            else:
+                report(b, w, 0.3, mine)
+
+    return feed
+
+
 def skewed(b: Balancer) -> None:
     # Worker 0 at 0.9 of a core over slots 0, 2, 4, 6 (slot 0 the hottest); worker 1 at 0.1.
     report(b, 0, 0.9, {0: 600, 2: 200, 4: 100, 6: 100})
@@ -160,13 +175,7 @@ def test_a_hot_channel_is_pinned_alone_then_unpinned_when_it_cools() -> None:
     hot = b"hot-channel"
     home = f.channels.worker_of(hot)
 
-    def busy_hot() -> None:
-        for w in range(4):
-            mine = {s: 100 for s in range(SLOTS) if f.channels.router.table[s] == w}
-            if w == home:
-                report(b, w, 0.95, mine, [[hot, 1600]])
-            else:
-                report(b, w, 0.3, mine)
+    busy_hot = hot_feed(f, b, hot, home)
 
     periods(b, balance.STREAK, busy_hot)
     pins = [(cids, dst) for _, cids, dst, why in f.started if cids]
@@ -235,13 +244,7 @@ def test_no_slot_is_moved_onto_the_worker_a_hot_channel_is_being_pinned_to() -> 
     hot = b"hot-channel"
     home = f.channels.worker_of(hot)
 
-    def busy_hot() -> None:
-        for w in range(4):
-            mine = {s: 100 for s in range(SLOTS) if f.channels.router.table[s] == w}
-            if w == home:
-                report(b, w, 0.95, mine, [[hot, 1600]])
-            else:
-                report(b, w, 0.3, mine)
+    busy_hot = hot_feed(f, b, hot, home)
 
     for _ in range(balance.STREAK + 2):
         before = len(f.started)
