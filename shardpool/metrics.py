@@ -1,30 +1,82 @@
 """Prometheus metrics of ``shardpool run`` (prometheus-client), off unless ``metrics.enabled``.
 
 The figures are those of ``shardpool status``, read from one snapshot per scrape (a custom
-collector, so nothing is double-counted or kept in sync by hand). Names are ``shardpool_*``;
-per-worker series carry a ``worker`` label, ingress rejections an ``error`` label (the protocol's
-error code), replies a ``status`` label. Worker counters restart at 0 when a worker is restarted,
-which Prometheus' ``rate()`` handles as a counter reset.
+collector, so nothing is double-counted or kept in sync by hand), plus the front process's own
+``process_*`` series (prometheus-client's ``ProcessCollector``: CPU seconds, resident and virtual
+memory, open file descriptors, start time). Served at ``/metrics``; any other path answers 404.
 
-Placement (the worker count changes with a resize: per-worker series come and go with their
-worker): ``shardpool_workers``, ``shardpool_worker_slots``, ``shardpool_worker_load`` (share of
-a core), ``shardpool_worker_load_share`` (of the pool's measured load),
-``shardpool_moves_in_progress``, ``shardpool_moves_total{result}`` (committed, aborted),
-``shardpool_move_pause_p50_seconds`` / ``_p99_seconds`` (over the recent moves),
-``shardpool_pinned_channels``, ``shardpool_channel_saturated{channel}`` (1 for each channel that
-keeps a core busy), ``shardpool_resize_in_progress`` and ``shardpool_resize_target_workers``.
+Naming follows Prometheus' rules: ``shardpool_*``, base units in the name (``_seconds``,
+``_bytes``), counters end ``_total``, ratios are 0..1, and every label has a bounded set of
+values: ``worker`` (the worker index, bounded by the worker count), ``result`` (committed,
+aborted), ``error`` (the ingress protocol's error codes), ``status`` (the reply statuses),
+``version`` and ``python``. No series is labelled by channel: the hottest and the saturated
+channels change with the traffic, so ``shardpool status`` lists them and the metrics count them.
+Worker counters restart at 0 when a worker is restarted, which Prometheus' ``rate()`` handles as a
+counter reset; per-worker series come and go with their worker when a resize changes the count.
+
+* identity: ``shardpool_up`` (1 if the scrape got a snapshot), ``shardpool_build_info{version,
+  python}`` (always 1);
+* pool (front counters): ``shardpool_messages_submitted_total``,
+  ``shardpool_messages_acknowledged_total``, ``shardpool_results_total``,
+  ``shardpool_failures_total``, ``shardpool_restarts_total``, ``shardpool_replayed_total``,
+  ``shardpool_quarantined_total``, ``shardpool_forgotten_total``; gauges ``shardpool_inflight``,
+  ``shardpool_halted_channels``, ``shardpool_channels``;
+* per worker (``worker`` label): counters ``shardpool_worker_processed_total``, ``_failed_total``,
+  ``_retried_total``, ``_redelivered_total``, ``_gaps_total``, ``_duplicates_total``,
+  ``_reorders_total`` (order violations: 0 when healthy), ``_restarts_total``,
+  ``_cpu_seconds_total`` (user + system CPU of the worker process); gauges
+  ``shardpool_worker_channels``, ``_queued``, ``_inflight``, ``_busy_channels``,
+  ``_halted_channels``, ``_loop_lag_seconds``, ``_rss_bytes``, ``_epoch``, ``_ready``,
+  ``_oldest_unacked_age_seconds`` (how long the oldest message sent to the worker and not yet
+  finished has waited: a time-based lag, as Kafka's records-lag; 0 when nothing is in flight;
+  messages parked behind a halted channel count, so a halted channel keeps it growing until it is
+  resumed or skipped);
+* latency: the histogram ``shardpool_batch_latency_seconds{worker}`` (``_bucket{le}``, ``_sum``,
+  ``_count``): from a batch's seal to its last message finished, counted once for each message of
+  the batch. Timed per batch, not per message (the producer's path reads no clock): each message
+  is counted at its batch's completion, an upper bound of its send → result time that leaves out
+  the linger before the seal (at most ``transport.batch_linger_ms``);
+* placement: ``shardpool_workers``, ``shardpool_worker_slots``, ``shardpool_worker_load`` (share
+  of a core), ``shardpool_worker_load_share`` (of the pool's measured load, 0..1),
+  ``shardpool_moves_in_progress``, ``shardpool_moves_total{result}``,
+  ``shardpool_move_pause_p50_seconds`` / ``_p99_seconds`` (over the recent moves),
+  ``shardpool_pinned_channels``, ``shardpool_saturated_channels`` (channels that keep a core
+  busy: order forbids splitting them), ``shardpool_resize_in_progress``,
+  ``shardpool_resize_target_workers``;
+* ingress: counters ``shardpool_ingress_frames_total``, ``_messages_total``, ``_accepted_total``,
+  ``_frame_errors_total``, ``_backpressure_waits_total``, ``_auth_failures_total``,
+  ``_undeliverable_total``, ``_internal_errors_total``, ``_refused_frames_total``,
+  ``_refused_messages_total``, ``_stalled_sends_total``, ``_rejected_total{error}``,
+  ``_replies_total{status}``; gauges ``shardpool_ingress_producers``, ``_held_replies``,
+  ``_stalled_producers``.
 """
+
 
 from __future__ import annotations
 
 import logging
+import platform
+import socket
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import ProcessCollector, make_wsgi_app
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from . import __version__
+from .front.window import LATENCY_BOUNDS
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger("shardpool.metrics")
 
@@ -58,9 +110,13 @@ _WORKER_GAUGES = (
     ("busy_channels", "busy_channels", "channels with a handler call running"),
     ("halted_channels", "halted_channels", "channels parked after a failure"),
     ("loop_lag_s", "loop_lag_seconds", "event-loop lag at the last heartbeat"),
-    ("cpu_percent", "cpu_percent", "CPU use of the worker process (100 = one core)"),
     ("rss_bytes", "rss_bytes", "resident memory of the worker process"),
     ("epoch", "epoch", "incarnation number of the worker"),
+    (
+        "oldest_unacked_s",
+        "oldest_unacked_age_seconds",
+        "age of the oldest message sent to this worker and not finished (0: none in flight)",
+    ),
 )
 _INGRESS_COUNTERS = (
     ("frames", "frames received"),
@@ -81,6 +137,15 @@ def _up(value: int) -> Metric:
     up = GaugeMetricFamily("shardpool_up", "1 if the backend answered the scrape")
     up.add_metric([], value)
     return up
+
+
+def _build_info() -> Metric:
+    info = GaugeMetricFamily(
+        "shardpool_build_info", "the shardpool and Python versions (always 1)",
+        labels=["version", "python"],
+    )
+    info.add_metric([__version__, platform.python_version()], 1)
+    return info
 
 
 def _counter(name: str, doc: str, value: float) -> Metric:
@@ -121,6 +186,16 @@ def _worker_metrics(workers: list[dict[str, Any]]) -> Iterator[Metric]:
                 g.add_metric([str(w["index"])], w[key])
         yield g
     c = CounterMetricFamily(
+        "shardpool_worker_cpu_seconds",
+        "user + system CPU time of the worker process (restarts at 0 with the process)",
+        labels=["worker"],
+    )
+    for w in workers:
+        if w.get("cpu_seconds") is not None:
+            c.add_metric([str(w["index"])], w["cpu_seconds"])
+    yield c
+    yield _latency(workers)
+    c = CounterMetricFamily(
         "shardpool_worker_restarts", "restarts of this worker slot", labels=["worker"]
     )
     for w in workers:
@@ -130,6 +205,27 @@ def _worker_metrics(workers: list[dict[str, Any]]) -> Iterator[Metric]:
     for w in workers:
         g.add_metric([str(w["index"])], 1 if w["state"] == "ready" else 0)
     yield g
+
+
+def _latency(workers: list[dict[str, Any]]) -> Metric:
+    h = HistogramMetricFamily(
+        "shardpool_batch_latency_seconds",
+        "from a batch's seal to its last message finished, counted once per message of the batch "
+        "(an upper bound of each message's send-to-result time, the batch linger left out)",
+        labels=["worker"],
+    )
+    les = [*(repr(b) for b in LATENCY_BOUNDS), "+Inf"]
+    for w in workers:
+        counts = w.get("latency_buckets")
+        if not counts or len(counts) != len(les):
+            continue
+        cumulative: list[tuple[str, float]] = []
+        total = 0
+        for le, n in zip(les, counts, strict=True):
+            total += n
+            cumulative.append((le, total))
+        h.add_metric([str(w["index"])], cumulative, float(w.get("latency_sum_s", 0.0)))
+    return h
 
 
 def _placement_metrics(place: dict[str, Any]) -> Iterator[Metric]:
@@ -166,14 +262,12 @@ def _placement_metrics(place: dict[str, Any]) -> Iterator[Metric]:
         yield g
     yield _gauge("shardpool_pinned_channels", "channels pinned to a worker ahead of the slot table",
                  len(place.get("pins") or ()))
-    g = GaugeMetricFamily(
-        "shardpool_channel_saturated",
-        "1 for a channel that keeps a whole core busy (its order forbids splitting it)",
-        labels=["channel"],
+    yield _gauge(
+        "shardpool_saturated_channels",
+        "channels that keep a whole core busy (their order forbids splitting them; shardpool "
+        "status lists them)",
+        len(levelling.get("saturated") or ()),
     )
-    for cid in levelling.get("saturated") or ():
-        g.add_metric([str(cid)], 1)
-    yield g
     yield _gauge("shardpool_resize_in_progress", "1 while the worker count is changing",
                  1 if resize["in_progress"] else 0)
     yield _gauge("shardpool_resize_target_workers", "the worker count the last resize aims for",
@@ -217,30 +311,58 @@ class SnapshotCollector(Collector):
             yield _up(0)
             return
         yield _up(1)
+        yield _build_info()
         yield from _pool_metrics(snap["pool"])
         yield from _worker_metrics(snap["workers"])
         if snap.get("placement"):
             yield from _placement_metrics(snap["placement"])
         yield from _ingress_metrics(snap["ingress"])
-        g = GaugeMetricFamily(
-            "shardpool_hot_channel_messages",
-            "messages of the hottest channels since their worker started",
-            labels=["channel", "worker"],
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """One thread per request, none of them keeping the process alive."""
+
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log on stderr (a scrape every few seconds)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def metrics_app(registry: CollectorRegistry) -> WSGIApplication:
+    """The WSGI app: ``/metrics`` is prometheus-client's exposition (content negotiation, gzip,
+    ``name[]`` filters); every other path answers 404 naming where the metrics are."""
+    exposition = make_wsgi_app(registry)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") in ("/metrics", "/metrics/"):
+            result: Iterable[bytes] = exposition(environ, start_response)
+            return result
+        body = b"404 not found: the metrics are at /metrics\n"
+        start_response(
+            "404 Not Found",
+            [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
         )
-        for cid, count, worker in snap.get("hot_channels") or ():
-            g.add_metric([cid, str(worker)], count)
-        yield g
+        return [body]
+
+    return app
 
 
 class MetricsServer:
-    """The HTTP endpoint (``/metrics``) on ``host:port``, served by prometheus-client's thread."""
+    """The HTTP endpoint (``/metrics``, 404 elsewhere) on ``host:port``, served from a thread."""
 
     def __init__(self, snapshot: Snapshot, host: str, port: int) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(snapshot))
+        # The front process itself (process_cpu_seconds_total, process_resident_memory_bytes,
+        # process_open_fds, ...); yields nothing where /proc is not there.
+        ProcessCollector(registry=self.registry)
         self.host = host
         self.port = port
-        self._server: Any = None
+        self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -254,11 +376,23 @@ class MetricsServer:
         Raises:
             OSError: the address cannot be bound (in use, not local).
         """
-        self._server, self._thread = start_http_server(
-            self.port, addr=self.host, registry=self.registry
+        infos = socket.getaddrinfo(
+            self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
+
+        class Server(_Server):
+            address_family = infos[0][0]
+
+        server = make_server(
+            str(infos[0][4][0]), self.port, metrics_app(self.registry), Server, _QuietHandler
+        )
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="shardpool-metrics", daemon=True
+        )
+        self._thread.start()
         # Port 0 (tests) picks a free port; report the real one.
-        self.port = self._server.server_address[1]
+        self.port = int(server.server_address[1])
         return self.url
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ Not thread-safe: the front calls it with its lock held.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import psutil
@@ -130,11 +131,19 @@ class Link:
     # -- reporting -----------------------------------------------------------------------------
 
     def report(self) -> dict[str, Any]:
-        """Its last stats, with the front's figures: in flight, CPU and RSS, recovery times."""
+        """Its last stats, with the front's figures: in flight, the age of the oldest unfinished
+        message (``oldest_unacked_s``, 0 when none), the window's latency histogram
+        (``latency_buckets`` per :data:`~shardpool.front.window.LATENCY_BOUNDS` and +Inf, not
+        cumulative; ``latency_sum_s``), CPU (``cpu_percent`` since the last report,
+        ``cpu_seconds`` user + system since the process started) and RSS, recovery times."""
         rep: dict[str, Any] = dict(self.stats)
+        oldest = self.window.oldest_at()
         rep.update(
             index=self.index,
             inflight=self.window.inflight,
+            oldest_unacked_s=0.0 if oldest is None else max(0.0, time.monotonic() - oldest),
+            latency_buckets=list(self.window.latency),
+            latency_sum_s=self.window.latency_sum,
             recovery_s=list(self.recovery_s[-20:]),
         )
         ps = self.ps
@@ -142,6 +151,8 @@ class Link:
             try:
                 with ps.oneshot():
                     rep["cpu_percent"] = ps.cpu_percent(None)
+                    cpu = ps.cpu_times()
+                    rep["cpu_seconds"] = cpu.user + cpu.system
                     rep["rss_bytes"] = ps.memory_info().rss
             except psutil.Error:
                 pass

@@ -14,7 +14,13 @@ Items are decoded from a frame only on the rare paths (out-of-order finishes, re
 
 What is known about each message that is not finished, for a replay after a death or the report
 at close, lives in its batch: ``sent`` (handed to the current incarnation) and ``doubt`` (an
-incarnation that had it died without saying what it ran: it may have been applied).
+incarnation that had it died without saying what it ran: it may have been applied). Each batch
+also keeps ``at``, when it was sealed (one clock read per batch, none per message; a replay keeps
+the original time), so the age of the oldest unfinished message (:meth:`Window.oldest_at`) costs
+the hot path nothing. When a batch's last message finishes, its time since the seal goes into the
+window's latency histogram once, weighted by its message count (``latency``, per
+:data:`LATENCY_BOUNDS`): each message is counted at its batch's completion, an upper bound of its
+send → result time (the linger before the seal not included), at a cost per batch.
 
 A move's arrival (INSTALL: the moved channels' state) is a window entry too, one wseq long, so that
 it is acknowledged, replayed first after a death, and always precedes the moved channels' messages.
@@ -28,19 +34,29 @@ everything else goes through the methods.
 from __future__ import annotations
 
 import bisect
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import codec
 from ..codec import ToWorker
 
-__all__ = ["Batch", "DoneCallback", "Replay", "Window"]
+__all__ = ["LATENCY_BOUNDS", "Batch", "DoneCallback", "Replay", "Window"]
+
+LATENCY_BOUNDS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+)
+"""Upper bounds (seconds, inclusive) of the latency histogram's buckets; one more for +Inf."""
 
 DoneCallback = Callable[[Any, "BaseException | None"], None]
 Item = list[Any]  # [channel_id, cseq, payload] as decoded from a frame
-# A message to send again: its item, its waiter, and for an INSTALL entry (gen, states).
-_Resend = tuple[Item, "DoneCallback | None", "tuple[int, list[Any]] | None"]
+# A message to send again: its item, its waiter, for an INSTALL entry (gen, states), and when its
+# batch was first sealed (monotonic seconds).
+_Resend = tuple[Item, "DoneCallback | None", "tuple[int, list[Any]] | None", float]
 _item_head = codec.ITEM_HEAD
+_monotonic = time.monotonic
+_bucket = bisect.bisect_left
 _CSEQ, _PAYLOAD = codec.CSEQ_HEAD, codec.PAYLOAD_HEAD
 
 
@@ -48,7 +64,9 @@ class Batch:
     """One batch of a window: its frame as sent (or sealed but not sent while the worker was
     down), which of its messages have finished, and, decoded only when needed, its items."""
 
-    __slots__ = ("first", "n", "frame", "sent", "doubt", "remaining", "done", "install", "_items")
+    __slots__ = (
+        "first", "n", "frame", "sent", "doubt", "remaining", "done", "install", "at", "_items"
+    )
 
     def __init__(
         self,
@@ -58,6 +76,7 @@ class Batch:
         sent: bool,
         doubt: bool = False,
         install: tuple[int, list[Any]] | None = None,
+        at: float | None = None,
     ) -> None:
         self.first = first  # wseq of its first message; the others follow one by one
         self.n = n
@@ -69,6 +88,8 @@ class Batch:
         self.remaining = n
         self.done: set[int] | None = None  # wseqs finished so far, once any finished alone
         self.install = install  # (gen, states) of an INSTALL entry; None for a batch of messages
+        # When it was sealed (monotonic seconds); a replayed message keeps its first batch's time.
+        self.at = _monotonic() if at is None else at
         self._items: list[Item] | None = None
 
     def items(self) -> list[Item]:
@@ -110,6 +131,8 @@ class Window:
         "next_wseq",
         "batch_t0",
         "waiters",
+        "latency",
+        "latency_sum",
     )
 
     def __init__(self, index: int) -> None:
@@ -122,6 +145,10 @@ class Window:
         self.next_wseq = 0
         self.batch_t0 = 0.0  # when the pending batch got its first message (monotonic seconds)
         self.waiters: dict[int, DoneCallback] = {}
+        # Messages per latency bucket (LATENCY_BOUNDS, then +Inf; not cumulative) and their sum
+        # of seconds, over this window's life (it outlives the worker's incarnations).
+        self.latency = [0] * (len(LATENCY_BOUNDS) + 1)
+        self.latency_sum = 0.0
 
     # -- filling -------------------------------------------------------------------------------
 
@@ -167,7 +194,7 @@ class Window:
         out: list[tuple[Item, DoneCallback | None]] = []
         for batch, w, item in list(self.entries()):
             if batch is not None and item[0] in channels:
-                out.append((item, self.finish_one(batch, w)))
+                out.append((item, self.finish_one(batch, w, observe=False)))
         return out
 
     def seal(self, epoch: int) -> Batch:
@@ -200,6 +227,14 @@ class Window:
             return None
         return batch
 
+    def _observe(self, batch: Batch) -> None:
+        """A batch's last message finished: count its messages at its age (once per batch)."""
+        if batch.install is None:
+            n = batch.n
+            dt = _monotonic() - batch.at
+            self.latency[_bucket(LATENCY_BOUNDS, dt)] += n
+            self.latency_sum += dt * n
+
     def _drop(self, batch: Batch) -> None:
         del self.batches[batch.first]
         # starts keeps retired firsts (bisect skips them); compact it now and then.
@@ -219,6 +254,7 @@ class Window:
             end = min(b, batch.first + batch.n)
             if batch.done is None and a == batch.first and end == batch.first + batch.n:
                 k = batch.n  # the whole batch, in order: the common case
+                self._observe(batch)
                 self._drop(batch)
             else:
                 finished = batch.done if batch.done is not None else set()
@@ -230,6 +266,7 @@ class Window:
                         k += 1
                 batch.remaining -= k
                 if batch.remaining == 0:
+                    self._observe(batch)
                     self._drop(batch)
             if waiters:
                 for w in range(a, end):
@@ -260,13 +297,16 @@ class Window:
                 return self.waiters.get(w)
         return None
 
-    def finish_one(self, batch: Batch, wseq: int) -> DoneCallback | None:
-        """Retire one message found with :meth:`open`; returns its waiter, if it had one."""
+    def finish_one(self, batch: Batch, wseq: int, observe: bool = True) -> DoneCallback | None:
+        """Retire one message found with :meth:`open`; returns its waiter, if it had one.
+        ``observe``: it finished (False: it is taken elsewhere, not counted in ``latency``)."""
         if batch.done is None:
             batch.done = set()
         batch.done.add(wseq)
         batch.remaining -= 1
         if batch.remaining == 0:
+            if observe:
+                self._observe(batch)
             self._drop(batch)
         self.inflight -= 1
         return self.waiters.pop(wseq, None) if self.waiters else None
@@ -290,6 +330,16 @@ class Window:
     def open_entries(self) -> list[tuple[int, Item]]:
         """Every unfinished message as ``(wseq, [cid, cseq, payload])``, in order."""
         return [(w, item) for _, w, item in self.entries()]
+
+    def oldest_at(self) -> float | None:
+        """When the oldest unfinished message in a batch was sealed (monotonic seconds; None:
+        nothing sealed is unfinished). Messages of the pending batch are not counted: they wait at
+        most the linger. O(1): batches are kept in wseq order, which is the order they were
+        sealed in (a replay keeps the original times and puts the doubtful ones, the earliest,
+        first), so the first batch is the oldest."""
+        for batch in self.batches.values():
+            return batch.at
+        return None
 
     def count_parked(self, halted: Callable[[bytes], bool]) -> None:
         """Recount ``parked``: the unfinished messages of halted channels (a scan: only on halt,
@@ -327,12 +377,12 @@ class Window:
         fresh: list[_Resend] = []
         for batch, w, item in self.entries():
             assert batch is not None  # nothing is pending after the seal
-            entry = (item, waiters.get(w), batch.install)
+            entry = (item, waiters.get(w), batch.install, batch.at)
             (doubtful if batch.doubt else fresh).append(entry)
         self.batches.clear()
         self.starts.clear()
         replay = Replay()
-        replay.redelivered = sum(1 for _, _, install in doubtful if install is None)
+        replay.redelivered = sum(1 for _, _, install, _ in doubtful if install is None)
         for flag, entries in ((True, doubtful), (False, fresh)):
             chunk: list[_Resend] = []
             for entry in entries:
@@ -347,7 +397,7 @@ class Window:
                     replay.batches.append(self._resend(epoch, flag, chunk))
                     chunk = []
                 batch = self.add_install(epoch, *install)
-                batch.sent, batch.doubt = True, flag
+                batch.sent, batch.doubt, batch.at = True, flag, entry[3]
                 self.inflight -= 1  # add_install counted it again
                 replay.batches.append(batch)
             if chunk:
@@ -359,12 +409,13 @@ class Window:
         first = self.next_wseq
         self.next_wseq = first + len(chunk)
         frame = codec.encode_batch(
-            epoch, first, redelivered, [(c, s, p) for (c, s, p), _, _ in chunk]
+            epoch, first, redelivered, [(c, s, p) for (c, s, p), _, _, _ in chunk]
         )
-        batch = Batch(first, len(chunk), frame, True, redelivered)
+        at = min(entry[3] for entry in chunk)
+        batch = Batch(first, len(chunk), frame, True, redelivered, at=at)
         self.batches[first] = batch
         self.starts.append(first)
-        for j, (_, waiter, _) in enumerate(chunk):
+        for j, (_, waiter, _, _) in enumerate(chunk):
             if waiter is not None:
                 self.waiters[first + j] = waiter
         return batch
