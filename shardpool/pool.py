@@ -213,6 +213,24 @@ class ShardPool:
         p50/p99 in seconds)."""
         return self._front.placement()
 
+    def apply_live_config(self, config: Config) -> None:
+        """Replace the running configuration with ``config``, which may differ from it only in
+        :data:`shardpool.reload.LIVE_KEYS` (levelling, the move timeout, the drain deadline: what
+        the front reads afresh each time). Used by ``shardpool run`` on SIGHUP.
+
+        Raises:
+            ValueError: ``config`` differs in a key that needs a restart (naming the keys).
+        """
+        from .reload import plan_reload
+
+        plan = plan_reload(self.config, config)
+        if plan.restart:
+            keys = ", ".join(c.key for c in plan.restart)
+            raise ValueError(f"not live: {keys} need a restart of the pool")
+        with self._front.lock:
+            self._front.cfg = plan.effective
+        self.config = plan.effective
+
     def halted_channels(self) -> dict[bytes, int]:
         """Channels parked after a failure under the ``halt`` policy, or quarantined → the failed
         message's seq."""

@@ -10,6 +10,18 @@ through :func:`signal.set_wakeup_fd`), control requests that need it (drain, sto
 it, and once a second it samples the figures that ``status`` turns into rates and re-pins workers
 that were restarted or added.
 
+SIGHUP re-reads the config file and applies the keys that can change live (levelling, the move
+timeout, the drain deadline: :data:`~shardpool.reload.LIVE_KEYS`), logging every changed key as
+applied or as needing a restart; a config that does not validate is logged and changes nothing.
+Handler code is not reloaded (a new handler version needs a restart). SIGUSR1 reopens log files
+(none with the ``shardpool`` command, which logs to stderr). Both are recorded by their handler
+and carried out by the main loop, like every other signal.
+
+When ``NOTIFY_SOCKET`` is set (systemd ``Type=notify``), the service manager hears ``READY=1``
+once the control socket answers, ``STATUS=`` on each change of state or worker count,
+``RELOADING=1``/``READY=1`` around a SIGHUP, ``STOPPING=1`` when shutdown begins and
+``WATCHDOG=1`` every half ``WATCHDOG_USEC`` from the main loop (:mod:`shardpool.sdnotify`).
+
 The worker count can change while running (``shardpool resize N``, or the gunicorn convention:
 SIGTTIN one worker more, SIGTTOU one fewer, never below one; the handler records the signal, the
 main loop asks the pool for the resize without waiting for it and logs it; a refused one is
@@ -47,7 +59,7 @@ import psutil
 
 from . import __version__
 from . import protocol as P
-from .config import Config
+from .config import DEFAULTS_SOURCE, Config, load_config
 from .control import BAD_REQUEST, OPS, BadRequest, ControlServer, Respond
 from .demo.load import DemoLoad
 from .errors import (
@@ -65,7 +77,9 @@ from .ingress import Ingress, IngressSettings
 from .metrics import MetricsServer
 from .pool import ShardPool
 from .ratelog import RateLimitedLog
+from .reload import plan_reload, reopen_log_files
 from .routing import check_channel_id
+from .sdnotify import Notifier
 from .security import EndpointLock, check_endpoints, claim_endpoints, resolve_endpoints
 from .status import Figures
 from .wakeup import WakePipe
@@ -85,6 +99,8 @@ MAX_WORKERS = 1024
 """The most workers a resize may ask for (as ``pool.workers``)."""
 RESIZE_SIGNALS = {signal.SIGTTIN: 1, signal.SIGTTOU: -1}
 """Signal → change of the worker count (gunicorn's convention)."""
+ADMIN_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
+"""Reload the config (HUP), reopen log files (USR1)."""
 
 
 class Service:
@@ -95,7 +111,11 @@ class Service:
         config: the validated configuration.
         demo_load: drive the built-in Lightning traffic generator through the ingress at this
             many messages per second (0 = as fast as the pool takes them; None = off).
-        env: environment for the default runtime directory (default ``os.environ``).
+        env: environment for the default runtime directory and ``NOTIFY_SOCKET`` /
+            ``WATCHDOG_USEC`` (default ``os.environ``).
+        reload: what SIGHUP calls to read the configuration again (raising
+            :class:`ConfigError` for one that does not validate); default: load the file
+            ``config.source`` names (with the environment's overrides), as at start.
     """
 
     def __init__(
@@ -104,8 +124,10 @@ class Service:
         *,
         demo_load: float | None = None,
         env: dict[str, str] | None = None,
+        reload: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
+        self._reload_config = reload
         self._env = env
         self._demo_rate = demo_load
         self.state = "starting"
@@ -120,6 +142,9 @@ class Service:
         # Recorded by signal handlers / other threads, acted on by the main loop.
         self._signals: list[int] = []
         self._resize_signals: collections.deque[int] = collections.deque()
+        self._admin_signals: collections.deque[int] = collections.deque()
+        self._notify = Notifier(env)
+        self._next_watchdog = time.monotonic()
         self._stop_requests = 0
         self._operations = 0  # placement operations running on threads of their own
         self._operations_lock = threading.Lock()
@@ -197,6 +222,9 @@ class Service:
         if self._demo_rate is not None:
             self._demo = DemoLoad(self.ingress_endpoint, self._demo_rate)
             self._demo.start()
+        # The control socket answers: ready for the service manager too.
+        self._notify.ready(self._status_text())
+        self._watchdog(force=True)
 
     def _teardown(self) -> None:
         """Release whatever :meth:`start` got to, in reverse order (a failed start)."""
@@ -212,6 +240,7 @@ class Service:
             lock.release()
         self._locks.clear()
         self._wakeup.close()
+        self._notify.close()
 
     # -- hooks called from other threads -----------------------------------------------------
 
@@ -241,6 +270,10 @@ class Service:
     def _on_resize_signal(self, signum: int, frame: FrameType | None) -> None:
         # SIGTTIN / SIGTTOU: only record, as above; the main loop resizes.
         self._resize_signals.append(signum)
+
+    def _on_admin_signal(self, signum: int, frame: FrameType | None) -> None:
+        # SIGHUP / SIGUSR1: only record, as above; the main loop reloads or reopens.
+        self._admin_signals.append(signum)
 
     def request_stop(self) -> None:
         """Ask the main loop to shut down (thread-safe; a second request forces it)."""
@@ -461,6 +494,8 @@ class Service:
                 restore.append((sig, signal.signal(sig, self._on_signal)))
             for sig in RESIZE_SIGNALS:
                 restore.append((sig, signal.signal(sig, self._on_resize_signal)))
+            for sig in ADMIN_SIGNALS:
+                restore.append((sig, signal.signal(sig, self._on_admin_signal)))
             old_fd = signal.set_wakeup_fd(self._wakeup.write_fd, warn_on_full_buffer=False)
         try:
             reason = self._wait_for_stop()
@@ -471,6 +506,7 @@ class Service:
             for sig, handler in restore:
                 signal.signal(sig, handler)
             self._wakeup.close()
+            self._notify.close()
 
     def stop(self) -> int:
         """Shut down from the thread that called :meth:`start` (in-process use); returns the
@@ -479,6 +515,7 @@ class Service:
             return self._shutdown("stop()")
         finally:
             self._wakeup.close()
+            self._notify.close()
 
     def _stopping(self) -> bool:
         return bool(self._signals) or self._stop_requests > 0
@@ -503,17 +540,27 @@ class Service:
                 # Producers could get no replies any more: better down than silently deaf.
                 self._failed = "the ingress thread failed"
                 return self._failed
-            while self._requests:
-                op, args, respond = self._requests.popleft()
-                if op == "drain":
-                    self._drain_request(args, respond)
-            while self._resize_signals:
-                self._resize_by_signal(self._resize_signals.popleft())
+            self._act_on_requests()
             now = time.monotonic()
             if now >= next_tick:
                 self._tick()
                 next_tick = now + SAMPLE_INTERVAL_S
-            self._sleep(next_tick - time.monotonic())
+            self._watchdog()
+            self._sleep(min(next_tick, self._next_watchdog) - time.monotonic())
+
+    def _act_on_requests(self) -> None:
+        """What the main loop was asked to do: drain requests, resize and admin signals."""
+        while self._requests:
+            op, args, respond = self._requests.popleft()
+            if op == "drain":
+                self._drain_request(args, respond)
+        while self._resize_signals:
+            self._resize_by_signal(self._resize_signals.popleft())
+        while self._admin_signals:
+            if self._admin_signals.popleft() == signal.SIGHUP:
+                self._reload()
+            else:
+                self._reopen_logs()
 
     def _tick(self) -> None:
         assert self.pool is not None
@@ -521,8 +568,84 @@ class Service:
             self.snapshot(timeout=1.0)
             if self.config.pool.pin_workers:
                 self._pinning.apply(self.pool.worker_pids())
+            self._notify.status(self._status_text())
         except Exception:  # noqa: BLE001 - sampling must never take the backend down
             log.exception("periodic sample failed")
+
+    def _watchdog(self, force: bool = False) -> None:
+        """``WATCHDOG=1`` when half of ``WATCHDOG_USEC`` has passed since the last one."""
+        interval = self._notify.watchdog_interval_s
+        if interval is None:
+            self._next_watchdog = float("inf")
+            return
+        now = time.monotonic()
+        if force or now >= self._next_watchdog:
+            self._notify.watchdog()
+            self._next_watchdog = now + interval
+
+    def _status_text(self) -> str:
+        """One line for ``systemctl status``: state, workers, a resize in progress."""
+        if self.pool is None or self.state in ("stopping", "stopped"):
+            return self.state
+        place = self.pool.placement()
+        n = int(place["workers"])
+        text = f"{self.state}: {n} worker{'s' if n != 1 else ''}"
+        resize = place["resize"]
+        if resize["in_progress"]:
+            text += f", resizing to {resize['target']}"
+        if self.state == "draining":
+            text += ", intake stopped"
+        elif self.state == "drained":
+            text += ", intake closed"
+        return text
+
+    # -- SIGHUP, SIGUSR1 -----------------------------------------------------------------------
+
+    def _read_config(self) -> Config:
+        """The configuration as it reads now (raises ConfigError)."""
+        if self._reload_config is not None:
+            return self._reload_config()
+        source = self.config.source
+        if source != DEFAULTS_SOURCE and source.startswith("<"):
+            raise ConfigError(f"the configuration came from {source}, not a file: nothing to read")
+        return load_config(None if source == DEFAULTS_SOURCE else source, env=self._env)
+
+    def _reload(self) -> None:
+        """SIGHUP (main loop): re-read the config, apply the live keys, log every change."""
+        assert self.pool is not None
+        self._notify.reloading()
+        try:
+            log.info("SIGHUP: reloading the configuration from %s", self.config.source)
+            try:
+                new = self._read_config()
+            except ConfigError as exc:
+                log.error("SIGHUP: configuration not reloaded, nothing changed: %s",
+                          str(exc).replace("\n", "; "))
+                return
+            plan = plan_reload(self.config, new)
+            plan.log(log)
+            if plan.applied:
+                self.pool.apply_live_config(plan.effective)
+                self.config = plan.effective
+            log.info(
+                "SIGHUP: reload done: %d key%s applied, %d need%s a restart; handler code is not "
+                "reloaded (a new handler version needs a restart)",
+                len(plan.applied), "" if len(plan.applied) == 1 else "s",
+                len(plan.restart), "s" if len(plan.restart) == 1 else "",
+            )
+        except Exception:  # noqa: BLE001 - a reload must never take the backend down
+            log.exception("SIGHUP: reload failed; the running configuration is unchanged")
+        finally:
+            self._notify.ready(self._status_text())
+
+    def _reopen_logs(self) -> None:
+        """SIGUSR1 (main loop): reopen log files (logrotate)."""
+        paths = reopen_log_files()
+        if paths:
+            log.info("SIGUSR1: reopened log file%s %s", "s" if len(paths) > 1 else "",
+                     ", ".join(paths))
+        else:
+            log.info("SIGUSR1: no log file to reopen (logging to stderr only)")
 
     def _drain(self, deadline: float, interrupted: Callable[[], bool]) -> _DrainOutcome:
         """Wait for every accepted message until ``deadline`` (monotonic seconds), in slices of
@@ -532,6 +655,7 @@ class Service:
         while True:
             if interrupted():
                 return _DrainOutcome(False, why="interrupted: the backend is shutting down")
+            self._watchdog()
             left = deadline - time.monotonic()
             try:
                 self.pool.drain(max(0.0, min(DRAIN_SLICE_S, left)))
@@ -548,6 +672,7 @@ class Service:
         log.info("drain requested: stopping intake, waiting up to %.1f s", timeout)
         self.ingress.stop_intake(P.E_DRAINING)
         self.state = "draining"
+        self._notify.status(self._status_text())
         if self._demo is not None:
             self._demo.stop()
         outcome = self._drain(time.monotonic() + timeout, self._stopping)
@@ -557,6 +682,7 @@ class Service:
             respond(True, {"drained": False, "pending": outcome.pending})
         else:
             self.state = "drained"
+            self._notify.status(self._status_text())
             log.info("drained: every accepted message is finished; intake stays closed")
             respond(True, {"drained": True, "pending": 0})
 
@@ -564,6 +690,7 @@ class Service:
         """Phases: stop intake, drain, stop the pool (hand back), close sockets."""
         assert self.pool is not None and self.ingress is not None
         self.state = "stopping"
+        self._notify.stopping(f"stopping ({reason}): draining")
         stop_timeout = self.config.supervisor.stop_timeout_s
         deadline = time.monotonic() + stop_timeout
         log.info("shutting down (%s): phase 1/4 stop intake", reason)
@@ -580,6 +707,7 @@ class Service:
         if forced:
             log.warning("second signal: stopping now without waiting for the drain")
         log.info("phase 3/4 stop workers")
+        self._notify.status("stopping: stopping workers")
         left = 0.0 if forced else max(grace, deadline - time.monotonic())
         report = self.pool.close(left, drain=False)
         unfinished = len(report.unfinished)

@@ -46,11 +46,15 @@ def cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
 
 @contextlib.contextmanager
 def backend_process(
-    tmp_path: Path, sections: dict[str, dict[str, Any]], args: tuple[str, ...] = ()
+    tmp_path: Path,
+    sections: dict[str, dict[str, Any]],
+    args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> Iterator[Backend]:
-    """Start ``shardpool run -c <config> [args]``, wait for the control socket's answer (the
-    readiness handshake, 60 s at most), and on exit make sure the backend and every worker it
-    ever had are gone, whatever happened (printing the end of its log)."""
+    """Start ``shardpool run -c <config> [args]`` (``env``: variables added to its
+    environment), wait for the control socket's answer (the readiness handshake, 60 s at most),
+    and on exit make sure the backend and every worker it ever had are gone, whatever happened
+    (printing the end of its log)."""
     cfg = tmp_path / "backend.toml"
     cfg.write_text(toml_config(sections))
     log_path = tmp_path / "backend.log"
@@ -59,7 +63,7 @@ def backend_process(
             [sys.executable, "-m", "shardpool", "run", "-c", str(cfg), *args],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=subprocess_env(),
+            env={**subprocess_env(), **(env or {})},
             cwd=tmp_path,
         )
     kids: list[psutil.Process] = []

@@ -142,8 +142,11 @@ def worker_main(spec: WorkerSpec) -> None:
     from .serve import Worker  # the event-loop side; imported in the child only
 
     # The front coordinates shutdown: Ctrl-C in a terminal reaches the whole process group, and a
-    # worker that died of it would look like a crash. SIGTERM is the stop request.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # worker that died of it would look like a crash. SIGTERM is the stop request. SIGHUP and
+    # SIGUSR1 are the front's (reload, reopen logs): one sent to the process group (a closed
+    # terminal) must not kill the workers either.
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     worker = Worker(spec)
     signal.signal(signal.SIGTERM, worker.note_stop)
     if spec.parent_pid:
