@@ -21,6 +21,7 @@ from shardpool.config import (
     config_to_toml,
     find_config_path,
     load_config,
+    load_config_with_origins,
 )
 from shardpool.demo.load import DEMO_DEFAULT_RATE
 from shardpool.errors import ConfigError
@@ -53,31 +54,101 @@ def _add_check_config(sub: _Subparsers) -> None:
         description=(
             "Load PATH (else $SHARDPOOL_CONFIG, else config/shardpool.toml if present, else the "
             "built-in defaults), apply SHARDPOOL_<SECTION>_<KEY> environment overrides, validate, "
-            f"and print the result. Exit {EXIT_OK} if valid, {EXIT_CONFIG} with each problem on "
-            "stderr if not."
+            "apply the rules `shardpool run` applies before it serves (a non-loopback ingress "
+            "needs CURVE keys and authorised clients, the control socket stays on this host, ipc "
+            "paths fit a unix socket address, the handler imports and builds as a worker does it: "
+            "it is imported here, as gunicorn --check-config does), and print the result. "
+            f"Exit {EXIT_OK} if `run` would accept it, {EXIT_CONFIG} with each problem (key, "
+            "value, what is allowed) on stderr if not."
         ),
     )
-    p.add_argument("path", nargs="?", metavar="PATH", help="config file (TOML)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of TOML")
+    p.add_argument("path", nargs="?", metavar="PATH", help="config file (TOML); or -c PATH")
+    _add_config_arg(p)
+    _add_override_args(p)
+    p.add_argument("--json", action="store_true",
+                   help="print JSON instead of TOML (with \"origins\": where each value came from)")
     p.set_defaults(func=cmd_check_config)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Print the effective config and return EXIT_OK, or the problems and EXIT_CONFIG."""
-    path = find_config_path(args.path)
+    from shardpool.preflight import check_runnable
+
+    if args.path and args.config and args.path != args.config:
+        print("shardpool check-config: give the config file as PATH or as -c PATH, not both",
+              file=sys.stderr)
+        return EXIT_USAGE
+    _cwd_on_import_path()
+    path = find_config_path(args.path or args.config)
     source = os.fspath(path) if path is not None else "<defaults>"
+    overrides, labels = _overrides(args)
     try:
-        cfg = load_config(path)
+        cfg, origins = load_config_with_origins(path, overrides=overrides, labels=labels)
+        # What `run` would refuse on top: endpoint security, ipc paths, the handler (imported).
+        check_runnable(cfg)
     except ConfigError as e:
         _print_problems(e, source)
         return EXIT_CONFIG
     if args.json:
         # default=str: TOML dates/times inside handler_options have no JSON type.
-        doc = {"source": cfg.source, **config_to_dict(cfg)}
+        doc = {"source": cfg.source, **config_to_dict(cfg), "origins": origins}
         print(json.dumps(doc, indent=2, default=str))
     else:
-        sys.stdout.write(config_to_toml(cfg))
+        sys.stdout.write(config_to_toml(cfg, origins))
     return EXIT_OK
+
+
+# ------------------------------------------------------------- flags shared by run and check-config
+
+
+def _workers_flag(text: str) -> int | str:
+    """``-w N`` or ``-w auto``; the config's own rule checks the range (naming the flag)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a worker count (a whole number, or auto)"
+        ) from None
+
+
+def _add_override_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-w", "--workers", type=_workers_flag, metavar="N",
+                   help="worker processes, or auto (physical cores); overrides pool.workers of "
+                   "the file and SHARDPOOL_POOL_WORKERS")
+    p.add_argument("--handler", metavar="MODULE:ATTR",
+                   help="the handler; overrides pool.handler of the file and "
+                   "SHARDPOOL_POOL_HANDLER. The current directory is searched first, then the "
+                   "installed packages and PYTHONPATH")
+
+
+_OVERRIDE_FLAGS = (
+    ("workers", "pool.workers", "--workers"),
+    ("handler", "pool.handler", "--handler"),
+)
+"""Each override flag: its ``args`` attribute, the config key, the flag as an error names it."""
+
+
+def _overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """The config overrides the flags give (``{"pool.workers": 4}``) and their labels."""
+    overrides: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    for attr, key, flag in _OVERRIDE_FLAGS:
+        value = getattr(args, attr, None)
+        if value is not None:
+            overrides[key] = value
+            labels[key] = f"flag {flag}"
+    return overrides, labels
+
+
+def _cwd_on_import_path() -> None:
+    """Put the current directory first on the import path, as gunicorn and uvicorn do, so that a
+    handler module next to the config imports (``python -m`` does this; the ``shardpool`` script
+    does not). Workers inherit the path: they are spawned with the front's ``sys.path``."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 # ------------------------------------------------------------------------------------------- bench
@@ -150,11 +221,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _load_for_service(args: argparse.Namespace) -> tuple[Any, str] | int:
-    """The config named by ``-c`` (else the default search), or EXIT_CONFIG after printing why."""
+    """The config named by ``-c`` (else the default search) with the flags' overrides, or
+    EXIT_CONFIG after printing why."""
     path = find_config_path(args.config)
     source = os.fspath(path) if path is not None else "<defaults>"
+    overrides, labels = _overrides(args)
     try:
-        return load_config(path), source
+        return load_config(path, overrides=overrides, labels=labels), source
     except ConfigError as e:
         _print_problems(e, source)
         return EXIT_CONFIG
@@ -179,12 +252,18 @@ def _add_run(sub: _Subparsers) -> None:
             "`drain`, `stop`, `move`, `pin`, `unpin`, `resize`) and, if metrics.enabled, the "
             "Prometheus endpoint; log where they listen; run until SIGTERM/SIGINT, then stop "
             "intake, drain within supervisor.stop_timeout_s and stop (a second signal stops at "
-            "once). SIGTTIN adds a worker, SIGTTOU removes one (never below 1). "
+            "once). SIGHUP reloads the config (what can change live is applied, the rest "
+            "logged as needing a restart), SIGUSR1 reopens log files, SIGTTIN adds a worker, "
+            "SIGTTOU removes one (never below 1). "
+            "Flags override the config file and SHARDPOOL_* variables; `shardpool check-config` "
+            "with the same -c/-w/--handler shows the result and where each value came from. The "
+            "handler is imported with the current directory first on the import path. "
             f"Exit {EXIT_OK} after a clean drain, {EXIT_FAILURE} otherwise, {EXIT_CONFIG} on an "
             "invalid or insecure configuration."
         ),
     )
     _add_config_arg(p)
+    _add_override_args(p)
     p.add_argument(
         "--demo-load",
         nargs="?",
@@ -209,7 +288,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import zmq
 
-    from shardpool.errors import ShardPoolError
+    from shardpool.errors import ShardPoolError, WorkerStartError
     from shardpool.service import Service
 
     logging.basicConfig(
@@ -224,11 +303,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.demo_load is not None and args.demo_load < 0:
         print("shardpool run: --demo-load RATE must be >= 0", file=sys.stderr)
         return EXIT_USAGE
+    _cwd_on_import_path()
     # This process is ours: let the threads that move messages (ingress, the front's I/O thread)
     # take the GIL within 0.5 ms instead of Python's 5 ms default. Measured with a busy
     # producer thread next to the front: submit-to-result p50 9 ms -> 1.9 ms.
     sys.setswitchinterval(0.0005)
-    service = Service(cfg, demo_load=args.demo_load)
+    path = find_config_path(args.config)
+    overrides, labels = _overrides(args)
+
+    def reload() -> Any:
+        # SIGHUP reads the same file and environment again, with the same flags on top.
+        return load_config(path, overrides=overrides, labels=labels)
+
+    service = Service(cfg, demo_load=args.demo_load, reload=reload)
     try:
         service.start()
     except ConfigError as e:
@@ -236,6 +323,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     except (ShardPoolError, OSError, zmq.ZMQError) as e:
         print(f"shardpool run: cannot start: {e}", file=sys.stderr)
+        if isinstance(e, WorkerStartError) and "ModuleNotFoundError" in str(e):
+            from shardpool.preflight import IMPORT_HINT
+
+            print(f"  pool.handler = {cfg.pool.handler!r}: {IMPORT_HINT}", file=sys.stderr)
         return EXIT_FAILURE
     return service.serve()
 
@@ -329,12 +420,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _control_request(
     args: argparse.Namespace, op: str, payload: dict[str, Any] | None = None,
-    timeout: float | None = None, client_timeout: float = 5.0,
+    timeout: float | None = None, client_timeout: float = 5.0, note: str = "",
 ) -> Any:
     """One request to the backend's control socket; the reply, or an exit code (int) after
     printing why: EXIT_USAGE when the backend found the request itself wrong (a slot, worker or
-    channel that does not exist), EXIT_FAILURE when no backend answered or it could not do it."""
-    from shardpool.control import BadRequest, ControlClient
+    channel that does not exist), EXIT_FAILURE when no backend answered or it could not do it.
+    ``note`` is added to an error the backend answered."""
+    from shardpool.control import BadRequest, ControlClient, ControlError
     from shardpool.errors import ShardPoolError
 
     endpoint = _control_endpoint(args)
@@ -344,10 +436,12 @@ def _control_request(
         with ControlClient(endpoint, timeout=client_timeout) as client:
             return client.request(op, payload, timeout=timeout)
     except BadRequest as e:
-        print(f"shardpool {args.command}: {e}", file=sys.stderr)
+        print(f"shardpool {args.command}: {e}{note}", file=sys.stderr)
         return EXIT_USAGE
     except ShardPoolError as e:
-        print(f"shardpool {args.command}: {e}", file=sys.stderr)
+        # The note explains an id in the backend's answer; "no backend" needs none.
+        print(f"shardpool {args.command}: {e}{note if isinstance(e, ControlError) else ''}",
+              file=sys.stderr)
         return EXIT_FAILURE
 
 
@@ -484,22 +578,26 @@ def _add_channel_decision(sub: _Subparsers, name: str, what: str) -> None:
         help=what,
         description=(
             f"Operator decision for a channel halted by the 'halt' failure policy: {what}. "
-            "Halted channels are listed by `shardpool status`. Exit 0 when applied, 1 when the "
-            "channel is not halted or no backend answers."
+            "Halted channels are listed by `shardpool status`, each id in a form CHANNEL "
+            f"accepts. Exit {EXIT_OK} when applied, {EXIT_USAGE} for a channel id in none of the "
+            f"accepted forms, {EXIT_FAILURE} when the channel is not halted or no backend answers."
         ),
     )
-    p.add_argument("channel", type=_channel_hex, help="the channel id, in hex")
+    p.add_argument("channel", type=_channel, metavar="CHANNEL", help=_CHANNEL_HELP)
     _add_endpoint_args(p, timeout=10.0)
     p.set_defaults(func=cmd_channel_decision, op=name)
 
 
 def cmd_channel_decision(args: argparse.Namespace) -> int:
     """``resume`` / ``skip`` through the control socket."""
-    reply = _control_request(args, args.op, {"channel": args.channel},
-                             client_timeout=args.timeout)
+    from shardpool.channelid import format_channel
+
+    cid: bytes = args.channel
+    reply = _control_request(args, args.op, {"channel": cid.hex()},
+                             client_timeout=args.timeout, note=_channel_note(cid))
     if isinstance(reply, int):
         return reply
-    print(f"{args.op}: channel {args.channel}")
+    print(f"{args.op}: channel {format_channel(cid)}")
     return EXIT_OK
 
 
@@ -543,17 +641,31 @@ def _worker_count(text: str) -> int:
     return workers
 
 
-def _channel_hex(text: str) -> str:
-    """A channel id given in hex, as ``status`` shows it (argparse reports a bad one)."""
+def _channel(text: str) -> bytes:
+    """A channel id as an operator gives it: ``hex:…``, ``text:…`` or bare (hex if it is an even
+    number of hex digits, else text); argparse reports a bad one with the accepted forms."""
+    from shardpool.channelid import parse_channel
+
     try:
-        cid = bytes.fromhex(text)
-    except ValueError:
-        cid = b""
-    if not cid:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a channel id in hex (as `shardpool status` shows them)"
-        )
-    return cid.hex()
+        return parse_channel(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+_CHANNEL_HELP = (
+    "the channel id, as `shardpool status` prints it: hex:HEX or text:TEXT, or bare: hex if it "
+    "is an even number of hex digits (6368616e2d31), else text (chan-1); a text id that is "
+    "valid hex needs text: (text:cafe)"
+)
+
+
+def _channel_note(cid: bytes) -> str:
+    """What to add to a backend's error about ``cid`` (it names ids in hex) when the operator
+    gave it in another form."""
+    from shardpool.channelid import format_channel
+
+    shown = format_channel(cid)
+    return "" if shown == cid.hex() else f" ({shown} is {cid.hex()} in hex)"
 
 
 def _add_placement_args(p: argparse.ArgumentParser, timeout: float) -> None:
@@ -617,7 +729,7 @@ def _add_pin(sub: _Subparsers) -> None:
         "pin",
         help="place one channel on a worker of its own choosing, ahead of the slot table",
         description=(
-            "Pin CHANNEL (hex, as `shardpool status` shows it) of a running backend to WORKER "
+            "Pin CHANNEL (as `shardpool status` shows it) of a running backend to WORKER "
             "(default: the least loaded other worker), through the same barrier as a slot move: "
             "a hot channel on a worker of its own. `shardpool unpin` sends it back. "
             f"Exit {EXIT_OK} once it is there, {EXIT_USAGE} for a bad channel id or a worker that "
@@ -625,7 +737,7 @@ def _add_pin(sub: _Subparsers) -> None:
             "backend answers."
         ),
     )
-    p.add_argument("channel", type=_channel_hex, metavar="CHANNEL", help="the channel id, in hex")
+    p.add_argument("channel", type=_channel, metavar="CHANNEL", help=_CHANNEL_HELP)
     p.add_argument("worker", type=_worker_index, nargs="?", metavar="WORKER",
                    help="the worker to pin it to (default: the least loaded other one)")
     _add_placement_args(p, timeout=30.0)
@@ -643,18 +755,22 @@ def _add_unpin(sub: _Subparsers) -> None:
             "or called off, or no backend answers."
         ),
     )
-    p.add_argument("channel", type=_channel_hex, metavar="CHANNEL", help="the channel id, in hex")
+    p.add_argument("channel", type=_channel, metavar="CHANNEL", help=_CHANNEL_HELP)
     _add_placement_args(p, timeout=30.0)
     p.set_defaults(func=cmd_pin, op="unpin", worker=None)
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
     """``pin`` / ``unpin`` through the control socket."""
-    payload: dict[str, Any] = {"channel": args.channel, "timeout": args.timeout}
+    from shardpool.channelid import format_channel
+
+    cid: bytes = args.channel
+    payload: dict[str, Any] = {"channel": cid.hex(), "timeout": args.timeout}
     if args.worker is not None:
         payload["worker"] = args.worker
     reply = _control_request(
-        args, args.op, payload, timeout=args.timeout + 5.0, client_timeout=args.timeout + 5.0
+        args, args.op, payload, timeout=args.timeout + 5.0, client_timeout=args.timeout + 5.0,
+        note=_channel_note(cid),
     )
     if isinstance(reply, int):
         return reply
@@ -664,7 +780,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
         return EXIT_OK if done else EXIT_FAILURE
     if not done:
         print(
-            f"{args.op} channel {reply['channel']}: move {reply['gen']} to worker "
+            f"{args.op} channel {format_channel(cid)}: move {reply['gen']} to worker "
             f"{reply['worker']} not done within {args.timeout:g} s: {reply['state']}"
         )
         return EXIT_FAILURE
@@ -674,7 +790,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
         else "it was there already"
     )
     where = "pinned to" if args.op == "pin" else "unpinned: back on its slot's"
-    print(f"channel {reply['channel']} {where} worker {reply['worker']} ({how})")
+    print(f"channel {format_channel(cid)} {where} worker {reply['worker']} ({how})")
     return EXIT_OK
 
 
@@ -750,10 +866,13 @@ _SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
+    from shardpool import __version__
+
     parser = argparse.ArgumentParser(
         prog="shardpool",
         description="Multiprocess sharded worker pool with strict per-channel order.",
     )
+    parser.add_argument("-V", "--version", action="version", version=f"shardpool {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in _SUBCOMMANDS:
         add(sub)

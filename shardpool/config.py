@@ -48,6 +48,7 @@ __all__ = [
     "config_to_toml",
     "find_config_path",
     "load_config",
+    "load_config_with_origins",
     "physical_cores",
     "with_overrides",
 ]
@@ -677,6 +678,7 @@ def _layer_table(raw: _Raw, data: Mapping[str, Any], problems: _Problems) -> Non
 
 
 _ENV_HINT = f" (override variables are named {ENV_PREFIX}<SECTION>_<KEY>)"
+_ENV_ORIGIN = "environment variable "
 
 
 def _layer_env(raw: _Raw, env: Mapping[str, str], problems: _Problems) -> None:
@@ -700,10 +702,17 @@ def _layer_env(raw: _Raw, env: Mapping[str, str], problems: _Problems) -> None:
         value: Any = doc["v"] if len(doc) == 1 else text
         if _rule(section, key).textual and not isinstance(value, str):
             value = text
-        raw[section][key] = (value, f"environment variable {var}")
+        raw[section][key] = (value, f"{_ENV_ORIGIN}{var}")
 
 
-def _layer_overrides(raw: _Raw, overrides: Mapping[str, Any], problems: _Problems) -> None:
+def _layer_overrides(
+    raw: _Raw,
+    overrides: Mapping[str, Any],
+    problems: _Problems,
+    labels: Mapping[str, str] | None = None,
+) -> None:
+    """Merge dotted ``overrides``; ``labels`` names where each came from (``"flag --workers"``),
+    else ``"overrides"``."""
     for dotted, value in overrides.items():
         section, sep, key = str(dotted).partition(".")
         if not sep:
@@ -713,7 +722,7 @@ def _layer_overrides(raw: _Raw, overrides: Mapping[str, Any], problems: _Problem
         elif key not in _keys(section):
             problems.append((dotted, value, _unknown_key(section, key)))
         else:
-            raw[section][key] = (value, "overrides")
+            raw[section][key] = (value, (labels or {}).get(dotted, "overrides"))
 
 
 def _build(raw: _Raw, source: str, problems: _Problems) -> Config:
@@ -757,17 +766,37 @@ def load_config(
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Config:
     """Load ``path`` (``None``: built-in defaults only), apply env and ``overrides``, validate.
 
     ``env`` defaults to :data:`os.environ`; pass ``{}`` to ignore the environment.
     ``SHARDPOOL_<SECTION>_<KEY>`` variables (case-insensitive section/key) are parsed as a TOML
     value when they parse, else taken as a bare string. ``SHARDPOOL_CONFIG`` is not an override.
+    ``labels`` names where an override came from (``{"pool.workers": "flag --workers"}``): an
+    error about it says so, as one about an environment variable names the variable.
 
     Raises:
         ConfigError: the file is missing, unreadable or not valid TOML (naming the file and the
             line/column), or any value is invalid; in the latter case every problem is listed,
             each as a ``(dotted key or variable, value, what is allowed)`` triple.
+    """
+    return load_config_with_origins(path, env=env, overrides=overrides, labels=labels)[0]
+
+
+def load_config_with_origins(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> tuple[Config, dict[str, str]]:
+    """:func:`load_config`, and where each value came from: ``{dotted key: origin}`` for every
+    key, the origin being ``"default"``, ``"file"``, ``"env SHARDPOOL_<SECTION>_<KEY>"``, or the
+    override's label (``"overrides"`` without one).
+
+    Raises:
+        ConfigError: as :func:`load_config`.
     """
     raw = _empty_raw()
     problems: _Problems = []
@@ -777,8 +806,21 @@ def load_config(
         _layer_table(raw, _read_toml(Path(path)), problems)
     _layer_env(raw, os.environ if env is None else env, problems)
     if overrides:
-        _layer_overrides(raw, overrides, problems)
-    return _build(raw, source, problems)
+        _layer_overrides(raw, overrides, problems, labels)
+    return _build(raw, source, problems), _origins(raw)
+
+
+def _origins(raw: _Raw) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for section in _SECTIONS:
+        for key in _keys(section):
+            origin = raw[section][key][1] if key in raw[section] else "default"
+            if origin is None:
+                origin = "file"
+            elif origin.startswith(_ENV_ORIGIN):
+                origin = "env " + origin[len(_ENV_ORIGIN) :]
+            out[f"{section}.{key}"] = origin
+    return out
 
 
 def config_from_dict(data: Mapping[str, Any], *, source: str = "<dict>") -> Config:
@@ -868,12 +910,16 @@ def _toml_value(v: Any) -> str:
     return str(v.isoformat())
 
 
-def config_to_toml(cfg: Config) -> str:
-    """The effective config as a TOML document that :func:`load_config` reads back unchanged."""
+def config_to_toml(cfg: Config, origins: Mapping[str, str] | None = None) -> str:
+    """The effective config as a TOML document that :func:`load_config` reads back unchanged;
+    with ``origins`` (see :func:`load_config_with_origins`), each line's comment ends with where
+    its value came from (``[file]``, ``[default]``, ``[env SHARDPOOL_POOL_WORKERS]``, ...)."""
     lines = [f"# effective configuration (source: {cfg.source})"]
     for section, values in config_to_dict(cfg).items():
         docs = {f.name: f.metadata["doc"] for f in dataclasses.fields(_SECTIONS[section])}
         lines.append("")
         lines.append(f"[{section}]")
-        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}  # {docs[k]}" for k, v in values.items())
+        for k, v in values.items():
+            origin = f"  [{origins[f'{section}.{k}']}]" if origins else ""
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}  # {docs[k]}{origin}")
     return "\n".join(lines) + "\n"

@@ -248,6 +248,7 @@ class ConnectionWatch:
 
     EVENTS = (
         zmq.EVENT_CONNECTED
+        | zmq.EVENT_CONNECT_RETRIED
         | zmq.EVENT_DISCONNECTED
         | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
         | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -266,6 +267,8 @@ class ConnectionWatch:
         self.ever_connected = False
         self.down_since: float | None = None
         self.refused: str | None = None  # why the backend refused the handshake, if it did
+        # A connection attempt failed (refused: nothing listens there) and will be retried.
+        self.retried = False
 
     def feed(self, frames: list[bytes]) -> bool:
         """Take one monitor message; True if it was a disconnection."""
@@ -276,6 +279,9 @@ class ConnectionWatch:
         if event == zmq.EVENT_CONNECTED:
             self.connected = self.ever_connected = True
             self.down_since = None
+            return False
+        if event == zmq.EVENT_CONNECT_RETRIED:
+            self.retried = True
             return False
         if event == zmq.EVENT_DISCONNECTED:
             self.connected = False
@@ -454,8 +460,9 @@ class ControlClient:
 
         Raises:
             NotRunning: no answer within ``timeout``; at once when the ipc socket does not
-                exist or is left from a backend that is gone (naming the pid its lock named),
-                and as soon as the connection closes while waiting (the backend died).
+                exist or is left from a backend that is gone (naming the pid its lock named) or
+                the first connection is refused (nothing listens on that tcp port), and as soon
+                as the connection closes while waiting (the backend died).
             ControlError: the backend answered with an error.
         """
         timeout = self.timeout if timeout is None else timeout
@@ -484,6 +491,12 @@ class ControlClient:
                 raise NotRunning(
                     f"the shardpool backend at {self.endpoint} went away while answering "
                     f"{op!r} (its connection closed)"
+                )
+            if self._watch.retried and not self._watch.ever_connected:
+                # Refused (the control endpoint is on this host): nothing listens there now.
+                raise NotRunning(
+                    f"no shardpool backend at {self.endpoint}: nothing accepts connections "
+                    "there (is `shardpool run` running?)"
                 )
         return decode_reply(self._sock.recv())
 

@@ -40,6 +40,7 @@ __all__ = [
     "InsecurePathError",
     "KeyFiles",
     "check_endpoints",
+    "check_ipc_path",
     "claim_endpoints",
     "default_runtime_dir",
     "ensure_private_dir",
@@ -121,18 +122,15 @@ def ipc_path(endpoint: str) -> Path | None:
     return None
 
 
-def prepare_ipc(endpoint: str, key: str) -> None:
-    """Before binding an ipc endpoint: create its directory privately (when it is missing, or is
-    our runtime directory) and check the path fits in a unix socket address.
+def check_ipc_path(endpoint: str, key: str) -> None:
+    """Check that an ipc endpoint's path fits in a unix socket address (nothing to check for
+    other transports). Pure: ``shardpool check-config`` applies it too.
 
     Raises:
         ConfigError: the path is too long (naming ``key``).
-        InsecurePathError: as :func:`ensure_private_dir`.
     """
     path = ipc_path(endpoint)
-    if path is None:
-        return
-    if len(os.fsencode(path)) > MAX_IPC_PATH_BYTES:
+    if path is not None and len(os.fsencode(path)) > MAX_IPC_PATH_BYTES:
         raise ConfigError(
             [
                 (
@@ -142,6 +140,20 @@ def prepare_ipc(endpoint: str, key: str) -> None:
                 )
             ]
         )
+
+
+def prepare_ipc(endpoint: str, key: str) -> None:
+    """Before binding an ipc endpoint: check the path (:func:`check_ipc_path`) and create its
+    directory privately (when it is missing, or is our runtime directory).
+
+    Raises:
+        ConfigError: the path is too long (naming ``key``).
+        InsecurePathError: as :func:`ensure_private_dir`.
+    """
+    check_ipc_path(endpoint, key)
+    path = ipc_path(endpoint)
+    if path is None:
+        return
     parent = path.parent
     if not parent.exists():
         ensure_private_dir(parent)

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from .channelid import format_channel_hex
+
 __all__ = ["HALTED_SHOWN", "HOT_TOP_K", "PLACEMENT_SHOWN", "Figures", "render_status"]
 
 HALTED_SHOWN = 10
@@ -282,15 +284,34 @@ def _halted(halted: list[dict[str, Any]]) -> list[str]:
     for h in halted[:HALTED_SHOWN]:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["since"]))
         what = "QUARANTINED" if h["quarantined"] else "halted"
-        lines.append(f"  {h['channel']}  seq {h['seq']}  {what} since {since}")
+        lines.append(_with_id("  ", h["channel"], f"  seq {h['seq']}  {what} since {since}"))
         lines.append(f"      {h['error'].splitlines()[0] if h['error'] else h['type']}")
     if len(halted) > HALTED_SHOWN:
         lines.append(f"  … {len(halted) - HALTED_SHOWN} more (shardpool status --json)")
     return lines
 
 
-def _short(cid: str) -> str:
-    return cid if len(cid) <= 16 else cid[:16] + "…"
+class _IdLine(str):
+    """A table line holding a channel id: never cut before the id's end (a cut id could not be
+    pasted into ``shardpool resume`` / ``pin`` / ...); the rest of the line is cut as any."""
+
+    keep: int
+
+    def __new__(cls, text: str, keep: int) -> _IdLine:
+        line = super().__new__(cls, text)
+        line.keep = keep
+        return line
+
+
+def _with_id(before: str, hex_id: str, after: str = "") -> _IdLine:
+    """``before`` + the channel id (whole, in the form the commands accept: see
+    :func:`shardpool.channelid.format_channel`) + ``after``."""
+    shown = format_channel_hex(hex_id)
+    return _IdLine(before + shown + after, len(before) + len(shown))
+
+
+def _cut(line: str, width: int) -> str:
+    return line[: max(width, line.keep)] if isinstance(line, _IdLine) else line[:width]
 
 
 def _ms(seconds: float | None) -> str:
@@ -300,6 +321,40 @@ def _ms(seconds: float | None) -> str:
 def _more(items: list[Any], what: str) -> list[str]:
     extra = len(items) - PLACEMENT_SHOWN
     return [f"  … {extra} more {what} (shardpool status --json)"] if extra > 0 else []
+
+
+def _moves(under_way: list[dict[str, Any]]) -> list[str]:
+    """The moves in progress: slots, or the channel (whole) of a pin."""
+    if not under_way:
+        return []
+    lines = [f"moves in progress ({len(under_way)}):"]
+    for m in under_way[:PLACEMENT_SHOWN]:
+        rest = (
+            f"  worker {m['src']} → {m['dst']}  {m['reason']}  "
+            f"{m['state']}  age {m['age_s']:.1f} s  held {m['held']}"
+        )
+        if m["slots"]:
+            n = len(m["slots"])
+            lines.append(f"  move {m['gen']}  {n} slot{'s' if n != 1 else ''}{rest}")
+        else:
+            lines.append(_with_id(f"  move {m['gen']}  channel ", m["channels"][0], rest))
+    return lines + _more(under_way, "moves")
+
+
+def _plan(levelling: dict[str, Any]) -> list[str]:
+    """The levelling plan: slot moves, and channel pins (the channel whole)."""
+    plan = levelling.get("plan") or []
+    if not plan:
+        return []
+    how = "shown, not carried out" if levelling.get("mode") == "advise" else "carried out"
+    lines = [f"levelling plan ({levelling.get('mode')}: {how}):"]
+    for step in plan[:PLACEMENT_SHOWN]:
+        rest = f"  worker {step['src']} → {step['dst']}  load {step['load']:.3f}"
+        if step["kind"] == "move":
+            lines.append(f"  move {len(step.get('slots') or [])} slot(s){rest}")
+        else:
+            lines.append(_with_id(f"  {step['kind']} channel ", str(step.get("channel")), rest))
+    return lines + _more(plan, "steps")
 
 
 def _placement(place: dict[str, Any] | None) -> list[str]:
@@ -324,42 +379,14 @@ def _placement(place: dict[str, Any] | None) -> list[str]:
         )
     elif resize.get("error"):
         lines.append(f"resize:    called off: {resize['error']}")
-    under_way = moves["in_progress"]
-    if under_way:
-        lines.append(f"moves in progress ({len(under_way)}):")
-        for m in under_way[:PLACEMENT_SHOWN]:
-            what = (
-                f"{len(m['slots'])} slot{'s' if len(m['slots']) != 1 else ''}"
-                if m["slots"]
-                else f"channel {_short(m['channels'][0])}"
-            )
-            lines.append(
-                f"  move {m['gen']}  {what}  worker {m['src']} → {m['dst']}  {m['reason']}  "
-                f"{m['state']}  age {m['age_s']:.1f} s  held {m['held']}"
-            )
-        lines += _more(under_way, "moves")
-    plan = levelling.get("plan") or []
-    if plan:
-        how = "shown, not carried out" if levelling.get("mode") == "advise" else "carried out"
-        lines.append(f"levelling plan ({levelling.get('mode')}: {how}):")
-        for step in plan[:PLACEMENT_SHOWN]:
-            what = (
-                f"move {len(step.get('slots') or [])} slot(s)"
-                if step["kind"] == "move"
-                else f"{step['kind']} channel {_short(str(step.get('channel')))}"
-            )
-            lines.append(
-                f"  {what}  worker {step['src']} → {step['dst']}  load {step['load']:.3f}"
-            )
-        lines += _more(plan, "steps")
+    lines += _moves(moves["in_progress"])
+    lines += _plan(levelling)
     dedicated = {str(c): int(w) for w, c in (levelling.get("dedicated") or {}).items()}
     if pins:
         lines.append(f"pinned channels ({len(pins)}; shardpool unpin CHANNEL):")
         for cid, w in list(pins.items())[:PLACEMENT_SHOWN]:
-            lines.append(
-                f"  {_short(cid):<17}  worker {w}"
-                + ("  (dedicated worker)" if dedicated.get(cid) == w else "")
-            )
+            own = "  (dedicated worker)" if dedicated.get(cid) == w else ""
+            lines.append(_with_id("  ", cid, f"  worker {w}{own}"))
         lines += _more(list(pins), "pins")
     saturated = levelling.get("saturated") or []
     if saturated:
@@ -367,7 +394,7 @@ def _placement(place: dict[str, Any] | None) -> list[str]:
             f"saturated channels ({len(saturated)}; each keeps a core busy: order forbids "
             "splitting one):"
         )
-        lines += [f"  {_short(cid)}" for cid in saturated[:PLACEMENT_SHOWN]]
+        lines += [_with_id("  ", cid) for cid in saturated[:PLACEMENT_SHOWN]]
         lines += _more(saturated, "saturated channels")
     return lines
 
@@ -376,15 +403,20 @@ def _hottest(hot: list[list[Any]]) -> list[str]:
     """The hottest channels: ``[hex id, messages, worker]`` each."""
     if not hot:
         return []
-    lines = ["", f"hottest channels (top {len(hot)}, messages since worker start):"]
-    for cid, count, worker in hot:
-        lines.append(f"  {_short(cid):<17}  {count:>9}  worker {worker}")
+    lines = [
+        "",
+        f"hottest channels (top {len(hot)}, messages since worker start):",
+        f" {'MESSAGES':>9} {'W':>3}  CHANNEL",
+    ]
+    # The id last, after fixed-width columns: a 32-byte id (64 hex digits) fits 80 columns.
+    lines += [_with_id(f" {count:>9} {worker:>3}  ", cid) for cid, count, worker in hot]
     return lines
 
 
 def render_status(snap: Snapshot, width: int | None = None) -> str:
     """The ``shardpool status`` table for one snapshot, as text, each line cut at ``width``
-    columns (None: whole lines, as for a pipe or a file)."""
+    columns (None: whole lines, as for a pipe or a file) but never inside a channel id: ids are
+    printed whole, in a form ``shardpool resume``/``skip``/``pin``/``unpin`` accept."""
     lines = [
         *_summary(snap),
         "",
@@ -393,4 +425,4 @@ def render_status(snap: Snapshot, width: int | None = None) -> str:
         *_halted(snap["pool"].get("halted") or []),
         *_hottest(snap.get("hot_channels") or []),
     ]
-    return "\n".join(lines if width is None else (line[:width] for line in lines))
+    return "\n".join(lines if width is None else (_cut(line, width) for line in lines))

@@ -64,6 +64,7 @@ def _meta(
     above: bool = False,
     hi: float | None = None,
     flag: str | None = None,
+    short: str | None = None,
     metavar: str | None = None,
     shown: str | None = None,
 ) -> dict[str, Any]:
@@ -75,10 +76,12 @@ def _meta(
         lo, above, hi: the range: ``>= lo`` (``> lo`` with ``above``) and ``<= hi``.
         flag: the flag when not ``--<field-name-with-dashes>``; ``--no-…`` for a bool that the
             flag turns off.
+        short: a one-letter form of the flag too (``-c``), as the other commands have it.
         metavar: the value's name in the help.
         shown: the default as the help states it, where the value itself would not say it.
     """
-    given = {"help": help, "lo": lo, "hi": hi, "flag": flag, "metavar": metavar, "shown": shown}
+    given = {"help": help, "lo": lo, "hi": hi, "flag": flag, "short": short, "metavar": metavar,
+             "shown": shown}
     return {k: v for k, v in given.items() if v is not None} | ({"above": True} if above else {})
 
 
@@ -175,7 +178,7 @@ class BenchOptions:
     )
     config: str | None = field(
         default=None,
-        metadata=_meta("pool config file", metavar="PATH", shown="built-in defaults"),
+        metadata=_meta("pool config file", short="-c", metavar="PATH", shown="built-in defaults"),
     )
     timeout_s: float = field(
         default=120.0,
@@ -356,7 +359,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 options["choices"] = kind.choices
             if "metavar" in f.metadata:
                 options["metavar"] = f.metadata["metavar"]
-        parser.add_argument(_flag(f), **options)
+        flags = [f.metadata["short"]] if "short" in f.metadata else []
+        parser.add_argument(*flags, _flag(f), **options)
 
 
 def from_arguments(namespace: argparse.Namespace) -> BenchOptions:
