@@ -57,18 +57,25 @@ def backend_process(
     (printing the end of its log)."""
     cfg = tmp_path / "backend.toml"
     cfg.write_text(toml_config(sections))
-    log_path = tmp_path / "backend.log"
+    argv = [sys.executable, "-m", "shardpool", "run", "-c", str(cfg), *args]
+    with running(argv, sections["control"]["endpoint"], tmp_path,
+                 {**subprocess_env(), **(env or {})}) as backend:
+        yield backend
+
+
+@contextlib.contextmanager
+def running(
+    argv: list[str], control: str, cwd: Path, env: dict[str, str]
+) -> Iterator[Backend]:
+    """Start the backend command line ``argv`` in ``cwd`` (output in ``cwd/backend.log``), wait
+    for ``control`` to answer (60 s at most), and on exit make sure it and every worker it ever
+    had are gone, whatever happened (printing the end of its log)."""
+    log_path = cwd / "backend.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shardpool", "run", "-c", str(cfg), *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**subprocess_env(), **(env or {})},
-            cwd=tmp_path,
-        )
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     kids: list[psutil.Process] = []
     try:
-        with ControlClient(sections["control"]["endpoint"]) as ctl:
+        with ControlClient(control) as ctl:
             info = ctl.wait_ready(60.0, alive=lambda: proc.poll() is None)
         backend = Backend(proc, info)
         kids = backend.workers

@@ -13,14 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
+import backend_tools
 import pytest
 from service_handlers import subprocess_env
 
 from shardpool import __version__
 from shardpool.cli import main
 from shardpool.client import Client
-from shardpool.control import ControlClient
 from shardpool.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 HANDLER_MODULE = """\
@@ -117,29 +116,12 @@ def test_a_handler_outside_the_import_path_is_named_with_the_hint(tmp_path: Path
 def _backend(
     cwd: Path, control: str, *args: str, env: dict[str, str]
 ) -> Iterator[dict[str, Any]]:
-    """``shardpool run ARGS`` in ``cwd``; the control socket's first answer (60 s at most); the
+    """``shardpool run ARGS`` in ``cwd`` (``-P``: the current directory is on the import path
+    only through shardpool itself); the control socket's first answer (60 s at most); the
     backend and its workers gone on the way out."""
-    log = cwd / "backend.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-P", "-m", "shardpool", "run", *args],
-                                cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    kids: list[psutil.Process] = []
-    try:
-        with ControlClient(control) as ctl:
-            info = ctl.wait_ready(60.0, alive=lambda: proc.poll() is None)
-        kids = psutil.Process(proc.pid).children(recursive=True)
-        yield info
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(psutil.Error):
-                kids += psutil.Process(proc.pid).children(recursive=True)
-            proc.kill()
-        proc.wait(10)
-        for kid in kids:
-            with contextlib.suppress(psutil.Error):
-                kid.kill()
-        psutil.wait_procs(kids, timeout=10)
-        print(log.read_text(errors="replace")[-3000:])
+    argv = [sys.executable, "-P", "-m", "shardpool", "run", *args]
+    with backend_tools.running(argv, control, cwd, env) as backend:
+        yield backend.info
 
 
 @pytest.mark.multiprocess
