@@ -3,7 +3,8 @@
 
 The snapshot is what the control op ``status`` answers and what the Prometheus endpoint reads:
 plain values, channel ids in hex, rates computed against an earlier sample. Rendering is pure: no
-terminal control codes, no I/O; the CLI redraws it in place.
+I/O, and no terminal control codes except the colours asked for; it fits a given width (columns
+dropped in :data:`DROP_ORDER`, long lines continued, ids never cut); the CLI redraws it in place.
 
 The worker count changes with a resize, and a worker's counters start again from 0 when it is
 restarted: the order-violation totals keep what each worker incarnation that is gone had counted
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import heapq
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +23,9 @@ from typing import Any, NamedTuple
 
 from .channelid import format_channel_hex
 
-__all__ = ["HALTED_SHOWN", "HOT_TOP_K", "PLACEMENT_SHOWN", "Figures", "render_status"]
+__all__ = [
+    "DROP_ORDER", "HALTED_SHOWN", "HOT_TOP_K", "PLACEMENT_SHOWN", "Figures", "render_status",
+]
 
 HALTED_SHOWN = 10
 """Halted channels listed in the table (``--json`` has all of them)."""
@@ -214,9 +218,13 @@ def _summary(snap: Snapshot) -> list[str]:
         + (f"  metrics {svc['metrics']}" if svc.get("metrics") else ""),
         f"messages:  submitted {pool['submitted']}  acknowledged {pool['acknowledged']}  "
         f"in flight {pool['inflight']}  rate {_si(snap['rates']['processed_per_s'])}/s",
-        f"           failures {pool['failures']}  halted channels {pool['halted_channels']}  "
-        f"quarantined {pool.get('quarantined', 0)}  restarts {pool['restarts']}  "
-        f"replayed {pool['replayed']}",
+        _Line(
+            f"           failures {pool['failures']}  halted channels {pool['halted_channels']}  "
+            f"quarantined {pool.get('quarantined', 0)}  restarts {pool['restarts']}  "
+            f"replayed {pool['replayed']}",
+            style=_RED if pool["halted_channels"] or pool.get("quarantined") else
+            _YELLOW if pool["failures"] else "",
+        ),
         f"ingress:   producers {ing['producers']}  accepted {ing['accepted']}  rejected "
         f"{ing['rejected']}  frame errors {ing['frame_errors']}  "
         f"rate {_si(snap['rates']['ingress_per_s'])}/s",
@@ -232,16 +240,22 @@ def _summary(snap: Snapshot) -> list[str]:
             + ", ".join(f"{k} {v}" for k, v in sorted(ing["errors"].items()))
         )
     lines.append(
-        f"order violations: gaps {order['gaps']}  duplicates {order['duplicates']}  "
-        f"reorders {order['reorders']}"
-        + ("" if not any(order.values()) else "   <-- should all be 0")
+        _Line(
+            f"order violations: gaps {order['gaps']}  duplicates {order['duplicates']}  "
+            f"reorders {order['reorders']}"
+            + ("" if not any(order.values()) else "   <-- should all be 0"),
+            style=_RED if any(order.values()) else "",
+        )
     )
     demo = snap.get("demo_load")
     if demo:
         pace = f"target {_si(demo['rate'])}/s" if demo["rate"] else "(unpaced)"
         lines.append(
-            f"demo load: sent {demo['sent']}  replies {demo['replies']}  protocol violations "
-            f"{demo['violations']}  {pace}"
+            _Line(
+                f"demo load: sent {demo['sent']}  replies {demo['replies']}  protocol "
+                f"violations {demo['violations']}  {pace}",
+                style=_RED if demo["violations"] else "",
+            )
         )
     return lines
 
@@ -250,29 +264,100 @@ def _dash_or(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def _worker_table(workers: list[dict[str, Any]]) -> list[str]:
-    """The per-worker table, heading first."""
-    lines = [
-        f"{'W':>2} {'PID':>7} {'STATE':<8} {'EPOCH':>5} {'RST':>3} {'SLOTS':>5} {'LOAD%':>5} "
-        f"{'CHANNELS':>8} {'QUEUED':>7} "
-        f"{'INFLIGHT':>8} {'PROC/S':>7} {'PROCESSED':>10} {'FAILED':>6} {'REDELIV':>7} "
-        f"{'LAG ms':>7} {'CPU%':>6} {'RSS MB':>7}"
-    ]
-    for w in workers:
-        rss = w.get("rss_bytes")
-        lag = w.get("loop_lag_s")
-        share = w.get("load_share")
-        lines.append(
-            f"{w['index']:>2} {w.get('pid') or '-':>7} {w['state']:<8} {w['epoch']:>5} "
-            f"{w['restarts']:>3} {w.get('slots', '-'):>5} "
-            f"{_dash_or(None if share is None else share * 100, '.1f'):>5} "
-            f"{w.get('channels', 0):>8} {w.get('queued', 0):>7} "
-            f"{w['inflight']:>8} {_si(w.get('processed_per_s', 0.0)):>7} "
-            f"{w.get('processed', 0):>10} {w.get('failed', 0):>6} {w.get('redelivered', 0):>7} "
-            f"{_dash_or(None if lag is None else lag * 1000, '.1f'):>7} "
-            f"{_dash_or(w.get('cpu_percent'), '.1f'):>6} "
-            f"{_dash_or(None if rss is None else rss / 1e6, '.1f'):>7}"
-        )
+def _ms_or_dash(seconds: float | None) -> str:
+    return _dash_or(None if seconds is None else seconds * 1000, ".1f")
+
+
+def _pct(share: float | None) -> str:
+    return _dash_or(None if share is None else share * 100, ".1f")
+
+
+def _mb(rss: float | None) -> str:
+    return _dash_or(None if rss is None else rss / 1e6, ".1f")
+
+
+class _Column(NamedTuple):
+    heading: str
+    width: int  # negative: left-aligned
+    value: Callable[[dict[str, Any]], Any]
+
+
+# The worker table's columns, in the order shown; a row is a worker's figures, or the front's.
+_COLUMNS: dict[str, _Column] = {
+    c.heading: c
+    for c in (
+        _Column("W", 5, lambda w: w["index"]),
+        _Column("PID", 7, lambda w: w.get("pid") or "-"),
+        _Column("STATE", -8, lambda w: w["state"]),
+        _Column("EPOCH", 5, lambda w: w.get("epoch", "")),
+        _Column("RST", 3, lambda w: w.get("restarts", "")),
+        _Column("SLOTS", 5, lambda w: w.get("slots", "-")),
+        _Column("LOAD%", 5, lambda w: _pct(w.get("load_share"))),
+        _Column("CHANNELS", 8, lambda w: w.get("channels", 0)),
+        _Column("QUEUED", 7, lambda w: w.get("queued", 0)),
+        _Column("INFLIGHT", 8, lambda w: w.get("inflight", "")),
+        _Column("PROC/S", 7, lambda w: _si(w.get("processed_per_s", 0.0))),
+        _Column("PROCESSED", 10, lambda w: w.get("processed", 0)),
+        _Column("FAILED", 6, lambda w: w.get("failed", 0)),
+        _Column("REDELIV", 7, lambda w: w.get("redelivered", 0)),
+        _Column("LAG ms", 7, lambda w: _ms_or_dash(w.get("loop_lag_s"))),
+        _Column("CPU%", 6, lambda w: _dash_or(w.get("cpu_percent"), ".1f")),
+        _Column("RSS MB", 7, lambda w: _mb(w.get("rss_bytes"))),
+    )
+}
+DROP_ORDER = (
+    "EPOCH", "SLOTS", "REDELIV", "PROCESSED", "CHANNELS", "LOAD%", "LAG ms", "RST", "QUEUED",
+    "RSS MB", "PROC/S", "INFLIGHT", "CPU%", "FAILED",
+)
+"""The worker table's columns dropped, first to last, until the table fits the width (W, PID and
+STATE stay)."""
+
+
+def _columns(width: int | None) -> list[_Column]:
+    """The columns that fit ``width`` (all of them for None), dropped in :data:`DROP_ORDER`."""
+    shown = list(_COLUMNS)
+    if width is None:
+        return [_COLUMNS[c] for c in shown]
+    for name in DROP_ORDER:
+        if sum(abs(_COLUMNS[c].width) + 1 for c in shown) - 1 <= width:
+            break
+        shown.remove(name)
+    return [_COLUMNS[c] for c in shown]
+
+
+def _row(columns: list[_Column], values: list[Any]) -> str:
+    return " ".join(
+        f"{str(v):{'<' if c.width < 0 else '>'}{abs(c.width)}}"
+        for c, v in zip(columns, values, strict=True)
+    )
+
+
+def _worker_table(snap: Snapshot, width: int | None) -> list[str]:
+    """The per-worker table, heading first, then the front's row and one row per worker; only
+    the columns that fit ``width``. A worker with failures or not ready is marked."""
+    columns = _columns(width)
+    lines = [_row(columns, [c.heading for c in columns])]
+    svc = snap["service"]
+    front = svc.get("front") or {"pid": svc.get("pid")}
+    pool = snap["pool"]
+    front_row = {
+        **front,
+        "index": "front",
+        "state": svc.get("state", "-"),
+        "channels": "",
+        "queued": "",
+        "inflight": pool.get("inflight", ""),
+        "processed_per_s": snap["rates"]["processed_per_s"],
+        "processed": pool.get("acknowledged", ""),
+        "failed": pool.get("failures", 0),
+        "redelivered": pool.get("replayed", ""),
+        "restarts": pool.get("restarts", ""),
+    }
+    lines.append(_Line(_row(columns, [c.value(front_row) for c in columns]), style=_BOLD))
+    for w in snap["workers"]:
+        text = _row(columns, [c.value(w) for c in columns])
+        bad = w.get("failed", 0) or w["state"] not in ("ready", "starting")
+        lines.append(_Line(text, style=_RED if w.get("failed", 0) else _YELLOW) if bad else text)
     return lines
 
 
@@ -280,38 +365,83 @@ def _halted(halted: list[dict[str, Any]]) -> list[str]:
     """The halted and quarantined channels, at most :data:`HALTED_SHOWN` of them."""
     if not halted:
         return []
-    lines = ["", f"halted channels ({len(halted)}; shardpool resume|skip CHANNEL):"]
+    lines: list[str] = [
+        "",
+        _Line(f"halted channels ({len(halted)}; shardpool resume|skip CHANNEL):", style=_RED),
+    ]
     for h in halted[:HALTED_SHOWN]:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["since"]))
         what = "QUARANTINED" if h["quarantined"] else "halted"
-        lines.append(_with_id("  ", h["channel"], f"  seq {h['seq']}  {what} since {since}"))
+        lines.append(
+            _with_id("  ", h["channel"], f"  seq {h['seq']}  {what} since {since}", _RED)
+        )
         lines.append(f"      {h['error'].splitlines()[0] if h['error'] else h['type']}")
     if len(halted) > HALTED_SHOWN:
         lines.append(f"  … {len(halted) - HALTED_SHOWN} more (shardpool status --json)")
     return lines
 
 
-class _IdLine(str):
-    """A table line holding a channel id: never cut before the id's end (a cut id could not be
-    pasted into ``shardpool resume`` / ``pin`` / ...); the rest of the line is cut as any."""
+_RED = "1;31"
+_YELLOW = "33"
+_BOLD = "1"
+
+
+class _Line(str):
+    """A table line with what fitting and colour need: ``keep``, the end of a channel id in it
+    (never cut before: a cut id could not be pasted into ``shardpool resume`` / ``pin`` / ...),
+    and ``style``, an SGR code for the whole line when colour is on ("" for none)."""
 
     keep: int
+    style: str
 
-    def __new__(cls, text: str, keep: int) -> _IdLine:
+    def __new__(cls, text: str, keep: int = 0, style: str = "") -> _Line:
         line = super().__new__(cls, text)
         line.keep = keep
+        line.style = style
         return line
 
 
-def _with_id(before: str, hex_id: str, after: str = "") -> _IdLine:
+def _with_id(before: str, hex_id: str, after: str = "", style: str = "") -> _Line:
     """``before`` + the channel id (whole, in the form the commands accept: see
     :func:`shardpool.channelid.format_channel`) + ``after``."""
     shown = format_channel_hex(hex_id)
-    return _IdLine(before + shown + after, len(before) + len(shown))
+    return _Line(before + shown + after, len(before) + len(shown), style)
 
 
-def _cut(line: str, width: int) -> str:
-    return line[: max(width, line.keep)] if isinstance(line, _IdLine) else line[:width]
+_FIELDS = re.compile(r" {2,}")
+
+
+def _fit(line: str, width: int) -> list[str]:
+    """``line`` in lines of at most ``width`` columns: its fields (separated by two spaces or
+    more) flowed onto indented continuation lines rather than cut; a channel id is kept whole
+    (the only thing that may pass ``width``: an id longer than the line), any other field too
+    long for a line is abbreviated with "…"."""
+    if len(line) <= width:
+        return [line]
+    keep = line.keep if isinstance(line, _Line) else 0
+    style = line.style if isinstance(line, _Line) else ""
+    indent = len(line) - len(line.lstrip(" "))
+    head = line[:keep] if keep else line[:indent]
+    fields = [f for f in _FIELDS.split(line[len(head):].strip()) if f]
+    cont = " " * (indent + 4 if indent else 11)
+    out: list[str] = []
+    current = head
+    for field in fields:
+        sep = "  " if current.strip() else ""
+        if len(current) + len(sep) + len(field) <= width or not current.strip():
+            current += sep + field
+        else:
+            out.append(current)
+            current = cont + field
+        if len(current) > width and not (keep and current == head):
+            current = current[: width - 1] + "…"
+    out.append(current)
+    return [_Line(text, style=style) for text in out]
+
+
+def _paint(line: str, colour: bool) -> str:
+    style = line.style if isinstance(line, _Line) else ""
+    return f"\x1b[{style}m{line}\x1b[0m" if colour and style else str(line)
 
 
 def _ms(seconds: float | None) -> str:
@@ -413,16 +543,25 @@ def _hottest(hot: list[list[Any]]) -> list[str]:
     return lines
 
 
-def render_status(snap: Snapshot, width: int | None = None) -> str:
-    """The ``shardpool status`` table for one snapshot, as text, each line cut at ``width``
-    columns (None: whole lines, as for a pipe or a file) but never inside a channel id: ids are
-    printed whole, in a form ``shardpool resume``/``skip``/``pin``/``unpin`` accept."""
+def render_status(snap: Snapshot, width: int | None = None, colour: bool = False) -> str:
+    """The ``shardpool status`` table for one snapshot, as text.
+
+    ``width``: None gives whole lines (as for a pipe or a file); else every line fits ``width``
+    columns: the worker table drops columns in :data:`DROP_ORDER` until it fits, other lines
+    flow their fields onto continuation lines (a field too long for any line is abbreviated
+    with "…"). A channel id is never cut: ids are printed whole, in a form ``shardpool
+    resume``/``skip``/``pin``/``unpin`` accept (an id longer than the width passes it).
+    ``colour``: ANSI colours for halted channels, failures, workers not ready and order
+    violations (the layout is the same; the caller decides: a terminal, and no ``NO_COLOR``).
+    """
     lines = [
         *_summary(snap),
         "",
-        *_worker_table(snap["workers"]),
+        *_worker_table(snap, width),
         *_placement(snap.get("placement")),
         *_halted(snap["pool"].get("halted") or []),
         *_hottest(snap.get("hot_channels") or []),
     ]
-    return "\n".join(lines if width is None else (_cut(line, width) for line in lines))
+    if width is not None:
+        lines = [part for line in lines for part in _fit(line, width)]
+    return "\n".join(_paint(line, colour) for line in lines)
