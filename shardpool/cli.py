@@ -279,23 +279,34 @@ def _add_run(sub: _Subparsers) -> None:
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         help="log level on stderr (default INFO)",
     )
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=("text", "json"),
+        help="log lines on stderr as text (default) or json: one object per line with the keys "
+        "ts (ISO 8601 UTC), level, logger, message, pid, exc (the traceback, when there is one) "
+        "and any extra fields of the log call; every stderr line is then JSON",
+    )
     p.set_defaults(func=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the backend until signalled; the exit code says whether it drained cleanly."""
-    import logging
+    from shardpool.logformat import configure_logging
 
+    restore = configure_logging(args.log_level, args.log_format)
+    try:
+        return _run_backend(args)
+    finally:
+        restore()
+
+
+def _run_backend(args: argparse.Namespace) -> int:
     import zmq
 
     from shardpool.errors import ShardPoolError, WorkerStartError
     from shardpool.service import Service
 
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     loaded = _load_for_service(args)
     if isinstance(loaded, int):
         return loaded
@@ -368,8 +379,11 @@ def _add_status(sub: _Subparsers) -> None:
         description=(
             "Show a running `shardpool run`: per-worker pid, state, epoch/restarts, channels, "
             "queue depth, in-flight, processed/s, failures, redeliveries, event-loop lag, CPU and "
-            "RSS, plus order-violation counters, ingress figures and the hottest channels. "
-            "Refreshes every --interval seconds until Ctrl-C, or prints once with --once/--json. "
+            "RSS, a row for the front process, plus order-violation counters, ingress figures, "
+            "halted and the hottest channels. On a terminal: a live view on the alternate screen, "
+            "refreshed every --interval seconds until q or Ctrl-C, fitted to the terminal's width "
+            "(least important columns dropped first), in colour unless NO_COLOR is set. Prints "
+            "once with --once/--json; a pipe gets whole lines. "
             "With no flags it finds a backend started with no flags."
         ),
     )
@@ -383,7 +397,12 @@ def _add_status(sub: _Subparsers) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print the status table (live, once, or as JSON). Exit 1 if no backend answers."""
+    """Print the status table (live, once, or as JSON). Exit 1 if no backend answers.
+
+    On a terminal the live table uses the alternate screen (left again on exit, Ctrl-C or
+    error), fits the terminal's width and height, and quits on ``q``; colour unless
+    ``NO_COLOR`` is set. A pipe or a file gets whole lines, no colour, a table per interval.
+    """
     import time
 
     from shardpool.control import ControlClient
@@ -399,23 +418,84 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(json.dumps(client.request("status"), indent=2, default=str))
                 return EXIT_OK
             tty = sys.stdout.isatty()
-            # A terminal gets lines cut at its width; a pipe or a file gets them whole.
-            width = shutil.get_terminal_size().columns if tty else None
+            colour = tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
             if args.once:
-                print(render_status(client.request("status"), width))
+                # A terminal gets lines fitted to its width; a pipe or a file gets them whole.
+                width = shutil.get_terminal_size().columns if tty else None
+                print(render_status(client.request("status"), width, colour))
                 return EXIT_OK
+            if tty:
+                return _live_status(lambda w: render_status(client.request("status"), w, colour),
+                                    args.interval)
             while True:
-                text = render_status(client.request("status"), width)
-                # Home + clear-to-end redraws in place without the flicker of a full clear.
-                sys.stdout.write(("\x1b[H" + text.replace("\n", "\x1b[K\n") + "\x1b[K\x1b[J")
-                                 if tty else text + "\n\n")
-                sys.stdout.flush()
+                print(render_status(client.request("status")) + "\n", flush=True)
                 time.sleep(max(0.1, args.interval))
     except KeyboardInterrupt:
         return EXIT_OK
     except ShardPoolError as e:
         print(f"shardpool status: {e}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+_ALT_SCREEN_ON = "\x1b[?1049h\x1b[?25l"  # alternate screen, cursor hidden
+_ALT_SCREEN_OFF = "\x1b[?25h\x1b[?1049l"
+
+
+def _live_status(render: Callable[[int], str], interval: float) -> int:
+    """Redraw ``render(width)`` every ``interval`` seconds on the alternate screen until ``q``
+    (or Ctrl-C); the terminal is restored however this ends. Keys are read from stdin in
+    cbreak mode when it is a terminal, waiting with select until the interval is over (in
+    0.1 s slices: a resized terminal is redrawn at once)."""
+    import termios
+    import tty
+
+    keys = sys.stdin.fileno() if sys.stdin.isatty() else None
+    saved = termios.tcgetattr(keys) if keys is not None else None
+    out = sys.stdout
+    out.write(_ALT_SCREEN_ON)
+    out.flush()
+    try:
+        if keys is not None:
+            tty.setcbreak(keys)  # keys one at a time, no echo; Ctrl-C still interrupts
+        while True:
+            size = shutil.get_terminal_size()
+            lines = render(size.columns).split("\n")
+            footer = f"q quits; every {interval:g} s"
+            if len(lines) >= size.lines:  # the screen's height: the rest is cut, said so
+                lines = lines[: max(0, size.lines - 2)]
+                footer = "… more below (a taller terminal, or --once) · " + footer
+            lines.append(footer[: size.columns])
+            # Home + clear-to-end-of-line per line redraws in place without a full clear.
+            out.write("\x1b[H" + "\x1b[K\n".join(lines) + "\x1b[K\x1b[J")
+            out.flush()
+            if _quit_pressed(keys, max(0.1, interval), size):
+                return EXIT_OK
+    finally:
+        if keys is not None and saved is not None:
+            termios.tcsetattr(keys, termios.TCSADRAIN, saved)
+        out.write(_ALT_SCREEN_OFF)
+        out.flush()
+
+
+def _quit_pressed(keys: int | None, timeout: float, size: os.terminal_size) -> bool:
+    """Wait up to ``timeout`` seconds for a key on ``keys``; True if ``q`` (or ``Q``) came.
+    Returns False early when the terminal's size is no longer ``size`` (redraw at once)."""
+    import select
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if shutil.get_terminal_size() != size:
+            return False
+        if keys is None:
+            time.sleep(min(left, 0.1))
+            continue
+        ready, _, _ = select.select([keys], [], [], min(left, 0.1))
+        if ready:
+            data = os.read(keys, 64)
+            if not data or b"q" in data.lower():  # end of input: nothing more to wait for
+                return True
+    return False
 
 
 def _control_request(
@@ -452,8 +532,8 @@ def _add_drain(sub: _Subparsers) -> None:
         description=(
             "Ask a running backend to stop accepting messages (producers get 'draining' "
             "rejections) and to finish everything it accepted. The backend stays up (status "
-            "keeps working) until `shardpool stop`. Exit 0 once drained, 1 if the deadline "
-            "passed first or no backend answers."
+            "keeps working) until `shardpool stop`, or until `shardpool undrain` reopens "
+            "intake. Exit 0 once drained, 1 if the deadline passed first or no backend answers."
         ),
     )
     _add_endpoint_args(p, timeout=30.0)
@@ -473,13 +553,46 @@ def cmd_drain(args: argparse.Namespace) -> int:
     return EXIT_FAILURE
 
 
+def _add_undrain(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "undrain",
+        help="reopen intake after `shardpool drain` (the backend accepts messages again)",
+        description=(
+            "Undo `shardpool drain` without a restart: the ingress accepts messages again "
+            "(producers no longer get 'draining' rejections), the demo load (--demo-load) starts "
+            "again on fresh channels, and status shows state 'running', intake 'open'. A drain "
+            "still waiting is called off (that `shardpool drain` exits 1 saying so). Harmless "
+            "when intake is open already. Exit 0 once intake is open, 1 if the backend is "
+            "shutting down or no backend answers."
+        ),
+    )
+    _add_endpoint_args(p, timeout=10.0)
+    p.set_defaults(func=cmd_undrain)
+
+
+def cmd_undrain(args: argparse.Namespace) -> int:
+    """Reopen intake through the control socket; print what changed."""
+    reply = _control_request(args, "undrain", timeout=args.timeout,
+                             client_timeout=min(args.timeout, 10.0))
+    if isinstance(reply, int):
+        return reply
+    if reply.get("was") in ("draining", "drained"):
+        print(f"intake reopened (was {reply['was']}): the backend accepts messages again")
+    else:
+        print("intake was open already: the backend accepts messages")
+    return EXIT_OK
+
+
 def _add_stop(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "stop",
-        help="shut a running backend down (as SIGTERM does) and wait for it to exit",
+        help="shut a running backend down (as SIGTERM does), wait, exit with its exit code",
         description=(
             "Ask a running backend to stop intake, drain and exit, and wait (--timeout seconds) "
-            "until its process is gone. Exit 0 once it has exited, 1 otherwise."
+            "until its process is gone. Exits with the backend's own exit code: 0 after a clean "
+            "drain, 1 otherwise (messages unfinished or in doubt, a forced stop, a broken pool); "
+            "1 too when no backend answers or it is still running at the deadline. With "
+            "--no-wait: 0 once the backend has agreed to stop."
         ),
     )
     _add_endpoint_args(p, timeout=60.0)
@@ -487,34 +600,80 @@ def _add_stop(sub: _Subparsers) -> None:
     p.set_defaults(func=cmd_stop)
 
 
-def cmd_stop(args: argparse.Namespace) -> int:
-    """Stop through the control socket, then wait for the process to end."""
-    import psutil
-
-    reply = _control_request(args, "stop", client_timeout=min(args.timeout, 10.0))
-    if isinstance(reply, int):
-        return reply
-    pid = int(reply["pid"])
-    if args.no_wait:
-        print(f"stopping backend pid {pid}")
-        return EXIT_OK
+def _wait_gone(pid: int, deadline: float) -> bool:
+    """Watch process ``pid`` until it is gone (True) or ``deadline`` (monotonic) passes
+    (False). It is not our child, so there is nothing to wait() on; a zombie is gone too: it has
+    exited and only waits for its own parent to collect it."""
     import time
 
-    deadline = time.monotonic() + args.timeout
+    import psutil
+
     try:
         proc = psutil.Process(pid)
-        # Not our child, so there is nothing to wait() on: watch it until it is gone (a zombie
-        # is gone too: it has exited and only waits for its own parent to collect it).
         while proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
             if time.monotonic() > deadline:
-                print(f"shardpool stop: pid {pid} still running after {args.timeout:g} s",
-                      file=sys.stderr)
-                return EXIT_FAILURE
-            time.sleep(0.05)
+                return False
+            time.sleep(0.05)  # sleep-ok - polling a process that is not ours, under a deadline
     except psutil.NoSuchProcess:
         pass
-    print(f"backend pid {pid} stopped")
-    return EXIT_OK
+    return True
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop through the control socket, wait for the backend's exit code and for its process
+    to end; exit with that code."""
+    import time
+
+    from shardpool.errors import NotRunning
+
+    if args.no_wait:
+        reply = _control_request(args, "stop", client_timeout=min(args.timeout, 10.0))
+        if isinstance(reply, int):
+            return reply
+        print(f"stopping backend pid {int(reply['pid'])}")
+        return EXIT_OK
+    deadline = time.monotonic() + args.timeout
+    endpoint = _control_endpoint(args)
+    if isinstance(endpoint, int):
+        return endpoint
+    from shardpool.control import ControlClient, ControlError
+
+    try:
+        with ControlClient(endpoint, timeout=min(args.timeout, 10.0)) as client:
+            pid = int(client.request("ping")["pid"])
+            print(f"stopping backend pid {pid}", flush=True)
+            # Answered once the backend has drained and knows its exit code (just before it
+            # closes the control socket).
+            reply = client.request("stop", {"wait": True}, timeout=args.timeout)
+    except NotRunning as e:
+        if "pid" not in locals():
+            print(f"shardpool stop: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+        if time.monotonic() >= deadline:
+            print(f"shardpool stop: pid {pid} still running after {args.timeout:g} s",
+                  file=sys.stderr)
+        else:
+            print(f"shardpool stop: backend pid {pid} ended without reporting its exit code "
+                  f"({e})", file=sys.stderr)
+        return EXIT_FAILURE
+    except ControlError as e:
+        print(f"shardpool stop: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    # A backend without the exit-code answer (an older version) answers at once: code unknown.
+    code = reply.get("exit_code")
+    if not _wait_gone(pid, deadline):
+        print(f"shardpool stop: pid {pid} still running after {args.timeout:g} s",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    if code is None:
+        print(f"backend pid {pid} stopped")
+        return EXIT_OK
+    if code == EXIT_OK:
+        print(f"backend pid {pid} stopped: clean drain, exit code {code}")
+    else:
+        print(f"backend pid {pid} stopped with exit code {code}: not a clean drain (messages "
+              "unfinished or in doubt, a forced stop, or a broken pool: see its log)")
+    return int(code)
 
 
 # -------------------------------------------------------------------------------------------- keys
@@ -844,8 +1003,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILURE
 
 
-# registered in _SUBCOMMANDS below: run, bench, status, drain, stop, keys, resume, skip, move,
-# pin, unpin, resize.
+# registered in _SUBCOMMANDS below: run, bench, status, drain, undrain, stop, keys, resume, skip,
+# move, pin, unpin, resize.
 
 _SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
     _add_check_config,
@@ -853,6 +1012,7 @@ _SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
     _add_run,
     _add_status,
     _add_drain,
+    _add_undrain,
     _add_stop,
     _add_keys,
     _add_resume,

@@ -1,5 +1,5 @@
-"""The control socket of ``shardpool run`` and its clients: ``status``, ``drain``, ``stop``, and
-the placement operations (``move``, ``pin``, ``unpin``, ``resize``).
+"""The control socket of ``shardpool run`` and its clients: ``status``, ``drain``, ``undrain``,
+``stop``, and the placement operations (``move``, ``pin``, ``unpin``, ``resize``).
 
 Wire format (one CBOR frame each way, DEALER → ROUTER)::
 
@@ -8,18 +8,23 @@ Wire format (one CBOR frame each way, DEALER → ROUTER)::
                                       false → {"error": text} (+ "code": "bad_request" when the
                                       request itself was wrong: :class:`BadRequest`)
 
-* ``ping``   → ``{"pid", "version", "state", "ingress", "control", "metrics", "workers"}``: the
-  readiness handshake (the socket is bound only once the pool, the ingress and the metrics are
-  up).
+* ``ping``   → ``{"pid", "version", "state", "intake", "ingress", "control", "metrics",
+  "workers"}``: the readiness handshake (the socket is bound only once the pool, the ingress
+  and the metrics are up).
 * ``status`` → a snapshot (see :meth:`shardpool.service.Service.snapshot`), ``placement``
   included.
 * ``placement`` → the pool's placement alone (:meth:`shardpool.ShardPool.placement`: slots per
   worker, pins, moves, resize, levelling), answered at once without asking the workers.
 * ``drain``  → stop intake, finish every accepted message (``args["timeout"]`` seconds at most),
   then answer ``{"drained": bool, "pending": n}``; the backend stays up (status keeps working,
-  producers are answered ``draining``) until it is stopped.
+  producers are answered ``draining``) until it is stopped or undrained.
+* ``undrain`` → reopen intake after a ``drain`` (a drain still waiting is called off: its answer
+  is an error saying so); the demo load, if any, starts again. ``{"intake": "open", "was":
+  state}`` (``was`` ``running``: intake was open already); an error once shutting down.
 * ``stop``   → answered at once with ``{"stopping": true, "pid": n}``; the backend then shuts down
   as on SIGTERM.
+  With ``{"wait": true}`` (``shardpool stop``) it is answered at the end of the shutdown instead,
+  with ``{"stopped": true, "pid": n, "exit_code": 0|1}`` — the code the backend then exits with.
 * ``resume`` / ``skip`` → ``{op: channel hex}`` once the halted channel's failed message is
   retried / recorded as skipped; an error when the channel is not halted.
 * ``move`` ``{"slots": [int, ...], "worker": int, "timeout"?: s}`` → once the move has ended,
@@ -95,6 +100,7 @@ OPS = (
     "status",
     "placement",
     "drain",
+    "undrain",
     "stop",
     "resume",
     "skip",

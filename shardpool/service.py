@@ -6,9 +6,9 @@ the metrics server, pin the workers if asked, and bind the control socket *last*
 control ``ping`` answering means the whole backend is ready.
 
 The main thread then only waits: signal handlers record the signal (and ZeroMQ-free wake-up goes
-through :func:`signal.set_wakeup_fd`), control requests that need it (drain, stop) are queued to
-it, and once a second it samples the figures that ``status`` turns into rates and re-pins workers
-that were restarted or added.
+through :func:`signal.set_wakeup_fd`), control requests that need it (drain, undrain, stop)
+are queued to it, and once a second it samples the figures that ``status`` turns into rates and
+re-pins workers that were restarted or added.
 
 SIGHUP re-reads the config file and applies the keys that can change live (levelling, the move
 timeout, the drain deadline: :data:`~shardpool.reload.LIVE_KEYS`), logging every changed key as
@@ -38,6 +38,11 @@ error naming the value and what is allowed. Shutdown runs in explicit phases:
    producers get ``closed`` for what never reached a handler and ``in_doubt`` for what a handler
    may have run when its worker was stopped; both counts are logged;
 4. close the sockets (replies still due go out first) and release the endpoint locks.
+
+``shardpool drain`` stops intake the same way (producers are answered ``draining``, the demo load
+stops) and waits for the drain, but leaves the backend up; ``shardpool undrain`` reopens intake
+(and restarts the demo load, on fresh channels), calling off a drain still waiting. The state in
+``status`` (``service.state``: running, draining, drained; ``service.intake``) says which.
 
 A second signal (or stop request) during shutdown skips what is left of the drain and stops the
 workers at once. Exit code 0 after a clean drain, 1 otherwise.
@@ -146,11 +151,16 @@ class Service:
         self._notify = Notifier(env)
         self._next_watchdog = time.monotonic()
         self._stop_requests = 0
+        self._exit_lock = threading.Lock()
+        self._exit_waiters: list[Respond] = []  # `stop` requests waiting for the exit code
+        self._undrain_requests = 0  # control thread: counts undrain requests (calls off a drain)
         self._operations = 0  # placement operations running on threads of their own
         self._operations_lock = threading.Lock()
         self._requests: collections.deque[tuple[str, dict[str, Any], Respond]] = collections.deque()
         self._wakeup = WakePipe()
         self._figures = Figures()
+        self._front = psutil.Process()  # the front's own row in `shardpool status`
+        self._front.cpu_percent(None)
         self._pinning = _WorkerPinning()
         self._started = time.monotonic()
         self._failure_log = RateLimitedLog(log, 10.0)
@@ -294,12 +304,10 @@ class Service:
                 self._placement_op(op, args, respond)
             except BadRequest as exc:
                 respond(False, {"error": str(exc), "code": BAD_REQUEST})
-        elif op == "drain":
-            self._requests.append((op, args, respond))
-            self._wake()
+        elif op in ("drain", "undrain"):
+            self._queue_request(op, args, respond)
         elif op == "stop":
-            respond(True, {"stopping": True, "pid": os.getpid()})
-            self.request_stop()
+            self._stop_request(args, respond)
         elif op in ("resume", "skip"):
             # An operator's decision on a channel halted by the halt policy (the pool is
             # thread-safe, so the control thread may act directly).
@@ -314,6 +322,28 @@ class Service:
                 respond(True, {op: cid.hex()})
         else:
             respond(False, {"error": f"unknown control op {op!r} ({', '.join(OPS)})"})
+
+    def _queue_request(self, op: str, args: dict[str, Any], respond: Respond) -> None:
+        """``drain`` / ``undrain`` (control thread): queued for the main loop, which owns the
+        intake state; an undrain also calls off a drain still waiting there."""
+        if op == "undrain":
+            self._undrain_requests += 1
+        self._requests.append((op, args, respond))
+        self._wake()
+
+    def _stop_request(self, args: dict[str, Any], respond: Respond) -> None:
+        """``stop`` (control thread): answered at once, or with ``wait`` (``shardpool stop``)
+        once the shutdown knows its exit code, just before the control socket closes."""
+        if args.get("wait"):
+            with self._exit_lock:
+                code = self.exit_code
+                if code is None:
+                    self._exit_waiters.append(respond)
+            if code is not None:
+                respond(True, {"stopped": True, "pid": os.getpid(), "exit_code": code})
+        else:
+            respond(True, {"stopping": True, "pid": os.getpid()})
+        self.request_stop()
 
     # -- placement: move, pin, unpin, resize ---------------------------------------------------
 
@@ -554,6 +584,8 @@ class Service:
             op, args, respond = self._requests.popleft()
             if op == "drain":
                 self._drain_request(args, respond)
+            elif op == "undrain":
+                self._undrain_request(respond)
         while self._resize_signals:
             self._resize_by_signal(self._resize_signals.popleft())
         while self._admin_signals:
@@ -670,13 +702,21 @@ class Service:
         assert self.ingress is not None
         timeout = float(args.get("timeout", self.config.supervisor.stop_timeout_s))
         log.info("drain requested: stopping intake, waiting up to %.1f s", timeout)
+        if self._demo is not None:
+            # First, so that the demo's own messages are not answered 'draining'.
+            self._demo.stop()
         self.ingress.stop_intake(P.E_DRAINING)
         self.state = "draining"
         self._notify.status(self._status_text())
-        if self._demo is not None:
-            self._demo.stop()
-        outcome = self._drain(time.monotonic() + timeout, self._stopping)
-        if outcome.why is not None:
+        undrains = self._undrain_requests
+        outcome = self._drain(
+            time.monotonic() + timeout,
+            lambda: self._stopping() or self._undrain_requests != undrains,
+        )
+        if outcome.why is not None and not self._stopping() and self._undrain_requests != undrains:
+            log.info("drain called off: intake is being reopened (shardpool undrain)")
+            respond(False, {"error": "drain called off: intake reopened (shardpool undrain)"})
+        elif outcome.why is not None:
             respond(False, {"error": outcome.why})
         elif not outcome.drained:
             respond(True, {"drained": False, "pending": outcome.pending})
@@ -685,6 +725,24 @@ class Service:
             self._notify.status(self._status_text())
             log.info("drained: every accepted message is finished; intake stays closed")
             respond(True, {"drained": True, "pending": 0})
+
+    def _undrain_request(self, respond: Respond) -> None:
+        """Reopen intake after a drain (main loop): producers are accepted again, the demo
+        load (if any) starts again, the state goes back to ``running``."""
+        assert self.ingress is not None
+        if self.state in ("stopping", "stopped") or not self.ingress.resume_intake():
+            respond(False, {"error": "undrain: the backend is shutting down"})
+            return
+        was = self.state
+        self.state = "running"
+        if was in ("draining", "drained"):
+            log.info("undrain: intake reopened (was %s); accepting messages again", was)
+        else:
+            log.info("undrain: intake was open already")
+        if self._demo is not None and not self._demo.running:
+            self._demo.start()
+        self._notify.status(self._status_text())
+        respond(True, {"intake": "open", "was": was})
 
     def _shutdown(self, reason: str) -> int:
         """Phases: stop intake, drain, stop the pool (hand back), close sockets."""
@@ -723,13 +781,6 @@ class Service:
         log.info("phase 4/4 close sockets")
         self.ingress.close(0.5 if forced else 2.0)
         ing = self.ingress.stats()
-        if self.control is not None:
-            self.control.close()
-        if self.metrics is not None:
-            self.metrics.close()
-        for lock in self._locks:
-            lock.release()
-        self._locks.clear()
         clean = (
             drained
             and report.drained
@@ -739,7 +790,19 @@ class Service:
             and not forced
             and self._failed is None
         )
-        self.exit_code = EXIT_OK if clean else EXIT_FAILURE
+        with self._exit_lock:
+            self.exit_code = EXIT_OK if clean else EXIT_FAILURE
+            waiters, self._exit_waiters = self._exit_waiters, []
+        for respond in waiters:
+            # Before the control socket closes (it sends the replies already due first).
+            respond(True, {"stopped": True, "pid": os.getpid(), "exit_code": self.exit_code})
+        if self.control is not None:
+            self.control.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        for lock in self._locks:
+            lock.release()
+        self._locks.clear()
         self.state = "stopped"
         log.info(
             "stopped: %d messages accepted from producers, %d unfinished, %d in doubt%s; exit "
@@ -767,6 +830,7 @@ class Service:
             "pid": os.getpid(),
             "version": __version__,
             "state": self.state,
+            "intake": self._intake(),
             "ingress": self.ingress_endpoint,
             "control": self.control_endpoint,
             "metrics": self.metrics_url,
@@ -774,10 +838,35 @@ class Service:
             "workers": self.workers(),
         }
 
+    def _intake(self) -> str:
+        """``open`` (accepting messages), ``closed (draining)``, ``closed (drained)`` or
+        ``closed (shutting down)``."""
+        if self.state == "running" and (self.ingress is None or self.ingress.accepting):
+            return "open"
+        if self.state in ("draining", "drained"):
+            return f"closed ({self.state})"
+        if self.state in ("stopping", "stopped"):
+            return "closed (shutting down)"
+        return "closed"
+
+    def _front_figures(self) -> dict[str, Any]:
+        """The front process's own row: pid, CPU% since the last snapshot, RSS, threads."""
+        try:
+            with self._front.oneshot():
+                return {
+                    "pid": self._front.pid,
+                    "cpu_percent": self._front.cpu_percent(None),
+                    "rss_bytes": self._front.memory_info().rss,
+                    "threads": self._front.num_threads(),
+                }
+        except psutil.Error:
+            return {"pid": self._front.pid}
+
     def snapshot(self, timeout: float = 2.0) -> dict[str, Any]:
         """Everything ``shardpool status`` shows, as plain values (channel ids in hex; keys as
-        :meth:`Figures.snapshot`, ``service`` being :meth:`info` plus ``uptime_s``). Waits up to
-        ``timeout`` seconds for the workers' figures.
+        :meth:`Figures.snapshot`, ``service`` being :meth:`info` plus ``uptime_s`` and ``front``:
+        the front process's pid, cpu_percent, rss_bytes, threads). Waits up to ``timeout`` seconds
+        for the workers' figures.
 
         Raises:
             as :meth:`ShardPool.stats`.
@@ -785,7 +874,11 @@ class Service:
         assert self.pool is not None and self.ingress is not None
         stats = self.pool.stats(timeout)
         return self._figures.snapshot(
-            {**self.info(), "uptime_s": time.monotonic() - self._started},
+            {
+                **self.info(),
+                "uptime_s": time.monotonic() - self._started,
+                "front": self._front_figures(),
+            },
             stats,
             self.ingress.stats(),
             self._demo.stats() if self._demo is not None else None,

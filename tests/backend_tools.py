@@ -44,6 +44,18 @@ def cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     )
 
 
+def popen_cli(*args: str) -> subprocess.Popen[str]:
+    """``python -m shardpool ARGS`` started in the background (output piped, as text); the
+    caller waits for it (``communicate(timeout=...)``) and kills it if it outlives the test."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "shardpool", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+
+
 @contextlib.contextmanager
 def backend_process(
     tmp_path: Path,

@@ -58,19 +58,36 @@ class DemoLoad:
         self.violations = 0
         self.not_ok = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="shardpool-demo-load", daemon=True)
+        self._thread: threading.Thread | None = None
+        self._seed = 0  # the next round's seed: a restart goes on with fresh channels
         self._t0 = 0.0
+        self._sent0 = 0  # self.sent when this run began (pacing counts from there)
         self._next_log = 0.0
 
     def start(self) -> None:
-        """Start the thread (it connects, then sends until :meth:`stop`)."""
+        """Start the thread (it connects, then sends until :meth:`stop`); after :meth:`stop`,
+        start it again (``shardpool undrain``): it goes on with a fresh round, so with channels
+        new to the backend (the stopped round's channels are left where they were). Nothing
+        happens while the thread still runs."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="shardpool-demo-load", daemon=True
+        )
         self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        """True while the sending thread runs."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
         """Stop sending and join the thread (5 s at most). Idempotent; safe from any thread."""
         self._stop.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(5.0)
+        thread = self._thread
+        if thread is not None and thread.is_alive() and threading.current_thread() is not thread:
+            thread.join(5.0)
 
     def stats(self) -> dict[str, Any]:
         """Counters for the status snapshot: sent, replies, violations, not_ok, rate (msgs/s)."""
@@ -94,14 +111,15 @@ class DemoLoad:
             self.PEERS * self.CHANNELS_PER_PEER,
         )
         self._t0 = time.monotonic()
+        self._sent0 = self.sent
         self._next_log = self._t0 + _LOG_EVERY_S
-        seed = 0
         try:
             while not self._stop.is_set():
+                seed = self._seed
+                self._seed += 1
                 self._send_round(client, iter_encoded(
                     self.PEERS, self.CHANNELS_PER_PEER, self.ROUND, seed
                 ))
-                seed += 1
         except Exception:  # noqa: BLE001 - the demo must not take the backend down
             if not self._stop.is_set():
                 log.exception("demo load stopped")
@@ -135,7 +153,7 @@ class DemoLoad:
         now = time.monotonic()
         if self.rate:
             # Pacing, not synchronisation: wake early on stop.
-            ahead = self._t0 + self.sent / self.rate - now
+            ahead = self._t0 + (self.sent - self._sent0) / self.rate - now
             if ahead > 0:
                 self._stop.wait(ahead)
         if now >= self._next_log:
@@ -143,7 +161,7 @@ class DemoLoad:
             log.info(
                 "demo load: %d sent (%.0f/s), %d replies, %d protocol violations",
                 self.sent,
-                self.sent / (now - self._t0),
+                (self.sent - self._sent0) / (now - self._t0),
                 self.replies,
                 self.violations,
             )

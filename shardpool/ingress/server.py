@@ -133,6 +133,15 @@ class Ingress:
         self._intake_reason = reason
         self._outcomes.pipe.wake()
 
+    def resume_intake(self) -> bool:
+        """Accept messages again after :meth:`stop_intake` (``shardpool undrain``); True if
+        intake is open now, False once :meth:`close` has begun (intake never reopens then)."""
+        if self._closing:
+            return False
+        self._intake_reason = None
+        self._outcomes.pipe.wake()
+        return True
+
     @property
     def accepting(self) -> bool:
         return self._intake_reason is None
