@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -136,6 +137,7 @@ def measure(
         setup.cpu_options["cost_iters"] = cost_iters
     setup.doc.update({
         "version": 1,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine_info(),
         "options": {
             "workers": workers, "messages": args.messages,
@@ -405,8 +407,78 @@ def targets(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
-def plot(doc: dict[str, Any], path: Path) -> bool:
-    """Write the PNG; False (and a note on stderr) if matplotlib is not installed."""
+@dataclass(frozen=True)
+class Line:
+    """One plotted line: its points, matplotlib format string, legend label and style."""
+
+    x: list[int]
+    y: list[float]
+    fmt: str
+    label: str
+    style: dict[str, Any] = field(default_factory=dict)
+
+
+def _line(series: list[dict[str, Any]], key: str, fmt: str, label: str,
+          scale: float = 1.0, **style: Any) -> Line | None:
+    """The line of ``key`` over ``series``' points that have a value for it (a positive finite
+    number: None means not measured); None when none has, so that no legend entry is without
+    data."""
+    pts = [(p["workers"], p.get(key)) for p in series]
+    pts = [(w, float(v)) for w, v in pts
+           if type(v) in (int, float) and math.isfinite(v) and v > 0]
+    if not pts:
+        return None
+    return Line([w for w, _ in pts], [v / scale for _, v in pts], fmt, label, style)
+
+
+def plot_lines(doc: dict[str, Any]) -> tuple[list[Line], list[Line]]:
+    """The lines of the throughput and the efficiency panel: only series that have data."""
+    tr, cpu, real = doc.get("trivial", []), doc.get("cpu", []), doc.get("real", [])
+    cost = doc.get("options", {}).get("cpu_cost_us", 0.0)
+    thr = [
+        _line(tr, "msgs_per_s", "o-", "synthetic: trivial handler, submit_bytes", 1e3),
+        _line(tr, "many_msgs_per_s", "o--", "synthetic: trivial handler, submit_many_bytes",
+              1e3),
+        _line(tr, "raw_msgs_per_s", "x:", "synthetic: payload=raw (handler gets bytes)", 1e3),
+        _line(tr, "bare_msgs_per_s", "s--", "bare pyzmq+cbor2 (ceiling)", 1e3),
+        _line(tr, "mp_queue_msgs_per_s", "^:", "multiprocessing.Queue per worker", 1e3),
+        _line(cpu, "msgs_per_s", "D-", f"synthetic: busy loop, {cost:g} µs/commitment", 1e3),
+        _line(real, "msgs_per_s", "*-", "real: BOLT #2 wire, secp256k1 checks", 1e3, ms=9),
+        _line(real, "serial_msgs_per_s", ":", "real, one process serially (no pool)", 1e3,
+              color="grey"),
+    ]
+    eff = [
+        _line(tr, "efficiency", "o-", "synthetic: trivial handler"),
+        _line(cpu, "efficiency", "D-", "synthetic: busy loop"),
+        _line(cpu, "cpu_efficiency", "D:", "synthetic: busy loop, per worker-CPU-second"),
+        _line(real, "efficiency", "*-", "real: BOLT #2 wire, secp256k1 checks", ms=9),
+    ]
+    return [ln for ln in thr if ln is not None], [ln for ln in eff if ln is not None]
+
+
+def plot_title(doc: dict[str, Any], name: str) -> str:
+    """The figure's title: the run (``name``, its date where the JSON records one), the
+    machine, and what was measured, so that no two runs' figures share a title."""
+    m = doc["machine"]
+    o = doc.get("options", {})
+    started = doc.get("started")
+    when = f", {started[:10]}" if isinstance(started, str) else ""
+    parts = []
+    if doc.get("trivial"):
+        parts.append(f"trivial {o.get('messages', 0):,}+ msgs")
+    if doc.get("cpu"):
+        cost, n = o.get("cpu_cost_us", 0), o.get("cpu_messages", 0)
+        parts.append(f"busy loop {cost:g} µs × {n:,} msgs")
+    if doc.get("real"):
+        parts.append(f"real {o.get('real_messages', 0):,} msgs")
+    what = "; ".join(parts) or "no points"
+    return (f"shardpool scaling — {name}{when}: {m['cpus']} CPUs, Python {m['python']}\n"
+            f"{what}; median of {o.get('repeats', '?')}")
+
+
+def plot(doc: dict[str, Any], path: Path, name: str | None = None) -> bool:
+    """Write the PNG (titled with ``name``, default the PNG's file name without suffix);
+    False (and a note on stderr) if matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -416,60 +488,37 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     except ImportError:
         _log("matplotlib is not installed (pip install 'shardpool[plot]'): no plot written")
         return False
-    tr, cpu, real = doc["trivial"], doc["cpu"], doc.get("real", [])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
-    w = [p["workers"] for p in tr]
-    ax1.plot(w, [p["msgs_per_s"] / 1e3 for p in tr], "o-",
-             label="synthetic: trivial handler, submit_bytes")
-    if all(p.get("many_msgs_per_s") for p in tr):
-        ax1.plot(w, [p["many_msgs_per_s"] / 1e3 for p in tr], "o--",
-                 label="shardpool, trivial handler, submit_many_bytes")
-    if all(p.get("raw_msgs_per_s") for p in tr):
-        ax1.plot(w, [p["raw_msgs_per_s"] / 1e3 for p in tr], "x:",
-                 label="shardpool, payload=raw (handler gets bytes)")
-    ax1.plot(w, [p["bare_msgs_per_s"] / 1e3 for p in tr], "s--", label="bare pyzmq+cbor2 (ceiling)")
-    if any(p["mp_queue_msgs_per_s"] for p in tr):
-        ax1.plot(w, [(p["mp_queue_msgs_per_s"] or float("nan")) / 1e3 for p in tr], "^:",
-                 label="multiprocessing.Queue per worker")
-    wc = [p["workers"] for p in cpu]
-    ax1.plot(wc, [p["msgs_per_s"] / 1e3 for p in cpu], "D-",
-             label=f"synthetic: busy loop, {doc['options']['cpu_cost_us']:g} µs/commitment")
-    wr = [p["workers"] for p in real]
-    if real:
-        ax1.plot(wr, [p["msgs_per_s"] / 1e3 for p in real], "*-", ms=9,
-                 label="real: BOLT #2 wire, secp256k1 checks")
-        ax1.plot(wr, [p["serial_msgs_per_s"] / 1e3 for p in real], ":", color="grey",
-                 label="real, one process serially (no pool)")
+    thr, eff = plot_lines(doc)
+    ticks = sorted({w for ln in thr + eff for w in ln.x})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5.2))
+    for ln in thr:
+        ax1.plot(ln.x, ln.y, ln.fmt, label=ln.label, **ln.style)
     ax1.set_xlabel("workers")
     ax1.set_ylabel("thousand messages / s (median)")
     ax1.set_yscale("log")
     ax1.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax1.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax1.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax1.set_xticks(sorted(set(w) | set(wc) | set(wr)))
+    ax1.set_xticks(ticks)
     ax1.grid(True, which="both", alpha=0.3)
-    ax1.legend(fontsize=8)
+    if thr:
+        ax1.legend(fontsize=8)
     ax1.set_title("throughput")
-    ax2.plot(w, [p["efficiency"] for p in tr], "o-", label="synthetic: trivial handler")
-    ax2.plot(wc, [p["efficiency"] for p in cpu], "D-", label="synthetic: busy loop")
-    if all(p.get("cpu_efficiency") for p in cpu):
-        ax2.plot(wc, [p["cpu_efficiency"] for p in cpu], "D:",
-                 label="synthetic busy loop, per worker-CPU-second")
-    if real:
-        ax2.plot(wr, [p["efficiency"] for p in real], "*-", ms=9,
-                 label="real: BOLT #2 wire, secp256k1 checks")
+    for ln in eff:
+        ax2.plot(ln.x, ln.y, ln.fmt, label=ln.label, **ln.style)
     ax2.axhline(1.0, color="grey", lw=0.8)
-    ax2.axhline(TARGETS["cpu_efficiency_up_to_cores_minus_1"], color="red", lw=0.8, ls="--",
-                label="goal 0.8 (CPU-costed)")
+    if doc.get("cpu"):
+        ax2.axhline(TARGETS["cpu_efficiency_up_to_cores_minus_1"], color="red", lw=0.8, ls="--",
+                    label="goal 0.8 (busy loop)")
     ax2.set_xlabel("workers")
     ax2.set_ylabel("efficiency = speed-up ÷ workers")
     ax2.set_ylim(0, 1.15)
-    ax2.set_xticks(sorted(set(w) | set(wc) | set(wr)))
+    ax2.set_xticks(ticks)
     ax2.grid(True, alpha=0.3)
-    ax2.legend(fontsize=8)
+    if eff:
+        ax2.legend(fontsize=8)
     ax2.set_title("scaling efficiency")
-    m = doc["machine"]
-    fig.suptitle(f"shardpool scaling — {m['cpus']} CPUs, Python {m['python']}", fontsize=11)
+    fig.suptitle(plot_title(doc, name or path.stem), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -575,7 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc = measure(args, save)
         _log(f"wrote {args.out}")
         out_png = args.plot or args.out.with_suffix(".png")
-    if not args.no_plot and plot(doc, out_png):
+    name = (args.replot or args.out).stem
+    if not args.no_plot and plot(doc, out_png, name):
         _log(f"wrote {out_png}")
     print(summary(doc))
     return 0
