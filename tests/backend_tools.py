@@ -7,7 +7,7 @@ import contextlib
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,21 @@ class Backend:
         """SIGKILL the backend process alone (its workers are left to notice), reaped."""
         self.proc.kill()
         self.proc.wait(10)
+
+
+def wait_for(
+    ctl: ControlClient, op: str, cond: Callable[[Any], bool], timeout: float = 60.0
+) -> Any:
+    """Ask the control op ``op`` until ``cond(answer)`` holds, ``timeout`` seconds at most (one
+    ping round trip between asks, no sleeps); the answer that satisfied it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = ctl.request(op)
+        if cond(answer):
+            return answer
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{op} never satisfied the condition; last: {answer}")
+        ctl.request("ping", timeout=1.0)
 
 
 def cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

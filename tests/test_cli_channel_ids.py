@@ -3,10 +3,10 @@ the table prints can be pasted into ``resume``/``skip``/``pin``/``unpin`` as it 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
+import backend_tools
 import pytest
 from service_handlers import in_process_backend
 
@@ -26,18 +26,6 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
     code = main(list(argv))
     out = capsys.readouterr()
     return code, out.out, out.err
-
-
-def _wait_status(ctl: ControlClient, cond: Any, timeout: float = 30.0) -> dict[str, Any]:
-    """Ask for status until ``cond(snapshot)`` holds (one round trip between polls, no sleeps)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        snap: dict[str, Any] = ctl.request("status")
-        if cond(snap):
-            return snap
-        if time.monotonic() > deadline:
-            raise AssertionError(f"status never satisfied the condition; last: {snap}")
-        ctl.request("ping", timeout=1.0)
 
 
 def _halted_ids(table: str) -> list[str]:
@@ -161,7 +149,7 @@ def test_ids_from_the_status_table_paste_into_the_commands(
         behind = client.send(b"chan-1", {"i": 1})
         second = client.send(b"cafe", {"i": 2, "fail": True})
         client.flush()
-        _wait_status(ctl, lambda s: s["pool"]["halted_channels"] == 2)
+        backend_tools.wait_for(ctl, "status", lambda s: s["pool"]["halted_channels"] == 2)
 
         code, table, err = _run(capsys, "status", "--once", *ep)
         assert code == EXIT_OK, err
@@ -178,7 +166,7 @@ def test_ids_from_the_status_table_paste_into_the_commands(
         assert code == EXIT_OK, err
         assert "resume: channel chan-1" in out
         # retried: fail_on fails again, and the channel halts again
-        _wait_status(ctl, lambda s: s["pool"]["failures"] == failures + 1
+        backend_tools.wait_for(ctl, "status", lambda s: s["pool"]["failures"] == failures + 1
                      and s["pool"]["halted_channels"] == 2)
         code, out, err = _run(capsys, "skip", "chan-1", *ep)
         assert code == EXIT_OK, err

@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +23,6 @@ from shardpool.control import ControlClient
 from shardpool.logformat import JsonFormatter
 
 pytestmark = pytest.mark.multiprocess
-
-
-def _wait(
-    ctl: ControlClient, cond: Callable[[dict[str, Any]], bool], timeout: float = 60.0
-) -> dict[str, Any]:
-    """Ask for status until ``cond(snapshot)`` holds (each answer is a fresh reply, no sleep)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        snap: dict[str, Any] = ctl.request("status")
-        if cond(snap):
-            return snap
-        if time.monotonic() > deadline:
-            raise AssertionError(f"status never satisfied the condition; last: {snap}")
-        ctl.request("ping", timeout=1.0)  # one round trip between polls
 
 
 def test_undrain_reopens_intake_the_demo_load_and_the_state(tmp_path: Path) -> None:
@@ -54,7 +39,7 @@ def test_undrain_reopens_intake_the_demo_load_and_the_state(tmp_path: Path) -> N
         Client(sections["ingress"]["endpoint"], timeout=20.0) as client,
     ):
         assert backend.info["intake"] == "open"
-        _wait(ctl, lambda s: s["demo_load"]["replies"] >= 500)
+        backend_tools.wait_for(ctl, "status", lambda s: s["demo_load"]["replies"] >= 500)
         out = backend_tools.cli("drain", "-c", cfg, "--timeout", "20")
         assert out.returncode == 0, (out.stdout, out.stderr)
         drained = ctl.request("status")
@@ -78,8 +63,9 @@ def test_undrain_reopens_intake_the_demo_load_and_the_state(tmp_path: Path) -> N
         assert snap["ingress"]["accepting"] is True
         sent = drained["demo_load"]["sent"]
         replies = drained["demo_load"]["replies"]
-        snap = _wait(
+        snap = backend_tools.wait_for(
             ctl,
+            "status",
             lambda s: s["demo_load"]["sent"] >= sent + 500
             and s["demo_load"]["replies"] >= replies + 500,
         )
@@ -104,10 +90,10 @@ def test_undrain_calls_off_a_waiting_drain(tmp_path: Path) -> None:
     ):
         held = client.send(b"held", {"gate": str(gate)})
         client.flush()
-        _wait(ctl, lambda s: s["pool"]["inflight"] == 1)
+        backend_tools.wait_for(ctl, "status", lambda s: s["pool"]["inflight"] == 1)
         drain = backend_tools.popen_cli("drain", "-c", cfg, "--timeout", "60")
         try:
-            _wait(ctl, lambda s: s["service"]["state"] == "draining")
+            backend_tools.wait_for(ctl, "status", lambda s: s["service"]["state"] == "draining")
             out = backend_tools.cli("undrain", "-c", cfg)
             assert out.returncode == 0, (out.stdout, out.stderr)
             assert "was draining" in out.stdout
@@ -159,7 +145,7 @@ def test_stop_passes_on_exit_code_1_when_the_drain_is_not_clean(tmp_path: Path) 
     ):
         client.send(b"held", {"gate": str(gate)})
         client.flush()
-        _wait(ctl, lambda s: s["pool"]["inflight"] == 1)
+        backend_tools.wait_for(ctl, "status", lambda s: s["pool"]["inflight"] == 1)
         out = backend_tools.cli("stop", "-c", cfg, "--timeout", "30")
         assert backend.proc.wait(timeout=30) == 1
         replies = list(client.results(timeout=20.0))

@@ -27,18 +27,6 @@ from shardpool.status import Figures, render_status
 Snapshot = dict[str, Any]
 
 
-def _wait(ctl: ControlClient, op: str, cond: Callable[[Snapshot], bool], timeout: float) -> Any:
-    """Ask ``op`` until ``cond(answer)`` holds (each answer a fresh round trip, no sleeps)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        answer = ctl.request(op)
-        if cond(answer):
-            return answer
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{op} never satisfied the condition; last: {answer}")
-        ctl.request("ping", timeout=1.0)
-
-
 class _Traffic:
     """Messages for the ``ordered`` handler (index per channel, checked in the worker) on
     ``channels`` channels, sent in rounds around the operations; every reply must be ok."""
@@ -206,7 +194,7 @@ def test_control_requests_are_answered_while_a_move_waits(tmp_path: Path) -> Non
         assert client.call(cid, {"i": 0}, timeout=20.0) == [0, 0]
         first = client.send(cid, {"gate": str(gate), "i": 99})
         client.flush()
-        _wait(ctl, "status", lambda s: s["pool"]["inflight"] == 1, 20.0)
+        backend_tools.wait_for(ctl, "status", lambda s: s["pool"]["inflight"] == 1, 20.0)
         answer: list[Any] = []
 
         def move() -> None:
@@ -218,14 +206,16 @@ def test_control_requests_are_answered_while_a_move_waits(tmp_path: Path) -> Non
         thread = threading.Thread(target=move)
         thread.start()
         try:
-            place = _wait(ctl, "placement", lambda p: len(p["moves"]["in_progress"]) == 1, 20.0)
+            place = backend_tools.wait_for(
+                ctl, "placement", lambda p: len(p["moves"]["in_progress"]) == 1, 20.0
+            )
             [m] = place["moves"]["in_progress"]
             assert (m["slots"], m["src"], m["dst"], m["state"]) == (
                 [slot], src, 1 - src, "draining"
             )
             later = client.send(cid, {"i": 1})  # held at the front during the move
             client.flush()
-            snap = _wait(
+            snap = backend_tools.wait_for(
                 ctl,
                 "status",
                 lambda s: s["placement"]["moves"]["in_progress"][0]["held"] == 1,
@@ -256,13 +246,13 @@ def test_sigttin_adds_a_worker_and_sigttou_removes_one_never_below_one(tmp_path:
             return lambda p: p["workers"] == n and not p["resize"]["in_progress"]
 
         backend.proc.send_signal(signal.SIGTTIN)
-        _wait(ctl, "placement", settled(3), 30.0)
+        backend_tools.wait_for(ctl, "placement", settled(3), 30.0)
         assert ctl.request("ping")["workers"] == 3
         for n in (2, 1):
             backend.proc.send_signal(signal.SIGTTOU)
-            _wait(ctl, "placement", settled(n), 30.0)
+            backend_tools.wait_for(ctl, "placement", settled(n), 30.0)
         backend.proc.send_signal(signal.SIGTTOU)  # at 1: logged, nothing changes
-        _wait(ctl, "status", lambda s: len(s["workers"]) == 1, 10.0)
+        backend_tools.wait_for(ctl, "status", lambda s: len(s["workers"]) == 1, 10.0)
         log = tmp_path / "backend.log"
         deadline = time.monotonic() + 10.0
         while "SIGTTOU: not resizing" not in log.read_text():
@@ -514,14 +504,16 @@ def test_resize_2_3_1_2_under_demo_load_keeps_every_channel_in_order(tmp_path: P
         backend_tools.backend_process(tmp_path, sections, ("--demo-load", "2000")),
         ControlClient(sections["control"]["endpoint"], timeout=10.0) as ctl,
     ):
-        replies = _wait(ctl, "status", lambda s: s["demo_load"]["replies"] >= 1000, 60.0)
+        replies = backend_tools.wait_for(
+            ctl, "status", lambda s: s["demo_load"]["replies"] >= 1000, 60.0
+        )
         for n in (3, 1, 2):
             seen = replies["demo_load"]["replies"]
             out = backend_tools.cli("resize", str(n), "-c", cfg, "--timeout", "30")
             assert out.returncode == 0, (out.stdout, out.stderr)
             assert f"resized to {n} workers" in out.stdout
             # Traffic goes on at the new size before the next step.
-            replies = _wait(
+            replies = backend_tools.wait_for(
                 ctl, "status", lambda s, seen=seen: s["demo_load"]["replies"] >= seen + 1000, 60.0
             )
             assert len(replies["workers"]) == n
