@@ -760,6 +760,98 @@ def cmd_channel_decision(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -------------------------------------------------------------------------------- dead letters
+
+
+def _add_dead_letters(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "dead-letters",
+        help="list, replay or purge the messages the skip policy (or an operator) dropped",
+        description=(
+            "The dead-letter store of a running backend (on with deadletters.enabled): every "
+            "message that ended failed under the 'skip' policy or skipped by an operator, with "
+            "its payload and error."
+        ),
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ls = actions.add_parser(
+        "list", help="the stored entries, oldest first",
+        description=f"The stored entries, oldest first. Exit {EXIT_OK}, or {EXIT_FAILURE} when "
+                    "no backend answers or dead letters are off.",
+    )
+    ls.add_argument("--channel", type=_channel, metavar="CHANNEL", help=_CHANNEL_HELP)
+    ls.add_argument("--limit", type=int, default=0, metavar="N", help="at most N entries")
+    ls.add_argument("--json", action="store_true", help="the backend's answer as JSON")
+    rp = actions.add_parser(
+        "replay", help="submit stored messages again, in order; remove those answered ok",
+        description=(
+            "Submit the stored messages again (all, one channel's, or the given ids) in id "
+            "order, so each channel's in their original order; each answered ok is removed, "
+            "each that fails again stays with the new error. Exit "
+            f"{EXIT_OK} when every one was answered ok, {EXIT_FAILURE} otherwise."
+        ),
+    )
+    rp.add_argument("--channel", type=_channel, metavar="CHANNEL", help=_CHANNEL_HELP)
+    rp.add_argument("--id", type=int, nargs="+", dest="ids", metavar="N", help="these entries")
+    pg = actions.add_parser(
+        "purge", help="delete stored entries",
+        description="Delete one channel's entries (--channel) or every one (--all).",
+    )
+    which = pg.add_mutually_exclusive_group(required=True)
+    which.add_argument("--channel", type=_channel, metavar="CHANNEL", help=_CHANNEL_HELP)
+    which.add_argument("--all", action="store_true", help="every entry")
+    for q in (ls, rp, pg):
+        _add_endpoint_args(q, timeout=60.0 if q is rp else 10.0)
+    p.set_defaults(func=cmd_dead_letters)
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    """``dead-letters list|replay|purge`` through the control socket."""
+    payload: dict[str, Any] = {"action": args.action}
+    if args.channel is not None:
+        payload["channel"] = args.channel.hex()
+    if args.action == "list":
+        payload["limit"] = max(0, args.limit)
+    elif args.action == "replay":
+        payload["timeout"] = args.timeout
+        if args.ids:
+            payload["ids"] = args.ids
+    else:
+        payload["all"] = bool(args.all)
+    reply = _control_request(args, "dead-letters", payload, client_timeout=args.timeout + 5.0)
+    if isinstance(reply, int):
+        return reply
+    if args.action == "list":
+        print(json.dumps(reply, indent=2) if args.json else _dead_letter_table(reply))
+        return EXIT_OK
+    if args.action == "purge":
+        print(f"purged {reply['purged']} entries")
+        return EXIT_OK
+    print(f"replayed {reply['replayed']} of {reply['submitted']}: {reply['failed']} failed again, "
+          f"{reply['pending']} unanswered in time")
+    for err in reply["errors"]:
+        print(f"  id {err['id']}: {err['error']}")
+    return EXIT_OK if reply["replayed"] == reply["submitted"] else EXIT_FAILURE
+
+
+def _dead_letter_table(reply: dict[str, Any]) -> str:
+    import datetime
+
+    from shardpool.channelid import format_channel_hex
+
+    lines = [f"{reply['count']} dead letters in {reply['path']} ({reply['dropped']} dropped "
+             f"to the bound, {reply['write_errors']} write errors)"]
+    if reply["entries"]:
+        lines.append(f"{'ID':>6}  {'TIME (UTC)':19}  {'SEQ':>6}  {'ACTION':7}  CHANNEL  ERROR")
+    for e in reply["entries"]:
+        when = datetime.datetime.fromtimestamp(e["time"], datetime.UTC)
+        lines.append(
+            f"{e['id']:>6}  {when:%Y-%m-%d %H:%M:%S}  {e['seq']:>6}  {e['action']:7}  "
+            f"{format_channel_hex(e['channel'])}  {e['error_type']}: {e['error']}"
+        )
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------- move, pin, unpin, resize
 
 
@@ -1003,8 +1095,47 @@ def cmd_resize(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILURE
 
 
+def _add_roll(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "roll",
+        help="replace every worker process of a running backend, one at a time",
+        description=(
+            "Rolling restart: each worker in turn hands its slots and pinned channels to the "
+            "others, stops, is replaced by a fresh process (which imports the handler code "
+            "anew) and takes its share back. Nothing is lost or reordered; handler state moves "
+            "with the slots. SIGHUP to `shardpool run` does the same after reloading the config. "
+            f"Exit {EXIT_OK} once done, {EXIT_FAILURE} if it was refused (a roll or resize under "
+            "way) or called off, is not done within --timeout (it goes on), or no backend answers."
+        ),
+    )
+    p.add_argument("--no-wait", action="store_true", help="return once the roll has started")
+    _add_placement_args(p, timeout=300.0)
+    p.set_defaults(func=cmd_roll)
+
+
+def cmd_roll(args: argparse.Namespace) -> int:
+    """``roll`` through the control socket."""
+    payload: dict[str, Any] = {"timeout": args.timeout}
+    if args.no_wait:
+        payload["wait"] = False
+    reply = _control_request(
+        args, "roll", payload, timeout=args.timeout + 5.0, client_timeout=args.timeout + 5.0
+    )
+    if isinstance(reply, int):
+        return reply
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    elif reply.get("started"):
+        print(f"rolling restart of {reply['workers']} worker(s) started")
+    elif not reply["done"]:
+        print(f"rolling restart not done within {args.timeout:g} s (it goes on)")
+    else:
+        print(f"rolled {reply['workers']} worker(s) in {reply['seconds']:.1f} s")
+    return EXIT_OK if reply.get("started") or reply["done"] else EXIT_FAILURE
+
+
 # registered in _SUBCOMMANDS below: run, bench, status, drain, undrain, stop, keys, resume, skip,
-# move, pin, unpin, resize.
+# move, pin, unpin, resize, roll, dead-letters.
 
 _SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
     _add_check_config,
@@ -1021,6 +1152,8 @@ _SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
     _add_pin,
     _add_unpin,
     _add_resize,
+    _add_roll,
+    _add_dead_letters,
 )
 
 

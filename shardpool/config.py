@@ -37,6 +37,7 @@ __all__ = [
     "ENV_PREFIX",
     "Config",
     "ControlConfig",
+    "DeadLettersConfig",
     "FrozenDict",
     "IngressConfig",
     "MetricsConfig",
@@ -601,6 +602,26 @@ class MetricsConfig(_Section):
     port: int = _int(1, 65_535, default=9464, doc="TCP port")
 
 
+@dataclass(frozen=True)
+class DeadLettersConfig(_Section):
+    """``[deadletters]``: the durable store of messages that ended skipped or failed under
+    ``skip`` (see :mod:`shardpool.deadletters`).
+
+    Raises:
+        ConfigError: on construction, when any value is of the wrong type or out of range.
+    """
+
+    SECTION: ClassVar[str] = "deadletters"
+
+    enabled: bool = _bool(default=False, doc="keep dead letters")
+    path: str = _str(
+        default="", doc='SQLite file; "" = shardpool-deadletters.sqlite in the runtime directory'
+    )
+    max_entries: int = _int(
+        1, 100_000_000, default=100_000, doc="entries kept, at most (the oldest are dropped)"
+    )
+
+
 def _section(cls: type[_Section]) -> Any:
     return field(default_factory=cls, metadata={"section": cls})
 
@@ -618,6 +639,7 @@ class Config:
     ingress: IngressConfig = _section(IngressConfig)
     control: ControlConfig = _section(ControlConfig)
     metrics: MetricsConfig = _section(MetricsConfig)
+    deadletters: DeadLettersConfig = _section(DeadLettersConfig)
     source: str = field(default=DEFAULTS_SOURCE, compare=False)
 
 

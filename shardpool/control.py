@@ -36,6 +36,17 @@ Wire format (one CBOR frame each way, DEALER → ROUTER)::
 * ``resize`` ``{"workers": n, "timeout"?: s, "wait"?: bool}`` → once done, ``{"done": true,
   "workers": n, "seconds": s}``; ``{"done": false, ...}`` when ``timeout`` passed first (the
   resize goes on); with ``wait`` false, ``{"started": true, ...}`` at once.
+* ``roll`` ``{"timeout"?: s, "wait"?: bool}`` → every worker replaced by a fresh process, one at a
+  time (a rolling restart through slot moves), once done ``{"done": true, "workers": n,
+  "pids": [...], "seconds": s}``; ``{"done": false, ...}`` when ``timeout`` passed first (it goes
+  on); with ``wait`` false, ``{"started": true, ...}`` at once; an error if it was refused (a roll
+  or resize under way) or called off.
+* ``dead-letters`` ``{"action": "list", "channel"?: hex, "ids"?: [int], "limit"?: n}`` →
+  ``{"entries": [{"id", "time", "channel", "seq", "payload", "error_type", "error",
+  "action"}], "count", "dropped", "write_errors", "path"}``; ``{"action": "replay", "channel"?,
+  "ids"?, "timeout"?: s}`` → once answered, ``{"submitted", "replayed", "failed", "pending",
+  "errors"}``; ``{"action": "purge", "channel": hex}`` or ``{"action": "purge", "all": true}`` →
+  ``{"purged": n}``. An error when ``[deadletters]`` is off (see :mod:`shardpool.deadletters`).
 
 A bad slot, worker, channel id or count is answered with a :class:`BadRequest` error naming the
 value and what is allowed; a move the pool refuses or calls off with an error saying why.
@@ -108,6 +119,8 @@ OPS = (
     "pin",
     "unpin",
     "resize",
+    "roll",
+    "dead-letters",
 )
 """Every op a backend answers; any other is answered with an error naming these."""
 BAD_REQUEST = "bad_request"

@@ -48,7 +48,10 @@ counter reset; per-worker series come and go with their worker when a resize cha
   ``_undeliverable_total``, ``_internal_errors_total``, ``_refused_frames_total``,
   ``_refused_messages_total``, ``_stalled_sends_total``, ``_rejected_total{error}``,
   ``_replies_total{status}``; gauges ``shardpool_ingress_producers``, ``_held_replies``,
-  ``_stalled_producers``.
+  ``_stalled_producers``;
+* dead letters (only with ``deadletters.enabled``): the gauge ``shardpool_dead_letters`` (entries
+  stored) and the counter ``shardpool_dead_letters_dropped_total`` (dropped to keep
+  ``deadletters.max_entries``, since the backend started).
 """
 
 
@@ -317,6 +320,15 @@ class SnapshotCollector(Collector):
         if snap.get("placement"):
             yield from _placement_metrics(snap["placement"])
         yield from _ingress_metrics(snap["ingress"])
+        if snap.get("dead_letters"):
+            dead = snap["dead_letters"]
+            yield _gauge("shardpool_dead_letters", "entries in the dead-letter store",
+                         dead["count"])
+            yield _counter(
+                "shardpool_dead_letters_dropped",
+                "dead letters dropped to keep deadletters.max_entries",
+                dead["dropped"],
+            )
 
 
 class _Server(ThreadingMixIn, WSGIServer):

@@ -29,6 +29,7 @@ from typing import Any
 
 from . import codec
 from .config import Config, load_config, with_overrides
+from .deadletters import DeadLetters
 from .errors import InputError
 from .front import (
     CloseReport,
@@ -163,6 +164,12 @@ class ShardPool:
         """
         return self.request(channel_id, message).result(timeout)
 
+    def record_dead_letters(self, sink: DeadLetters | None) -> None:
+        """Record every message that ends failed under ``skip`` or skipped by an operator in
+        ``sink`` (None: stop); see :mod:`shardpool.deadletters`."""
+        with self._front.lock:
+            self._front.dead_letters = sink
+
     async def asubmit(self, channel_id: bytes, message: Any) -> int:
         """:meth:`submit` that awaits (instead of blocking the loop) while the window is full."""
         return await self.asubmit_bytes(channel_id, self._payload(message))
@@ -295,6 +302,21 @@ class ShardPool:
             DrainTimeout: ``timeout`` passed first; the resize goes on.
         """
         self._front.resize(workers, timeout=timeout, wait=wait)
+
+    def roll(self, *, timeout: float | None = None, wait: bool = True) -> None:
+        """Replace every worker process by a fresh one (which imports the handler code anew),
+        one worker at a time: its slots and pins move to the others, it stops (a planned stop:
+        no crash counted, nothing redelivered), its successor starts, and its share moves back.
+        Nothing is lost or reordered; handler state moves with the slots. A single worker is
+        rolled through a temporary second one. With ``wait`` (default), returns once done,
+        ``timeout`` seconds at most (None: no limit).
+
+        Raises:
+            MoveRefused: the pool is not running, a roll or resize is under way, or the roll was
+                called off (a new incarnation could not start, a move kept failing).
+            DrainTimeout: ``timeout`` passed first; the roll goes on.
+        """
+        self._front.roll(timeout=timeout, wait=wait)
 
     def worker_of_slot(self, slot: int) -> int:
         """Index of the worker that owns routing ``slot`` now."""

@@ -13,7 +13,9 @@ re-pins workers that were restarted or added.
 SIGHUP re-reads the config file and applies the keys that can change live (levelling, the move
 timeout, the drain deadline: :data:`~shardpool.reload.LIVE_KEYS`), logging every changed key as
 applied or as needing a restart; a config that does not validate is logged and changes nothing.
-Handler code is not reloaded (a new handler version needs a restart). SIGUSR1 reopens log files
+Then the workers are replaced one at a time by fresh processes that import the handler code anew
+(a rolling restart through slot moves, :mod:`shardpool.front.roll`: nothing lost or reordered);
+a SIGHUP during a roll is logged and starts no second one. SIGUSR1 reopens log files
 (none with the ``shardpool`` command, which logs to stderr). Both are recorded by their handler
 and carried out by the main loop, like every other signal.
 
@@ -62,10 +64,11 @@ from typing import Any, NamedTuple
 
 import psutil
 
-from . import __version__
+from . import __version__, deadletters
 from . import protocol as P
 from .config import DEFAULTS_SOURCE, Config, load_config
 from .control import BAD_REQUEST, OPS, BadRequest, ControlServer, Respond
+from .deadletters import DeadLetters, open_sink
 from .demo.load import DemoLoad
 from .errors import (
     ConfigError,
@@ -166,6 +169,7 @@ class Service:
         self._failure_log = RateLimitedLog(log, 10.0)
         self.exit_code: int | None = None
         self._failed: str | None = None
+        self.dead_letters: DeadLetters | None = None
 
     # -- start -------------------------------------------------------------------------------
 
@@ -190,6 +194,8 @@ class Service:
                          "control.endpoint": self.control_endpoint}
             self._locks = claim_endpoints(cfg, endpoints, self._env)
             self.pool = ShardPool(config=cfg, on_failure=self._on_failure)
+            self.dead_letters = open_sink(cfg, self._env)
+            self.pool.record_dead_letters(self.dead_letters)
             self.ingress = Ingress(
                 self.pool,
                 IngressSettings(
@@ -244,6 +250,8 @@ class Service:
             self.metrics.close()
         if self.pool is not None:
             self.pool.close(0.0)
+        if self.dead_letters is not None:
+            self.dead_letters.close()
         if self.ingress is not None:
             self.ingress.close(0.0)
         for lock in self._locks:
@@ -309,19 +317,47 @@ class Service:
         elif op == "stop":
             self._stop_request(args, respond)
         elif op in ("resume", "skip"):
-            # An operator's decision on a channel halted by the halt policy (the pool is
-            # thread-safe, so the control thread may act directly).
-            try:
-                cid = _channel_arg(args)
-                getattr(self.pool, op)(cid)
-            except BadRequest as exc:
-                respond(False, {"error": str(exc), "code": BAD_REQUEST})
-            except (ValueError, ShardPoolError) as exc:
-                respond(False, {"error": str(exc)})
-            else:
-                respond(True, {op: cid.hex()})
+            self._channel_decision(op, args, respond)
+        elif op == "dead-letters":
+            self._dead_letters_op(args, respond)
         else:
             respond(False, {"error": f"unknown control op {op!r} ({', '.join(OPS)})"})
+
+    def _channel_decision(self, op: str, args: dict[str, Any], respond: Respond) -> None:
+        """An operator's decision on a channel halted by the halt policy (the pool is
+        thread-safe, so the control thread may act directly)."""
+        try:
+            cid = _channel_arg(args)
+            getattr(self.pool, op)(cid)
+        except BadRequest as exc:
+            respond(False, {"error": str(exc), "code": BAD_REQUEST})
+        except (ValueError, ShardPoolError) as exc:
+            respond(False, {"error": str(exc)})
+        else:
+            respond(True, {op: cid.hex()})
+
+    def _dead_letters_op(self, args: dict[str, Any], respond: Respond) -> None:
+        """``dead-letters`` (control thread): ``action`` list / purge answered at once, replay
+        on an operation thread (it waits for the replayed messages' answers)."""
+        sink, pool, action = self.dead_letters, self.pool, args.get("action")
+        if sink is None or pool is None:
+            respond(False, {"error": "dead letters are off (deadletters.enabled = false)"})
+            return
+        try:
+            if action == "list":
+                respond(True, deadletters.list_entries(sink, args))
+            elif action == "purge":
+                respond(True, deadletters.purge_entries(sink, args))
+            elif action == "replay":
+                self._run_operation(
+                    "dead-letters replay",
+                    lambda: deadletters.replay_entries(pool, sink, args, self._stopping),
+                    respond,
+                )
+            else:
+                raise BadRequest(f"action must be list, replay or purge, got {action!r}")
+        except BadRequest as exc:
+            respond(False, {"error": str(exc), "code": BAD_REQUEST})
 
     def _queue_request(self, op: str, args: dict[str, Any], respond: Respond) -> None:
         """``drain`` / ``undrain`` (control thread): queued for the main loop, which owns the
@@ -383,22 +419,56 @@ class Service:
                 lambda: self._pin_reply(cid, pool.unpin(cid, timeout=timeout)),
                 respond,
             )
+        elif op == "roll":
+            self._roll_op(args, timeout, respond)
         else:
-            workers = self._count_arg(args)
-            if args.get("wait", True) is False:
-                try:
-                    pool.resize(workers, wait=False)
-                except MoveRefused as exc:
-                    respond(False, {"error": _resize_error(workers, exc)})
-                else:
-                    log.info("resize to %d workers requested (control socket)", workers)
-                    respond(True, {"started": True, **self._resize_reply(workers)})
-                return
-            self._run_operation(
-                f"resize to {workers} workers",
-                lambda: self._resize(workers, timeout),
-                respond,
-            )
+            self._resize_op(args, timeout, respond)
+
+    def _resize_op(self, args: dict[str, Any], timeout: float | None, respond: Respond) -> None:
+        assert self.pool is not None
+        workers = self._count_arg(args)
+        if args.get("wait", True) is False:
+            try:
+                self.pool.resize(workers, wait=False)
+            except MoveRefused as exc:
+                respond(False, {"error": _resize_error(workers, exc)})
+            else:
+                log.info("resize to %d workers requested (control socket)", workers)
+                respond(True, {"started": True, **self._resize_reply(workers)})
+            return
+        self._run_operation(
+            f"resize to {workers} workers",
+            lambda: self._resize(workers, timeout),
+            respond,
+        )
+
+    def _roll_op(self, args: dict[str, Any], timeout: float | None, respond: Respond) -> None:
+        """``roll``: a rolling restart of every worker (waited on an operation thread)."""
+        assert self.pool is not None
+        pool = self.pool
+        if args.get("wait", True) is False:
+            try:
+                pool.roll(wait=False)
+            except MoveRefused as exc:
+                respond(False, {"error": f"rolling restart: {exc}"})
+            else:
+                log.info("rolling restart requested (control socket)")
+                respond(True, {"started": True, "workers": len(pool.worker_pids())})
+            return
+
+        def work() -> dict[str, Any]:
+            t0 = time.monotonic()
+            try:
+                pool.roll(timeout=timeout, wait=True)
+            except DrainTimeout:
+                done = False
+            else:
+                done = True
+            pids = pool.worker_pids()
+            return {"done": done, "workers": len(pids), "pids": pids,
+                    "seconds": time.monotonic() - t0}
+
+        self._run_operation("rolling restart", work, respond)
 
     def _run_operation(self, what: str, work: Callable[[], Any], respond: Respond) -> None:
         """Run ``work`` on a daemon thread of its own and answer with what it returns, or with an
@@ -625,6 +695,9 @@ class Service:
         resize = place["resize"]
         if resize["in_progress"]:
             text += f", resizing to {resize['target']}"
+        roll = place["roll"]
+        if roll["in_progress"]:
+            text += f", rolling restart ({roll['rolled']} of {roll['total']} replaced)"
         if self.state == "draining":
             text += ", intake stopped"
         elif self.state == "drained":
@@ -660,15 +733,28 @@ class Service:
                 self.pool.apply_live_config(plan.effective)
                 self.config = plan.effective
             log.info(
-                "SIGHUP: reload done: %d key%s applied, %d need%s a restart; handler code is not "
-                "reloaded (a new handler version needs a restart)",
+                "SIGHUP: reload done: %d key%s applied, %d need%s a restart",
                 len(plan.applied), "" if len(plan.applied) == 1 else "s",
                 len(plan.restart), "s" if len(plan.restart) == 1 else "",
             )
+            self._roll_by_signal()
         except Exception:  # noqa: BLE001 - a reload must never take the backend down
             log.exception("SIGHUP: reload failed; the running configuration is unchanged")
         finally:
             self._notify.ready(self._status_text())
+
+    def _roll_by_signal(self) -> None:
+        """SIGHUP (main loop): replace the workers one at a time onto the handler code as it is
+        now (:meth:`ShardPool.roll`, driven by the front: the main loop does not wait). A roll
+        already under way is not started again: this SIGHUP is logged and ignored."""
+        assert self.pool is not None
+        try:
+            self.pool.roll(wait=False)
+        except MoveRefused as exc:
+            log.warning("SIGHUP: workers not restarted: %s", exc)
+            return
+        log.info("SIGHUP: rolling restart of %d worker(s) onto the handler code as it is now",
+                 len(self.pool.worker_pids()))
 
     def _reopen_logs(self) -> None:
         """SIGUSR1 (main loop): reopen log files (logrotate)."""
@@ -768,6 +854,8 @@ class Service:
         self._notify.status("stopping: stopping workers")
         left = 0.0 if forced else max(grace, deadline - time.monotonic())
         report = self.pool.close(left, drain=False)
+        if self.dead_letters is not None:
+            self.dead_letters.close()
         unfinished = len(report.unfinished)
         in_doubt = len(report.in_doubt)
         if unfinished or in_doubt:
@@ -873,7 +961,7 @@ class Service:
         """
         assert self.pool is not None and self.ingress is not None
         stats = self.pool.stats(timeout)
-        return self._figures.snapshot(
+        snap = self._figures.snapshot(
             {
                 **self.info(),
                 "uptime_s": time.monotonic() - self._started,
@@ -883,9 +971,12 @@ class Service:
             self.ingress.stats(),
             self._demo.stats() if self._demo is not None else None,
         )
+        if self.dead_letters is not None:
+            snap["dead_letters"] = self.dead_letters.figures()
+        return snap
 
 
-_PLACEMENT_OPS = ("move", "pin", "unpin", "resize")
+_PLACEMENT_OPS = ("move", "pin", "unpin", "resize", "roll")
 
 
 def _int_arg(args: dict[str, Any], key: str) -> int:

@@ -257,6 +257,15 @@ def _summary(snap: Snapshot) -> list[str]:
                 style=_RED if demo["violations"] else "",
             )
         )
+    dead = snap.get("dead_letters")
+    if dead:
+        lines.append(
+            _Line(
+                f"dead letters: {dead['count']} stored, {dead['dropped']} dropped, "
+                f"{dead['write_errors']} write errors (shardpool dead-letters list)",
+                style=_YELLOW if dead["count"] or dead["write_errors"] else "",
+            )
+        )
     return lines
 
 
@@ -487,6 +496,17 @@ def _plan(levelling: dict[str, Any]) -> list[str]:
     return lines + _more(plan, "steps")
 
 
+def _roll(roll: dict[str, Any] | None) -> list[str]:
+    """A rolling restart in progress (or the one called off last)."""
+    if not roll:
+        return []
+    if roll["in_progress"]:
+        worker = "" if roll["worker"] is None else f", worker {roll['worker']} {roll['phase']}"
+        return [f"roll:      {roll['rolled']} of {roll['total']} workers replaced{worker}"]
+    if roll.get("error"):
+        return [f"roll:      called off: {roll['error']}"]
+    return []
+
 def _placement(place: dict[str, Any] | None) -> list[str]:
     """Slots, moves, the resize, the levelling plan, pins and saturated channels."""
     if not place:
@@ -509,6 +529,7 @@ def _placement(place: dict[str, Any] | None) -> list[str]:
         )
     elif resize.get("error"):
         lines.append(f"resize:    called off: {resize['error']}")
+    lines += _roll(place.get("roll"))
     lines += _moves(moves["in_progress"])
     lines += _plan(levelling)
     dedicated = {str(c): int(w) for w, c in (levelling.get("dedicated") or {}).items()}

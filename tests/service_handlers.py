@@ -219,3 +219,16 @@ def poisonable(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
 
         os._exit(71)
     return [seq, message["i"]]
+
+
+def gated_failure(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+    """``{"i": n, "gate": path, "log": path}``: raises ValueError while the file ``gate``
+    exists (a cause an operator can fix); otherwise appends ``"<channel hex> <i>"`` to ``log``
+    (what was applied, in order) and returns ``i``."""
+    import os
+
+    if os.path.exists(message["gate"]):
+        raise ValueError(f"gate closed for message {message['i']}")
+    with open(message["log"], "a", encoding="utf-8") as f:
+        f.write(f"{channel.id.hex()} {message['i']}\n")
+    return message["i"]

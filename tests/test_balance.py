@@ -38,6 +38,7 @@ class FakeFront:
             workers=[SimpleNamespace(state=WorkerState.READY) for _ in range(workers)]
         )
         self.resizer = SimpleNamespace(retiring=set(), busy=lambda: False)
+        self.roller = SimpleNamespace(busy=lambda: False, evacuating=set)
         self.started: list[tuple[tuple[int, ...], tuple[bytes, ...], int, str]] = []
         self.mover = SimpleNamespace(moved_at={}, start=self._start)
         self.state = PoolState.RUNNING

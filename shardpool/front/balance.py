@@ -128,7 +128,7 @@ class Balancer:
             return self.next_tick - now
         self.next_tick = now + period
         mode = f.cfg.pool.rebalance
-        if mode == "off" or f.state != PoolState.RUNNING or f.resizer.busy():
+        if mode == "off" or f.state != PoolState.RUNNING or f.resizer.busy() or f.roller.busy():
             self.plan = []
             return period
         self.plan = self._plan(now)

@@ -24,6 +24,7 @@ import zmq
 
 from .. import codec
 from ..config import Config
+from ..deadletters import DeadLetters
 from ..errors import (
     DrainTimeout,
     MoveRefused,
@@ -43,6 +44,7 @@ from .link import Link
 from .moves import Move, Mover
 from .outcomes import FailureCallback, ResultCallback
 from .resize import Resizer
+from .roll import Roller
 from .shutdown import CloseReport
 from .state import PoolState
 from .window import DoneCallback, Window
@@ -80,6 +82,9 @@ class Front:
         self.handler = pool.handler if handler is None else handler
         self.on_result = on_result
         self.on_failure = on_failure
+        # Messages that end failed under skip / skipped are recorded here when set (see
+        # :mod:`shardpool.deadletters`; the I/O thread only queues, a thread of its own writes).
+        self.dead_letters: DeadLetters | None = None
         self.lock = threading.Lock()
         self.cv = threading.Condition(self.lock)
         self.state = PoolState.RUNNING
@@ -116,6 +121,7 @@ class Front:
         self.io = FrontIO(self)
         self.mover = Mover(self)
         self.resizer = Resizer(self)
+        self.roller = Roller(self)
         self.balancer = Balancer(self)
         self.sup = Supervisor(pool.workers, config.supervisor, self.io.make_process)
         self._thread = threading.Thread(target=self.io.main, name="shardpool-front", daemon=True)
@@ -452,6 +458,8 @@ class Front:
             DrainTimeout: ``timeout`` passed first (the resize goes on).
         """
         with self.lock:
+            if self.roller.busy():
+                raise MoveRefused("a rolling restart is under way")
             gen = self.resizer.request(workers)
             if not wait:
                 return
@@ -467,6 +475,33 @@ class Front:
                 self.cv.wait(left)
             if self.resizer.generation == gen and self.resizer.error is not None:
                 raise MoveRefused(f"resize to {workers} workers called off: {self.resizer.error}")
+
+    def roll(self, *, timeout: float | None = None, wait: bool = True) -> None:
+        """Replace every worker process by a fresh one, one at a time, through slot moves (see
+        :mod:`.roll`); with ``wait``, return once done (``timeout`` seconds at most; None: no
+        limit).
+
+        Raises:
+            MoveRefused: the pool is not running, a roll or resize is under way, or the roll was
+                called off.
+            DrainTimeout: ``timeout`` passed first (the roll goes on).
+        """
+        with self.lock:
+            gen = self.roller.request()
+            if not wait:
+                return
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self.roller.finished(gen):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise DrainTimeout(
+                        f"rolling restart not done within {timeout} s ({self.roller.rolled} "
+                        f"of {self.roller.total} workers replaced; it goes on)",
+                        pending=self.roller.total - self.roller.rolled,
+                    )
+                self.cv.wait(left)
+            if self.roller.generation == gen and self.roller.error is not None:
+                raise MoveRefused(f"rolling restart called off: {self.roller.error}")
 
     def halted_channels(self) -> dict[bytes, int]:
         """Channels parked by the halt policy (or quarantined) → seq they are halted on."""
@@ -519,6 +554,7 @@ class Front:
         self.set_state(PoolState.BROKEN)
         self.mover.halt()
         self.resizer.halt()
+        self.roller.halt()
         self.broken = err
         self.sup.halt()
         self.cv.notify_all()

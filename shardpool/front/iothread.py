@@ -232,7 +232,9 @@ class FrontIO:
             return not behind
 
         now = time.monotonic()
-        for placement_due in (f.mover.tick(now), f.resizer.tick(now), f.balancer.tick(now)):
+        for placement_due in (
+            f.mover.tick(now), f.resizer.tick(now), f.roller.tick(now), f.balancer.tick(now)
+        ):
             if placement_due is not None:
                 due = placement_due if due is None else min(due, placement_due)
         decisions, restart_due = f.sup.tick(caught_up)
@@ -319,7 +321,9 @@ class FrontIO:
                 f"{fatal.message}"
             )
             err.__cause__ = RemoteTraceback(fatal.traceback)
-            if f.resizer.on_start_failed(link.index, err):
+            if f.resizer.on_start_failed(link.index, err) or f.roller.on_start_failed(
+                link.index, err
+            ):
                 return  # a worker the resize added: the pool goes on without it
             if f.start_error is None and f.sup.workers[link.index].restarts == 0:
                 f.start_error = err
@@ -408,6 +412,8 @@ class FrontIO:
             if action in FINAL_ACTIONS:
                 waiter = win.finish_one(batch, wseq)
                 n += 1
+                if f.dead_letters is not None:
+                    f.dead_letters.record(cid, cseq, item[2], exc_type, message, action, waiter)
                 if waiter is not None:
                     keyed.append((wseq, Done(waiter, None, err)))
                     continue
@@ -471,7 +477,9 @@ class FrontIO:
             self._quarantine(link, key, death, n, outcomes)
         decision = f.sup.after_death(death, explained=key is not None)
         if isinstance(decision, StartFailed):
-            if f.resizer.on_start_failed(index, decision.error):
+            if f.resizer.on_start_failed(index, decision.error) or f.roller.on_start_failed(
+                index, decision.error
+            ):
                 return  # a worker the resize added: the pool goes on without it
             if f.start_error is None:
                 f.start_error = decision.error

@@ -139,8 +139,8 @@ class Mover:
             raise MoveRefused("the pool is not running")
         if not 0 <= dst < len(f.links) or f.sup.workers[dst].state is not WorkerState.READY:
             raise MoveRefused(f"worker {dst} is not ready")
-        if dst in f.resizer.retiring:
-            raise MoveRefused(f"worker {dst} is retiring (a resize down)")
+        if dst in f.resizer.retiring | f.roller.evacuating():
+            raise MoveRefused(f"worker {dst} is retiring (a resize down or a rolling restart)")
         src = self._owner(slots, cids)
         if src == dst:
             raise MoveRefused(f"already on worker {dst}")
@@ -343,6 +343,8 @@ class Mover:
                 self.moved_at[s] = now
             if move.reason == "resize":
                 self.front.resizer.on_aborted(move.slots, move.cids, error or state)
+            elif move.reason == "roll":
+                self.front.roller.on_aborted(move.slots, move.cids, error or state)
         if state == "committed":
             log.info("%s: committed after %.1f ms%s", move.describe(), 1000 * (move.pause_s or 0),
                      f" ({error})" if error else "")

@@ -152,7 +152,8 @@ def least_loaded(front: Front, exclude: int) -> int:
     loads = front.balancer.worker_loads()
     table = front.channels.router.table
     others = [
-        w for w in range(len(front.links)) if w != exclude and w not in front.resizer.retiring
+        w for w in range(len(front.links))
+        if w != exclude and w not in front.resizer.retiring | front.roller.evacuating()
     ]
     if not others:
         raise MoveRefused("no other worker to pin to")
@@ -193,5 +194,6 @@ def placement(front: Front) -> dict[str, Any]:
         "pins": {cid.hex(): w for cid, w in ch.pins.items()},
         "moves": front.mover.report(),
         "resize": front.resizer.report(),
+        "roll": front.roller.report(),
         "levelling": front.balancer.report(),
     }

@@ -51,6 +51,51 @@ MAX_ABORTS = 3
 """Moves of one slot (or pinned channel) called off in one resize before the resize is."""
 
 
+def move_room(front: Front) -> int:
+    """How many more slots (or pinned channels) may start moving now."""
+    return front.cfg.pool.max_concurrent_moves - sum(
+        len(m.slots) + len(m.cids) for m in front.mover.moves.values()
+    )
+
+
+def start_wave(
+    front: Front, plan: dict[tuple[int, int], list[int | bytes]], reason: str
+) -> tuple[bool, bool]:
+    """Start the moves of ``plan`` that fit in :func:`move_room`, as moves of ``reason``;
+    returns (whether any started, whether any was refused)."""
+    room = move_room(front)
+    started = refused = False
+    for (_src, dst), todo in plan.items():
+        slots = tuple(x for x in todo if isinstance(x, int))
+        pieces: list[tuple[tuple[int, ...], tuple[bytes, ...]]] = [(slots, ())] if slots else []
+        pieces += [((), (x,)) for x in todo if isinstance(x, bytes)]
+        for whole, cid_part in pieces:
+            if room <= 0:
+                return started, refused
+            slot_part = whole[:room]
+            try:
+                front.mover.start(slot_part, cid_part, dst, reason)
+            except MoveRefused as exc:
+                log.info("%s: a move waits: %s", reason, exc)
+                refused = True
+                continue
+            room -= len(slot_part) + len(cid_part)
+            started = True
+    return started, refused
+
+
+def owns_nothing(front: Front, index: int) -> bool:
+    """Worker ``index`` owns no slot and no pin, and holds no message."""
+    ch = front.channels
+    link = front.links[index]
+    return not (
+        index in ch.router.table
+        or index in ch.pins.values()
+        or link.window.inflight
+        or any(r.window is link.window for r in ch.routes.values())
+    )
+
+
 class Resizer:
     """The front's resize in progress, if any (see the module docstring)."""
 
@@ -208,46 +253,31 @@ class Resizer:
     def _wave(self, now: float) -> bool:
         """Start the next wave of moves; False when nothing is left to move."""
         f = self.front
-        room = f.cfg.pool.max_concurrent_moves - sum(
-            len(m.slots) + len(m.cids) for m in f.mover.moves.values()
-        )
-        if room <= 0:
+        if move_room(f) <= 0:
             return True  # a wave is under way
         plan = self.plan()
         if not plan:
             return False
-        started = False
-        for (_src, dst), todo in plan.items():
-            slots = tuple(x for x in todo if isinstance(x, int))
-            pieces: list[tuple[tuple[int, ...], tuple[bytes, ...]]] = [(slots, ())] if slots else []
-            pieces += [((), (x,)) for x in todo if isinstance(x, bytes)]
-            for whole, cid_part in pieces:
-                if room <= 0:
-                    break
-                slot_part = whole[:room]
-                try:
-                    f.mover.start(slot_part, cid_part, dst, "resize")
-                except MoveRefused as exc:
-                    log.info("resize: a move waits: %s", exc)
-                    self._next_wave = now + RETRY_S
-                    continue
-                room -= len(slot_part) + len(cid_part)
-                started = True
-        if not started and not f.mover.moves:
+        started, refused = start_wave(f, plan, "resize")
+        if refused or (not started and not f.mover.moves):
             self._next_wave = now + RETRY_S
         return True
 
-    def plan(self) -> dict[tuple[int, int], list[int | bytes]]:
+    def plan(
+        self, retiring: set[int] | None = None, new: list[int] | None = None
+    ) -> dict[tuple[int, int], list[int | bytes]]:
         """What still has to move, as (src, dst) → slots (or pinned channel ids), hottest first.
 
         Shrinking: every slot and pin of a retiring worker to the least loaded staying worker.
         Growing: from the most to the least loaded worker while that brings both nearer the mean.
-        Slots already moving are left out.
+        Slots already moving are left out. ``retiring`` and ``new`` (default: this resize's)
+        name the workers to empty, or to fill (the rolling restart plans with its own).
         """
         f = self.front
         ch = f.channels
         weigh = f.balancer.slot_weight
-        staying = [i for i in range(len(f.links)) if i not in self.retiring]
+        retiring = self.retiring if retiring is None else retiring
+        staying = [i for i in range(len(f.links)) if i not in retiring]
         load = dict.fromkeys(staying, 0.0)
         owned: dict[int, list[int]] = defaultdict(list)  # slots not moving, by owner
         for s, w in enumerate(ch.router.table):
@@ -259,21 +289,24 @@ class Resizer:
             if w in load:
                 load[w] += weigh(s)
         out: dict[tuple[int, int], list[int | bytes]] = defaultdict(list)
-        if self.retiring:
-            self._plan_shrink(load, owned, out)
+        if retiring:
+            self._plan_shrink(retiring, load, owned, out)
         else:
-            self._plan_grow(load, owned, out)
+            if new is None:
+                new = [i for i in load if i >= self._base]
+            self._plan_grow(new, load, owned, out)
         return dict(out)
 
     def _plan_shrink(
         self,
+        retiring: set[int],
         load: dict[int, float],
         owned: dict[int, list[int]],
         out: dict[tuple[int, int], list[int | bytes]],
     ) -> None:
         ch = self.front.channels
         weigh = self.front.balancer.slot_weight
-        for w in sorted(self.retiring):
+        for w in sorted(retiring):
             for s in sorted(owned[w], key=weigh, reverse=True):
                 dst = min(load, key=load.__getitem__)
                 load[dst] += weigh(s)
@@ -285,13 +318,13 @@ class Resizer:
 
     def _plan_grow(
         self,
+        new: list[int],
         load: dict[int, float],
         owned: dict[int, list[int]],
         out: dict[tuple[int, int], list[int | bytes]],
     ) -> None:
         """Growing: by measured load first, then by count for the slots nothing was measured in
         (so one hot slot that cannot be split does not leave a new worker empty)."""
-        new = [i for i in load if i >= self._base]
         if not new:
             return
         weigh = self.front.balancer.slot_weight
@@ -366,19 +399,11 @@ class Resizer:
         """Stop each retiring worker that owns nothing and holds nothing any more, the last first:
         the workers asked to stop are always the last ones (see :meth:`_unretire`)."""
         f = self.front
-        ch = f.channels
         for i in sorted(self.retiring, reverse=True):
             rec = f.sup.workers[i]
             if rec.state in (WorkerState.STOPPING, WorkerState.STOPPED):
                 continue
-            link = f.links[i]
-            if (
-                rec.state is not WorkerState.READY
-                or i in ch.router.table
-                or i in ch.pins.values()
-                or link.window.inflight
-                or any(r.window is link.window for r in ch.routes.values())
-            ):
+            if rec.state is not WorkerState.READY or not owns_nothing(f, i):
                 break
             log.info("resize: worker %d owns nothing any more: stopping it", i)
             f.sup.retire(i)

@@ -90,6 +90,7 @@ def close(front: Front, timeout: float | None = None, *, drain: bool = True) -> 
         # progress ends here: its held messages stay held and are reported below.
         front.mover.halt()
         front.resizer.halt()
+        front.roller.halt()
         front.sup.stop_all()
         _await_stopped(front, deadline)
         # Phase 4: kill what is left (its sentinel still has to be seen: a bounded wait).
