@@ -25,9 +25,8 @@ async def record_async(channel: Any, seq: int, message: Any, redelivered: bool) 
     """Async: awaits a random short delay between reading and writing the channel state, so an
     interleaving of two calls of one channel would be caught."""
     last = channel.state if channel.state is not None else -1
-    await asyncio.sleep(
-        random.choice((0.0, 0.0, 0.0001, 0.0005, 0.001))
-    )  # sleep-ok - the handler's own work, in a worker
+    delay = random.choice((0.0, 0.0, 0.0001, 0.0005, 0.001))
+    await asyncio.sleep(delay)  # sleep-ok: the handler's own work, in a worker
     i = message["i"]
     if i != last + 1:
         raise AssertionError(f"channel {channel.id!r}: got index {i} after {last}")
