@@ -796,6 +796,7 @@ def hot_run(setup: Setup, workers: int, how: str, rate: float | None = None) -> 
             marks.busy_after = [round(b, 3) for b in meter.busy()]
         pool.drain(o.timeout_s)
         used = machine.result()
+        home = marks.home  # where the pin took the channel from
         dest = pool.worker_of(hot)
         left = sum(1 for c, g in zip(cids, group, strict=True)
                    if g == 1 and pool.worker_of(c) != home)
@@ -815,7 +816,7 @@ def hot_run(setup: Setup, workers: int, how: str, rate: float | None = None) -> 
 class _HotMarks:
     """Times (seconds since the run began) of a hot run's events, and what was measured then."""
 
-    home: int
+    home: int  # the hot channel's worker before its pin (auto: as last seen before the move)
     before0: float = _WARMUP_S  # the "before" window opens
     turned_hot: float | None = None  # auto: the traffic turned hot (even before)
     started: float | None = None  # the pin was asked for (pin) or first seen moving (auto)
@@ -867,10 +868,15 @@ def _pin_by_balancer(pool: ShardPool, producer: _Paced, hot: bytes, window: floa
         if t >= deadline:
             return True
         placement = pool.placement()
-        if marks.started is None and any(hexid in m["channels"]
-                                         for m in placement["moves"]["in_progress"]):
+        pin = [m for m in placement["moves"]["in_progress"] if hexid in m["channels"]]
+        if marks.started is None and pin:
             marks.started = t
+            marks.home = pin[0]["src"]
             marks.busy_before = [round(b, 3) for b in meter.busy()]
+        elif marks.started is None and hexid not in placement["pins"]:
+            # Levelling may have moved the channel's slot since the run began: the pin's
+            # source is where the channel is now.
+            marks.home = pool.worker_of(hot)
         if hexid in placement["pins"]:
             marks.committed = time.perf_counter() - t0
             if marks.started is None:
