@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import enum
 import logging
 import os
@@ -36,8 +37,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import multiprocess
+import psutil
 
+from . import launch
 from .config import SupervisorConfig
 from .errors import PoolBroken, WorkerStartError
 from .exitcodes import EXIT_OK, EXIT_PARENT_GONE, EXIT_START_FAILED
@@ -48,11 +50,21 @@ log = logging.getLogger("shardpool.supervisor")
 _EXIT_NAMES = {
     EXIT_OK: "exited cleanly",
     EXIT_START_FAILED: "failed to start its handler",
-    EXIT_PARENT_GONE: "left because its front disappeared",
+    EXIT_PARENT_GONE: "left because its parent (the front, or its fork server) disappeared",
     1: "died of an unhandled exception",
 }
 
-_BLOCKED = {signal.SIGINT, signal.SIGTERM}
+
+_NO_STATUS = 255
+"""The exit code ``multiprocess`` reports for a fork-server child whose fork server died first."""
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, ended but not yet waited for, does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def describe_exit(code: int | None) -> str:
@@ -99,65 +111,93 @@ class RestartGuard:
 
 
 class WorkerProcess:
-    """One incarnation of one worker: a spawned process and its sentinel."""
+    """One incarnation of one worker: a process (forked from the fork server, or spawned: see
+    :mod:`shardpool.launch`) and its sentinel."""
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
-        ctx = multiprocess.get_context("spawn")
-        self.process: Any = ctx.Process(
-            target=worker_main,
-            args=(spec,),
-            name=f"shardpool-worker-{spec.index}",
-            daemon=True,  # a safety net: the interpreter's exit reaps stragglers too
-        )
+        self.process: Any = None  # made by start(): the start method is chosen then
+        self.server = 0  # pid of the fork server it came from (0: spawned)
+        # A fork-server child's own sentinel is a pipe from the fork server, which also reads as
+        # "ended" when the fork server dies, a moment before its children do: a pidfd (Linux)
+        # says when the worker itself has ended, so that no successor ever runs beside it.
+        self._pidfd: int | None = None
 
     def start(self) -> None:
-        """Spawn the process with SIGINT/SIGTERM blocked in the child until it is ready for them.
+        """Start the process with SIGINT/SIGTERM (and SIGHUP/SIGUSR1) blocked in the child until
+        it is ready for them.
 
         Raises whatever :meth:`multiprocess.Process.start` raises (e.g. the handler object cannot
         be pickled).
         """
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, launch.MASK)
         try:
+            ctx, parent, forked = launch.context()
+            spec = dataclasses.replace(self.spec, parent_pid=parent)
+            self.process = ctx.Process(
+                target=worker_main,
+                args=(spec, launch.environment() if forked else None),
+                name=f"shardpool-worker-{spec.index}",
+                daemon=True,  # a safety net: the interpreter's exit reaps stragglers too
+            )
             self.process.start()
+            if forked:
+                self.server = parent
+                with contextlib.suppress(AttributeError, OSError):  # no pidfds: the pipe it is
+                    self._pidfd = os.pidfd_open(self.process.pid)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid  # type: ignore[no-any-return]
+        return None if self.process is None else self.process.pid
 
     @property
     def sentinel(self) -> int:
         """A file descriptor that becomes readable when the process ends."""
+        if self._pidfd is not None:
+            return self._pidfd
         return self.process.sentinel  # type: ignore[no-any-return]
 
     @property
     def exitcode(self) -> int | None:
-        return self.process.exitcode  # type: ignore[no-any-return]
+        if self.process is None:
+            return None
+        code: int | None = self.process.exitcode
+        if code == _NO_STATUS and self.server and not _alive(self.server):
+            # Its fork server died first and could not pass the status on: the worker went down
+            # with its parent (PR_SET_PDEATHSIG, or its watchdog thread).
+            return EXIT_PARENT_GONE
+        return code
 
     def is_alive(self) -> bool:
-        return bool(self.process.is_alive())
+        return self.process is not None and bool(self.process.is_alive())
 
     def kill(self) -> None:
         """SIGKILL, for a worker that is hung or must go now."""
-        if self.process.pid is not None and self.process.exitcode is None:
+        if self.pid is not None and self.process.exitcode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.process.pid, signal.SIGKILL)
 
     def terminate(self) -> None:
         """SIGTERM: the worker dies at once (it keeps the default action)."""
-        if self.process.pid is not None and self.process.exitcode is None:
+        if self.pid is not None and self.process.exitcode is None:
             self.process.terminate()
 
     def join(self, timeout: float) -> int | None:
-        """Wait up to ``timeout`` seconds; returns the exit code, or None if still running."""
-        self.process.join(timeout)
-        return self.exitcode
+        """Wait up to ``timeout`` seconds; returns the exit code, or None if still running (or
+        never started)."""
+        if self.process is not None:
+            self.process.join(timeout)
+        code = self.exitcode
+        if code is not None and self._pidfd is not None:
+            os.close(self._pidfd)  # ended and joined: nothing polls it any more
+            self._pidfd = None
+        return code
 
     def reap(self, timeout: float = 2.0) -> int | None:
         """Make sure the process is gone: wait, then SIGTERM, then SIGKILL; the exit code."""
-        if self.process.pid is None:
+        if self.pid is None:
             return None
         if self.join(timeout) is None:
             self.terminate()

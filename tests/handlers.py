@@ -58,6 +58,12 @@ def fail_on(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
     return message.get("i")
 
 
+def env_var(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+    """The worker's value of the environment variable the message names (None: unset), and the
+    worker's parent pid."""
+    return [os.environ.get(message["name"]), os.getppid()]
+
+
 def echo_bytes(channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
     """Returns what it got (used with payload = "raw" and for decode checks)."""
     return message

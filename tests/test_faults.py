@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import handlers
+import psutil
 import pytest
 import zmq
 
@@ -153,6 +154,35 @@ def test_worker_crash_is_recovered_in_order(tmp_path: Path, case: str) -> None:
         # The message that crashed its worker came back, marked, and was applied exactly once.
         [applied] = [x for x in out.ledger[cid(c).hex()] if x[0] == "A" and x[1] == i]
         assert applied[3] == 1
+
+
+def test_fork_server_killed_under_load_takes_every_worker_and_the_pool_replaces_them(
+    tmp_path: Path,
+) -> None:
+    """The fork server is every worker's parent: its death ends them all at once (their parent
+    guard), and their successors come from a fresh one, with nothing lost or reordered."""
+    servers: list[int] = []
+
+    def kill_fork_server(pool: ShardPool) -> None:
+        pid = pool.worker_pids()[0]
+        assert pid is not None
+        server = psutil.Process(pid).parent()
+        assert "multiprocess.forkserver" in " ".join(server.cmdline())
+        servers.append(server.pid)
+        server.kill()
+
+    out = run_load(tmp_path, Load(midway=kill_fork_server))
+    duplicates, redelivered = verify(out)
+    assert duplicates <= redelivered and out.failures == []
+    for w in out.stats["workers"]:
+        # Gone with its parent (PR_SET_PDEATHSIG, or the watchdog thread): once, then a successor.
+        assert w["restarts"] == 1 and w["state"] == "ready", w
+        assert w["last_exit"] == (
+            "left because its parent (the front, or its fork server) disappeared"
+        ), w
+    assert not psutil.pid_exists(servers[0]) or (
+        psutil.Process(servers[0]).status() == psutil.STATUS_ZOMBIE
+    )
 
 
 def test_exception_skip_policy_reports_and_continues(tmp_path: Path) -> None:

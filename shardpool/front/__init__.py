@@ -39,7 +39,7 @@
 
 Producers only take the lock, append and occasionally send a full batch; everything that waits
 (acknowledgements, deaths, timers) happens on the one I/O thread, which is also the only thread that
-spawns workers (with SIGINT/SIGTERM blocked, so children inherit them blocked).
+starts workers (with SIGINT/SIGTERM blocked, so children inherit them blocked).
 """
 
 from .channels import Halt, Route

@@ -12,8 +12,8 @@ sentinels and the timers, and acts with the front's lock held:
 * the linger → flush half-full batches; the supervisor's timers → READY deadlines, heartbeat
   silence, restarts.
 
-It is also the only thread that spawns workers, with SIGINT/SIGTERM blocked (children inherit the
-mask and unblock once their handlers are in place).
+It is also the only thread that starts workers (:mod:`shardpool.launch`), with SIGINT/SIGTERM
+blocked (children inherit the mask and unblock once their handlers are in place).
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ class FrontIO:
             move_state=pool.move_state,
             load_interval_s=pool.rebalance_interval_s,
         )
-        # The worker's PR_SET_PDEATHSIG follows the thread that spawns it: this one, which lives
-        # as long as the pool; its end takes any worker still alive with it.
+        # The worker's PR_SET_PDEATHSIG follows the thread that forks it: the fork server's (which
+        # ends with this process), or, spawned, this one, which lives as long as the pool.
         return WorkerProcess(spec)
 
     # -- the loop --------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ class WorkerSpec:
     retry_limit: int = 3
     retry_backoff_s: float = 0.05
     heartbeat_interval_s: float = 0.5
-    parent_pid: int = 0
+    parent_pid: int = 0  # the process the parent guard watches (the front, or the fork server)
     run_slot: str = ""  # path of this worker's RunSlot file ("" = none)
     channel_idle_expiry_s: float = 0.0  # 0 = never forget an idle channel
     slots: int = 4096  # the routing slot count (a move names slots)
@@ -111,8 +111,9 @@ def guard_parent(parent_pid: int, *, pdeathsig: bool = True, poll_s: float = PAR
     thread is doing (a handler may be deep in a long synchronous call).
 
     On Linux the kernel kills it the moment its parent ends (``prctl(PR_SET_PDEATHSIG, SIGKILL)``;
-    note that the "parent" is the thread that spawned it). Everywhere, a daemon thread checks every
-    ``poll_s`` seconds whether the process was re-parented and exits with
+    note that the "parent" is the thread that forked it: the fork server's, which ends with the
+    front's process, or for a spawned worker the front's I/O thread). Everywhere, a daemon thread
+    checks every ``poll_s`` seconds whether the process was re-parented and exits with
     :data:`EXIT_PARENT_GONE`; it needs the GIL only for a moment, which a pure-Python handler
     gives up every switch interval. ``pdeathsig=False`` leaves the kernel out (to test the thread).
     """
@@ -137,9 +138,16 @@ def _watch_parent(parent_pid: int, poll_s: float) -> None:
             os._exit(EXIT_PARENT_GONE)
 
 
-def worker_main(spec: WorkerSpec) -> None:
-    """Process entry point (target of the spawned process). Exits with an ``EXIT_*`` code."""
+def worker_main(spec: WorkerSpec, environ: dict[str, str] | None = None) -> None:
+    """Process entry point. Exits with an ``EXIT_*`` code. ``environ``: the front's environment,
+    for a worker forked from the fork server (whose own is that of its start; see
+    :mod:`shardpool.launch`)."""
     from .serve import Worker  # the event-loop side; imported in the child only
+
+    if environ is not None:
+        from ..launch import forked_child
+
+        forked_child(environ)
 
     # The front coordinates shutdown: Ctrl-C in a terminal reaches the whole process group, and a
     # worker that died of it would look like a crash. SIGTERM is the stop request. SIGHUP and

@@ -1,0 +1,155 @@
+"""Starting worker processes: forked from a preloaded fork server where it can be, else spawned.
+
+A spawned worker is a fresh interpreter that imports shardpool, pyzmq and cbor2 before it can say
+READY: about 0.2 s on the 2-core development machine, which was nearly all of the time a SIGKILLed
+worker's channels waited for its successor. A *fork server* (``multiprocess``'s ``forkserver``
+start method) is one extra process, started once per front process, that imports those modules
+(:data:`PRELOAD`) and forks every worker from that state: a successor is READY in about 15 ms.
+Like spawn, and unlike fork, a worker inherits none of the front's threads, locks or sockets.
+
+What a fork-server child gets from the front, and how:
+
+* ``sys.path`` and the current directory: ``multiprocess`` applies the front's at every start, as
+  for spawn (the handler is found where the front would find it);
+* the environment: passed with every start (:func:`environment`) and applied by the worker before
+  it loads its handler;
+* its parent is the fork server, not the front's I/O thread: ``PR_SET_PDEATHSIG`` and the
+  watchdog thread watch the fork server (:func:`context` says its pid), which exits the moment
+  the front's process ends (it watches a pipe only the front holds), so a worker still leaves
+  within about a second of the front's death;
+* the handler's module is never preloaded: every worker imports it itself, so a rolling restart
+  picks up new handler code (shardpool's own modules are those the fork server imported).
+
+The fork server is used once a probe child, run through it on stdlib code only, has confirmed that
+it preloaded the same shardpool as the front's (a fork server started earlier by other code, or one
+that found another copy of shardpool on its path, would run other code); otherwise, and where the
+method does not exist, workers are spawned. The caller blocks :data:`MASK` around :func:`context`
+and the start, so the fork server (and every worker) starts with those signals blocked: a signal
+to the process group (Ctrl-C, a closed terminal) must not take the fork server, and with it every
+worker, down; a worker unblocks what it handles itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+import multiprocess
+
+log = logging.getLogger("shardpool.supervisor")
+
+__all__ = ["MASK", "PRELOAD", "context", "environment", "forked_child", "reset"]
+
+PRELOAD = ["shardpool.worker.serve"]
+"""Modules the fork server imports once for every worker (shardpool's worker side, pyzmq, cbor2,
+asyncio)."""
+
+MASK = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1}
+"""Signals blocked while a worker (or the fork server) starts."""
+
+PROBE_TIMEOUT_S = 30.0
+"""How long the probe child may take (seconds) before the fork server is given up for spawn."""
+
+_PROBE = (
+    "import os, sys\n"
+    "m = sys.modules.get('shardpool')\n"
+    "f = getattr(m, '__file__', None)\n"
+    "sys.exit(0 if f and os.path.realpath(f) == {want!r} else 3)\n"
+)
+
+_lock = threading.Lock()
+_verified: int | None = None  # pid of the fork server the probe accepted
+_refused = False  # the fork server cannot be used in this process: spawn
+
+
+def context() -> tuple[Any, int, bool]:
+    """The ``multiprocess`` context for the next worker, the pid its parent will have (what its
+    parent guard watches) and whether it comes from the fork server (then pass
+    :func:`environment` to it). Starts (and probes) the fork server on first use, and again if it
+    died. Call it with :data:`MASK` blocked; never raises (falls back to spawn)."""
+    global _refused
+    with _lock:
+        if not _refused and "forkserver" in multiprocess.get_all_start_methods():
+            try:
+                pid = _ensure_server()
+            except Exception as exc:  # noqa: BLE001 - spawning still works
+                log.warning("fork server unavailable, workers are spawned: %s: %s",
+                            type(exc).__name__, exc)
+                pid = None
+            if pid is not None:
+                return multiprocess.get_context("forkserver"), pid, True
+            _refused = True
+        return multiprocess.get_context("spawn"), os.getpid(), False
+
+
+def environment() -> dict[str, str]:
+    """The front's environment now, for a fork-server child (a spawned one inherits it)."""
+    return dict(os.environ)
+
+
+def forked_child(environ: dict[str, str]) -> None:
+    """In a worker forked from the fork server, first thing: take the front's ``environ``, and
+    close the fork server's "alive" pipe that every fork-server child inherits (so that it can
+    use the fork server itself). A worker that held it would keep the fork server, its parent,
+    alive after the front's death, and so itself: the parent guard would never fire."""
+    from multiprocess import forkserver
+
+    server: Any = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None
+    os.environ.clear()
+    os.environ.update(environ)
+
+
+def reset() -> None:
+    """Forget the probe's verdicts (tests)."""
+    global _verified, _refused
+    with _lock:
+        _verified, _refused = None, False
+
+
+def _ensure_server() -> int | None:
+    """The running fork server's pid once the probe accepted it (None: it preloads other code).
+
+    Raises whatever starting the fork server raises.
+    """
+    global _verified
+    from multiprocess import forkserver
+
+    server: Any = getattr(forkserver, "_forkserver", None)
+    if server is None or not hasattr(server, "_forkserver_pid"):
+        return None  # not the implementation this relies on
+    if server._forkserver_pid is None:
+        forkserver.set_forkserver_preload(PRELOAD)
+    server.ensure_running()
+    pid: int | None = server._forkserver_pid
+    if pid is not None and pid != _verified:
+        if not _probe():
+            log.warning("the fork server preloads another copy of shardpool: workers are spawned")
+            return None
+        _verified = pid
+    return pid
+
+
+def _probe() -> bool:
+    """Fork one child that checks which shardpool the fork server preloaded."""
+    import shardpool
+
+    want = os.path.realpath(shardpool.__file__)
+    ctx = multiprocess.get_context("forkserver")
+    child = ctx.Process(target=exec, args=(_PROBE.format(want=want),),
+                        name="shardpool-forkserver-probe", daemon=True)
+    child.start()
+    child.join(PROBE_TIMEOUT_S)
+    if child.exitcode is None:
+        child.kill()
+        child.join(5.0)
+        return False
+    return bool(child.exitcode == 0)
