@@ -6,11 +6,20 @@ measure the pool, not a node's work); the third is a node's real work:
 
 * **trivial** (synthetic) — the bytes fast path with a handler that does nothing (the worker still
   decodes each CBOR payload), on ``make_stream`` traffic (~190 B ``update_add_htlc``-shaped
-  payloads). At every worker count the bare pyzmq+cbor2 harness (the ceiling) and the
-  ``multiprocessing.Queue``-per-worker pool (the naive alternative) run on the same stream,
-  interleaved with the pool runs (``submit_bytes``, ``submit_many_bytes``, and ``payload="raw"`` —
-  the handler gets the bytes undecoded: not like for like, it shows the front's own ceiling) in a
-  rotating order, so the noise of a shared machine hits all of them alike.
+  payloads). At every worker count the one-pass pyzmq+cbor2 harness (the ceiling: each frame
+  decoded with one ``cbor2.loads``), the per-item harness (``run_bare_zmq``: each payload decoded
+  separately) and the ``multiprocessing.Queue``-per-worker pool (the naive alternative) run on the
+  same stream, interleaved with the pool runs (``submit_bytes``, ``submit_many_bytes``, and
+  ``payload="raw"`` — the handler gets the bytes undecoded: not like for like, it shows the
+  front's own ceiling) in a rotating order, so the noise of a shared machine hits all of them
+  alike. The ratios ``pool_over_ceiling`` etc. are against the one-pass ceiling,
+  ``pool_over_per_item`` etc. against the per-item harness.
+* **ceilings** — the rows of the issue-13 table not in the trivial series, measured once per run
+  (``--repeats`` interleaved rounds, :mod:`shardpool.bench.ceilings`): 1 worker fed dicts
+  (``pool.submit``) vs the one-pass harness encoding dicts, the idle ``pool.call`` round trip p50
+  vs a bare ping-pong, the ingress with 1 producer process vs in-process submits, the recovery
+  after SIGKILL. The other two rows come from the trivial series: 1 worker ``submit_many_bytes``
+  vs the one-pass ceiling, 2 workers ``submit_many_bytes`` vs the mp.Queue pool.
 * **cpu** (synthetic) — the Lightning handler on CBOR dicts burning ``--cpu-cost-us`` of CPU in a
   calibrated busy loop per ``commitment_signed`` (~18% of the demo traffic), the case where adding
   cores must pay off.
@@ -20,9 +29,9 @@ measure the pool, not a node's work); the third is a node's real work:
   the same work serially, measured in the same repeat (``over_serial``).
 
 ``speedup = throughput(w) / throughput(1)`` and ``efficiency = speedup / w`` per point. The targets
-(issue 5): trivial 1-worker pool ≥ 0.6 × bare and ≥ 5 × mp.Queue; cpu 1→2 workers ≥ 1.7×;
-efficiency ≥ 0.8 up to cores − 1 workers. They are reported, never enforced: benchmarks do not
-decide pass/fail.
+(issue 5): trivial 1-worker pool ≥ 0.6 × the ceiling and ≥ 5 × mp.Queue; cpu 1→2 workers ≥ 1.7×;
+efficiency ≥ 0.8 up to cores − 1 workers; and the issue-13 ceilings rows (``ceiling_*``). They are
+reported, never enforced: benchmarks do not decide pass/fail.
 
 Usage::
 
@@ -57,13 +66,22 @@ from shardpool.bench.report import machine_info, median, paired, ratio  # noqa: 
 from shardpool.bench.runs import RunResult  # noqa: E402
 
 TARGETS = {
-    "trivial_1w_pool_over_bare": 0.6,
+    "trivial_1w_pool_over_ceiling": 0.6,
     "trivial_1w_pool_over_mp_queue": 5.0,
-    "trivial_1w_pool_many_over_bare": 0.6,
+    "trivial_1w_pool_many_over_ceiling": 0.6,
     "trivial_1w_pool_many_over_mp_queue": 5.0,
     "cpu_speedup_1_to_2": 1.7,
     "cpu_efficiency_up_to_cores_minus_1": 0.8,
+    # issue 13, the ceilings table (see shardpool.bench.ceilings)
+    "ceiling_forwarding_1w": 0.8,
+    "ceiling_dicts_1w": 0.7,
+    "ceiling_mp_queue_2w": 10.0,
+    "ceiling_call_rtt": 1.5,
+    "ceiling_ingress_1p": 0.8,
+    "ceiling_recovery": 50.0,
 }
+LOWER_IS_BETTER = {"ceiling_call_rtt", "ceiling_recovery"}
+"""Targets met at or below their value (a latency ratio, milliseconds); the others at or above."""
 
 
 def _log(text: str, t0: float = time.perf_counter()) -> None:
@@ -120,9 +138,10 @@ def measure(
     setup.n_cpu = [args.cpu_messages for _ in workers]
     _log(f"workers {workers}; trivial: up to {max(setup.n_trivial):,} messages, cpu: up to "
          f"{max(setup.n_cpu):,} messages at {args.cpu_cost_us:g} us per commitment_signed")
-    setup.trivial_stream = make_stream(
-        max(setup.n_trivial) if "trivial" in args.series else 0, args.channels, seed=args.seed
-    )
+    n_stream = max(setup.n_trivial) if "trivial" in args.series else 0
+    if "ceilings" in args.series:
+        n_stream = max(n_stream, args.ceiling_messages)
+    setup.trivial_stream = make_stream(n_stream, args.channels, seed=args.seed)
     cpu_peers = max(1, args.cpu_channels // 10)
     # A prefix of a valid demo stream is valid: one stream serves every worker count. Channels
     # open with a run of adds, so a prefix short against the channel count under-represents the
@@ -150,16 +169,20 @@ def measure(
             "real_messages": args.real_messages, "real_channels": args.real_channels,
             "cost_iters": cost_iters,
             "batch_size": args.batch_size,
+            "ceiling_messages": args.ceiling_messages,
         },
         "trivial": [],
         "cpu": [],
         "real": [],
+        "ceilings": None,
         "complete": False,
     })
     # In the order asked: a run cut short by a deadline keeps the series that came first.
     for series in args.series:
         if series == "trivial":
             _run_trivial(setup)
+        elif series == "ceilings":
+            _run_ceilings(setup)
         elif series == "cpu":
             _run_cpu(setup)
         else:
@@ -172,7 +195,7 @@ def measure(
 def _run_trivial(setup: _Setup) -> None:
     """The trivial series: at each worker count, the pool three ways and the two baselines on the
     same stream, in a rotating order."""
-    from shardpool.bench.baselines import run_bare_zmq, run_mp_queue
+    from shardpool.bench.baselines import run_mp_queue, run_one_pass, run_per_item
     from shardpool.bench.handlers import TRIVIAL_HANDLER
     from shardpool.bench.runs import run_pool
 
@@ -183,8 +206,10 @@ def _run_trivial(setup: _Setup) -> None:
         queue_stream = stream[: args.queue_messages]
         steps: list[tuple[str, Callable[[], RunResult]]] = [
             ("pool", functools.partial(pool, stream, w)),
-            ("bare", functools.partial(run_bare_zmq, stream, w, batch_size=args.batch_size,
-                                       timeout=args.timeout)),
+            ("ceiling", functools.partial(run_one_pass, stream, w, batch_size=args.batch_size,
+                                          timeout=args.timeout)),
+            ("per_item", functools.partial(run_per_item, stream, w, batch_size=args.batch_size,
+                                           timeout=args.timeout)),
             ("pool_many", functools.partial(pool, stream, w, many=True)),
             # Not like for like (the baselines decode every payload): the front's own ceiling.
             ("pool_raw", functools.partial(pool, stream, w, payload="raw")),
@@ -192,8 +217,8 @@ def _run_trivial(setup: _Setup) -> None:
         if not args.no_queue:
             steps.append(("mp_queue", functools.partial(run_mp_queue, queue_stream, w,
                                                         timeout=args.timeout)))
-        runs: dict[str, list[float]] = {k: [] for k in ("pool", "pool_many", "pool_raw", "bare",
-                                                        "mp_queue")}
+        runs: dict[str, list[float]] = {k: [] for k in ("pool", "pool_many", "pool_raw",
+                                                        "ceiling", "per_item", "mp_queue")}
         for r in range(args.repeats):
             shift = r % len(steps)
             for name, fn in steps[shift:] + steps[:shift]:
@@ -210,8 +235,8 @@ def _trivial_point(w: int, n: int, runs: dict[str, list[float]], queue_messages:
     def rounded(xs: list[float]) -> list[float]:
         return [round(x, 1) for x in xs]
 
-    pool, many, raw, bare, queue = (runs[k] for k in ("pool", "pool_many", "pool_raw", "bare",
-                                                       "mp_queue"))
+    pool, many, raw, ceiling, per_item, queue = (
+        runs[k] for k in ("pool", "pool_many", "pool_raw", "ceiling", "per_item", "mp_queue"))
     point: dict[str, Any] = {
         "workers": w,
         "messages": n,
@@ -221,28 +246,55 @@ def _trivial_point(w: int, n: int, runs: dict[str, list[float]], queue_messages:
         "many_runs": rounded(many),
         "raw_msgs_per_s": round(median(raw), 1),
         "raw_runs": rounded(raw),
-        "bare_msgs_per_s": round(median(bare), 1),
-        "bare_runs": rounded(bare),
+        "ceiling_msgs_per_s": round(median(ceiling), 1),
+        "ceiling_runs": rounded(ceiling),
+        "per_item_msgs_per_s": round(median(per_item), 1),
+        "per_item_runs": rounded(per_item),
         "mp_queue_msgs_per_s": round(median(queue), 1) if queue else None,
         "mp_queue_runs": rounded(queue),
         "mp_queue_messages": queue_messages,
     }
-    point["pool_over_bare"] = ratio(point["msgs_per_s"], point["bare_msgs_per_s"])
+    point["pool_over_ceiling"] = ratio(point["msgs_per_s"], point["ceiling_msgs_per_s"])
+    point["pool_over_per_item"] = ratio(point["msgs_per_s"], point["per_item_msgs_per_s"])
     point["pool_over_mp_queue"] = ratio(point["msgs_per_s"], point["mp_queue_msgs_per_s"])
     # The same ratios per repeat (the runs of one repeat ran back to back), then the median:
     # less sensitive to a slow spell of the machine than the ratio of the medians.
     point["paired"] = {
-        "pool_over_bare": paired(pool, bare),
+        "pool_over_ceiling": paired(pool, ceiling),
+        "pool_over_per_item": paired(pool, per_item),
         "pool_over_mp_queue": paired(pool, queue),
-        "pool_many_over_bare": paired(many, bare),
+        "pool_many_over_ceiling": paired(many, ceiling),
+        "pool_many_over_per_item": paired(many, per_item),
         "pool_many_over_mp_queue": paired(many, queue),
         "pool_raw_over_mp_queue": paired(raw, queue),
     }
-    point["pool_many_over_bare"] = ratio(point["many_msgs_per_s"], point["bare_msgs_per_s"])
+    point["pool_many_over_ceiling"] = ratio(point["many_msgs_per_s"],
+                                            point["ceiling_msgs_per_s"])
+    point["pool_many_over_per_item"] = ratio(point["many_msgs_per_s"],
+                                             point["per_item_msgs_per_s"])
     point["pool_many_over_mp_queue"] = ratio(point["many_msgs_per_s"],
                                              point["mp_queue_msgs_per_s"])
     point["pool_raw_over_mp_queue"] = ratio(point["raw_msgs_per_s"], point["mp_queue_msgs_per_s"])
     return point
+
+
+def _run_ceilings(setup: _Setup) -> None:
+    """The ceilings rows not in the trivial series, once, on the first ``--ceiling-messages`` of
+    the trivial stream (pre-encoded and decoded), ``--repeats`` interleaved rounds."""
+    import cbor2
+
+    from shardpool.bench.ceilings import ceilings_section, measure_ceilings
+
+    args = setup.args
+    encoded = setup.trivial_stream[: args.ceiling_messages]
+    decoded = [(cid, cbor2.loads(p)) for cid, p in encoded]
+    runs = measure_ceilings(
+        encoded, decoded, repeats=args.repeats,
+        rows=("dicts_1w", "call_rtt", "ingress_1p", "recovery"), batch_size=args.batch_size,
+        timeout_s=args.timeout, ingress_workers=2, say=_log,
+    )
+    setup.doc["ceilings"] = ceilings_section(runs)
+    _finish(setup.doc, setup.save)
 
 
 def _run_cpu(setup: _Setup) -> None:
@@ -384,27 +436,48 @@ def targets(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     effs = [p["efficiency"] for p in doc["cpu"]
             if 1 < p["workers"] <= eff_limit and p["efficiency"] is not None]
     paired = one.get("paired", {})
+    two = by_w.get(2, {})
+    rows = (doc.get("ceilings") or {}).get("rows", {})
+
+    def row(key: str, field: str) -> Any:
+        r = rows.get(key) or {}
+        return r.get(field)
+
     paired_values = {
-        "trivial_1w_pool_over_bare": paired.get("pool_over_bare"),
+        "trivial_1w_pool_over_ceiling": paired.get("pool_over_ceiling"),
         "trivial_1w_pool_over_mp_queue": paired.get("pool_over_mp_queue"),
-        "trivial_1w_pool_many_over_bare": paired.get("pool_many_over_bare"),
+        "trivial_1w_pool_many_over_ceiling": paired.get("pool_many_over_ceiling"),
         "trivial_1w_pool_many_over_mp_queue": paired.get("pool_many_over_mp_queue"),
         "cpu_speedup_1_to_2": cpu_w.get(2, {}).get("speedup_paired"),
         "cpu_efficiency_up_to_cores_minus_1": None,
+        "ceiling_forwarding_1w": paired.get("pool_many_over_ceiling"),
+        "ceiling_dicts_1w": row("dicts_1w", "ratio_paired"),
+        "ceiling_mp_queue_2w": two.get("paired", {}).get("pool_many_over_mp_queue"),
+        "ceiling_call_rtt": row("call_rtt", "ratio_paired"),
+        "ceiling_ingress_1p": row("ingress_1p", "ratio_paired"),
+        "ceiling_recovery": None,
     }
     values = {
-        "trivial_1w_pool_over_bare": one.get("pool_over_bare"),
+        "trivial_1w_pool_over_ceiling": one.get("pool_over_ceiling"),
         "trivial_1w_pool_over_mp_queue": one.get("pool_over_mp_queue"),
-        "trivial_1w_pool_many_over_bare": one.get("pool_many_over_bare"),
+        "trivial_1w_pool_many_over_ceiling": one.get("pool_many_over_ceiling"),
         "trivial_1w_pool_many_over_mp_queue": one.get("pool_many_over_mp_queue"),
         "cpu_speedup_1_to_2": cpu_w.get(2, {}).get("speedup"),
         "cpu_efficiency_up_to_cores_minus_1": min(effs) if effs else None,
+        "ceiling_forwarding_1w": one.get("pool_many_over_ceiling"),
+        "ceiling_dicts_1w": row("dicts_1w", "ratio"),
+        "ceiling_mp_queue_2w": two.get("pool_many_over_mp_queue"),
+        "ceiling_call_rtt": row("call_rtt", "ratio"),
+        "ceiling_ingress_1p": row("ingress_1p", "ratio"),
+        "ceiling_recovery": row("recovery", "shardpool"),
     }
-    return {
-        name: {"value": v, "paired": paired_values[name], "target": TARGETS[name],
-               "met": None if v is None else v >= TARGETS[name]}
-        for name, v in values.items()
-    }
+    out = {}
+    for name, v in values.items():
+        lower = name in LOWER_IS_BETTER
+        met = None if v is None else (v <= TARGETS[name] if lower else v >= TARGETS[name])
+        out[name] = {"value": v, "paired": paired_values[name], "target": TARGETS[name],
+                     "better": "lower" if lower else "higher", "met": met}
+    return out
 
 
 @dataclass(frozen=True)
@@ -440,7 +513,10 @@ def plot_lines(doc: dict[str, Any]) -> tuple[list[Line], list[Line]]:
         _line(tr, "many_msgs_per_s", "o--", "synthetic: trivial handler, submit_many_bytes",
               1e3),
         _line(tr, "raw_msgs_per_s", "x:", "synthetic: payload=raw (handler gets bytes)", 1e3),
-        _line(tr, "bare_msgs_per_s", "s--", "bare pyzmq+cbor2 (ceiling)", 1e3),
+        _line(tr, "ceiling_msgs_per_s", "s--", "one-pass pyzmq+cbor2 harness (ceiling)", 1e3),
+        # an older JSON names the per-item harness "bare" (it was called the ceiling then)
+        _line(tr, "per_item_msgs_per_s", "s:", "per-item pyzmq+cbor2 harness", 1e3),
+        _line(tr, "bare_msgs_per_s", "s:", "per-item pyzmq+cbor2 harness", 1e3),
         _line(tr, "mp_queue_msgs_per_s", "^:", "multiprocessing.Queue per worker", 1e3),
         _line(cpu, "msgs_per_s", "D-", f"synthetic: busy loop, {cost:g} µs/commitment", 1e3),
         _line(real, "msgs_per_s", "*-", "real: BOLT #2 wire, secp256k1 checks", 1e3, ms=9),
@@ -529,8 +605,8 @@ def plot(doc: dict[str, Any], path: Path, name: str | None = None) -> bool:
 def summary(doc: dict[str, Any]) -> str:
     """A plain-text table of every series and the targets."""
     lines = [f"{'series':<8}{'workers':>8}{'msgs/s':>12}{'speed-up':>10}{'effic.':>8}"
-             f"{'bare':>12}{'mp.Queue':>11}{'÷bare':>7}{'÷Queue':>8}"
-             f"{'many msgs/s':>13}{'÷bare':>7}{'÷Queue':>8}{'raw msgs/s':>12}{'÷Queue':>8}"]
+             f"{'ceiling':>12}{'per-item':>12}{'mp.Queue':>11}{'÷ceil':>7}{'÷Queue':>8}"
+             f"{'many msgs/s':>13}{'÷ceil':>7}{'÷Queue':>8}{'raw msgs/s':>12}{'÷Queue':>8}"]
     for name in ("trivial", "cpu", "real"):
         for p in doc.get(name, []):
             extra = ""
@@ -538,10 +614,15 @@ def summary(doc: dict[str, Any]) -> str:
                 q = p["mp_queue_msgs_per_s"]
                 many = p.get("many_msgs_per_s")
                 raw = p.get("raw_msgs_per_s")
-                extra = (f"{p['bare_msgs_per_s']:>12,.0f}{(f'{q:,.0f}' if q else '-'):>11}"
-                         f"{p['pool_over_bare'] or '-':>7}{p['pool_over_mp_queue'] or '-':>8}"
+                ceil = p.get("ceiling_msgs_per_s")
+                item = p.get("per_item_msgs_per_s", p.get("bare_msgs_per_s"))
+                extra = (f"{(f'{ceil:,.0f}' if ceil else '-'):>12}"
+                         f"{(f'{item:,.0f}' if item else '-'):>12}"
+                         f"{(f'{q:,.0f}' if q else '-'):>11}"
+                         f"{p.get('pool_over_ceiling') or '-':>7}"
+                         f"{p.get('pool_over_mp_queue') or '-':>8}"
                          f"{(f'{many:,.0f}' if many else '-'):>13}"
-                         f"{p.get('pool_many_over_bare') or '-':>7}"
+                         f"{p.get('pool_many_over_ceiling') or '-':>7}"
                          f"{p.get('pool_many_over_mp_queue') or '-':>8}"
                          f"{(f'{raw:,.0f}' if raw else '-'):>12}"
                          f"{p.get('pool_raw_over_mp_queue') or '-':>8}")
@@ -556,12 +637,18 @@ def summary(doc: dict[str, Any]) -> str:
             lines.append(f"{name:<8}{p['workers']:>8}{p['msgs_per_s']:>12,.0f}"
                          f"{p['speedup'] if p['speedup'] is not None else '-':>10}"
                          f"{p['efficiency'] if p['efficiency'] is not None else '-':>8}{extra}")
+    if doc.get("ceilings"):
+        from shardpool.bench.ceilings import ceiling_lines
+
+        lines.extend(ceiling_lines(doc["ceilings"]))
     lines.append("targets (ratio of the medians; 'paired': median of the per-repeat ratios):")
     for name, t in doc["targets"].items():
         verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
         paired = t.get("paired")
         note = f"  paired median {paired}" if paired is not None else ""
-        lines.append(f"  {name:<36} {t['value']!s:>8}  (target >= {t['target']})  {verdict}{note}")
+        op = "<=" if t.get("better") == "lower" else ">="
+        lines.append(f"  {name:<36} {t['value']!s:>8}  (target {op} {t['target']})  "
+                     f"{verdict}{note}")
     return "\n".join(lines)
 
 
@@ -588,9 +675,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="real series: wire messages per run (the same at every worker count)")
     p.add_argument("--real-channels", type=int, default=300,
                    help="channels in the real series")
-    p.add_argument("--series", nargs="+", choices=("trivial", "cpu", "real"),
-                   default=["trivial", "cpu", "real"],
-                   help="which series to measure, in this order (default: trivial cpu real)")
+    p.add_argument("--series", nargs="+", choices=("trivial", "ceilings", "cpu", "real"),
+                   default=["trivial", "ceilings", "cpu", "real"],
+                   help="which series to measure, in this order (default: trivial ceilings cpu "
+                   "real)")
+    p.add_argument("--ceiling-messages", type=int, default=100_000,
+                   help="ceilings: messages per throughput run of the dicts and ingress rows")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per single run")
@@ -603,7 +693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     for name in ("messages", "messages_per_worker", "queue_messages", "cpu_messages",
                  "channels", "cpu_channels", "real_messages", "real_channels", "repeats",
-                 "batch_size"):
+                 "batch_size", "ceiling_messages"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.workers and min(args.workers) < 1:

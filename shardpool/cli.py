@@ -163,8 +163,11 @@ def _add_bench(sub: _Subparsers) -> None:
             "state machine, check that no channel saw a message out of order (protocol "
             "violations, sequence gaps, final state = serial replay), and measure throughput "
             "(median of repeats), submit-to-result latency and per-worker balance next to the "
-            "naive by-type dispatch, a multiprocessing.Queue-per-worker pool and the bare "
-            "pyzmq+cbor2 harness, run interleaved on the same traffic. Progress goes to stderr. "
+            "naive by-type dispatch, a multiprocessing.Queue-per-worker pool and the "
+            "pyzmq+cbor2 harnesses, run interleaved on the same traffic; then the ceilings "
+            "section: each figure as a ratio to its baseline (one-pass ceiling harness, "
+            "mp.Queue pool, bare ping-pong, in-process submits) and the recovery after SIGKILL, "
+            "with its target (reported, not enforced). Progress goes to stderr. "
             f"Exit {EXIT_OK} if the order was kept, {EXIT_FAILURE} if not or if a run failed."
         ),
     )

@@ -16,10 +16,16 @@ import pytest
 from shardpool.bench.baselines import (
     SLOTS,
     BaselineResult,
+    array_header,
     make_stream,
+    round_trip_result,
     run_bare_zmq,
     run_mp_queue,
+    run_one_pass,
+    run_per_item,
+    run_ping_pong,
 )
+from shardpool.bench.ceilings import call_round_trip
 from shardpool.routing import Router
 
 pytestmark = pytest.mark.multiprocess
@@ -30,6 +36,7 @@ CHANNELS = 200
 Runner = Callable[..., BaselineResult]
 
 RUNNERS: dict[str, Runner] = {
+    "one_pass": run_one_pass,
     "bare_zmq": run_bare_zmq,
     "mp_queue": run_mp_queue,
     "mp_queue_dill": lambda stream, workers, **kw: run_mp_queue(
@@ -41,15 +48,17 @@ RUNNERS: dict[str, Runner] = {
 def _our_children() -> set[int]:
     """Live child pids of this process, minus the start methods' shared resource trackers.
 
-    The spawn start method starts one ``resource_tracker`` per library the first time it is used;
-    it belongs to the library, lives as long as this process and is not a worker of ours.
+    The spawn start method starts one ``resource_tracker`` per library the first time it is used,
+    and a pool one fork server; they live as long as this process and are not workers of ours.
     """
     pids = set()
     for child in psutil.Process().children(recursive=True):
         try:
             if child.status() == psutil.STATUS_ZOMBIE:
                 continue
-            if any("resource_tracker" in part for part in child.cmdline()):
+            cmd = " ".join(child.cmdline())
+            # the fork server pools start workers from (shardpool.launch) lives as long as we do
+            if "resource_tracker" in cmd or "multiprocess.forkserver" in cmd:
                 continue
         except psutil.NoSuchProcess:
             continue
@@ -160,3 +169,82 @@ def test_bad_arguments_raise_value_error(
         run_bare_zmq([], 1, batch_size=0)
     with pytest.raises(ValueError, match="queue_impl"):
         run_mp_queue([], 1, queue_impl="threading")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ one-pass ceiling
+
+
+@pytest.mark.parametrize("items", [0, 1, 23, 24, 255, 256, 65_535, 65_536])
+def test_array_header_is_cbors_own(items: int) -> None:
+    head = array_header(items)
+    assert cbor2.dumps([0] * items)[: len(head)] == head
+    with pytest.raises(ValueError):
+        array_header(-1)
+
+
+def test_one_pass_frame_decodes_in_one_loads_to_the_messages_themselves() -> None:
+    # The layout the one-pass front builds: array header + encoded ids + payloads inserted raw.
+    s = make_stream(300, 5, seed=2)
+    frame = array_header(2 * len(s)) + b"".join(cbor2.dumps(c) + p for c, p in s)
+    flat = cbor2.loads(frame)
+    assert flat[0::2] == [c for c, _ in s]
+    assert flat[1::2] == [cbor2.loads(p) for _, p in s]  # dicts, not byte strings
+
+
+def test_per_item_is_the_bare_harness_under_its_clearer_name() -> None:
+    assert run_bare_zmq is run_per_item
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_one_pass_dicts_counts_every_message_on_its_routed_worker(
+    workers: int, stream: list[tuple[bytes, bytes]], no_leftover_children: None
+) -> None:
+    decoded = [(cid, cbor2.loads(p)) for cid, p in stream]
+    result = run_one_pass(decoded, workers, timeout=60.0, dicts=True)
+    assert result.name == "one_pass_dicts"
+    assert result.messages == MESSAGES and result.workers == workers
+    assert result.per_worker == _expected_split(stream, workers)
+    assert result.elapsed_s > 0
+
+
+def test_one_pass_partial_batches_and_empty_stream(no_leftover_children: None) -> None:
+    small = make_stream(1_001, 7, seed=3)  # not a multiple of the batch size on any worker
+    assert run_one_pass(small, 3, batch_size=64, timeout=60.0).per_worker == _expected_split(
+        small, 3)
+    assert run_one_pass([], 2, timeout=60.0).per_worker == [0, 0]
+    with pytest.raises(ValueError, match="batch_size"):
+        run_one_pass([], 1, batch_size=0)
+
+
+# ------------------------------------------------------------------------------ round trips
+
+
+def test_ping_pong_reports_ordered_percentiles(no_leftover_children: None) -> None:
+    rt = run_ping_pong(200, timeout=30.0, warmup=10)
+    assert rt.name == "ping_pong" and rt.rounds == 200
+    assert 0 < rt.p50_us <= rt.p99_us <= rt.max_us
+
+
+def test_ping_pong_timeout_raises_and_leaves_no_children(no_leftover_children: None) -> None:
+    with pytest.raises(TimeoutError):
+        run_ping_pong(100_000, timeout=0.001)
+
+
+@pytest.mark.parametrize("kwargs", [{"rounds": 0}, {"rounds": 1, "timeout": 0.0},
+                                    {"rounds": 1, "warmup": -1}])
+def test_ping_pong_bad_arguments(kwargs: dict[str, float], no_leftover_children: None) -> None:
+    with pytest.raises(ValueError):
+        run_ping_pong(**kwargs)  # type: ignore[arg-type]
+
+
+def test_round_trip_result_nearest_rank() -> None:
+    rt = round_trip_result("x", [k * 1000 for k in range(100, 0, -1)])  # 1..100 us, unsorted
+    assert (rt.rounds, rt.p50_us, rt.p99_us, rt.max_us) == (100, 50.0, 99.0, 100.0)
+    with pytest.raises(ValueError):
+        round_trip_result("x", [])
+
+
+def test_pool_call_round_trip(no_leftover_children: None) -> None:
+    rt = call_round_trip(50, timeout=30.0, warmup=5)
+    assert rt.name == "pool_call" and rt.rounds == 50
+    assert 0 < rt.p50_us <= rt.p99_us <= rt.max_us

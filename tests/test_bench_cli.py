@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from shardpool.bench.ceilings import CEILING_ROWS, ROW_KEYS
 from shardpool.bench.report import format_report
 
 pytestmark = pytest.mark.multiprocess
@@ -57,10 +58,27 @@ def test_bench_json_report_has_every_section_and_zero_violations() -> None:
                                      "lightning_over_bare", "lightning_over_mp_queue"}
     assert all(v > 0 for v in report["ratios"].values())
 
+    # the ceilings section: every row of the issue-13 table, measured in this run
+    ceilings = report["ceilings"]
+    assert ceilings["messages"] == 4000 and ceilings["repeats"] == 1
+    assert list(ceilings["rows"]) == list(ROW_KEYS)
+    for key, row in ceilings["rows"].items():
+        assert row["shardpool"] > 0 and len(row["shardpool_runs"]) >= 1, key
+        assert row["target"] and row["met"] in (True, False), key
+        if key == "recovery":
+            assert row["baseline"] is None and row["ratio"] is None
+            assert row["details"]["kills"] == len(row["shardpool_runs"])
+        else:
+            assert row["baseline_value"] > 0 and row["ratio"] > 0, key
+            assert row["ratio"] == pytest.approx(row["shardpool"] / row["baseline_value"],
+                                                 rel=1e-2), key
+
     text = format_report(report)
     for needle in ("shardpool÷bare", "shardpool÷mp.Queue", "p99.9", "per-worker balance",
-                   "by-type dispatch", "verdict: OK"):
+                   "by-type dispatch", "verdict: OK", "ceilings (same run"):
         assert needle in text
+    for row in CEILING_ROWS:
+        assert row.path[:44] in text and row.target_text in text
 
 
 def test_bench_lightning_real_reports_rates_per_worker_count_against_serial() -> None:

@@ -2,8 +2,8 @@
 reference), and the words they and their front exchange.
 
 Each worker tells its front READY once it can receive, DONE with its count after the end of the
-stream, and leaves on EXIT (the bare harness) or at the end of its queue (the mp.Queue pool). A
-worker whose parent is gone exits on its own.
+stream, and leaves on EXIT (the zmq harnesses and the ping-pong peer) or at the end of its queue
+(the mp.Queue pool). A worker whose parent is gone exits on its own.
 """
 
 from __future__ import annotations
@@ -16,7 +16,16 @@ from typing import Any
 import cbor2
 import zmq
 
-__all__ = ["DONE", "END", "EXIT", "READY", "queue_worker", "zmq_worker"]
+__all__ = [
+    "DONE",
+    "END",
+    "EXIT",
+    "READY",
+    "one_pass_worker",
+    "ping_pong_worker",
+    "queue_worker",
+    "zmq_worker",
+]
 
 READY = "ready"
 DONE = "done"
@@ -51,7 +60,25 @@ def _exit_when_orphaned(parent_pid: int) -> None:
 
 
 def zmq_worker(index: int, data_endpoint: str, report_endpoint: str, parent_pid: int) -> None:
-    """Bare-harness worker: PULL batches, decode frame and payloads, call the handler, report."""
+    """Per-item harness worker: PULL batches, decode the frame, then each payload (a CBOR byte
+    string holding the message) with its own ``cbor2.loads``, call the handler, report."""
+    _serve_frames(index, data_endpoint, report_endpoint, parent_pid, one_pass=False)
+
+
+def one_pass_worker(
+    index: int, data_endpoint: str, report_endpoint: str, parent_pid: int
+) -> None:
+    """One-pass ceiling worker: PULL batches, decode each frame with ONE ``cbor2.loads`` (the
+    messages are inline CBOR items, not byte strings), call the handler per pair, report."""
+    _serve_frames(index, data_endpoint, report_endpoint, parent_pid, one_pass=True)
+
+
+def _serve_frames(
+    index: int, data_endpoint: str, report_endpoint: str, parent_pid: int, *, one_pass: bool
+) -> None:
+    """The loop of both zmq harness workers: READY, frames until END, DONE with the count, then
+    wait for EXIT. Raises whatever ``cbor2.loads`` raises for a frame that is not CBOR (the
+    process then exits non-zero, which its front reports)."""
     _exit_when_orphaned(parent_pid)
     ctx = zmq.Context()  # created here, not inherited: a ZeroMQ context never crosses a process
     pull = ctx.socket(zmq.PULL)
@@ -69,10 +96,41 @@ def zmq_worker(index: int, data_endpoint: str, report_endpoint: str, parent_pid:
             if not frame:
                 break
             it = iter(loads(frame))
-            for cid, payload in zip(it, it, strict=True):
-                handle(counts, cid, loads(payload))
+            if one_pass:
+                for cid, message in zip(it, it, strict=True):
+                    handle(counts, cid, message)
+            else:
+                for cid, payload in zip(it, it, strict=True):
+                    handle(counts, cid, loads(payload))
         push.send(cbor2.dumps([DONE, index, sum(counts.values()), len(counts)]))
         # Closing with linger=0 right now could discard DONE; the front says EXIT once it has it.
+        recv()
+    finally:
+        pull.close(linger=0)
+        push.close(linger=0)
+        ctx.term()
+
+
+def ping_pong_worker(in_endpoint: str, out_endpoint: str, parent_pid: int) -> None:
+    """Ping-pong peer: PULL on ``in_endpoint`` (bound here), PUSH to ``out_endpoint``. Sends
+    READY, then answers every ping (a small CBOR map with a ``seq``) with the CBOR reply
+    ``[seq, None]`` built after decoding it — what a worker does for a handler returning None —
+    until an empty frame (END); sends DONE and waits for EXIT."""
+    _exit_when_orphaned(parent_pid)
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    push = ctx.socket(zmq.PUSH)
+    try:
+        pull.bind(in_endpoint)
+        push.connect(out_endpoint)
+        push.send(cbor2.dumps([READY, 0]))
+        loads, dumps, recv, send = cbor2.loads, cbor2.dumps, pull.recv, push.send
+        while True:
+            frame = recv()
+            if not frame:
+                break
+            send(dumps([loads(frame)["seq"], None]))
+        push.send(cbor2.dumps([DONE, 0, 0, 0]))
         recv()
     finally:
         pull.close(linger=0)

@@ -1,29 +1,41 @@
-"""The two baselines shardpool's benchmarks are compared against, measured in the same run.
+"""The baselines shardpool's benchmarks are compared against, measured in the same run.
 
-* :func:`run_bare_zmq` — the *ceiling*: the least a ZeroMQ + CBOR pool can do. The caller's process
+* :func:`run_one_pass` — the *ceiling*: the least a ZeroMQ + CBOR pool can do. The caller's process
   is the front (route with :class:`~shardpool.routing.Router`, batch per worker, one PUSH per worker
-  over ipc://); each worker decodes the frame, decodes every payload and calls a trivial handler.
-  No acknowledgements, no in-flight window, no recovery: what shardpool adds is measured against it.
+  over ipc://); each frame is a CBOR array header followed by the concatenated items, the
+  pre-encoded messages inserted raw, and each worker decodes a whole frame with ONE
+  ``cbor2.loads`` and calls a trivial handler per message. ``dicts=True`` is the ceiling of a
+  front that encodes: it takes ``(channel_id, dict)`` pairs and ``cbor2.dumps`` each message in
+  the front loop. No acknowledgements, no in-flight window, no recovery: what shardpool adds is
+  measured against it.
+* :func:`run_per_item` (also :func:`run_bare_zmq`, its original name) — the *per-item harness*:
+  the same front, but each payload travels as a CBOR byte string and the worker decodes it with a
+  ``cbor2.loads`` of its own (~1 µs a message more than the ceiling: a design choice, not the
+  ceiling).
 * :func:`run_mp_queue` — the *naive alternative*: one ``Queue`` per worker, one message per ``put``.
+* :func:`run_ping_pong` — the *round-trip floor*: a bare PUSH→PULL→PUSH ping-pong with one
+  spawned process over ipc://, p50/p99 in µs (what ``pool.call`` on an idle pool is compared to).
 
-Both start real worker processes with the spawn start method, wait for a READY handshake from every
+They start real worker processes with the spawn start method, wait for a READY handshake from every
 worker before the clock starts, stop the clock when the last worker has reported how many messages
 its handler saw, and always reap every process they started (join with a deadline, then terminate,
 then kill), also when they raise.
 
-Frame layout of the bare harness: one CBOR array per ZeroMQ frame, *flat*:
-``[cid0, payload0, cid1, payload1, ...]`` with each payload a CBOR byte string holding the
-pre-encoded message. Measured on the 2-core development machine (200k messages, ~190 B payloads,
-2 workers, front side only: route + batch + encode, best of 9, two sessions on a shared machine):
-``cbor2.dumps`` of the flat list 2.3-3.4 M msgs/s; hand-built array header + concatenated items
-2.1-2.8 M msgs/s for the nested ``[[cid, payload], ...]`` form and 2.2-2.6 M msgs/s for the flat
-one; ``cbor2.dumps`` of the nested form 1.5-1.9 M msgs/s. The flat list also decodes faster in the
-worker (~0.77 vs ~0.70 M msgs/s including each payload's ``cbor2.loads``), so the ceiling uses
-``cbor2.dumps`` of the flat list.
+Frame layouts (one CBOR array per ZeroMQ frame, *flat*, two items per message):
+
+* one-pass: ``[cid0, msg0, cid1, msg1, ...]``, each ``cid`` ``cbor2.dumps(channel_id)`` (cached per
+  channel), each ``msg`` the message's CBOR encoding itself — built as a hand-made array header
+  plus ``b"".join`` of the items (no re-encoding of the payloads);
+* per-item: ``cbor2.dumps`` of the flat list ``[cid0, payload0, ...]``, each payload a CBOR byte
+  string holding the pre-encoded message. Measured on the 2-core development machine (200k
+  messages, ~190 B payloads, 2 workers, front side only: route + batch + encode, best of 9, two
+  sessions on a shared machine): ``cbor2.dumps`` of the flat list 2.3-3.4 M msgs/s; hand-built
+  array header + concatenated items 2.1-2.8 M msgs/s for the nested ``[[cid, payload], ...]`` form
+  and 2.2-2.6 M msgs/s for the flat one; ``cbor2.dumps`` of the nested form 1.5-1.9 M msgs/s.
 
 The workers are in :mod:`shardpool.bench.baseline_workers`; the stream of the manual check in
-:mod:`shardpool.bench.stream`. Run ``python -m shardpool.bench.baselines`` for a manual check (both
-baselines, 1 and 2 workers).
+:mod:`shardpool.bench.stream`. Run ``python -m shardpool.bench.baselines`` for a manual check (every
+baseline, 1 and 2 workers, and the ping-pong).
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import cbor2
@@ -47,11 +60,32 @@ import multiprocess
 import zmq
 
 from ..routing import Router
-from .baseline_workers import DONE, END, EXIT, READY, queue_worker, zmq_worker
+from .baseline_workers import (
+    DONE,
+    END,
+    EXIT,
+    READY,
+    one_pass_worker,
+    ping_pong_worker,
+    queue_worker,
+    zmq_worker,
+)
 from .runs import RunResult
 from .stream import make_stream
 
-__all__ = ["SLOTS", "BaselineResult", "main", "run_bare_zmq", "run_mp_queue"]
+__all__ = [
+    "SLOTS",
+    "BaselineResult",
+    "RoundTripResult",
+    "array_header",
+    "main",
+    "round_trip_result",
+    "run_bare_zmq",
+    "run_mp_queue",
+    "run_one_pass",
+    "run_per_item",
+    "run_ping_pong",
+]
 
 SLOTS = 4096
 """Slot count used to route in both baselines (the pool's default)."""
@@ -190,7 +224,7 @@ def _send_blocked(
     """
     while True:
         if time.monotonic() > deadline:
-            raise TimeoutError("bare_zmq: a worker stopped draining its pipe before the deadline")
+            raise TimeoutError("zmq harness: a worker stopped draining its pipe in time")
         _raise_if_dead(procs, set(), "the end of the stream")
         try:
             sock.send(frame)
@@ -203,22 +237,68 @@ def _send_blocked(
 # the baselines
 
 
-def run_bare_zmq(
+Forward = Callable[
+    [Sequence[tuple[bytes, Any]], Router, list["zmq.Socket[bytes]"], int, Sequence[Any], float],
+    None,
+]
+"""A harness front: ``(stream, router, pushes, batch_size, procs, deadline)``; sends every
+message's frame and then END on every push socket."""
+
+
+def run_one_pass(
+    stream: Sequence[tuple[bytes, Any]],
+    workers: int,
+    *,
+    batch_size: int = 256,
+    timeout: float = 120.0,
+    dicts: bool = False,
+) -> BaselineResult:
+    """The ceiling harness: route, batch and forward messages over ZeroMQ ipc://, each frame
+    decoded by its worker in one pass.
+
+    ``stream`` holds ``(channel_id, cbor_payload)`` pairs (``dicts=False``: the payloads go into
+    the frame as they are) or ``(channel_id, message)`` pairs (``dicts=True``: the front
+    ``cbor2.dumps`` each message, in the loop, as a front fed Python objects must). Each pair is
+    routed with ``Router(SLOTS, workers)`` and appended to its worker's batch as two CBOR items,
+    the encoded channel id and the message; a full batch (``batch_size`` messages) goes out as ONE
+    frame (array header + the items, see the module docstring), then a partial batch and an end
+    marker per worker. Workers (spawned ``multiprocess`` processes, each with its own ZeroMQ
+    context) bind a PULL on an endpoint in a private temporary directory, ``cbor2.loads`` each
+    frame once, call a counting handler per message, and report their count on a PUSH to the
+    front's PULL. The result is named ``one_pass`` (``one_pass_dicts`` with ``dicts``).
+
+    Clock, deadline and cleanup as :func:`run_per_item`.
+
+    Raises:
+        ValueError: ``workers < 1``, ``batch_size < 1`` or a non-positive ``timeout``.
+        TimeoutError: the run (start-up, READY, streaming, done reports) did not finish in
+            ``timeout`` seconds.
+        RuntimeError: a worker exited before it reported (e.g. a payload that is not CBOR).
+        cbor2.CBOREncodeError: with ``dicts``, a message cannot be encoded.
+    """
+    name = "one_pass_dicts" if dicts else "one_pass"
+    forward = _forward_one_pass_dicts if dicts else _forward_one_pass
+    return _run_zmq_harness(name, stream, workers, batch_size, timeout, one_pass_worker, forward)
+
+
+def run_per_item(
     stream: Sequence[tuple[bytes, bytes]],
     workers: int,
     *,
     batch_size: int = 256,
     timeout: float = 120.0,
 ) -> BaselineResult:
-    """The ceiling harness: route, batch and forward pre-encoded payloads over ZeroMQ ipc://.
+    """The per-item harness: route, batch and forward pre-encoded payloads over ZeroMQ ipc://,
+    each payload decoded separately by its worker.
 
     The caller's process is the front. ``stream`` holds ``(channel_id, cbor_payload)`` pairs; each
     is routed with ``Router(SLOTS, workers)`` and appended to its worker's batch; a full batch
-    (``batch_size`` messages) goes out as ONE frame (``cbor2.dumps`` of the flat list, see the
-    module docstring), then a partial batch and an end marker per worker. Workers (spawned
-    ``multiprocess`` processes, each with its own ZeroMQ context) bind a PULL on an endpoint in a
-    private temporary directory, decode each frame and each payload, call a counting handler, and
-    report their count on a PUSH to the front's PULL.
+    (``batch_size`` messages) goes out as ONE frame (``cbor2.dumps`` of the flat list, each
+    payload a CBOR byte string, see the module docstring), then a partial batch and an end marker
+    per worker. Workers (spawned ``multiprocess`` processes, each with its own ZeroMQ context)
+    bind a PULL on an endpoint in a private temporary directory, decode each frame and then each
+    payload, call a counting handler, and report their count on a PUSH to the front's PULL. The
+    result is named ``bare_zmq`` (the name it has always had in reports).
 
     The clock (``elapsed_s``, seconds) starts after every worker has sent READY, just before the
     first message is routed, and stops when the last worker's done report arrives. ``timeout``
@@ -230,6 +310,26 @@ def run_bare_zmq(
         TimeoutError: the run (start-up, READY, streaming, done reports) did not finish in time.
         RuntimeError: a worker exited before it reported (e.g. a payload that is not CBOR).
     """
+    return _run_zmq_harness("bare_zmq", stream, workers, batch_size, timeout, zmq_worker,
+                            _forward)
+
+
+run_bare_zmq = run_per_item
+"""The per-item harness under its original name (it was called "the ceiling" before the one-pass
+harness existed); see :func:`run_per_item`."""
+
+
+def _run_zmq_harness(
+    name: str,
+    stream: Sequence[tuple[bytes, Any]],
+    workers: int,
+    batch_size: int,
+    timeout: float,
+    worker: Callable[[int, str, str, int], None],
+    forward: Forward,
+) -> BaselineResult:
+    """Start ``workers`` processes of ``worker``, wait for READY, time ``forward`` and the done
+    reports, tell EXIT, reap; see :func:`run_per_item` for the clock, deadline and errors."""
     _check_common(workers, timeout)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -248,7 +348,7 @@ def run_bare_zmq(
         report.bind(report_ep)
         data_eps = [f"ipc://{rundir}/w{i}" for i in range(workers)]
         argsets = [(i, ep, report_ep, os.getpid()) for i, ep in enumerate(data_eps)]
-        _spawn(spawn, zmq_worker, argsets, "shardpool-bare-zmq", procs)
+        _spawn(spawn, worker, argsets, f"shardpool-{name.replace('_', '-')}", procs)
         _await_zmq_reports(report, procs, READY, deadline)
         pushes: list[zmq.Socket[bytes]] = []
         for ep in data_eps:
@@ -259,7 +359,7 @@ def run_bare_zmq(
             s.connect(ep)
             pushes.append(s)
         t0 = time.perf_counter()
-        _forward(stream, router, pushes, batch_size, procs, deadline)
+        forward(stream, router, pushes, batch_size, procs, deadline)
         dones, t1 = _await_zmq_reports(report, procs, DONE, deadline)
         finished = True
     finally:
@@ -275,7 +375,257 @@ def run_bare_zmq(
         ctx.term()
         shutil.rmtree(rundir, ignore_errors=True)
 
-    return _result("bare_zmq", workers, len(stream), t1 - t0, dones)
+    return _result(name, workers, len(stream), t1 - t0, dones)
+
+
+def array_header(items: int) -> bytes:
+    """The CBOR head of a definite-length array of ``items`` items (major type 4).
+
+    Raises:
+        ValueError: ``items`` is negative or does not fit in 64 bits.
+    """
+    if items < 0 or items >= 1 << 64:
+        raise ValueError(f"a CBOR array holds 0 to 2**64-1 items, got {items}")
+    if items < 24:
+        return bytes([0x80 | items])
+    if items < 1 << 8:
+        return b"\x98" + items.to_bytes(1, "big")
+    if items < 1 << 16:
+        return b"\x99" + items.to_bytes(2, "big")
+    if items < 1 << 32:
+        return b"\x9a" + items.to_bytes(4, "big")
+    return b"\x9b" + items.to_bytes(8, "big")
+
+
+def _send_frame(
+    push: zmq.Socket[bytes], frame: bytes, procs: Sequence[Any], deadline: float
+) -> None:
+    """Send ``frame``, waiting (within ``deadline``) while the pipe is full.
+
+    Raises:
+        TimeoutError / RuntimeError: as :func:`_send_blocked`.
+    """
+    try:
+        push.send(frame)
+    except zmq.Again:
+        _send_blocked(push, frame, procs, deadline)
+
+
+def _flush_one_pass(
+    bufs: list[list[bytes]], pushes: list[zmq.Socket[bytes]], procs: Sequence[Any],
+    deadline: float,
+) -> None:
+    """Send each worker's partial batch (if any) and then END."""
+    for w, buf in enumerate(bufs):
+        if buf:
+            _send_frame(pushes[w], array_header(len(buf)) + b"".join(buf), procs, deadline)
+        _send_frame(pushes[w], END, procs, deadline)
+
+
+def _forward_one_pass(
+    stream: Sequence[tuple[bytes, Any]],
+    router: Router,
+    pushes: list[zmq.Socket[bytes]],
+    batch_size: int,
+    procs: Sequence[Any],
+    deadline: float,
+) -> None:
+    """The one-pass front for pre-encoded payloads: route, append the cached encoded channel id
+    and the payload as they are, send every full batch as array header + ``b"".join``, then the
+    partial batches and END.
+
+    Raises:
+        TimeoutError: ``deadline`` (``time.monotonic()`` seconds) passed first.
+        RuntimeError: a worker died while its pipe was full.
+    """
+    sends = [s.send for s in pushes]
+    bufs: list[list[bytes]] = [[] for _ in pushes]
+    limit = 2 * batch_size
+    head = array_header(limit)
+    join = b"".join
+    worker_of = router.worker_of
+    dumps = cbor2.dumps
+    cids: dict[bytes, bytes] = {}
+    monotonic = time.monotonic
+    for cid, payload in stream:
+        w = worker_of(cid)
+        item = cids.get(cid)
+        if item is None:
+            item = cids[cid] = dumps(cid)
+        buf = bufs[w]
+        buf += (item, payload)
+        if len(buf) >= limit:
+            frame = head + join(buf)
+            buf.clear()
+            try:
+                sends[w](frame)
+            except zmq.Again:
+                _send_blocked(pushes[w], frame, procs, deadline)
+            if monotonic() > deadline:
+                raise TimeoutError("one-pass harness: the stream was not sent before the deadline")
+    _flush_one_pass(bufs, pushes, procs, deadline)
+
+
+def _forward_one_pass_dicts(
+    stream: Sequence[tuple[bytes, Any]],
+    router: Router,
+    pushes: list[zmq.Socket[bytes]],
+    batch_size: int,
+    procs: Sequence[Any],
+    deadline: float,
+) -> None:
+    """:func:`_forward_one_pass` for Python messages: each is ``cbor2.dumps``-ed in the loop.
+
+    Raises:
+        TimeoutError / RuntimeError: as :func:`_forward_one_pass`.
+        cbor2.CBOREncodeError: a message cannot be encoded.
+    """
+    sends = [s.send for s in pushes]
+    bufs: list[list[bytes]] = [[] for _ in pushes]
+    limit = 2 * batch_size
+    head = array_header(limit)
+    join = b"".join
+    worker_of = router.worker_of
+    dumps = cbor2.dumps
+    cids: dict[bytes, bytes] = {}
+    monotonic = time.monotonic
+    for cid, message in stream:
+        w = worker_of(cid)
+        item = cids.get(cid)
+        if item is None:
+            item = cids[cid] = dumps(cid)
+        buf = bufs[w]
+        buf += (item, dumps(message))
+        if len(buf) >= limit:
+            frame = head + join(buf)
+            buf.clear()
+            try:
+                sends[w](frame)
+            except zmq.Again:
+                _send_blocked(pushes[w], frame, procs, deadline)
+            if monotonic() > deadline:
+                raise TimeoutError("one-pass harness: the stream was not sent before the deadline")
+    _flush_one_pass(bufs, pushes, procs, deadline)
+
+
+@dataclass(frozen=True, slots=True)
+class RoundTripResult:
+    """Round-trip latencies of ``rounds`` sequential request/reply exchanges (warm-up excluded):
+    ``p50_us``, ``p99_us`` and ``max_us`` in microseconds (nearest-rank percentiles)."""
+
+    name: str
+    rounds: int
+    p50_us: float
+    p99_us: float
+    max_us: float
+
+
+def round_trip_result(name: str, samples_ns: Sequence[int]) -> RoundTripResult:
+    """The :class:`RoundTripResult` of round-trip samples given in nanoseconds.
+
+    Raises:
+        ValueError: no samples.
+    """
+    if not samples_ns:
+        raise ValueError("no round-trip samples")
+    ordered = sorted(samples_ns)
+    n = len(ordered)
+
+    def pct(q: float) -> float:
+        return round(ordered[max(1, math.ceil(q * n)) - 1] / 1000.0, 1)
+
+    return RoundTripResult(name, n, pct(0.5), pct(0.99), round(ordered[-1] / 1000.0, 1))
+
+
+def run_ping_pong(
+    rounds: int = 1000, timeout: float = 30.0, *, warmup: int = 50
+) -> RoundTripResult:
+    """The round-trip floor: a bare PUSH→PULL→PUSH ping-pong with one spawned process, ipc://.
+
+    The caller binds a PULL for the replies in a private temporary directory and spawns a
+    ``multiprocess`` process (its own ZeroMQ context) that binds a PULL for the pings and
+    connects a PUSH back, then says READY. Each round encodes a small CBOR map, sends it, waits
+    for the peer's CBOR reply (it decodes the ping and encodes ``[seq, None]``) and decodes it;
+    the time of each round after ``warmup`` rounds is a sample. Result named ``ping_pong``.
+
+    ``timeout`` (seconds) bounds the whole run, start-up included. Every socket is closed with
+    linger=0, the process reaped and the directory removed, also when this raises.
+
+    Raises:
+        ValueError: ``rounds < 1``, ``warmup < 0`` or a non-positive ``timeout``.
+        TimeoutError: the run did not finish in time.
+        RuntimeError: the peer exited early or answered out of turn.
+    """
+    _check_common(1, timeout)
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    deadline = time.monotonic() + timeout
+    spawn = multiprocess.get_context("spawn")
+    rundir = tempfile.mkdtemp(prefix="shardpool-ping-")
+    ctx = zmq.Context()
+    sockets: list[zmq.Socket[bytes]] = []
+    procs: list[Any] = []
+    finished = False
+    try:
+        back = ctx.socket(zmq.PULL)
+        sockets.append(back)
+        back_ep, ping_ep = f"ipc://{rundir}/back", f"ipc://{rundir}/ping"
+        back.bind(back_ep)
+        _spawn(spawn, ping_pong_worker, [(ping_ep, back_ep, os.getpid())],
+               "shardpool-ping-pong", procs)
+        _await_zmq_reports(back, procs, READY, deadline)
+        ping = ctx.socket(zmq.PUSH)
+        sockets.append(ping)
+        ping.sndtimeo = _SEND_RETRY_MS
+        back.rcvtimeo = _SEND_RETRY_MS
+        ping.connect(ping_ep)
+        samples = _ping_rounds(ping, back, procs, warmup + rounds, warmup, deadline)
+        _send_frame(ping, END, procs, deadline)
+        _await_zmq_reports(back, procs, DONE, deadline)
+        finished = True
+    finally:
+        if finished:
+            with contextlib.suppress(zmq.ZMQError):
+                sockets[1].send(EXIT, zmq.NOBLOCK)
+        _reap(procs, _EXIT_GRACE_S if finished else 0.0)
+        for s in sockets:
+            s.close(linger=0)
+        ctx.term()
+        shutil.rmtree(rundir, ignore_errors=True)
+    return round_trip_result("ping_pong", samples)
+
+
+def _ping_rounds(
+    ping: zmq.Socket[bytes], back: zmq.Socket[bytes], procs: Sequence[Any], total: int,
+    warmup: int, deadline: float,
+) -> list[int]:
+    """``total`` ping-pong rounds; the round-trip times (ns) of those after the first ``warmup``.
+
+    Raises:
+        TimeoutError: ``deadline`` passed. RuntimeError: the peer died or answered out of turn.
+    """
+    dumps, loads, clock = cbor2.dumps, cbor2.loads, time.perf_counter_ns
+    samples: list[int] = []
+    for k in range(total):
+        t0 = clock()
+        _send_frame(ping, dumps({"type": "ping", "seq": k}), procs, deadline)
+        while True:
+            try:
+                reply = back.recv()
+                break
+            except zmq.Again:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("ping-pong: no reply before the deadline") from None
+                _raise_if_dead(procs, set(), "its reply")
+        seq = loads(reply)[0]
+        t1 = clock()
+        if seq != k:
+            raise RuntimeError(f"ping-pong: reply {seq!r} to ping {k}")
+        if k >= warmup:
+            samples.append(t1 - t0)
+    return samples
 
 
 def _spawn(
@@ -292,14 +642,14 @@ def _spawn(
 
 
 def _forward(
-    stream: Sequence[tuple[bytes, bytes]],
+    stream: Sequence[tuple[bytes, Any]],
     router: Router,
     pushes: list[zmq.Socket[bytes]],
     batch_size: int,
     procs: Sequence[Any],
     deadline: float,
 ) -> None:
-    """The bare front: route each message, batch per worker, send every full batch as one frame
+    """The per-item front: route each message, batch per worker, send every full batch as one frame
     (``cbor2.dumps`` of the flat list), then each partial batch and the end marker.
 
     Raises:
@@ -324,13 +674,10 @@ def _forward(
             except zmq.Again:
                 _send_blocked(pushes[w], frame, procs, deadline)
             if monotonic() > deadline:
-                raise TimeoutError("bare_zmq: the stream was not sent before the deadline")
+                raise TimeoutError("per-item harness: the stream was not sent before the deadline")
     for w, buf in enumerate(bufs):
         for frame in ([dumps(buf)] if buf else []) + [END]:
-            try:
-                sends[w](frame)
-            except zmq.Again:
-                _send_blocked(pushes[w], frame, procs, deadline)
+            _send_frame(pushes[w], frame, procs, deadline)
 
 
 def _result(
@@ -349,7 +696,7 @@ def run_mp_queue(
 ) -> BaselineResult:
     """The naive alternative: one ``Queue`` per worker, one ``(channel_id, payload)`` per ``put``.
 
-    Routing, readiness handshake, clock and reaping are as in :func:`run_bare_zmq`; workers
+    Routing, readiness handshake, clock and reaping are as in :func:`run_per_item`; workers
     ``cbor2.loads`` each payload and call the same counting handler.
 
     ``queue_impl`` picks the library. The default is the standard library's ``multiprocessing``:
@@ -462,7 +809,8 @@ def _await_queue_reports(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print both baselines (and the dill-pickling queue) for each worker count; returns 0."""
+    """Print every baseline (and the dill-pickling queue) for each worker count, then the
+    ping-pong round trip; returns 0."""
     parser = argparse.ArgumentParser(
         prog="python -m shardpool.bench.baselines", description="Run shardpool's baselines once."
     )
@@ -476,23 +824,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     # by reference, and dill would otherwise pickle ``__main__`` functions by value.
     mod = importlib.import_module("shardpool.bench.baselines")
     stream = make_stream(args.messages, args.channels, payload_size=args.payload_size)
+    decoded = [(cid, cbor2.loads(p)) for cid, p in stream]
     size = sum(len(p) for _, p in stream) / max(1, len(stream))
     print(
         f"{len(stream)} messages over {args.channels} channels, payload {size:.0f} B avg, "
         f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
     )
-    print(f"{'baseline':<14} {'workers':>7} {'msgs/s':>12} {'elapsed s':>10}  per worker")
+    print(f"{'baseline':<16} {'workers':>7} {'msgs/s':>12} {'elapsed s':>10}  per worker")
     for w in args.workers:
         runs = [
-            mod.run_bare_zmq(stream, w, batch_size=args.batch_size),
+            mod.run_one_pass(stream, w, batch_size=args.batch_size),
+            mod.run_one_pass(decoded, w, batch_size=args.batch_size, dicts=True),
+            mod.run_per_item(stream, w, batch_size=args.batch_size),
             mod.run_mp_queue(stream, w),
             mod.run_mp_queue(stream, w, queue_impl="multiprocess"),
         ]
         for r in runs:
             print(
-                f"{r.name:<14} {r.workers:>7} {r.msgs_per_s:>12,.0f} {r.elapsed_s:>10.3f}  "
+                f"{r.name:<16} {r.workers:>7} {r.msgs_per_s:>12,.0f} {r.elapsed_s:>10.3f}  "
                 f"{r.per_worker}"
             )
+    rt = mod.run_ping_pong()
+    print(f"ping-pong round trip, {rt.rounds} rounds: p50 {rt.p50_us:.1f} us, "
+          f"p99 {rt.p99_us:.1f} us")
     return 0
 
 

@@ -98,6 +98,9 @@ class BenchOptions:
     * ``latency_seconds``: length of the closed mode's open-loop latency phase (seconds of
       traffic at its rate).
     * ``sample_every``: in closed-loop runs, one message in this many is timed.
+    * ``rtt_rounds``: round trips per round of the ceilings' ``pool.call`` and ping-pong rows.
+    * ``recovery_kills``, ``recovery_interval_s``: SIGKILLs of the ceilings' recovery row and the
+      seconds between them.
     """
 
     workers: int = field(
@@ -163,8 +166,15 @@ class BenchOptions:
     )
     baselines: bool = field(
         default=True,
-        metadata=_meta("skip the trivial-handler, bare pyzmq+cbor2 and mp.Queue runs",
+        metadata=_meta("skip the trivial-handler, zmq harness and mp.Queue runs and the "
+                       "ceilings section",
                        flag="--no-baselines"),
+    )
+    ceiling_messages: int = field(
+        default=50_000,
+        metadata=_meta("synthetic: messages per throughput run of the ceilings section (at most "
+                       "--messages; each row's shardpool figure against its baseline, same "
+                       "run), 0 to skip the section", lo=0, metavar="N"),
     )
     batch_size: int = field(
         default=256,
@@ -233,6 +243,9 @@ class BenchOptions:
         metadata=_meta("levelling: pool.rebalance_grace_s of the bench's pools", lo=0.0,
                        metavar="SECONDS"),
     )
+    rtt_rounds: int = field(default=1_000, metadata=_meta(lo=1))
+    recovery_kills: int = field(default=5, metadata=_meta(lo=1))
+    recovery_interval_s: float = field(default=0.3, metadata=_meta(lo=0.0))
     close_fraction: float = field(default=0.05, metadata=_meta(lo=0.0, hi=1.0))
     bytype_delay_s: float = field(default=0.0002, metadata=_meta(lo=0.0))
     latency_seconds: float = field(default=2.0, metadata=_meta(lo=0.0))

@@ -233,10 +233,12 @@ def build_report(
     latency: Latency,
     bytype: dict[str, Any] | None,
     cost_iters: int,
+    ceilings: dict[str, Any] | None = None,
 ) -> Report:
     """The JSON-ready report of one bench (without ``elapsed_s``, which its caller adds);
     ``report["ok"]`` is False if shardpool showed any order violation, sequence error, failure
-    or digest mismatch, in any of its runs."""
+    or digest mismatch, in any of its runs. ``ceilings`` is the section of
+    :func:`~shardpool.bench.ceilings.ceilings_section` (None: not measured)."""
     shardpool = _shardpool_section(opts, traffic, measured, latency, cost_iters)
     mix = Counter(msg["type"] for _, msg in traffic.decoded)
     report: Report = {
@@ -260,6 +262,8 @@ def build_report(
     }
     if opts.baselines:
         _add_baselines(report, measured)
+    if ceilings is not None:
+        report["ceilings"] = ceilings
     same: dict[str, Any] = {"violations": 0, "digest_mismatches": 0}
     if bytype is not None:
         report["baselines"]["by_type"] = bytype
@@ -286,7 +290,7 @@ def _throughput_lines(report: Report) -> list[str]:
         (f"shardpool, {sp['handler']}", sp),
         ("shardpool, trivial handler, submit_bytes", report.get("shardpool_trivial")),
         ("shardpool, trivial handler, submit_many_bytes", report.get("shardpool_trivial_many")),
-        ("bare pyzmq+cbor2 harness (ceiling)", b.get("bare_zmq")),
+        ("per-item pyzmq+cbor2 harness (run_bare_zmq)", b.get("bare_zmq")),
         ("multiprocessing.Queue per worker (naive)", b.get("mp_queue")),
     ]
     lines = [f"{'throughput (same traffic, interleaved runs)':<50}{'median msgs/s':>14}   each run"]
@@ -313,6 +317,16 @@ def _throughput_lines(report: Report) -> list[str]:
             f"shardpool÷mp.Queue {r['lightning_over_mp_queue']}"
         )
     return lines
+
+
+def _ceilings_lines(report: Report) -> list[str]:
+    """The ceilings section and a blank line, or nothing when it was not measured."""
+    section = report.get("ceilings")
+    if not section:
+        return []
+    from .ceilings import ceiling_lines
+
+    return [*ceiling_lines(section), ""]
 
 
 def _percentiles(us: dict[str, Any]) -> str:
@@ -400,6 +414,7 @@ def format_report(report: Report) -> str:
         "",
         *_throughput_lines(report),
         "",
+        *_ceilings_lines(report),
         *_latency_lines(sp),
         "",
         *_order_lines(sp, report["baselines"].get("by_type")),

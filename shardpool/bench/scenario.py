@@ -12,7 +12,7 @@ One run answers the two questions shardpool exists for, on the same seeded Light
   shardpool runs the same prefix with the same per-message delay (an ``async`` handler) for the
   side-by-side count.
 * **How fast?** Throughput (median of repeats) of the pool with the Lightning handler and with a
-  trivial handler, next to the bare pyzmq+cbor2 ceiling harness and the naive
+  trivial handler, next to the per-item pyzmq+cbor2 harness and the naive
   ``multiprocessing.Queue``-per-worker pool from :mod:`shardpool.bench.baselines`, fed the very
   same ``(channel_id, CBOR payload)`` pairs, interleaved repeat by repeat (pool, bare, queue,
   pool, …) so the noise of a shared machine hits all of them alike; the ratios are the figures to
@@ -20,9 +20,14 @@ One run answers the two questions shardpool exists for, on the same seeded Light
   result arriving back in the front), measured open-loop at a fraction of the measured capacity
   (every message timed) and, separately, on a 1-in-N sample of the closed-loop run, where it is
   mostly queueing in the in-flight window.
+* **How far from the ceilings?** :meth:`Scenario.ceilings` (with the baselines): each row of
+  :mod:`~shardpool.bench.ceilings` — 1 worker pre-encoded and dicts against the one-pass ceiling
+  harness, 2 workers against the mp.Queue pool, the idle ``pool.call`` round trip against a bare
+  ping-pong, the ingress against in-process submits, the recovery after SIGKILL — as a ratio to
+  its baseline measured in the same run.
 
 The phases: :func:`make_traffic`, then :class:`Scenario`'s :meth:`~Scenario.throughput`,
-:meth:`~Scenario.latency` and :meth:`~Scenario.by_type`, then
+:meth:`~Scenario.ceilings`, :meth:`~Scenario.latency` and :meth:`~Scenario.by_type`, then
 :func:`~shardpool.bench.report.build_report`. Every pool and baseline start-up happens before its
 clock starts. Every process started is reaped before a function returns or raises (the pool by
 ``close``, the baselines by their own cleanup).
@@ -190,12 +195,31 @@ class Scenario:
         res = run_bare_zmq(self.traffic.encoded, self.opts.workers,
                            batch_size=self.opts.batch_size, timeout=self.opts.timeout_s)
         out.bare.append(res)
-        self.say(f"{tag}  bare pyzmq+cbor2 ceiling    {res.msgs_per_s:>12,.0f} msgs/s")
+        self.say(f"{tag}  per-item pyzmq+cbor2 harn.  {res.msgs_per_s:>12,.0f} msgs/s")
 
     def _queue(self, tag: str, out: Throughput) -> None:
         res = run_mp_queue(self.traffic.encoded, self.opts.workers, timeout=self.opts.timeout_s)
         out.queue.append(res)
         self.say(f"{tag}  multiprocessing.Queue pool  {res.msgs_per_s:>12,.0f} msgs/s")
+
+    # -- ceilings ------------------------------------------------------------------------------
+
+    def ceilings(self) -> dict[str, Any]:
+        """The ceilings section (:mod:`~shardpool.bench.ceilings`): every row on the first
+        ``ceiling_messages`` messages of the traffic (pre-encoded and as dicts), ``repeats``
+        interleaved rounds, the recovery once."""
+        from .ceilings import ceilings_section, measure_ceilings
+
+        o = self.opts
+        n = min(o.ceiling_messages, len(self.traffic.encoded))
+        self.say(f"ceilings: {n:,} messages per throughput run, {o.repeats} interleaved rounds")
+        runs = measure_ceilings(
+            self.traffic.encoded[:n], self.traffic.decoded[:n], repeats=o.repeats,
+            batch_size=o.batch_size, timeout_s=o.timeout_s, rtt_rounds=o.rtt_rounds,
+            ingress_workers=o.workers, recovery_kills=o.recovery_kills,
+            recovery_interval_s=o.recovery_interval_s, say=self.say,
+        )
+        return ceilings_section(runs)
 
     # -- latency -------------------------------------------------------------------------------
 
@@ -330,9 +354,11 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
         f"{traffic.payload_avg:.0f} B on average")
     scenario = Scenario(opts, traffic, say)
     measured = scenario.throughput()
+    ceilings = (scenario.ceilings() if opts.baselines and opts.ceiling_messages else None)
     latency = scenario.latency(measured)
     bytype = scenario.by_type() if opts.bytype_messages else None
-    report = build_report(opts, traffic, measured, latency, bytype, scenario.cost_iters)
+    report = build_report(opts, traffic, measured, latency, bytype, scenario.cost_iters,
+                          ceilings)
     report["elapsed_s"] = round(time.perf_counter() - wall0, 2)
     say(f"done in {report['elapsed_s']:.1f} s")
     return report
