@@ -148,6 +148,19 @@ class ShardPool:
         Returns how many were accepted."""
         return self._front.submit_many_bytes(items)
 
+    def submit_chunk(
+        self, pairs: list[tuple[bytes, bytes]], on_done: list[DoneCallback]
+    ) -> int:
+        """Submit ``(channel_id, payload)`` pairs in order without blocking, ``on_done[i]``
+        called once for ``pairs[i]`` (as :meth:`submit_bytes`), up to the first pair whose
+        worker's window is full; returns how many were accepted (offer the rest again once there
+        is room). The lock is taken once for the whole list: how the ingress submits a
+        producer's frame.
+
+        Raises: as :meth:`submit_bytes`, when the first pair cannot be accepted.
+        """
+        return self._front.submit_chunk(pairs, on_done)
+
     def request(self, channel_id: bytes, message: Any) -> concurrent.futures.Future[Any]:
         """Submit and return a future of the handler's result (raises HandlerError on failure)."""
         return self._front.request_bytes(channel_id, self._payload(message))

@@ -155,10 +155,12 @@ def test_a_failure_of_the_ingress_itself_is_answered_logged_and_survived(
             # A bug while submitting one item: that item is rejected, the others are accepted.
             real_submit = ing._submit
 
-            def broken_submit(cid: bytes, payload: bytes, **kw: Any) -> int:
-                if cid == b"bug":
+            def broken_submit(pairs: list[tuple[bytes, bytes]], on_done: list[Any]) -> int:
+                # As submit_chunk fails on a pair: the ones before it accepted, then it raises.
+                if pairs[0][0] == b"bug":
                     raise RuntimeError("submit bug")
-                return real_submit(cid, payload, **kw)
+                k = next((i for i, (cid, _) in enumerate(pairs) if cid == b"bug"), len(pairs))
+                return real_submit(pairs[:k], on_done[:k])
 
             monkeypatch.setattr(ing, "_submit", broken_submit)
             good = cbor2.dumps({"i": 0})

@@ -194,6 +194,51 @@ def test_async_submit_awaits_room(tmp_path: Path) -> None:
     assert sorted(got) == list(range(20)) and len(got) == 20
 
 
+def test_submit_chunk_stops_at_a_full_window_and_calls_each_on_done_once(
+    tmp_path: Path,
+) -> None:
+    """submit_chunk never blocks: it takes pairs in order up to the first whose window is full
+    and says how many; the rest go in once there is room, every on_done called once, in order."""
+    gate = tmp_path / "gate"
+    done: list[tuple[int, Any, BaseException | None]] = []
+
+    def on_done_of(i: int) -> Any:
+        return lambda value, error: done.append((i, value, error))
+
+    msgs = [cbor2.dumps({"gate": str(gate), "i": i}) for i in range(10)]
+    pairs = [(b"ch", m) for m in msgs]
+    dones = [on_done_of(i) for i in range(10)]
+    with ShardPool(handlers.gated, workers=1, max_inflight=4, batch_size=2) as pool:
+        assert pool.submit_chunk(pairs, dones) == 4  # the gate holds the first call
+        assert pool.submit_chunk(pairs[4:], dones[4:]) == 0  # still full: nothing taken
+        gate.touch()
+        sent = 4
+        while sent < len(pairs):
+            pool.drain(timeout=60)
+            sent += pool.submit_chunk(pairs[sent:], dones[sent:])
+        pool.drain(timeout=60)
+    assert done == [(i, [i, i], None) for i in range(10)]
+
+
+def test_submit_chunk_raises_for_its_first_pair_and_counts_the_ones_before_a_bad_one() -> None:
+    def ignore(value: Any, error: BaseException | None) -> None:
+        pass
+
+    with ShardPool(handlers.record, workers=1, max_message_bytes=64) as pool:
+        good = cbor2.dumps({"i": 1})
+        with pytest.raises(PayloadTooLarge):
+            pool.submit_chunk([(b"a", b"x" * 65)], [ignore])
+        with pytest.raises(ChannelIdError):
+            pool.submit_chunk([(b"", good)], [ignore])
+        pairs = [(b"a", good), (b"a", b"x" * 65), (b"a", good)]
+        assert pool.submit_chunk(pairs, [ignore] * 3) == 1
+        with pytest.raises(PayloadTooLarge):
+            pool.submit_chunk(pairs[1:], [ignore] * 2)
+        pool.drain(timeout=30)
+    with pytest.raises(PoolClosed):
+        pool.submit_chunk([(b"a", good)], [ignore])
+
+
 def test_request_result_and_handler_error_with_remote_traceback() -> None:
     failures: list[HandlerError] = []
     with ShardPool(

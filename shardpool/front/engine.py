@@ -56,6 +56,15 @@ log = logging.getLogger("shardpool.front")
 _item_head = codec.ITEM_HEAD
 _CSEQ, _PAYLOAD = codec.CSEQ_HEAD, codec.PAYLOAD_HEAD
 
+
+class _Stopped(Exception):
+    """:meth:`Front._submit_locked` stopped on ``error`` after accepting ``accepted`` messages."""
+
+    def __init__(self, accepted: int, error: Exception) -> None:
+        super().__init__(accepted, error)
+        self.accepted = accepted
+        self.error = error
+
 class Front:
     """Routing, batching, in-flight windows and result delivery over a supervised set of workers.
 
@@ -206,48 +215,96 @@ class Front:
         """
         it = iter(items)
         chunk = self.cfg.transport.batch_size
-        routes = self._routes
-        max_bytes = self._max_bytes
-        batch_parts = self.batch_parts
-        links = self.links
         accepted = 0
         while True:
             pairs = list(itertools.islice(it, chunk))
             if not pairs:
                 return accepted
             with self.lock:
-                # The loop body is submit_bytes' hot path, inlined: this is the fastest way in.
-                for channel_id, payload in pairs:
-                    size = len(payload)
-                    if size > max_bytes:
-                        raise PayloadTooLarge(
-                            f"payload is {size} bytes, over transport.max_message_bytes = "
-                            f"{max_bytes}"
-                        )
+                accepted += self._submit_locked(pairs, None, True)
+
+    def submit_chunk(
+        self, pairs: list[tuple[bytes, bytes]], on_done: list[DoneCallback]
+    ) -> int:
+        """Submit ``pairs`` in order under one lock, ``on_done[i]`` for ``pairs[i]`` (as
+        :meth:`submit_bytes` with ``block=False``), up to the first whose window is full: returns
+        how many were accepted (``len(pairs)``: all). The ingress submits a producer's frame so.
+
+        Raises: as :meth:`submit_bytes` for the first pair (for a later one, the pairs before it
+        are accepted and their count is returned; the next call raises).
+        """
+        with self.lock:
+            try:
+                return self._submit_locked(pairs, on_done, False)
+            except _Stopped as stop:
+                if stop.accepted == 0:
+                    raise stop.error from None
+                return stop.accepted
+
+    def _submit_locked(  # noqa: C901 - the hot path, one function on purpose
+        self,
+        pairs: list[tuple[bytes, bytes]],
+        on_done: list[DoneCallback] | None,
+        block: bool,
+    ) -> int:
+        """The hot path of :meth:`submit_bytes` for many messages (lock held). Returns how many
+        were accepted: all, or with ``block=False`` those before the first full window.
+
+        Raises: as :meth:`submit_bytes`; with ``on_done`` given, wrapped in :class:`_Stopped`
+        (which says how many were accepted before).
+        """
+        routes = self._routes
+        max_bytes = self._max_bytes
+        batch_parts = self.batch_parts
+        links = self.links
+        accepted = 0
+        try:
+            for channel_id, payload in pairs:
+                size = len(payload)
+                if size > max_bytes:
+                    raise PayloadTooLarge(
+                        f"payload is {size} bytes, over transport.max_message_bytes = "
+                        f"{max_bytes}"
+                    )
+                try:
+                    route = routes[channel_id]
+                except (KeyError, TypeError):
+                    route = self.channels.route(channel_id)
+                win = route.window
+                if win.inflight - win.parked >= self._limit:
                     try:
-                        route = routes[channel_id]
-                    except (KeyError, TypeError):
-                        route = self.channels.route(channel_id)
-                    win = route.window
-                    if win.inflight - win.parked >= self._limit:
-                        win = self._room_for(route, True)
+                        win = self._room_for(route, block)
+                    except BlockingIOError:
+                        return accepted
+                done = None if on_done is None else on_done[accepted]
+                if route.held is not None:
+                    try:
+                        self._hold(route, payload, done, block)
+                    except BlockingIOError:
+                        return accepted
                     accepted += 1
-                    if route.held is not None:
-                        self._hold(route, payload, None, True)
-                        continue
-                    cseq = route.next_seq
-                    route.next_seq = cseq + 1
-                    win.inflight += 1
-                    parts = win.parts
-                    if parts:
-                        parts += (route.prefix, _item_head(_CSEQ, cseq, _PAYLOAD, size), payload)
-                        if len(parts) >= batch_parts:
-                            links[win.index].flush()
-                    else:
-                        parts += (
-                            b"", route.prefix, _item_head(_CSEQ, cseq, _PAYLOAD, size), payload
-                        )
-                        self.batch_started(win)
+                    continue
+                accepted += 1
+                cseq = route.next_seq
+                route.next_seq = cseq + 1
+                win.inflight += 1
+                parts = win.parts
+                if done is not None:
+                    win.waiters[
+                        win.next_wseq + (len(parts) - 1) // 3 if parts else win.next_wseq
+                    ] = done
+                if parts:
+                    parts += (route.prefix, _item_head(_CSEQ, cseq, _PAYLOAD, size), payload)
+                    if len(parts) >= batch_parts:
+                        links[win.index].flush()
+                else:
+                    parts += (b"", route.prefix, _item_head(_CSEQ, cseq, _PAYLOAD, size), payload)
+                    self.batch_started(win)
+        except Exception as exc:
+            if on_done is None:
+                raise
+            raise _Stopped(accepted, exc) from exc
+        return accepted
 
     def request_bytes(self, channel_id: bytes, payload: bytes) -> concurrent.futures.Future[Any]:
         """Like :meth:`submit_bytes`, but returns a future of the handler's result.

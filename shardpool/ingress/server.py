@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import zmq
@@ -56,17 +55,17 @@ _COUNTERS = (
 
 
 class _Submitter(Protocol):
-    # submit_bytes(channel_id, payload, *, block, on_done) -> per-channel seq (ShardPool's, which
-    # is typed without the keywords its bound front method takes).
-    @property
-    def submit_bytes(self) -> Callable[..., int]: ...
+    # ShardPool.submit_chunk(pairs, on_done) -> how many were accepted.
+    def submit_chunk(
+        self, pairs: list[tuple[bytes, bytes]], on_done: list[Any]
+    ) -> int: ...
 
 
 class Ingress:
     """The ingress socket and its thread.
 
     Args:
-        pool: anything with ``submit_bytes(cid, payload, *, block, on_done) -> seq`` (a
+        pool: anything with :meth:`~shardpool.ShardPool.submit_chunk` (a
             :class:`~shardpool.ShardPool`) that calls ``on_done`` of one channel's messages in
             the order it accepted them, and ``on_done.halted(error)`` when a message's channel
             halts on it.
@@ -78,7 +77,7 @@ class Ingress:
         self, pool: _Submitter, settings: IngressSettings, info: dict[str, Any] | None = None
     ) -> None:
         self.settings = settings
-        self._submit = pool.submit_bytes
+        self._submit = pool.submit_chunk
         self._info = {
             "version": P.VERSION,
             "max_message_bytes": settings.max_message_bytes,
@@ -379,6 +378,8 @@ class Ingress:
         return True
 
     def _submit_items(self, ident: bytes, st: Producer, items: list[Any]) -> None:
+        """Check every item of a producer's frame (a rejection is answered at once), then submit
+        the accepted ones in order, one lock for as many as the windows take."""
         box = self._outbox
         max_bytes = self.settings.max_message_bytes
         limit = box.max_pending
@@ -386,69 +387,90 @@ class Ingress:
         room = limit - st.pending
         outcomes = self._outcomes
         self.counters["messages"] += len(items)
+        pairs: list[tuple[bytes, bytes]] = []
+        records: list[Record] = []
+        indexes: list[int] = []
+        for index, item in enumerate(items):
+            try:
+                bad = read_item(item, index, max_bytes)
+                if bad is not None:
+                    box.reject(ident, bad.corr, bad.code, bad.message, index)
+                    continue
+                if len(pairs) >= room:
+                    box.reject(
+                        ident,
+                        item[0],
+                        P.E_TOO_MANY_PENDING,
+                        f"item {index}: this producer holds {limit} or more unanswered "
+                        f"messages and unread replies, at most {limit} "
+                        "(ingress.max_pending_per_producer); read replies before sending more",
+                        index,
+                    )
+                    continue
+                pairs.append((item[1], item[2]))
+                records.append(Record(outcomes, ident, item[0]))
+                indexes.append(index)
+            except Exception:  # noqa: BLE001 - one item must not stop the ingress or its frame
+                self._item_failed(ident, item, index)
         accepted = 0
         try:
-            for index, item in enumerate(items):
-                try:
-                    bad = read_item(item, index, max_bytes)
-                    if bad is not None:
-                        box.reject(ident, bad.corr, bad.code, bad.message, index)
-                        continue
-                    if accepted >= room:
-                        box.reject(
-                            ident,
-                            item[0],
-                            P.E_TOO_MANY_PENDING,
-                            f"item {index}: this producer holds {limit} or more unanswered "
-                            f"messages and unread replies, at most {limit} "
-                            "(ingress.max_pending_per_producer); read replies before sending more",
-                            index,
-                        )
-                        continue
-                    if not self._submit_one(Record(outcomes, ident, item[0]), item, index):
-                        continue
-                except Exception:  # noqa: BLE001 - one item must not stop the ingress or its frame
-                    self._item_failed(ident, item, index)
-                    continue
-                accepted += 1
+            accepted = self._submit_checked(ident, pairs, records, indexes)
         finally:
             # Counted once per frame (cheaper than per item); kept if an item raised.
             st.open += accepted
             self.counters["accepted"] += accepted
 
-    def _submit_one(self, rec: Record, item: list[Any], index: int) -> bool:
-        """Submit one checked item without blocking the socket's owner; True if accepted, False
-        if it was answered with a rejection instead."""
-        submit = self._submit
-        while True:
-            reason = self._intake_reason
-            if reason is not None:
-                text = (
-                    "the backend is shutting down"
-                    if reason == P.E_SHUTTING_DOWN
-                    else "the backend is draining and accepts no new messages"
-                )
-                self._outbox.reject(rec.ident, rec.corr, reason, text, index)
-                return False
-            try:
-                submit(item[1], item[2], block=False, on_done=rec)
-                return True
-            except BlockingIOError:
-                # The worker's window is full: stop reading (the socket's queue then fills and
+    def _submit_checked(
+        self,
+        ident: bytes,
+        pairs: list[tuple[bytes, bytes]],
+        records: list[Record],
+        indexes: list[int],
+    ) -> int:
+        """Submit checked items in order without blocking the socket's owner; the ones that
+        cannot be accepted are answered with a rejection. Returns how many were accepted."""
+        accepted = done = 0
+        while done < len(pairs):
+            rejection = self._refusal()
+            if rejection is None:
+                try:
+                    n = self._submit(pairs[done:], records[done:])
+                except PoolBroken as exc:
+                    rejection = (P.E_POOL_BROKEN, f"the pool is broken: {P.exc_text(exc)}")
+                except PoolClosed:
+                    rejection = (P.E_SHUTTING_DOWN, "the backend is shutting down")
+                except InputError as exc:  # checked by read_item already; kept as a safety net
+                    text = f"item {indexes[done]}: {P.exc_text(exc)}"
+                    self._outbox.reject(
+                        ident, records[done].corr, P.E_BAD_ITEM, text, indexes[done]
+                    )
+                    done += 1
+                    continue
+                except Exception:  # noqa: BLE001 - one item must not stop the ingress
+                    self._item_failed(ident, [records[done].corr], indexes[done])
+                    done += 1
+                    continue
+            if rejection is not None:
+                code, text = rejection
+                for rec, index in zip(records[done:], indexes[done:], strict=True):
+                    self._outbox.reject(ident, rec.corr, code, text, index)
+                return accepted
+            accepted += n
+            done += n
+            if done < len(pairs):
+                # A worker's window is full: stop reading (the socket's queue then fills and
                 # ZeroMQ pushes back on producers) and keep replies flowing until there is room.
                 self.counters["backpressure_waits"] += 1
                 self._safe_pump()
                 self._outcomes.pipe.wait(_ROOM_WAIT_S)
                 self._safe_pump()
-            except PoolBroken as exc:
-                text = f"the pool is broken: {P.exc_text(exc)}"
-                self._outbox.reject(rec.ident, rec.corr, P.E_POOL_BROKEN, text, index)
-                return False
-            except PoolClosed:
-                text = "the backend is shutting down"
-                self._outbox.reject(rec.ident, rec.corr, P.E_SHUTTING_DOWN, text, index)
-                return False
-            except InputError as exc:  # checked by read_item already; kept as a safety net
-                text = f"item {index}: {P.exc_text(exc)}"
-                self._outbox.reject(rec.ident, rec.corr, P.E_BAD_ITEM, text, index)
-                return False
+        return accepted
+
+    def _refusal(self) -> tuple[str, str] | None:
+        """Why new items are refused now (draining or shutting down), or None."""
+        reason = self._intake_reason
+        if reason is None:
+            return None
+        if reason == P.E_SHUTTING_DOWN:
+            return reason, "the backend is shutting down"
+        return reason, "the backend is draining and accepts no new messages"
