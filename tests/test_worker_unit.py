@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
+import zmq
 
 from shardpool import codec
 from shardpool.codec import ToFront, ToWorker
@@ -23,11 +24,19 @@ class FakePush:
 
 
 class FakePull:
+    """The serve loop's socket with frames waiting (the test ends them with a STOP frame)."""
+
     def __init__(self, frames: list[bytes]) -> None:
         self.frames = list(frames)
 
-    async def recv(self) -> bytes:
+    def recv(self, flags: int = 0) -> bytes:
+        if not self.frames:
+            raise zmq.Again()
         return self.frames.pop(0)
+
+    def getsockopt(self, option: int) -> int:
+        assert option == zmq.EVENTS, "the serve loop only waits once nothing is left"
+        return zmq.POLLIN if self.frames else 0
 
 
 class W:

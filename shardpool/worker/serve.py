@@ -24,7 +24,6 @@ from types import FrameType
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from .. import codec
 from ..codec import ToFront, ToWorker
@@ -72,9 +71,10 @@ class Worker:
     async def run(self) -> int:
         """Start, serve until asked to stop, finish what is running, say BYE. Returns the exit
         code."""
-        ctx = zmq.asyncio.Context()
-        # Sends never need to wait (HWM 0 below), so a plain socket avoids a future per frame.
-        push: zmq.Socket[bytes] = zmq.Socket(ctx, zmq.PUSH)
+        # Plain sockets: sends never need to wait (HWM 0 below), and the serve loop waits for
+        # the PULL socket's FD in the event loop itself (no future per frame).
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        push: zmq.Socket[bytes] = ctx.socket(zmq.PUSH)
         # No high-water mark: the front's in-flight window already bounds what can be queued, and
         # a blocking send here could deadlock against a front that is blocked on us.
         push.sndhwm = 0
@@ -154,31 +154,33 @@ class Worker:
         if isinstance(recv, asyncio.Future) and not recv.done():
             recv.cancel()
 
-    async def serve(self, pull: Any) -> None:
+    async def serve(self, pull: zmq.Socket[bytes]) -> None:
         """Receive and dispatch frames until a stop is requested (SIGTERM or a STOP frame)."""
         loads = codec.loads
         stop = self.stop
         dispatch = self.dispatch
         assert dispatch is not None
-        clock = asyncio.get_running_loop().time
+        loop = asyncio.get_running_loop()
+        clock = loop.time
+        recv = pull.recv
         yield_due = clock() + YIELD_S
         while not stop:
-            self._recv = pull.recv()
             try:
-                recv = self._recv
-                if isinstance(recv, asyncio.Future) and recv.done() and clock() >= yield_due:
-                    # pyzmq completes a receive at once when a frame is waiting, and awaiting a
-                    # done future does not yield: under sustained load the loop would never run
-                    # the heartbeat, the LOAD report or the sweep. Let it turn now and then.
-                    await asyncio.sleep(0)
-                    yield_due = clock() + YIELD_S
-                frame = await self._recv
-            except asyncio.CancelledError:
-                if stop:
-                    return  # on_stop_request cancelled the receive
-                raise
-            finally:
-                self._recv = None
+                frame = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                # Nothing waiting: sleep in the event loop until the socket is readable. Its FD
+                # signals edges of EVENTS, so EVENTS is read before waiting (that re-arms it).
+                if int(pull.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                    continue
+                if await self._readable(loop, pull):
+                    return  # on_stop_request woke us
+                yield_due = clock() + YIELD_S
+                continue
+            if clock() >= yield_due:
+                # Under sustained load a frame is always waiting and the loop never waits: give
+                # the heartbeat, the LOAD report and the sweep a turn now and then.
+                await asyncio.sleep(0)
+                yield_due = clock() + YIELD_S
             try:
                 msg = loads(frame)
                 kind = msg[0]
@@ -196,6 +198,23 @@ class Worker:
                     dispatch.on_batch(msg)
             else:
                 self._cold_frame(dispatch, kind, msg)
+
+    async def _readable(self, loop: asyncio.AbstractEventLoop, pull: zmq.Socket[bytes]) -> bool:
+        """Wait until ``pull``'s FD signals (a bare reader callback: cheaper per wake than a
+        ``zmq.asyncio`` receive); True if a stop request cancelled the wait."""
+        fd = int(pull.getsockopt(zmq.FD))
+        waiter = self._recv = loop.create_future()
+        loop.add_reader(fd, _wake, waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if self.stop:
+                return True
+            raise
+        finally:
+            loop.remove_reader(fd)
+            self._recv = None
+        return False
 
     def _cold_frame(self, dispatch: Dispatcher, kind: int, msg: list[Any]) -> None:
         """Every frame but BATCH."""
@@ -281,3 +300,8 @@ class Worker:
             "loop_lag_s": self.loop_lag_s,
             "hot_channels": [[c.id, c._expect - c._first] for c in hot],
         }
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
