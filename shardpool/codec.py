@@ -228,6 +228,22 @@ def batch_header(epoch: int, first_wseq: int, redelivered: bool, count: int) -> 
     )
 
 
+def _item_len(initial: int) -> int:
+    """Bytes of a CBOR head (an unsigned int, or a container's length) from its initial byte."""
+    ai = initial & 0x1F
+    return 1 if ai < 24 else 1 + (1 << (ai - 24))
+
+
+def rehead_batch(frame: bytes, n: int, epoch: int, first_wseq: int, redelivered: bool) -> bytes:
+    """The BATCH ``frame`` of ``n`` items renumbered for another incarnation: a new head, the
+    items' bytes as they are (a replay resends whole batches without decoding them)."""
+    pos = _item_len(frame[0])  # the array head
+    for _ in range(3):  # kind, epoch, first wseq
+        pos += _item_len(frame[pos])
+    pos += 1  # redelivered (a simple value)
+    return batch_header(epoch, first_wseq, redelivered, n) + frame[pos:]
+
+
 def encode_batch(
     epoch: int,
     first_wseq: int,

@@ -115,12 +115,49 @@ def test_replay_renumbers_doubtful_first_marked_then_fresh_with_their_waiters() 
     frames = [frame_items(b) for b in replay.batches]
     assert frames == [
         ([codec.ToWorker.BATCH, 2, 5, True], [(b"a", 0), (b"a", 1)]),
-        ([codec.ToWorker.BATCH, 2, 7, False], [(b"c", 0), (b"a", 2)]),
+        # Batches nothing of which finished go out whole, as they were, under a new head.
+        ([codec.ToWorker.BATCH, 2, 7, False], [(b"c", 0)]),
+        ([codec.ToWorker.BATCH, 2, 8, False], [(b"a", 2)]),
     ]
     assert win.next_wseq == 9 and win.inflight == 4 and win.parts == []
     assert sorted(win.waiters) == [5, 6]  # a0 and a1 kept their on_done under the new numbers
     assert all(b.sent for b in replay.batches)
-    assert [b.doubt for b in replay.batches] == [True, False]
+    assert [b.doubt for b in replay.batches] == [True, False, False]
+
+
+def test_an_untouched_batch_is_replayed_whole_with_its_payloads_and_waiters() -> None:
+    win = Window(0)
+    done: list[Any] = []
+    fill(win, [(b"x", 0)])
+    win.seal(1).sent = True  # wseq 0, finished below
+    fill(win, [(b"a", 0), (b"b", 0), (b"a", 1)], waiter=done.append)
+    original = win.seal(1)  # wseq 1-3, taken in by the worker that dies
+    original.sent = True
+    fill(win, [(b"c", 0)])
+    win.seal(1).sent = True  # wseq 4, never read
+    win.finish_range(0, 1, [])
+    win.worker_died(taken=3, said_bye=False, reported=False)
+    replay = win.take_for_replay(epoch=9, batch_size=256)
+    assert replay.redelivered == 3
+    first, second = replay.batches
+    head, items = codec.loads(first.frame)[:4], codec.loads(first.frame)[4:]
+    assert head == [codec.ToWorker.BATCH, 9, 5, True] and first.doubt
+    # The very items (payloads included) of the original frame, renumbered after the last wseq.
+    assert items == codec.loads(original.frame)[4:]
+    sent = [cbor2.dumps([c, s]) for c, s in (("a", 0), ("b", 0), ("a", 1))]
+    assert [p for _, _, p in items] == sent
+    assert (first.first, first.n) == (5, 3) and (second.first, second.n) == (8, 1)
+    assert codec.loads(second.frame)[:4] == [codec.ToWorker.BATCH, 9, 8, False]
+    assert sorted(win.waiters) == [5, 6, 7] and win.inflight == 4
+    # A replay of the replay (the next incarnation dies before reading anything): the batch
+    # still in doubt from the first death stays marked, the never-read one stays fresh.
+    win.worker_died(taken=4, said_bye=False, reported=False)
+    again = win.take_for_replay(epoch=10, batch_size=256)
+    assert [frame_items(b) for b in again.batches] == [
+        ([codec.ToWorker.BATCH, 10, 9, True], [(b"a", 0), (b"b", 0), (b"a", 1)]),
+        ([codec.ToWorker.BATCH, 10, 12, False], [(b"c", 0)]),
+    ]
+    assert sorted(win.waiters) == [9, 10, 11]
 
 
 def test_an_operator_skip_while_the_worker_is_down_leaves_the_replay() -> None:

@@ -434,10 +434,12 @@ class FrontIO:
         link.connect(f.ctx, f"ipc://{f.rundir}/w{link.index}.{link.epoch}")
         win = link.window
         if win.batches or win.parts:
-            f.counters["replayed"] += link.replay(
-                f.channels.halted_on(win), f.cfg.transport.batch_size
-            )
-            win.count_parked(f.channels.is_halted)
+            halted = f.channels.halted_on(win)
+            f.counters["replayed"] += link.replay(halted, f.cfg.transport.batch_size)
+            if halted:
+                win.count_parked(f.channels.is_halted)  # a scan of the whole window
+            else:
+                win.parked = 0
         if link.died_at:
             link.recovery_s.append(time.monotonic() - link.died_at)
             link.died_at = 0.0

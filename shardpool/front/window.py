@@ -373,36 +373,64 @@ class Window:
             self.seal(epoch)  # never sent: it goes out as fresh, not redelivered
         waiters = self.waiters
         self.waiters = {}
-        doubtful: list[_Resend] = []
-        fresh: list[_Resend] = []
-        for batch, w, item in self.entries():
-            assert batch is not None  # nothing is pending after the seal
-            entry = (item, waiters.get(w), batch.install, batch.at)
-            (doubtful if batch.doubt else fresh).append(entry)
+        old = list(self.batches.values())
         self.batches.clear()
         self.starts.clear()
         replay = Replay()
-        replay.redelivered = sum(1 for _, _, install, _ in doubtful if install is None)
-        for flag, entries in ((True, doubtful), (False, fresh)):
+        for flag in (True, False):
+            # A whole batch (nothing of it finished, not an INSTALL) goes out as it is under a
+            # new head: no decoding. The others are taken apart and sent again in chunks.
             chunk: list[_Resend] = []
-            for entry in entries:
-                install = entry[2]
-                if install is None:
-                    chunk.append(entry)
-                    if len(chunk) == batch_size:
-                        replay.batches.append(self._resend(epoch, flag, chunk))
-                        chunk = []
-                    continue
-                if chunk:  # an INSTALL keeps its place: before the moved channels' messages
-                    replay.batches.append(self._resend(epoch, flag, chunk))
-                    chunk = []
-                batch = self.add_install(epoch, *install)
-                batch.sent, batch.doubt, batch.at = True, flag, entry[3]
-                self.inflight -= 1  # add_install counted it again
-                replay.batches.append(batch)
-            if chunk:
-                replay.batches.append(self._resend(epoch, flag, chunk))
+            for batch in (b for b in old if b.doubt == flag):
+                if batch.done is None and batch.install is None:
+                    self._flush_resend(epoch, flag, chunk, replay)
+                    replay.batches.append(self._rehead(epoch, flag, batch, waiters))
+                    replay.redelivered += batch.n if flag else 0
+                elif batch.install is not None:
+                    # An INSTALL keeps its place: before the moved channels' messages.
+                    self._flush_resend(epoch, flag, chunk, replay)
+                    moved = self.add_install(epoch, *batch.install)
+                    moved.sent, moved.doubt, moved.at = True, flag, batch.at
+                    self.inflight -= 1  # add_install counted it again
+                    replay.batches.append(moved)
+                else:
+                    for i, item in enumerate(batch.items()):
+                        w = batch.first + i
+                        if batch.done is not None and w in batch.done:
+                            continue
+                        chunk.append((item, waiters.get(w), None, batch.at))
+                        replay.redelivered += flag
+                        if len(chunk) == batch_size:
+                            self._flush_resend(epoch, flag, chunk, replay)
+            self._flush_resend(epoch, flag, chunk, replay)
         return replay
+
+    def _flush_resend(
+        self, epoch: int, redelivered: bool, chunk: list[_Resend], replay: Replay
+    ) -> None:
+        """Send ``chunk`` again as one batch (if it holds anything) and empty it."""
+        if chunk:
+            replay.batches.append(self._resend(epoch, redelivered, chunk))
+            chunk.clear()
+
+    def _rehead(
+        self, epoch: int, redelivered: bool, batch: Batch, waiters: dict[int, DoneCallback]
+    ) -> Batch:
+        """Put an untouched ``batch`` back in the window renumbered for ``epoch``, its frame's
+        items as they were; its waiters follow their messages."""
+        first = self.next_wseq
+        self.next_wseq = first + batch.n
+        frame = codec.rehead_batch(batch.frame, batch.n, epoch, first, redelivered)
+        again = Batch(first, batch.n, frame, True, redelivered, at=batch.at)
+        self.batches[first] = again
+        self.starts.append(first)
+        if waiters:
+            shift = first - batch.first
+            for w in range(batch.first, batch.first + batch.n):
+                waiter = waiters.get(w)
+                if waiter is not None:
+                    self.waiters[w + shift] = waiter
+        return again
 
     def _resend(self, epoch: int, redelivered: bool, chunk: list[_Resend]) -> Batch:
         """Put ``chunk`` back in the window as one batch numbered for ``epoch``."""
