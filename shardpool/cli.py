@@ -23,7 +23,6 @@ from shardpool.config import (
     load_config,
     load_config_with_origins,
 )
-from shardpool.demo.load import DEMO_DEFAULT_RATE
 from shardpool.errors import ConfigError
 from shardpool.exitcodes import (
     EXIT_CONFIG,
@@ -267,6 +266,10 @@ def _add_run(sub: _Subparsers) -> None:
     )
     _add_config_arg(p)
     _add_override_args(p)
+    # Imported here, not with this module: a worker started from `shardpool run` imports its
+    # parent's main module again, and the demo package is not the worker's to pay for.
+    from shardpool.demo.load import DEMO_DEFAULT_RATE
+
     p.add_argument(
         "--demo-load",
         nargs="?",
