@@ -6,7 +6,8 @@ closed-loop throughput without kills and with a kill every ``--interval`` second
 median of ``--repeats``. The measuring code is :mod:`shardpool.bench.recovery_run` (which
 ``shardpool bench`` uses for its ceilings row too); this script prints its report.
 
-Usage: ``python3 scripts/recovery.py [--kills 8] [--interval 1.0] [--workers 2] [--json]``
+Usage: ``python3 scripts/recovery.py [--kills 8] [--interval 1.0] [--workers 2]
+[--load-rate 50000] [--json]``
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ if (_CHECKOUT / "shardpool" / "__init__.py").is_file():
     # Measure this checkout, whatever copy of shardpool is installed.
     sys.path.insert(0, str(_CHECKOUT))
 
+from shardpool.bench.ceilings import RECOVERY_LOAD_RATE  # noqa: E402
 from shardpool.bench.recovery_run import recovery_report  # noqa: E402
 
 
@@ -30,10 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=1.0, help="seconds between kills")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--load-rate", type=float, default=RECOVERY_LOAD_RATE,
+                    help="msgs/s of the background load during the kills; 0: as fast as the "
+                    "pool takes them (then the drain before each kill can take long, since "
+                    "the load never stops)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     report = recovery_report(workers=args.workers, kills=args.kills, interval=args.interval,
-                             repeats=args.repeats)
+                             repeats=args.repeats, load_rate=args.load_rate or None)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
