@@ -29,7 +29,7 @@ Frame layouts (one CBOR array per ZeroMQ frame, *flat*, two items per message):
 * per-item: ``cbor2.dumps`` of the flat list ``[cid0, payload0, ...]``, each payload a CBOR byte
   string holding the pre-encoded message. Measured on the 2-core development machine (200k
   messages, ~190 B payloads, 2 workers, front side only: route + batch + encode, best of 9, two
-  sessions on a shared machine): ``cbor2.dumps`` of the flat list 2.3-3.4 M msgs/s; hand-built
+  runs on a shared machine): ``cbor2.dumps`` of the flat list 2.3-3.4 M msgs/s; hand-built
   array header + concatenated items 2.1-2.8 M msgs/s for the nested ``[[cid, payload], ...]`` form
   and 2.2-2.6 M msgs/s for the flat one; ``cbor2.dumps`` of the nested form 1.5-1.9 M msgs/s.
 
