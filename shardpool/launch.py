@@ -23,7 +23,10 @@ What a fork-server child gets from the front, and how:
 The fork server is used once a probe child, run through it on stdlib code only, has confirmed that
 it preloaded the same shardpool as the front's (a fork server started earlier by other code, or one
 that found another copy of shardpool on its path, would run other code); otherwise, and where the
-method does not exist, workers are spawned. The caller blocks :data:`MASK` around :func:`context`
+method does not exist, workers are spawned. A fork server that stops answering (stopped, hung)
+would hold the front's I/O thread in the start of a worker: after :data:`START_TIMEOUT_S` it is
+killed (its workers go with it and are restarted like any dead worker) and workers are spawned
+from then on; one that died is started again. The caller blocks :data:`MASK` around :func:`context`
 and the start, so the fork server (and every worker) starts with those signals blocked: a signal
 to the process group (Ctrl-C, a closed terminal) must not take the fork server, and with it every
 worker, down; a worker unblocks what it handles itself.
@@ -42,7 +45,18 @@ import multiprocess
 
 log = logging.getLogger("shardpool.supervisor")
 
-__all__ = ["MASK", "PRELOAD", "context", "environment", "forked_child", "reset"]
+__all__ = [
+    "MASK",
+    "PRELOAD",
+    "ForkServerError",
+    "ForkServerGone",
+    "ForkServerUnresponsive",
+    "context",
+    "environment",
+    "forked_child",
+    "reset",
+    "start",
+]
 
 PRELOAD = ["shardpool.worker.serve"]
 """Modules the fork server imports once for every worker (shardpool's worker side, pyzmq, cbor2,
@@ -50,6 +64,9 @@ asyncio)."""
 
 MASK = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1}
 """Signals blocked while a worker (or the fork server) starts."""
+
+START_TIMEOUT_S = 10.0
+"""How long the fork server may take to start one worker (seconds) before it is given up."""
 
 PROBE_TIMEOUT_S = 30.0
 """How long the probe child may take (seconds) before the fork server is given up for spawn."""
@@ -61,7 +78,7 @@ _PROBE = (
     "sys.exit(0 if f and os.path.realpath(f) == {want!r} else 3)\n"
 )
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entered: the probe starts its child as start() does
 _verified: int | None = None  # pid of the fork server the probe accepted
 _refused = False  # the fork server cannot be used in this process: spawn
 
@@ -84,6 +101,79 @@ def context() -> tuple[Any, int, bool]:
                 return multiprocess.get_context("forkserver"), pid, True
             _refused = True
         return multiprocess.get_context("spawn"), os.getpid(), False
+
+
+def start(process: Any, server: int) -> None:
+    """Start ``process`` (of the fork-server context) through fork server ``server``, waiting at
+    most :data:`START_TIMEOUT_S`. A fork server that does not answer in time (stopped, or hung)
+    would hold the caller, the front's I/O thread, forever: it is killed (its workers go with it
+    and are restarted as any dead worker is) and workers are spawned from then on.
+
+    Raises:
+        ForkServerUnresponsive: it did not answer (start the worker again: it is spawned).
+        ForkServerGone: it died meanwhile (start the worker again: a new one is started).
+        Whatever else :meth:`multiprocess.Process.start` raises.
+    """
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            process.start()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            failed.append(exc)
+
+    # The thread inherits the caller's blocked signals (and so does a fork server it starts).
+    starter = threading.Thread(target=run, name="shardpool-start", daemon=True)
+    starter.start()
+    starter.join(START_TIMEOUT_S)
+    if starter.is_alive():
+        _give_up(server)
+        starter.join(5.0)  # its read of the fork server's answer ends with the fork server
+        raise ForkServerUnresponsive(
+            f"the fork server (pid {server}) did not start a worker within {START_TIMEOUT_S:g} s"
+        )
+    if failed:
+        if isinstance(failed[0], (OSError, EOFError)):
+            # The fork server went away while it was asked (killed by someone): the next
+            # context() starts a new one.
+            raise ForkServerGone(f"the fork server (pid {server}) went away: {failed[0]}")
+        raise failed[0]
+
+
+class ForkServerError(RuntimeError):
+    """Starting a worker through the fork server failed for the fork server's sake (start the
+    worker again: the next :func:`context` starts a new fork server, or says to spawn)."""
+
+
+class ForkServerUnresponsive(ForkServerError):
+    """The fork server did not start a worker in time; it was killed, and workers are spawned."""
+
+
+class ForkServerGone(ForkServerError):
+    """The fork server died while it was starting a worker."""
+
+
+def _give_up(server: int) -> None:
+    """Kill an unresponsive fork server, reap it, forget it, and spawn from now on."""
+    global _refused
+    from multiprocess import forkserver
+
+    log.error("the fork server (pid %d) did not start a worker within %g s: killed (its workers "
+              "are restarted); workers are spawned from now on", server, START_TIMEOUT_S)
+    with _lock:
+        _refused = True
+        with contextlib.suppress(OSError):
+            os.kill(server, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.waitpid(server, 0)
+        state: Any = getattr(forkserver, "_forkserver", None)
+        if state is not None and getattr(state, "_forkserver_pid", None) == server:
+            # As multiprocess itself forgets a fork server that died.
+            with contextlib.suppress(OSError, TypeError):
+                os.close(state._forkserver_alive_fd)
+            state._forkserver_alive_fd = None
+            state._forkserver_address = None
+            state._forkserver_pid = None
 
 
 def environment() -> dict[str, str]:
@@ -131,22 +221,26 @@ def _ensure_server() -> int | None:
     server.ensure_running()
     pid: int | None = server._forkserver_pid
     if pid is not None and pid != _verified:
-        if not _probe():
+        if not _probe(pid):
             log.warning("the fork server preloads another copy of shardpool: workers are spawned")
             return None
         _verified = pid
     return pid
 
 
-def _probe() -> bool:
-    """Fork one child that checks which shardpool the fork server preloaded."""
+def _probe(server: int) -> bool:
+    """Fork one child that checks which shardpool fork server ``server`` preloaded.
+
+    Raises:
+        ForkServerError: as :func:`start`.
+    """
     import shardpool
 
     want = os.path.realpath(shardpool.__file__)
     ctx = multiprocess.get_context("forkserver")
     child = ctx.Process(target=exec, args=(_PROBE.format(want=want),),
                         name="shardpool-forkserver-probe", daemon=True)
-    child.start()
+    start(child, server)
     child.join(PROBE_TIMEOUT_S)
     if child.exitcode is None:
         child.kill()

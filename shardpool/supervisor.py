@@ -132,21 +132,29 @@ class WorkerProcess:
         """
         old = signal.pthread_sigmask(signal.SIG_BLOCK, launch.MASK)
         try:
-            ctx, parent, forked = launch.context()
-            spec = dataclasses.replace(self.spec, parent_pid=parent)
-            self.process = ctx.Process(
-                target=worker_main,
-                args=(spec, launch.environment() if forked else None),
-                name=f"shardpool-worker-{spec.index}",
-                daemon=True,  # a safety net: the interpreter's exit reaps stragglers too
-            )
-            self.process.start()
-            if forked:
-                self.server = parent
-                with contextlib.suppress(AttributeError, OSError):  # no pidfds: the pipe it is
-                    self._pidfd = os.pidfd_open(self.process.pid)
+            try:
+                self._start()
+            except launch.ForkServerError:
+                self._start()  # through a new fork server, or spawned
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _start(self) -> None:
+        ctx, parent, forked = launch.context()
+        spec = dataclasses.replace(self.spec, parent_pid=parent)
+        self.process = ctx.Process(
+            target=worker_main,
+            args=(spec, launch.environment() if forked else None),
+            name=f"shardpool-worker-{spec.index}",
+            daemon=True,  # a safety net: the interpreter's exit reaps stragglers too
+        )
+        if not forked:
+            self.process.start()
+            return
+        launch.start(self.process, parent)
+        self.server = parent
+        with contextlib.suppress(AttributeError, OSError):  # no pidfds: the pipe it is
+            self._pidfd = os.pidfd_open(self.process.pid)
 
     @property
     def pid(self) -> int | None:

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import zmq
 
-from shardpool import HandlerError, PoolBroken, ShardPool, WorkerStartError
+from shardpool import HandlerError, PoolBroken, ShardPool, WorkerStartError, launch
 
 pytestmark = pytest.mark.multiprocess
 
@@ -183,6 +183,39 @@ def test_fork_server_killed_under_load_takes_every_worker_and_the_pool_replaces_
     assert not psutil.pid_exists(servers[0]) or (
         psutil.Process(servers[0]).status() == psutil.STATUS_ZOMBIE
     )
+
+
+def test_a_stopped_fork_server_is_given_up_and_workers_are_spawned_instead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fork server that stops answering (here SIGSTOP) must not hold the front: the start of a
+    successor gives up on it after launch.START_TIMEOUT_S, kills it (its workers go with it) and
+    spawns every successor; nothing is lost or reordered."""
+    monkeypatch.setattr(launch, "START_TIMEOUT_S", 1.0)
+
+    def stop_fork_server_then_kill_a_worker(pool: ShardPool) -> None:
+        pid = pool.worker_pids()[0]
+        assert pid is not None
+        server = psutil.Process(pid).parent()
+        assert "multiprocess.forkserver" in " ".join(server.cmdline())
+        server.suspend()
+        os.kill(pid, signal.SIGKILL)
+
+    parents: list[int] = []
+
+    def parents_of_workers(pool: ShardPool) -> None:
+        parents.extend(psutil.Process(pid).ppid() for pid in pool.worker_pids() if pid)
+
+    try:
+        out = run_load(
+            tmp_path, Load(midway=stop_fork_server_then_kill_a_worker), after=parents_of_workers
+        )
+        assert parents == [os.getpid(), os.getpid()]  # every successor spawned by the front
+        duplicates, redelivered = verify(out)
+        assert duplicates <= redelivered and out.failures == []
+        assert all(w["state"] == "ready" and w["restarts"] >= 1 for w in out.stats["workers"])
+    finally:
+        launch.reset()  # the next tests may use a fork server again
 
 
 def test_exception_skip_policy_reports_and_continues(tmp_path: Path) -> None:

@@ -62,7 +62,7 @@ def test_a_worker_gets_the_environment_the_front_has_when_it_starts(
 def test_a_fork_server_with_other_code_preloaded_is_not_used(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(launch, "_probe", lambda: False)  # as if it preloaded another shardpool
+    monkeypatch.setattr(launch, "_probe", lambda server: False)  # preloads another shardpool
     with ShardPool("handlers:env_var", workers=1) as pool:
         _, parent = pool.request(CHANNEL, {"name": "HOME"}).result(timeout=60)
     assert parent == os.getpid()  # spawned by this process
