@@ -3,7 +3,7 @@
 A spawned worker is a fresh interpreter that imports shardpool, pyzmq and cbor2 before it can say
 READY: about 0.2 s on the 2-core development machine, which was nearly all of the time a SIGKILLed
 worker's channels waited for its successor. A *fork server* (``multiprocess``'s ``forkserver``
-start method) is one extra process, started once per front process, that imports those modules
+start method) is one extra process, shared by the pools of a process, that imports those modules
 (:data:`PRELOAD`) and forks every worker from that state: a successor is READY in about 15 ms.
 Like spawn, and unlike fork, a worker inherits none of the front's threads, locks or sockets.
 
@@ -20,16 +20,18 @@ What a fork-server child gets from the front, and how:
 * the handler's module is never preloaded: every worker imports it itself, so a rolling restart
   picks up new handler code (shardpool's own modules are those the fork server imported).
 
-The fork server is used once a probe child, run through it on stdlib code only, has confirmed that
-it preloaded the same shardpool as the front's (a fork server started earlier by other code, or one
-that found another copy of shardpool on its path, would run other code); otherwise, and where the
-method does not exist, workers are spawned. A fork server that stops answering (stopped, hung)
-would hold the front's I/O thread in the start of a worker: after :data:`START_TIMEOUT_S` it is
-killed (its workers go with it and are restarted like any dead worker) and workers are spawned
-from then on; one that died is started again. The caller blocks :data:`MASK` around :func:`context`
-and the start, so the fork server (and every worker) starts with those signals blocked: a signal
-to the process group (Ctrl-C, a closed terminal) must not take the fork server, and with it every
-worker, down; a worker unblocks what it handles itself.
+The fork server lives while a pool of the process runs (:func:`hold`, :func:`release`): once the
+last one is closed, no process of shardpool's is left. It is used once a probe child, run through
+it on stdlib code only, has confirmed that it preloaded the same shardpool as the front's (a fork
+server started earlier by other code, or one that found another copy of shardpool on its path,
+would run other code); otherwise, and where the method does not exist, workers are spawned. A
+fork server that stops answering (stopped, hung) would hold the front's I/O thread in the start of
+a worker: after :data:`START_TIMEOUT_S` it is killed (its workers go with it and are restarted
+like any dead worker) and workers are spawned from then on; one that died is started again. The
+caller blocks :data:`MASK` around :func:`context` and the start, so the fork server (and every
+worker) starts with those signals blocked: a signal to the process group (Ctrl-C, a closed
+terminal) must not take the fork server, and with it every worker, down; a worker unblocks what
+it handles itself.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import multiprocess
@@ -54,6 +57,8 @@ __all__ = [
     "context",
     "environment",
     "forked_child",
+    "hold",
+    "release",
     "reset",
     "start",
 ]
@@ -68,6 +73,9 @@ MASK = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1}
 START_TIMEOUT_S = 10.0
 """How long the fork server may take to start one worker (seconds) before it is given up."""
 
+STOP_TIMEOUT_S = 5.0
+"""How long the fork server gets to leave once the last pool closed (seconds; then SIGKILL)."""
+
 PROBE_TIMEOUT_S = 30.0
 """How long the probe child may take (seconds) before the fork server is given up for spawn."""
 
@@ -81,6 +89,7 @@ _PROBE = (
 _lock = threading.RLock()  # re-entered: the probe starts its child as start() does
 _verified: int | None = None  # pid of the fork server the probe accepted
 _refused = False  # the fork server cannot be used in this process: spawn
+_users = 0  # fronts running in this process (the last one to close stops the fork server)
 
 
 def context() -> tuple[Any, int, bool]:
@@ -198,11 +207,61 @@ def forked_child(environ: dict[str, str]) -> None:
     os.environ.update(environ)
 
 
+def hold() -> None:
+    """A front starts: the fork server, once started, stays until :func:`release`."""
+    global _users
+    with _lock:
+        _users += 1
+
+
+def release() -> None:
+    """A front has reaped its workers. The last one stops the fork server: a process whose
+    pools are all closed keeps no process of shardpool's (the next pool starts a new one)."""
+    global _users
+    with _lock:
+        _users = max(0, _users - 1)
+        if _users == 0:
+            _stop_server()
+
+
 def reset() -> None:
     """Forget the probe's verdicts (tests)."""
     global _verified, _refused
     with _lock:
         _verified, _refused = None, False
+
+
+def _stop_server() -> None:
+    """End the fork server if one runs: close our end of its "alive" pipe (it leaves on the end
+    of file, as when the front's process ends), reap it, forget it (lock held)."""
+    global _verified
+    from multiprocess import forkserver
+
+    state: Any = getattr(forkserver, "_forkserver", None)
+    pid = getattr(state, "_forkserver_pid", None)
+    if pid is None:
+        return
+    with contextlib.suppress(OSError, TypeError):
+        os.close(state._forkserver_alive_fd)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            break  # not ours to wait for (or already reaped)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            break
+        time.sleep(0.005)  # sleep-ok - polling a child's exit, under a deadline
+    state._forkserver_alive_fd = None
+    state._forkserver_address = None
+    state._forkserver_pid = None
+    _verified = None
 
 
 def _ensure_server() -> int | None:

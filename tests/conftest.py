@@ -20,10 +20,9 @@ def _children() -> list[psutil.Process]:
             cmd = " ".join(p.cmdline())
         except psutil.Error:
             continue
-        # multiprocess starts one long-lived resource tracker and one fork server per test
-        # process (shardpool.launch): not a test's processes. Workers forked from the fork server
-        # are its children, so they are still found here.
-        if "resource_tracker" in cmd or "multiprocess.forkserver" in cmd:
+        # multiprocess starts one long-lived resource tracker per test process; it is not ours.
+        # (The fork server workers come from is: it ends with the last pool.)
+        if "resource_tracker" in cmd:
             continue
         out.append(p)
     return out

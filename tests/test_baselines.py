@@ -49,7 +49,8 @@ def _our_children() -> set[int]:
     """Live child pids of this process, minus the start methods' shared resource trackers.
 
     The spawn start method starts one ``resource_tracker`` per library the first time it is used,
-    and a pool one fork server; they live as long as this process and are not workers of ours.
+    which lives as long as this process and is not a worker of ours (the fork server of the
+    pools ends with the last pool).
     """
     pids = set()
     for child in psutil.Process().children(recursive=True):
@@ -57,8 +58,7 @@ def _our_children() -> set[int]:
             if child.status() == psutil.STATUS_ZOMBIE:
                 continue
             cmd = " ".join(child.cmdline())
-            # the fork server pools start workers from (shardpool.launch) lives as long as we do
-            if "resource_tracker" in cmd or "multiprocess.forkserver" in cmd:
+            if "resource_tracker" in cmd:
                 continue
         except psutil.NoSuchProcess:
             continue

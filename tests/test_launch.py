@@ -70,6 +70,44 @@ def test_a_fork_server_with_other_code_preloaded_is_not_used(
 
 @pytest.mark.usefixtures("fresh_verdicts")
 def test_the_probe_accepts_the_fork_server_of_this_checkout() -> None:
-    ctx, parent, forked = launch.context()
-    assert forked and ctx.get_start_method() == "forkserver"
-    assert "multiprocess.forkserver" in " ".join(psutil.Process(parent).cmdline())
+    launch.hold()  # as a pool does, so that release() ends the fork server again
+    try:
+        ctx, parent, forked = launch.context()
+        assert forked and ctx.get_start_method() == "forkserver"
+        assert "multiprocess.forkserver" in " ".join(psutil.Process(parent).cmdline())
+    finally:
+        launch.release()
+    assert not psutil.pid_exists(parent)
+
+
+def _fork_servers() -> list[psutil.Process]:
+    out = []
+    for child in psutil.Process().children():
+        try:
+            if "multiprocess.forkserver" in " ".join(child.cmdline()):
+                out.append(child)
+        except psutil.Error:
+            continue
+    return out
+
+
+def test_the_fork_server_ends_with_the_last_pool_and_comes_back_with_the_next() -> None:
+    first = ShardPool("handlers:env_var", workers=1)
+    try:
+        second = ShardPool("handlers:env_var", workers=1)
+        try:
+            (server,) = _fork_servers()  # one for both pools
+            assert server.pid == _fork_server_of(first.worker_pids()[0] or 0).pid
+            assert server.pid == _fork_server_of(second.worker_pids()[0] or 0).pid
+        finally:
+            second.close(timeout=30)
+        assert _fork_servers() == [server]  # the first pool still runs on it
+        assert first.request(CHANNEL, {"name": "HOME"}).result(timeout=60)[1] == server.pid
+    finally:
+        first.close(timeout=30)
+    assert _fork_servers() == []  # the last pool closed: nothing of shardpool's is left
+    assert not psutil.pid_exists(server.pid)  # and it was reaped, not left a zombie
+    with ShardPool("handlers:env_var", workers=1) as pool:
+        (again,) = _fork_servers()
+        assert pool.request(CHANNEL, {"name": "HOME"}).result(timeout=60)[1] == again.pid
+

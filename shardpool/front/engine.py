@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from .. import codec
+from .. import codec, launch
 from ..config import Config
 from ..deadletters import DeadLetters
 from ..errors import (
@@ -134,6 +134,7 @@ class Front:
         self.balancer = Balancer(self)
         self.sup = Supervisor(pool.workers, config.supervisor, self.io.make_process)
         self._thread = threading.Thread(target=self.io.main, name="shardpool-front", daemon=True)
+        launch.hold()  # released by teardown
         self._thread.start()
         try:
             self._await_started()
@@ -653,6 +654,7 @@ class Front:
         self.ctx.term()
         self.wakeup.close()
         shutil.rmtree(self.rundir, ignore_errors=True)
+        launch.release()  # the last pool to go stops the fork server
         return codes
 
 
