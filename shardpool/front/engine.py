@@ -134,7 +134,8 @@ class Front:
         self.balancer = Balancer(self)
         self.sup = Supervisor(pool.workers, config.supervisor, self.io.make_process)
         self._thread = threading.Thread(target=self.io.main, name="shardpool-front", daemon=True)
-        launch.hold()  # released by teardown
+        launch.hold()  # released by teardown, once
+        self._holds_launch = True
         self._thread.start()
         try:
             self._await_started()
@@ -654,7 +655,9 @@ class Front:
         self.ctx.term()
         self.wakeup.close()
         shutil.rmtree(self.rundir, ignore_errors=True)
-        launch.release()  # the last pool to go stops the fork server
+        if self._holds_launch:  # the last pool to go stops the fork server
+            self._holds_launch = False
+            launch.release()
         return codes
 
 
