@@ -125,6 +125,10 @@ def _add_override_args(p: argparse.ArgumentParser) -> None:
 _OVERRIDE_FLAGS = (
     ("workers", "pool.workers", "--workers"),
     ("handler", "pool.handler", "--handler"),
+    ("connect", "remote.connect", "--connect"),
+    ("worker_id", "remote.worker_id", "--id"),
+    ("front_key", "remote.front_public_key", "--front-key"),
+    ("secret_key", "remote.worker_secret_key", "--secret-key"),
 )
 """Each override flag: its ``args`` attribute, the config key, the flag as an error names it."""
 
@@ -279,6 +283,11 @@ def _add_run(sub: _Subparsers) -> None:
         help="also drive the built-in Lightning traffic generator through the ingress, at RATE "
         f"messages/s (default {DEMO_DEFAULT_RATE:g}; 0 = as fast as the pool takes them)",
     )
+    _add_log_args(p)
+    p.set_defaults(func=cmd_run)
+
+
+def _add_log_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-level",
         default="INFO",
@@ -293,7 +302,6 @@ def _add_run(sub: _Subparsers) -> None:
         "ts (ISO 8601 UTC), level, logger, message, pid, exc (the traceback, when there is one) "
         "and any extra fields of the log call; every stderr line is then JSON",
     )
-    p.set_defaults(func=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -688,7 +696,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def _add_keys(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "keys",
-        help="generate CURVE keys for a tcp ingress (a server and a client keypair)",
+        help="generate CURVE keys for a tcp ingress (a server and a client keypair), or for "
+        "remote workers (--worker)",
         description=(
             "Write DIR/server.key, DIR/server.key_secret, DIR/client.key, DIR/client.key_secret "
             "and DIR/authorized_clients/client.key (DIR is created with mode 0700, secret files "
@@ -697,6 +706,15 @@ def _add_keys(sub: _Subparsers) -> None:
     )
     p.add_argument("directory", metavar="DIR", help="directory for the key files")
     p.add_argument("--force", action="store_true", help="replace existing key files")
+    p.add_argument(
+        "--worker",
+        metavar="ID",
+        action="append",
+        help="instead: a keypair for the remote worker ID (DIR/ID.key, DIR/ID.key_secret), its "
+        "public key pinned for the front (DIR/workers/ID.key), and the front's keypair for its "
+        "workers (DIR/front.key, DIR/front.key_secret) unless DIR has one; repeat for more "
+        "workers",
+    )
     p.set_defaults(func=cmd_keys)
 
 
@@ -707,6 +725,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from shardpool.errors import ShardPoolError
     from shardpool.security import generate_keys
 
+    if args.worker:
+        return _worker_keys(Path(args.directory).absolute(), args.worker, args.force)
     try:
         files = generate_keys(Path(args.directory).absolute(), force=args.force)
     except (OSError, ShardPoolError) as e:
@@ -724,6 +744,93 @@ def cmd_keys(args: argparse.Namespace) -> int:
         f'client_secret_key="{files.client_secret}")'
     )
     return EXIT_OK
+
+
+def _worker_keys(directory: Any, ids: list[str], force: bool) -> int:
+    """``shardpool keys --worker ID ... DIR``: the keys of remote workers and their front."""
+    from shardpool.errors import ShardPoolError
+    from shardpool.security import generate_worker_keys
+
+    try:
+        made = [generate_worker_keys(directory, wid, force=force) for wid in ids]
+    except (OSError, ValueError, ShardPoolError) as e:
+        print(f"shardpool keys: {e}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, ValueError) else EXIT_FAILURE
+    first = made[0]
+    workers = ", ".join(f'"{wid}" = 1.0' for wid in ids)
+    print("wrote " + ", ".join(f"{m.public}, {m.secret}, {m.pinned}" for m in made))
+    if any(m.front_created for m in made):
+        print(f"wrote the front's keypair {first.front_public}, {first.front_secret}")
+    print(
+        "\n# front config (keep front.key_secret and workers/ on the front host):\n[remote]\n"
+        'bind = "tcp://FRONT-ADDRESS:5557"\n'
+        f"workers = {{ {workers} }}\n"
+        f'curve_public_key = "{first.front_public}"\n'
+        f'curve_secret_key = "{first.front_secret}"\n'
+        f'workers_dir = "{first.pinned.parent}"\n\n'
+        "# each worker host gets its ID.key_secret and front.key (then delete the secret here):"
+    )
+    for wid, m in zip(ids, made, strict=True):
+        print(f"#   shardpool worker --connect tcp://FRONT-ADDRESS:5557 --id {wid} "
+              f"--front-key front.key --secret-key {m.secret.name}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ worker
+
+
+def _add_worker(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "worker",
+        help="run a worker on this host for a front on another host (tcp, CURVE)",
+        description=(
+            "Connect to the front at --connect (remote.connect), introduce this worker as --id "
+            "(remote.worker_id; the front pins its public key), and serve the channels the front "
+            "gives it, strictly in order, exactly as a local worker; the handler and its "
+            "settings come from the front. If it hears nothing from the front for "
+            "remote.lease_s (the front's value) it stops taking messages and joins again as an "
+            "empty worker. Runs until SIGTERM/SIGINT (it finishes the call in progress, "
+            f"acknowledges, exits {EXIT_OK}). Exit {EXIT_CONFIG}: a bad config, or the front "
+            "refused this worker for good (unknown id, wrong key, another wire version); "
+            "3: the handler could not start. Meant to run under the host's service manager: "
+            "see config/systemd/shardpool-worker@.service."
+        ),
+    )
+    _add_config_arg(p)
+    p.add_argument("--connect", metavar="tcp://HOST:PORT",
+                   help="the front's remote.bind address; overrides remote.connect")
+    p.add_argument("--id", dest="worker_id", metavar="ID",
+                   help="this worker's id, as listed in the front's remote.workers; overrides "
+                   "remote.worker_id")
+    p.add_argument("--front-key", dest="front_key", metavar="FILE",
+                   help="the front's CURVE public key file; overrides remote.front_public_key")
+    p.add_argument("--secret-key", dest="secret_key", metavar="FILE",
+                   help="this worker's CURVE secret key file (e.g. from systemd's "
+                   "LoadCredential); overrides remote.worker_secret_key")
+    _add_log_args(p)
+    p.set_defaults(func=cmd_worker)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Serve a front on another host until signalled."""
+    from shardpool.logformat import configure_logging
+    from shardpool.worker.remote import options_from_config, run_remote_worker
+
+    restore = configure_logging(args.log_level, args.log_format)
+    try:
+        loaded = _load_for_service(args)
+        if isinstance(loaded, int):
+            return loaded
+        cfg, source = loaded
+        try:
+            opts = options_from_config(cfg)
+        except ConfigError as e:
+            _print_problems(e, source)
+            return EXIT_CONFIG
+        _cwd_on_import_path()
+        return run_remote_worker(opts)
+    finally:
+        restore()
 
 
 # Further subcommands go here, each as one _add_<name>(sub) plus one cmd_<name>(args) -> int,
@@ -1141,7 +1248,7 @@ def cmd_roll(args: argparse.Namespace) -> int:
 
 
 # registered in _SUBCOMMANDS below: run, bench, status, drain, undrain, stop, keys, resume, skip,
-# move, pin, unpin, resize, roll, dead-letters.
+# move, pin, unpin, resize, roll, dead-letters, worker.
 
 _SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
     _add_check_config,
@@ -1160,6 +1267,7 @@ _SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
     _add_resize,
     _add_roll,
     _add_dead_letters,
+    _add_worker,
 )
 
 

@@ -13,6 +13,15 @@ Front → worker (on the worker's own PUSH/PULL pipe)::
     [CANCEL, epoch, gen]                      the move is off: keep them; answer CANCELLED
     [INSTALL, epoch, wseq, gen, states]       a move arrives: restore these channels; acknowledged
                                               like a message (it is a window entry)
+    [LEASE, epoch, sent_at]                   (remote) the answer to a HEARTBEAT: the worker may
+                                              take messages until sent_at + lease_s (its clock)
+
+A remote worker (``shardpool worker --connect``) speaks over one DEALER socket to the front's
+ROUTER, the same frames, after a handshake::
+
+    worker → front  [HELLO, worker_id, nonce, version, protocol, pid, host]
+    front → worker  [WELCOME, epoch, index, settings]   settings: the WorkerSpec fields it needs
+                    [REFUSED, 0, reason, final]         final: retrying will not help
 
 Worker → front (every worker PUSHes to the front's single PULL)::
 
@@ -25,7 +34,8 @@ Worker → front (every worker PUSHes to the front's single PULL)::
                     the same frame as their last acknowledgements, so the front drops its
                     record before their results are delivered
     [STATS, worker, epoch, request_id, {counter: value}]
-    [HEARTBEAT, worker, epoch, loop_lag_s]
+    [HEARTBEAT, worker, epoch, loop_lag_s, sent_at, rtt_s]   sent_at: the worker's monotonic
+                                              clock; rtt_s: its last LEASE round trip (remote)
     [FATAL, worker, epoch, exc_type, message, traceback]     worker could not start
     [CRASH, worker, epoch, exc_type, message, traceback]     worker is dying of this (it was up)
     [STOPPING, worker, epoch, [wseq, ...]]    asked to stop: these calls are running; nothing
@@ -68,6 +78,9 @@ class ToWorker(enum.IntEnum):
     DRAIN = 4  # a move: hand over these slots / channels once they are idle
     CANCEL = 5  # the move is called off: keep them
     INSTALL = 6  # a move's arrival: restore these channels (a window entry, with a wseq)
+    WELCOME = 7  # (remote) the handshake's answer: epoch, index, settings
+    REFUSED = 8  # (remote) the handshake is refused: why, and whether retrying can help
+    LEASE = 9  # (remote) a heartbeat's answer: the lease runs from its sent_at
 
 
 class ToFront(enum.IntEnum):
@@ -84,6 +97,11 @@ class ToFront(enum.IntEnum):
     SLOT_STATE = 8  # the drained channels' state: the move may commit
     CANCELLED = 9  # the worker kept the channels of a cancelled move
     LOAD = 10  # what the worker was busy with over the last period, by slot (sparse)
+    HELLO = 11  # (remote) a worker that connected introduces itself
+
+
+PROTOCOL = 1
+"""The front ↔ worker wire version: a remote worker speaking another is refused at HELLO."""
 
 
 class Action(enum.StrEnum):
@@ -111,6 +129,18 @@ class Ready(NamedTuple):
     worker: int
     epoch: int
     pid: int
+
+
+class Hello(NamedTuple):
+    """A remote worker's handshake: its configured id, a fresh nonce per incarnation, its
+    shardpool version and wire :data:`PROTOCOL`, pid and host name."""
+
+    worker_id: str
+    nonce: bytes
+    version: str
+    protocol: int
+    pid: int
+    host: str
 
 
 class Failure(NamedTuple):

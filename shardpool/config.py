@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import keyword
 import os
+import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -622,6 +623,91 @@ class DeadLettersConfig(_Section):
     )
 
 
+WORKER_ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+"""What a remote worker id may be: it names a key file (``<id>.key``) and a systemd instance."""
+
+
+def _is_worker_id(s: str) -> bool:
+    return WORKER_ID_RE.fullmatch(s) is not None
+
+
+def _weights_table(*, doc: str) -> Any:
+    def convert(v: Any) -> FrozenDict:
+        if not isinstance(v, Mapping) or not all(
+            isinstance(k, str)
+            and _is_worker_id(k)
+            and not isinstance(w, bool)
+            and isinstance(w, (int, float))
+            and 0 < w <= 1000
+            for k, w in v.items()
+        ):
+            raise _Reject
+        return FrozenDict({k: float(w) for k, w in v.items()})
+
+    return _field(
+        Rule(
+            "a table of worker id = weight (ids of 1-64 letters, digits, '_', '-', '.', not "
+            "starting with '.'; weights > 0 and <= 1000)",
+            convert,
+            (Mapping,),
+        ),
+        FrozenDict(),
+        doc,
+    )
+
+
+def _is_tcp_endpoint(s: str) -> bool:
+    return s == "" or (s.startswith("tcp://") and _is_endpoint(s))
+
+
+_TCP_ALLOWED = '"" (none) or "tcp://HOST:PORT" (PORT 1-65535, or * to bind any)'
+
+
+@dataclass(frozen=True)
+class RemoteConfig(_Section):
+    """``[remote]``: workers on other hosts (see :mod:`shardpool.front.remote`). The front reads
+    ``bind`` … ``lease_margin_s``; ``shardpool worker`` reads the lease and ``connect`` …
+    ``worker_secret_key``.
+
+    Raises:
+        ConfigError: on construction, when any value is of the wrong type or out of range.
+    """
+
+    SECTION: ClassVar[str] = "remote"
+    CHECKS: ClassVar[tuple[Check, ...]] = ()
+
+    bind: str = _str(
+        default="", allowed=_TCP_ALLOWED, check=_is_tcp_endpoint,
+        doc='where remote workers connect; "" = no remote workers',
+    )
+    workers: FrozenDict = _weights_table(doc="remote worker id = weight (its share of the slots)")
+    curve_public_key: str = _str(default="", doc="the front's CURVE public key file")
+    curve_secret_key: str = _str(default="", doc="the front's CURVE secret key file")
+    workers_dir: str = _str(default="", doc="pinned worker public keys, one <id>.key per worker")
+    lease_s: float = _float(
+        0.1, 3600.0, default=3.0, unit="seconds",
+        doc="a worker that hears nothing from the front this long stops taking messages",
+    )
+    lease_margin_s: float = _float(
+        0.05, 3600.0, default=1.0, unit="seconds",
+        doc="the front fails a silent worker over after lease_s + this",
+    )
+    connect: str = _str(
+        default="", allowed=_TCP_ALLOWED, check=_is_tcp_endpoint,
+        doc="(shardpool worker) the front's address",
+    )
+    worker_id: str = _str(
+        default="",
+        allowed="\"\" or 1-64 letters, digits, '_', '-', '.', not starting with '.'",
+        check=lambda s: s == "" or _is_worker_id(s),
+        doc="(shardpool worker) this worker's id",
+    )
+    front_public_key: str = _str(default="", doc="(shardpool worker) the front's public key file")
+    worker_secret_key: str = _str(
+        default="", doc="(shardpool worker) this worker's secret key file"
+    )
+
+
 def _section(cls: type[_Section]) -> Any:
     return field(default_factory=cls, metadata={"section": cls})
 
@@ -640,6 +726,7 @@ class Config:
     control: ControlConfig = _section(ControlConfig)
     metrics: MetricsConfig = _section(MetricsConfig)
     deadletters: DeadLettersConfig = _section(DeadLettersConfig)
+    remote: RemoteConfig = _section(RemoteConfig)
     source: str = field(default=DEFAULTS_SOURCE, compare=False)
 
 

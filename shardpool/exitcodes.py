@@ -10,6 +10,7 @@ import signal
 __all__ = [
     "EXIT_CONFIG",
     "EXIT_FAILURE",
+    "EXIT_FENCED",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_PARENT_GONE",
@@ -35,3 +36,7 @@ EXIT_START_FAILED = 3
 """A worker could not import, build or set up its handler; a FATAL frame carried the traceback."""
 EXIT_PARENT_GONE = 4
 """A worker's front disappeared; the worker left rather than run orphaned."""
+EXIT_FENCED = 5
+"""A remote worker lost its lease (it heard nothing from its front for ``remote.lease_s``) while a
+handler call ran on past the grace: it left, so that the front can give the call's channel to
+another worker without it ever running on two hosts at once."""

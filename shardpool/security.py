@@ -8,7 +8,9 @@
 * A tcp ingress on a non-loopback address must use ZeroMQ CURVE (encryption + authentication)
   with an explicit list of authorised client keys; :func:`check_endpoints` refuses anything else
   before a socket exists. The control socket (which can stop the backend) never leaves the host.
-* ``shardpool keys DIR`` (:func:`generate_keys`) writes a server and a client keypair.
+* ``shardpool keys DIR`` (:func:`generate_keys`) writes a server and a client keypair;
+  ``shardpool keys --worker ID DIR`` (:func:`generate_worker_keys`) a remote worker's keypair,
+  pinned for the front, and the front's keypair if the directory has none yet.
 * ZeroMQ's ipc bind silently replaces a socket file another process is listening on, so
   :func:`lock_endpoint` takes an ``flock`` on ``<socket>.lock`` first: a second ``shardpool run``
   on the same endpoint fails with a clear error instead of stealing the first one's socket.
@@ -23,14 +25,14 @@ import ipaddress
 import os
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 import zmq.auth
 
-from .config import Config, IngressConfig
+from .config import WORKER_ID_RE, Config, IngressConfig
 from .errors import ConfigError, EndpointInUse, InsecurePathError
 
 __all__ = [
@@ -39,16 +41,20 @@ __all__ = [
     "EndpointLock",
     "InsecurePathError",
     "KeyFiles",
+    "RemoteKeys",
+    "WorkerKeyFiles",
     "check_endpoints",
     "check_ipc_path",
     "claim_endpoints",
     "default_runtime_dir",
     "ensure_private_dir",
     "generate_keys",
+    "generate_worker_keys",
     "ipc_path",
     "is_loopback_endpoint",
     "load_client_keys",
     "load_public_key",
+    "load_remote_keys",
     "lock_endpoint",
     "resolve_endpoints",
     "runtime_dir",
@@ -205,14 +211,15 @@ class CurveServerKeys:
     clients_dir: str | None
 
 
-def _read_server_keys(
-    ing: IngressConfig, problems: list[tuple[str, object, str]]
-) -> CurveServerKeys | None:
-    pub_path, sec_path = ing.curve_public_key, ing.curve_secret_key
+def _read_keypair(
+    section: str, pub_path: str, sec_path: str, problems: list[tuple[str, object, str]]
+) -> tuple[bytes, bytes] | None:
+    """The CURVE keypair of ``section``'s ``curve_public_key`` / ``curve_secret_key`` files
+    (None when neither is set, or on a problem, which is appended)."""
     if not pub_path and not sec_path:
         return None
     if not pub_path or not sec_path:
-        missing = "ingress.curve_public_key" if not pub_path else "ingress.curve_secret_key"
+        missing = f"{section}.curve_public_key" if not pub_path else f"{section}.curve_secret_key"
         problems.append(
             (missing, "", "both CURVE key files must be set, or neither (see `shardpool keys`)")
         )
@@ -221,25 +228,34 @@ def _read_server_keys(
         public = load_public_key(pub_path)
     except (OSError, ValueError) as exc:
         problems.append(
-            ("ingress.curve_public_key", pub_path, f"a readable CURVE key file ({exc})")
+            (f"{section}.curve_public_key", pub_path, f"a readable CURVE key file ({exc})")
         )
         return None
     try:
         pub2, secret = zmq.auth.load_certificate(sec_path)
     except (OSError, ValueError) as exc:
         problems.append(
-            ("ingress.curve_secret_key", sec_path, f"a readable CURVE secret key file ({exc})")
+            (f"{section}.curve_secret_key", sec_path, f"a readable CURVE secret key file ({exc})")
         )
         return None
     if secret is None:
         problems.append(
-            ("ingress.curve_secret_key", sec_path, "a CURVE *secret* key file (*.key_secret)")
+            (f"{section}.curve_secret_key", sec_path, "a CURVE *secret* key file (*.key_secret)")
         )
         return None
     if pub2 != public:
         problems.append(
-            ("ingress.curve_secret_key", sec_path, f"the secret key matching {pub_path}")
+            (f"{section}.curve_secret_key", sec_path, f"the secret key matching {pub_path}")
         )
+        return None
+    return public, secret
+
+
+def _read_server_keys(
+    ing: IngressConfig, problems: list[tuple[str, object, str]]
+) -> CurveServerKeys | None:
+    pair = _read_keypair("ingress", ing.curve_public_key, ing.curve_secret_key, problems)
+    if pair is None:
         return None
     clients = ing.curve_clients_dir or None
     if clients is not None and not os.path.isdir(clients):
@@ -247,7 +263,80 @@ def _read_server_keys(
             ("ingress.curve_clients_dir", clients, "a directory of authorised client *.key files")
         )
         return None
-    return CurveServerKeys(public, secret, clients)
+    return CurveServerKeys(pair[0], pair[1], clients)
+
+
+@dataclass(frozen=True)
+class RemoteKeys:
+    """The front's CURVE keypair for remote workers (Z85) and the pinned worker keys: public key
+    (Z85) → worker id. Also the ZAP credentials provider: only a pinned key gets in."""
+
+    public: bytes
+    secret: bytes
+    pinned: dict[bytes, str]
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """pyzmq's ZAP callback: is ``key`` (Z85) one of the pinned worker keys?"""
+        return key in self.pinned
+
+
+def load_remote_keys(cfg: Config) -> RemoteKeys | None:
+    """Validate ``[remote]`` on the front's side and return its CURVE keys (None: plain tcp,
+    allowed on a loopback ``bind`` only).
+
+    Rules: ``bind`` and ``workers`` are set together; a non-loopback ``bind`` needs
+    ``curve_public_key``, ``curve_secret_key`` and ``workers_dir``; with CURVE every worker id of
+    ``workers`` has its public key pinned in ``workers_dir/<id>.key`` (the file name binds the
+    id to the key), and no key is pinned to two ids.
+
+    Raises:
+        ConfigError: naming each offending key, its value and what is required.
+    """
+    r = cfg.remote
+    problems: list[tuple[str, object, str]] = []
+    if bool(r.bind) != bool(r.workers):
+        problems.append(
+            ("remote.workers" if r.bind else "remote.bind", dict(r.workers) if r.bind else "",
+             "remote.bind and remote.workers are set together (an address for remote workers "
+             "to connect to, and their ids)")
+        )
+    if "front" in r.workers:
+        problems.append(("remote.workers", dict(r.workers),
+                         'worker ids other than "front" (front.key is the front\'s own key)'))
+    pair = _read_keypair("remote", r.curve_public_key, r.curve_secret_key, problems)
+    keys: RemoteKeys | None = None
+    if pair is not None:
+        if not r.workers_dir or not os.path.isdir(r.workers_dir):
+            problems.append(("remote.workers_dir", r.workers_dir,
+                             "a directory of pinned worker public keys, <id>.key each "
+                             "(`shardpool keys --worker ID DIR` writes DIR/workers/ID.key)"))
+        else:
+            pinned: dict[bytes, str] = {}
+            for worker_id in r.workers:
+                path = os.path.join(r.workers_dir, f"{worker_id}.key")
+                try:
+                    key = load_public_key(path)
+                except (OSError, ValueError) as exc:
+                    problems.append(("remote.workers_dir", r.workers_dir,
+                                     f"the public key of worker {worker_id!r} in {path} ({exc})"))
+                    continue
+                if key in pinned:
+                    problems.append(("remote.workers_dir", r.workers_dir,
+                                     f"one key per worker: {path} is also worker "
+                                     f"{pinned[key]!r}'s key"))
+                pinned[key] = worker_id
+            keys = RemoteKeys(pair[0], pair[1], pinned)
+    elif r.bind and not problems and not is_loopback_endpoint(r.bind):
+        problems.append((
+            "remote.bind", r.bind,
+            "a loopback address unless CURVE is set up: a non-loopback remote.bind requires "
+            "remote.curve_public_key, remote.curve_secret_key and remote.workers_dir (run "
+            "`shardpool keys --worker ID DIR`): a worker runs the pool's messages and an "
+            "unauthenticated peer must never be one",
+        ))
+    if problems:
+        raise ConfigError(problems)
+    return keys
 
 
 def check_endpoints(cfg: Config) -> CurveServerKeys | None:
@@ -256,7 +345,8 @@ def check_endpoints(cfg: Config) -> CurveServerKeys | None:
 
     Rules: a tcp ingress on a non-loopback address needs ``ingress.curve_public_key``,
     ``ingress.curve_secret_key`` and ``ingress.curve_clients_dir`` (an unauthenticated peer must
-    not be able to inject channel messages); the control endpoint must be ipc or loopback tcp.
+    not be able to inject channel messages); the control endpoint must be ipc or loopback tcp;
+    ``[remote]`` as :func:`load_remote_keys` says.
 
     Raises:
         ConfigError: naming each offending key, its value and what is required.
@@ -296,6 +386,10 @@ def check_endpoints(cfg: Config) -> CurveServerKeys | None:
                 "this host",
             )
         )
+    try:
+        load_remote_keys(cfg)  # the remote workers' link: CURVE beyond loopback, pinned keys
+    except ConfigError as exc:
+        problems += exc.problems
     if problems:
         raise ConfigError(problems)
     return keys
@@ -329,29 +423,51 @@ def generate_keys(directory: Path, *, force: bool = False) -> KeyFiles:
     """
     ensure_private_dir(directory)
     clients = ensure_private_dir(directory / "authorized_clients")
-    names = ("server.key", "server.key_secret", "client.key", "client.key_secret")
+    authorised = clients / "client.key"
     if not force:
-        for name in names + ("authorized_clients/client.key",):
-            if (directory / name).exists():
-                raise FileExistsError(
-                    errno.EEXIST, f"{directory / name} exists (use --force to replace the keys)"
-                )
-    # Secret files must never exist with looser permissions, not even for a moment.
+        _refuse_existing(
+            [directory / f"{n}{ext}" for n in ("server", "client") for ext in _KEY_SUFFIXES]
+            + [authorised]
+        )
+    with _private_umask():
+        server_public, server_secret = _new_keypair(directory, "server")
+        client_public, client_secret = _new_keypair(directory, "client")
+        authorised.write_bytes(client_public.read_bytes())
+    return KeyFiles(server_public, server_secret, client_public, client_secret, clients)
+
+
+_KEY_SUFFIXES = (".key", ".key_secret")
+
+
+def _refuse_existing(paths: Iterable[Path]) -> None:
+    """Raises FileExistsError for the first of ``paths`` that exists."""
+    for path in paths:
+        if path.exists():
+            raise FileExistsError(
+                errno.EEXIST, f"{path} exists (use --force to replace the keys)"
+            )
+
+
+@contextlib.contextmanager
+def _private_umask() -> Iterator[None]:
+    """Umask 077 while key files are written: a secret file must never exist with looser
+    permissions, not even for a moment."""
     old = os.umask(0o077)
     try:
-        for name in names:
-            (directory / name).unlink(missing_ok=True)
-        server_public, server_secret = zmq.auth.create_certificates(str(directory), "server")
-        client_public, client_secret = zmq.auth.create_certificates(str(directory), "client")
-        authorised = clients / "client.key"
-        authorised.write_bytes(Path(client_public).read_bytes())
+        yield
     finally:
         os.umask(old)
-    for p in (server_secret, client_secret):
-        os.chmod(p, 0o600)
-    return KeyFiles(
-        Path(server_public), Path(server_secret), Path(client_public), Path(client_secret), clients
-    )
+
+
+def _new_keypair(directory: Path, name: str) -> tuple[Path, Path]:
+    """Write ``directory/<name>.key`` and ``<name>.key_secret`` (0600); call under
+    :func:`_private_umask`. Existing files are removed first, since rewriting a file in place
+    would keep its old (perhaps looser) mode. Returns ``(public, secret)``."""
+    for ext in _KEY_SUFFIXES:
+        (directory / f"{name}{ext}").unlink(missing_ok=True)
+    public, secret = zmq.auth.create_certificates(str(directory), name)
+    os.chmod(secret, 0o600)
+    return Path(public), Path(secret)
 
 
 def load_public_key(path: str | os.PathLike[str]) -> bytes:
@@ -449,3 +565,95 @@ def claim_endpoints(
             lock.release()
         raise
     return locks
+
+
+# ------------------------------------------------------------------------------ remote worker keys
+
+
+@dataclass(frozen=True)
+class WorkerKeyFiles:
+    """What :func:`generate_worker_keys` wrote or found: the worker's keypair, the front's pinned
+    copy of its public key, and the front's keypair (``front_created``: made by this call)."""
+
+    public: Path
+    secret: Path
+    pinned: Path
+    front_public: Path
+    front_secret: Path
+    front_created: bool
+
+
+_FRONT_KEY_NAME = "front"
+_WORKER_ID_ALLOWED = "1-64 letters, digits, '_', '-', '.', not starting with '.', and not 'front'"
+
+
+def _check_worker_id(worker_id: str) -> None:
+    """Raises ValueError naming ``worker_id`` and what an id may be."""
+    if WORKER_ID_RE.fullmatch(worker_id) is None or worker_id == _FRONT_KEY_NAME:
+        # 'front' would name the front's own key files in the same directory.
+        raise ValueError(f"worker id {worker_id!r} is not allowed: expected {_WORKER_ID_ALLOWED}")
+
+
+def _front_keypair(directory: Path) -> tuple[Path, Path, bool]:
+    """The front's keypair in ``directory``, created (under :func:`_private_umask`) when neither
+    file exists. Returns ``(public, secret, created)``.
+
+    Raises:
+        FileNotFoundError: only one of the two files exists.
+        ValueError: the secret file is not a secret key, or does not match the public one.
+        OSError: a file is unreadable.
+    """
+    public = directory / f"{_FRONT_KEY_NAME}.key"
+    secret = directory / f"{_FRONT_KEY_NAME}.key_secret"
+    have_public, have_secret = public.exists(), secret.exists()
+    if not have_public and not have_secret:
+        public, secret = _new_keypair(directory, _FRONT_KEY_NAME)
+        return public, secret, True
+    if not (have_public and have_secret):
+        # Never replace half a pair: workers may already trust this front.key.
+        present, missing = (public, secret) if have_public else (secret, public)
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"{missing} is missing but {present} exists; restore the pair or remove {present} "
+            "to create a new front keypair (every worker then needs the new front.key)",
+        )
+    pub, _ = load_client_keys(secret)
+    if pub != load_public_key(public):
+        raise ValueError(f"{secret} does not match {public}")
+    return public, secret, False
+
+
+def generate_worker_keys(
+    directory: Path, worker_id: str, *, force: bool = False
+) -> WorkerKeyFiles:
+    """Write a remote worker's CURVE keypair into ``directory`` (created 0700) and pin its public
+    key for the front; create the front's keypair there too when it has none yet, so that one
+    directory holds the keys of a small cluster.
+
+    Files: ``<id>.key``, ``<id>.key_secret`` (0600), ``workers/<id>.key`` (a copy of the public
+    key: ``remote.workers_dir`` is ``directory/workers``) and, once, ``front.key`` and
+    ``front.key_secret`` (0600). An existing front keypair is reused, never replaced, even with
+    ``force``: every deployed worker trusts it. The worker host needs ``<id>.key_secret`` and
+    ``front.key``; the front host keeps ``front.key_secret`` and ``workers/``.
+
+    Raises:
+        ValueError: ``worker_id`` is not 1-64 characters of ``[A-Za-z0-9_.-]``, starts with
+            ``'.'`` or is ``'front'`` (the message names it); or the existing front keypair does
+            not match or is not a keypair.
+        FileExistsError: one of the worker's files exists and ``force`` is false.
+        FileNotFoundError: only one of ``front.key`` and ``front.key_secret`` exists.
+        InsecurePathError: as :func:`ensure_private_dir`.
+        OSError: a file cannot be read or written.
+    """
+    _check_worker_id(worker_id)
+    ensure_private_dir(directory)
+    pinned_dir = ensure_private_dir(directory / "workers")
+    pinned = pinned_dir / f"{worker_id}.key"
+    if not force:
+        _refuse_existing([directory / f"{worker_id}{ext}" for ext in _KEY_SUFFIXES] + [pinned])
+    with _private_umask():
+        front_public, front_secret, created = _front_keypair(directory)
+        public, secret = _new_keypair(directory, worker_id)
+        pinned.unlink(missing_ok=True)
+        pinned.write_bytes(public.read_bytes())
+    return WorkerKeyFiles(public, secret, pinned, front_public, front_secret, created)

@@ -249,6 +249,7 @@ class WorkerState(enum.Enum):
     STOPPING = "stopping"  # asked to stop (or killed), its exit not yet seen
     STOPPED = "stopped"
     BROKEN = "broken"  # will not be restarted: the pool is broken
+    AWAY = "away"  # a remote worker not connected: not joined yet, or lost (failed over)
 
     def __str__(self) -> str:
         return self.value
@@ -270,6 +271,7 @@ class WorkerRecord:
     last_error: str = ""  # what was seen before a death (hang, missed READY, its CRASH)
     last_cause: str = ""  # how the last incarnation ended, in words
     hung: bool = False  # the last death was a kill for heartbeat silence
+    remote: bool = False  # on another host: no process here, a lease instead of a sentinel
 
 
 @dataclass(frozen=True)
@@ -350,6 +352,7 @@ class Supervisor:
         cfg: deadlines, heartbeat timeout, restart backoff and crash-loop limits.
         spawn: makes the process of incarnation ``epoch`` of worker ``index`` (not started).
         clock: monotonic seconds (injected for tests).
+        stop_remote: asks remote worker ``index`` to stop (in band; it cannot be signalled).
     """
 
     def __init__(
@@ -358,34 +361,73 @@ class Supervisor:
         cfg: SupervisorConfig,
         spawn: Spawn,
         clock: Callable[[], float] = time.monotonic,
+        stop_remote: Callable[[int], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self._spawn = spawn
         self._clock = clock
+        self._stop_remote = stop_remote
         self.halted = False  # no more restarts: the pool is broken or closed
         self.workers: list[WorkerRecord] = []
         for _ in range(workers):
             self.add()
 
-    def add(self) -> int:
-        """A new worker slot (not started: :meth:`start` it); returns its index."""
+    def add(self, *, remote: bool = False) -> int:
+        """A new worker slot (not started: :meth:`start` it; a remote one is AWAY until it
+        joins, see :meth:`remote_joined`); returns its index."""
         cfg = self.cfg
         index = len(self.workers)
         guard = RestartGuard(
             cfg.max_restarts, cfg.restart_window_s, cfg.restart_backoff_s, cfg.restart_backoff_max_s
         )
-        self.workers.append(WorkerRecord(index, guard))
+        rec = WorkerRecord(index, guard, remote=remote)
+        if remote:
+            rec.state = WorkerState.AWAY
+        self.workers.append(rec)
         return index
+
+    # -- remote workers: no process here; the front's remote side reports what happens -------
+
+    def remote_joined(self, index: int) -> int:
+        """Remote worker ``index`` connected as a new incarnation: STARTING until its READY (by
+        the READY deadline). Returns its epoch."""
+        rec = self.workers[index]
+        assert rec.remote and rec.state is WorkerState.AWAY, rec.state
+        rec.epoch += 1
+        rec.state = WorkerState.STARTING
+        rec.deadline = self._clock() + self.cfg.ready_timeout_s
+        rec.last_seen = self._clock()
+        rec.last_error = ""
+        return rec.epoch
+
+    def remote_lost(self, index: int, cause: str) -> None:
+        """Remote worker ``index`` is gone (its lease ran out on both sides, or it could not
+        start): AWAY until it joins again; its restart is its own host's business."""
+        rec = self.workers[index]
+        rec.state = WorkerState.AWAY
+        rec.last_cause = cause
+        rec.restarts += 1
+
+    def remote_ended(self, index: int) -> None:
+        """A stopping remote worker said BYE."""
+        self.workers[index].state = WorkerState.STOPPED
 
     def retire(self, index: int) -> None:
         """Ask worker ``index`` to stop for good (a resize down): as :meth:`stop_all` for one
         worker; it is not restarted."""
-        rec = self.workers[index]
+        self._stop(self.workers[index])
+
+    def _stop(self, rec: WorkerRecord) -> None:
+        """SIGTERM (in band for a remote worker) to a running worker; a dead one stays dead."""
         if rec.state in (WorkerState.READY, WorkerState.STARTING):
-            assert rec.proc is not None
-            rec.proc.terminate()
+            if rec.remote:
+                if self._stop_remote is not None:
+                    self._stop_remote(rec.index)
+            else:
+                assert rec.proc is not None
+                rec.proc.terminate()
             rec.state = WorkerState.STOPPING
-        elif rec.state in (WorkerState.DEAD, WorkerState.BROKEN):
+        elif rec.state in (WorkerState.DEAD, WorkerState.BROKEN, WorkerState.AWAY):
             rec.state = WorkerState.STOPPED
 
     def remove_last(self) -> None:
@@ -425,7 +467,8 @@ class Supervisor:
         self.workers[index].last_seen = self._clock()
 
     def all_ready(self) -> bool:
-        return all(rec.state is WorkerState.READY for rec in self.workers)
+        """Every local worker is ready (remote ones join when they can)."""
+        return all(rec.state is WorkerState.READY for rec in self.workers if not rec.remote)
 
     # -- watching ------------------------------------------------------------------------------
 
@@ -450,6 +493,8 @@ class Supervisor:
         due: float | None = None
         hb_timeout = self.cfg.heartbeat_timeout_s
         for rec in self.workers:
+            if rec.remote:
+                continue  # a lease, not a process: see shardpool.front.remote
             if rec.state is WorkerState.STARTING and now > rec.deadline and caught_up():
                 rec.last_error = f"no READY within {self.cfg.ready_timeout_s} s"
                 decisions.append(self._kill(rec, rec.last_error))
@@ -556,12 +601,8 @@ class Supervisor:
         nothing more, acknowledges and leaves); a dead one is simply not restarted."""
         self.halted = True
         for rec in self.workers:
-            if rec.state in (WorkerState.READY, WorkerState.STARTING):
-                assert rec.proc is not None
-                rec.proc.terminate()
-                rec.state = WorkerState.STOPPING
-            elif rec.state is WorkerState.DEAD:
-                rec.state = WorkerState.STOPPED
+            if rec.state is not WorkerState.BROKEN:  # (it stays BROKEN in the reports)
+                self._stop(rec)
 
     def stopping(self) -> list[int]:
         """Workers asked to stop whose exit has not been seen yet."""
@@ -571,7 +612,10 @@ class Supervisor:
         """Kill every worker still stopping (the deadline passed); returns their indexes."""
         out = []
         for rec in self.workers:
-            if rec.state is WorkerState.STOPPING and rec.proc is not None:
+            if rec.state is WorkerState.STOPPING and rec.remote:
+                rec.state = WorkerState.STOPPED  # out of reach: its calls are reported in doubt
+                out.append(rec.index)
+            elif rec.state is WorkerState.STOPPING and rec.proc is not None:
                 rec.proc.kill()
                 out.append(rec.index)
         return out

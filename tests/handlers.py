@@ -408,3 +408,57 @@ class Journal:
         if message.get("hold_ms") and not redelivered:
             time.sleep(message["hold_ms"] / 1000.0)  # sleep-ok - the handler's own work
         return [seq, ledger]
+
+
+class HostJournal:
+    """The handler of the multi-host tests (``tests/test_multihost.py``): counts each channel's
+    applied messages in ``channel.state`` (CBOR: it moves with its slot; lost with a lost
+    worker) and returns ``[seq, count]``; journals every call to ``<dir>/journal`` (one file,
+    shared by all simulated hosts, which share the file system), one ``os.write`` each:
+    channel, seq, the producer's index ``message["i"]``, redelivered, pid, and the call's start
+    and end (``time.time()``: the hosts share one clock), so that order, duplicates and calls of
+    one channel on two hosts at once can be checked afterwards. ``message["ms"]``: the call takes
+    that long (a slow handler)."""
+
+    def __init__(self, dir: str) -> None:
+        self.dir = dir
+        self.fd = -1
+        self.pid = 0
+
+    def setup(self, worker_index: int) -> None:
+        self.fd = os.open(
+            os.path.join(self.dir, "journal"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
+        )
+        self.pid = os.getpid()
+
+    def teardown(self) -> None:
+        os.close(self.fd)
+
+    def handle(self, channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
+        start = time.time()
+        if message.get("ms"):
+            time.sleep(message["ms"] / 1000.0)  # sleep-ok - the handler's own work, in a worker
+        count = (channel.state or 0) + 1
+        channel.state = count
+        end = time.time()
+        os.write(
+            self.fd,
+            f"{channel.id.hex()} {seq} {message['i']} {int(redelivered)} {self.pid} "
+            f"{start:.6f} {end:.6f}\n".encode(),
+        )
+        return [seq, count]
+
+
+def read_host_journal(dir: str) -> dict[str, list[tuple[int, int, bool, int, float, float]]]:
+    """``<dir>/journal`` by channel: ``(seq, i, redelivered, pid, start, end)`` per call, in the
+    order the calls started."""
+    out: dict[str, list[tuple[int, int, bool, int, float, float]]] = {}
+    with open(os.path.join(dir, "journal")) as f:
+        for line in f:
+            key, seq, i, red, pid, start, end = line.split()
+            out.setdefault(key, []).append(
+                (int(seq), int(i), red == "1", int(pid), float(start), float(end))
+            )
+    for calls in out.values():
+        calls.sort(key=lambda c: c[4])
+    return out

@@ -96,7 +96,9 @@ def test_json_output_parses() -> None:
     assert r.returncode == EXIT_OK, r.stderr
     doc = json.loads(r.stdout)
     assert doc["source"].endswith("example-production.toml")
-    sections = {"pool", "transport", "supervisor", "ingress", "control", "metrics", "deadletters"}
+    sections = {
+        "pool", "transport", "supervisor", "ingress", "control", "metrics", "deadletters", "remote"
+    }
     assert set(doc) == {"source", "origins"} | sections
     assert doc["origins"]["metrics.enabled"] == "file"
     assert doc["origins"]["pool.retry_backoff_ms"] in ("file", "default")

@@ -34,6 +34,7 @@ from ..errors import (
     WorkerStartError,
 )
 from ..routing import Router, check_channel_id
+from ..security import load_remote_keys
 from ..supervisor import Supervisor
 from ..wakeup import WakePipe
 from . import operations, shutdown
@@ -43,6 +44,7 @@ from .iothread import FrontIO
 from .link import Link
 from .moves import Move, Mover
 from .outcomes import FailureCallback, ResultCallback
+from .remote import Remote
 from .resize import Resizer
 from .roll import Roller
 from .shutdown import CloseReport
@@ -122,9 +124,12 @@ class Front:
         self.front_endpoint = f"ipc://{self.rundir}/front"
         self.pull.bind(self.front_endpoint)
         self.wakeup = WakePipe()
+        remote_ids = list(config.remote.workers) if config.remote.bind else []
         self.links = [
-            Link(i, os.path.join(self.rundir, f"w{i}.run")) for i in range(pool.workers)
+            Link(i, os.path.join(self.rundir, f"w{i}.run"))
+            for i in range(pool.workers + len(remote_ids))
         ]
+        # Remote workers (after the local ones) own no slot until they join.
         self.channels = Channels(Router(pool.slots, pool.workers), [k.window for k in self.links])
         self._routes = self.channels.routes
         self.io = FrontIO(self)
@@ -132,7 +137,18 @@ class Front:
         self.resizer = Resizer(self)
         self.roller = Roller(self)
         self.balancer = Balancer(self)
-        self.sup = Supervisor(pool.workers, config.supervisor, self.io.make_process)
+        self.remote: Remote | None = None
+        if remote_ids:
+            try:
+                self.remote = Remote(self, load_remote_keys(config), pool.workers)
+            except BaseException:
+                self._release_early()
+                raise
+        self.sup = Supervisor(
+            pool.workers, config.supervisor, self.io.make_process, stop_remote=self._stop_remote
+        )
+        for _ in remote_ids:
+            self.sup.add(remote=True)
         self._thread = threading.Thread(target=self.io.main, name="shardpool-front", daemon=True)
         launch.hold()  # released by teardown, once
         self._holds_launch = True
@@ -599,6 +615,19 @@ class Front:
                     raise WorkerStartError("workers did not report READY in time")
                 self.cv.wait(0.2)
 
+    def _stop_remote(self, index: int) -> None:
+        assert self.remote is not None
+        self.remote.stop(index)
+
+    def _release_early(self) -> None:
+        """Undo what ``__init__`` made before a failure that comes before the I/O thread."""
+        for link in self.links:
+            link.run_slot.close()
+        self.pull.close(linger=0)
+        self.ctx.term()
+        self.wakeup.close()
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
     def set_state(self, state: PoolState) -> None:
         """Change the pool state (lock held); anything but running shuts the window."""
         self.state = state
@@ -651,6 +680,8 @@ class Front:
         for link in self.links:
             link.disconnect()
             link.run_slot.close()
+        if self.remote is not None:
+            self.remote.close()
         self.pull.close(linger=0)
         self.ctx.term()
         self.wakeup.close()

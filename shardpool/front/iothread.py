@@ -69,10 +69,29 @@ class FrontIO:
 
     # -- spawning --------------------------------------------------------------------------------
 
+    def worker_settings(self) -> dict[str, Any]:
+        """What every worker is told by the front's config, local or remote (the
+        :class:`WorkerSpec` fields a remote worker's WELCOME carries)."""
+        f = self.front
+        pool = f.cfg.pool
+        return {
+            "handler": f.handler,
+            "handler_options": pool.handler_options.thaw(),
+            "payload": pool.payload,
+            "failure_policy": pool.failure_policy,
+            "failure_policy_by_type": pool.failure_policy_by_type.thaw(),
+            "retry_limit": pool.retry_limit,
+            "retry_backoff_s": pool.retry_backoff_ms / 1000.0,
+            "heartbeat_interval_s": f.cfg.supervisor.heartbeat_interval_s,
+            "channel_idle_expiry_s": pool.channel_idle_expiry_s,
+            "slots": pool.slots,
+            "move_state": pool.move_state,
+            "load_interval_s": pool.rebalance_interval_s,
+        }
+
     def make_process(self, index: int, epoch: int) -> WorkerProcess:
         """The supervisor's spawn factory: incarnation ``epoch`` of worker ``index``."""
         f = self.front
-        pool = f.cfg.pool
         link = f.links[index]
         link.incarnation(epoch)
         spec = WorkerSpec(
@@ -80,20 +99,9 @@ class FrontIO:
             epoch=epoch,
             data_endpoint=f"ipc://{f.rundir}/w{index}.{epoch}",
             front_endpoint=f.front_endpoint,
-            handler=f.handler,
-            handler_options=pool.handler_options.thaw(),
-            payload=pool.payload,
-            failure_policy=pool.failure_policy,
-            failure_policy_by_type=pool.failure_policy_by_type.thaw(),
-            retry_limit=pool.retry_limit,
-            retry_backoff_s=pool.retry_backoff_ms / 1000.0,
-            heartbeat_interval_s=f.cfg.supervisor.heartbeat_interval_s,
             parent_pid=os.getpid(),
             run_slot=link.run_slot.path,
-            channel_idle_expiry_s=pool.channel_idle_expiry_s,
-            slots=pool.slots,
-            move_state=pool.move_state,
-            load_interval_s=pool.rebalance_interval_s,
+            **self.worker_settings(),
         )
         # The worker's PR_SET_PDEATHSIG follows the thread that forks it: the fork server's (which
         # ends with this process), or, spawned, this one, which lives as long as the pool.
@@ -117,10 +125,14 @@ class FrontIO:
                     f.start_error = WorkerStartError(f"front I/O thread failed: {exc!r}")
                 f.cv.notify_all()
 
-    def _loop(self) -> None:
+    def _start_local(self) -> bool:
+        """Start every local worker (remote ones join when they connect); False if one could
+        not be spawned (``start_error`` says why)."""
         f = self.front
         with f.lock:
             for link in f.links:
+                if f.sup.workers[link.index].remote:
+                    continue
                 try:
                     f.sup.start(link.index)
                 except Exception as exc:
@@ -129,13 +141,19 @@ class FrontIO:
                     )
                     f.start_error.__cause__ = exc
                     f.cv.notify_all()
-                    return
+                    return False
                 link.watch(f.sup.workers[link.index].proc.pid)  # type: ignore[union-attr]
+        return True
+
+    def _loop(self) -> None:
+        f = self.front
+        if not self._start_local():
+            return
         pull = f.pull
         poller = zmq.Poller()
-        poller.register(pull, zmq.POLLIN)
         wake_fd = f.wakeup.fileno()
-        poller.register(wake_fd, zmq.POLLIN)
+        for source in [pull, wake_fd, *([] if f.remote is None else f.remote.fds())]:
+            poller.register(source, zmq.POLLIN)
         sentinels: dict[int, int] = {}
         while True:
             outcomes: list[Outcome] = []
@@ -160,14 +178,22 @@ class FrontIO:
                 f.wakeup.drain()
             if pull in events:
                 self._on_frames(self._recv_frames())
+            if f.remote is not None:
+                # Polled on every turn: a producer's send on the ROUTER may have taken its
+                # file descriptor's signal (see RoutedSocket).
+                self._on_remote()
             dead = [sentinels[fd] for fd in events if fd in sentinels]
             if dead:
-                self._await_last_words(dead)
-                outcomes = []
-                with f.lock:
-                    for index in dead:
-                        self._on_death(index, outcomes)
-                deliver(outcomes)
+                self._on_deaths(dead)
+
+    def _on_deaths(self, dead: list[int]) -> None:
+        """Workers whose sentinels fired: their last words first, then each death."""
+        self._await_last_words(dead)
+        outcomes: list[Outcome] = []
+        with self.front.lock:
+            for index in dead:
+                self._on_death(index, outcomes)
+        deliver(outcomes)
 
     def _recv_frames(self) -> list[bytes]:
         """Whatever the PULL socket holds, up to :data:`_READ_BURST` frames."""
@@ -237,6 +263,10 @@ class FrontIO:
         ):
             if placement_due is not None:
                 due = placement_due if due is None else min(due, placement_due)
+        if f.remote is not None:
+            remote_due = f.remote.tick(now, caught_up)
+            if remote_due is not None:
+                due = remote_due if due is None else min(due, remote_due)
         decisions, restart_due = f.sup.tick(caught_up)
         for d in decisions:
             if isinstance(d, Killed):
@@ -253,34 +283,57 @@ class FrontIO:
 
     def _on_frames(self, frames: list[bytes]) -> None:
         f = self.front
-        sup = f.sup
         outcomes: list[Outcome] = []
         with f.lock:
             for frame in frames:
                 try:
                     msg = codec.loads(frame)
-                    kind, index, epoch = msg[0], msg[1], msg[2]
-                    link = f.links[index]
+                    f.links[msg[1]], msg[2]  # noqa: B018 - a worker index and an epoch
                 except Exception:  # noqa: BLE001 - never let a bad frame stop the front
                     log.warning("dropped a malformed frame from a worker (%d bytes)", len(frame))
                     continue
-                if epoch != link.epoch:
-                    continue  # a dead incarnation's last words
-                sup.heard(index)
-                if kind == ToFront.ACK:
-                    f.counters["acks"] += 1
-                    self.on_ack(link, msg[3], msg[4], msg[5], outcomes)
-                    if msg[6]:
-                        f.channels.forget(link.window, msg[6])
-                elif kind == ToFront.HEARTBEAT:
-                    pass
-                elif kind == ToFront.READY:
-                    if sup.on_ready(index):
-                        self._on_ready(link)
-                else:
-                    self._on_cold_frame(link, kind, msg)
+                self._on_msg(msg, outcomes)
             f.release_room_waiters()
         deliver(outcomes)
+
+    def _on_remote(self) -> None:
+        """Frames from remote workers (the ROUTER is read under the lock: producers send on
+        it)."""
+        f = self.front
+        assert f.remote is not None
+        outcomes: list[Outcome] = []
+        with f.lock:
+            if f.closed:
+                return
+            for msg in f.remote.receive():  # (checked there: its own index)
+                try:
+                    self._on_msg(msg, outcomes)
+                except Exception:  # noqa: BLE001 - another host must not stop the front
+                    log.exception("remote worker %d sent a frame the front cannot use", msg[1])
+                    f.remote.cut(msg[1])
+            f.release_room_waiters()
+        deliver(outcomes)
+
+    def _on_msg(self, msg: list[Any], outcomes: list[Outcome]) -> None:
+        """One decoded frame from a worker, its index and epoch checked (lock held)."""
+        f = self.front
+        kind, index, epoch = msg[0], msg[1], msg[2]
+        link = f.links[index]
+        if epoch != link.epoch:
+            return  # a dead incarnation's last words
+        f.sup.heard(index)
+        if kind == ToFront.ACK:
+            f.counters["acks"] += 1
+            self.on_ack(link, msg[3], msg[4], msg[5], outcomes)
+            if msg[6]:
+                f.channels.forget(link.window, msg[6])
+        elif kind == ToFront.HEARTBEAT:
+            pass
+        elif kind == ToFront.READY:
+            if f.sup.on_ready(index):
+                self._on_ready(link)
+        else:
+            self._on_cold_frame(link, kind, msg)
 
     def _on_cold_frame(self, link: Link, kind: int, msg: list[Any]) -> None:
         f = self.front
@@ -301,6 +354,8 @@ class FrontIO:
         elif kind == ToFront.BYE:
             link.stats = codec.Bye._make(msg[1:]).stats
             link.said_bye = True
+            if f.remote is not None and f.remote.is_remote(link.index):
+                f.remote.on_bye(link)
             f.cv.notify_all()
         elif kind == ToFront.CRASH:
             crash = codec.Failure._make(msg[1:])
@@ -314,21 +369,28 @@ class FrontIO:
                 crash.traceback,
             )
         elif kind == ToFront.FATAL:
-            fatal = codec.Failure._make(msg[1:])
-            f.sup.note_crash(link.index, f"{fatal.exc_type}: {fatal.message}")
-            err = WorkerStartError(
-                f"worker {link.index} failed to start its handler: {fatal.exc_type}: "
-                f"{fatal.message}"
-            )
-            err.__cause__ = RemoteTraceback(fatal.traceback)
-            if f.resizer.on_start_failed(link.index, err) or f.roller.on_start_failed(
-                link.index, err
-            ):
-                return  # a worker the resize added: the pool goes on without it
-            if f.start_error is None and f.sup.workers[link.index].restarts == 0:
-                f.start_error = err
-            # An import or setup error will not fix itself by restarting.
-            f.break_pool(err)
+            self._on_fatal(link, codec.Failure._make(msg[1:]))
+
+    def _on_fatal(self, link: Link, fatal: codec.Failure) -> None:
+        """The worker could not start its handler (FATAL)."""
+        f = self.front
+        f.sup.note_crash(link.index, f"{fatal.exc_type}: {fatal.message}")
+        err = WorkerStartError(
+            f"worker {link.index} failed to start its handler: {fatal.exc_type}: "
+            f"{fatal.message}"
+        )
+        err.__cause__ = RemoteTraceback(fatal.traceback)
+        if f.remote is not None and f.remote.is_remote(link.index):
+            f.remote.on_fatal(link, f"{fatal.exc_type}: {fatal.message}")
+            return  # a remote host's install: the pool goes on without it
+        if f.resizer.on_start_failed(link.index, err) or f.roller.on_start_failed(
+            link.index, err
+        ):
+            return  # a worker the resize added: the pool goes on without it
+        if f.start_error is None and f.sup.workers[link.index].restarts == 0:
+            f.start_error = err
+        # An import or setup error will not fix itself by restarting.
+        f.break_pool(err)
 
     def on_ack(
         self,
@@ -431,7 +493,10 @@ class FrontIO:
     def _on_ready(self, link: Link) -> None:
         """The current epoch is ready: connect, replay whatever the window holds (lock held)."""
         f = self.front
-        link.connect(f.ctx, f"ipc://{f.rundir}/w{link.index}.{link.epoch}")
+        if f.remote is not None and f.remote.is_remote(link.index):
+            f.remote.connect(link)
+        else:
+            link.connect(f.ctx, f"ipc://{f.rundir}/w{link.index}.{link.epoch}")
         win = link.window
         if win.batches or win.parts:
             halted = f.channels.halted_on(win)

@@ -77,7 +77,19 @@ def stats(front: Front, timeout: float) -> dict[str, Any]:
         del front.stats_replies[req]
         for index, reply in replies.items():
             front.links[index].stats = reply
-        workers = [{**k.report(), **front.sup.report(k.index)} for k in front.links]
+        remote = front.remote
+        workers = [
+            {
+                **k.report(),
+                **front.sup.report(k.index),
+                **(
+                    remote.report(k.index)
+                    if remote is not None and remote.is_remote(k.index)
+                    else {"remote": False, "host": "local", "link": "ipc"}
+                ),
+            }
+            for k in front.links
+        ]
         channels = front.channels
         return {
             "state": front.state,
@@ -91,6 +103,7 @@ def stats(front: Front, timeout: float) -> dict[str, Any]:
             "halted": channels.report(),
             "placement": placement(front),
             "workers": workers,
+            "remote": None if remote is None else remote.summary(),
         }
 
 
@@ -183,7 +196,8 @@ def unpin(front: Front, channel_id: bytes, timeout: float | None) -> Move | None
 def placement(front: Front) -> dict[str, Any]:
     """Where the channels go (lock held): slots per worker, pins, moves (in progress, counts,
     pause p50/p99 in seconds), the resize under way, and the levelling (measured load per worker
-    in shares of a core, the plan, dedicated workers, saturated channels)."""
+    in shares of a core, the plan, dedicated workers, saturated channels), remote workers (link
+    state, lease age, round trip, failovers, refusals)."""
     ch = front.channels
     per_worker = [0] * len(front.links)
     for w in ch.router.table:
@@ -196,4 +210,5 @@ def placement(front: Front) -> dict[str, Any]:
         "resize": front.resizer.report(),
         "roll": front.roller.report(),
         "levelling": front.balancer.report(),
+        "remote": None if front.remote is None else front.remote.summary(),
     }

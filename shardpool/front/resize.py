@@ -126,6 +126,11 @@ class Resizer:
             raise MoveRefused(f"resize: workers must be from 1 to {MAX_WORKERS}, got {workers}")
         if f.state != PoolState.RUNNING:
             raise MoveRefused("the pool is not running")
+        if f.remote is not None:
+            raise MoveRefused(
+                "resize changes the local worker count; with remote workers configured it is not "
+                "available (add or remove remote workers in remote.workers instead)"
+            )
         # Workers from _base on are new: a request during a resize keeps the earlier base.
         self._base = min(self._base if self.busy() else self.active(), workers)
         self.generation += 1

@@ -90,6 +90,11 @@ class Roller:
         f = self.front
         if f.state != PoolState.RUNNING:
             raise MoveRefused("the pool is not running")
+        if f.remote is not None:
+            raise MoveRefused(
+                "a rolling restart replaces local worker processes; with remote workers "
+                "configured, restart those through their hosts' service manager"
+            )
         if self.busy():
             raise MoveRefused("a rolling restart is already under way")
         if f.resizer.busy() or f.resizer.retiring:

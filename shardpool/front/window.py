@@ -448,6 +448,39 @@ class Window:
                 self.waiters[first + j] = waiter
         return batch
 
+    def take_all(self) -> list[tuple[Item, DoneCallback | None, bool, float]]:
+        """Empty the window (a lost remote worker's, whose channels go to other workers): every
+        unfinished message as ``(item, on_done, may_have_run, sealed_at)``, in order. A sent
+        message may have run (the worker's word on it is lost with it); a move's INSTALL entry
+        is dropped (the state it carried is lost, as in a crash)."""
+        out: list[tuple[Item, DoneCallback | None, bool, float]] = []
+        waiters = self.waiters
+        for batch, w, item in list(self.entries()):
+            if batch is not None and batch.install is not None:
+                continue
+            ran = batch is not None and (batch.sent or batch.doubt)
+            at = _monotonic() if batch is None else batch.at
+            out.append((item, waiters.pop(w, None), ran, at))
+        self.next_wseq += self.pending()
+        self.parts.clear()
+        self.batches.clear()
+        self.starts.clear()
+        self.waiters = {}
+        self.inflight = 0
+        self.parked = 0
+        return out
+
+    def add_resent(
+        self, epoch: int, redelivered: bool, entries: list[tuple[Item, DoneCallback | None, float]]
+    ) -> Batch:
+        """Append messages taken from another window as one batch numbered for ``epoch`` (the
+        caller flushed the pending batch first; it sends ``frame`` and sets ``sent``)."""
+        assert not self.parts, "flush the pending batch before adding a resent batch"
+        batch = self._resend(epoch, redelivered, [(i, w, None, at) for i, w, at in entries])
+        batch.sent = False
+        self.inflight += batch.n
+        return batch
+
     def unsettled(
         self, said_bye: bool, running: set[int] | None
     ) -> Iterator[tuple[Item, DoneCallback | None, bool]]:

@@ -14,8 +14,11 @@ and says BYE before it exits.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import heapq
+import logging
 import os
 import signal
 import time
@@ -31,9 +34,12 @@ from ..exitcodes import EXIT_OK, EXIT_START_FAILED
 from ..handler import load_handler, maybe_await, move_state_of
 from .acks import Acks
 from .dispatch import COUNTERS, Dispatcher
+from .lease import Lease
 from .process import RunSlot, WorkerSpec
 
 __all__ = ["Worker"]
+
+log = logging.getLogger("shardpool.worker")
 
 HOT_CHANNELS = 10
 """Channels listed in the stats as the hottest (most messages since this incarnation began)."""
@@ -49,8 +55,18 @@ async handler calls) at least this often (seconds)."""
 class Worker:
     """The state of one worker incarnation; :meth:`run` is its whole life."""
 
-    def __init__(self, spec: WorkerSpec) -> None:
+    def __init__(
+        self, spec: WorkerSpec, sock: zmq.Socket[bytes] | None = None, lease: Lease | None = None
+    ) -> None:
+        """``sock``: a remote worker's connected DEALER, both ways (None: a local worker, which
+        binds its PULL and connects a PUSH); ``lease``: a remote worker's lease to the front."""
         self.spec = spec
+        self._sock = sock
+        self.lease = lease
+        # A remote link must never skip a frame: the next wseq the front will send (None: any).
+        self._next_wseq: int | None = None
+        # A remote worker's frames read ahead of the one being served (see _recv_remote).
+        self._queued: collections.deque[bytes] = collections.deque()
         self.index = spec.index
         self.epoch = spec.epoch
         # Non-empty once a stop was requested (the signal numbers; 0 for a STOP frame). A list so
@@ -71,73 +87,90 @@ class Worker:
     async def run(self) -> int:
         """Start, serve until asked to stop, finish what is running, say BYE. Returns the exit
         code."""
+        if self._sock is not None:
+            return await self._run(self._sock, self._sock)  # remote: one socket, the caller's
         # Plain sockets: sends never need to wait (HWM 0 below), and the serve loop waits for
         # the PULL socket's FD in the event loop itself (no future per frame).
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        push: zmq.Socket[bytes] = ctx.socket(zmq.PUSH)
+        push = ctx.socket(zmq.PUSH)
         # No high-water mark: the front's in-flight window already bounds what can be queued, and
         # a blocking send here could deadlock against a front that is blocked on us.
         push.sndhwm = 0
         push.linger = 2000  # a FATAL or BYE must get out before the process ends
         push.connect(self.spec.front_endpoint)
-        self.acks.push = push
+        pull = ctx.socket(zmq.PULL)
+        pull.rcvhwm = 0
+        pull.linger = 0
         try:
-            try:
-                handler = load_handler(self.spec.handler, self.spec.handler_options)
-                mode = move_state_of(self.spec.move_state, handler, self.spec.handler)
-                if mode != self.spec.move_state:
-                    self.spec = dataclasses.replace(self.spec, move_state=mode)
-                if handler.setup is not None:
-                    await maybe_await(handler.setup(self.index))
-                slot = RunSlot(self.spec.run_slot) if self.spec.run_slot else None
-            except BaseException as exc:  # noqa: BLE001 - any start failure is reported, then fatal
-                self._report_failure(ToFront.FATAL, exc)
-                return EXIT_START_FAILED
-            self.dispatch = Dispatcher(self.spec, handler, self.acks, self.stop, slot)
-            pull = ctx.socket(zmq.PULL)
-            pull.rcvhwm = 0
-            pull.linger = 0
-            pull.bind(self.spec.data_endpoint)
-            loop = asyncio.get_running_loop()
-            # The loop callback wakes the serve loop; the plain handler (re-installed, since
-            # add_signal_handler replaced it) records the request at once, even mid-call.
-            loop.add_signal_handler(signal.SIGTERM, self.on_stop_request)
-            signal.signal(signal.SIGTERM, self.note_stop)
-            self.acks.send(ToFront.READY, os.getpid())
-            tasks = [loop.create_task(self._heartbeat())]
-            if self.spec.channel_idle_expiry_s > 0:
-                tasks.append(loop.create_task(self._sweep(self.spec.channel_idle_expiry_s)))
-            if self.spec.load_interval_s > 0:
-                tasks.append(loop.create_task(self._report_load(self.spec.load_interval_s)))
-            try:
-                await self.serve(pull)
-                # Asked to stop: report what is running, let it finish (halted channels stay
-                # parked; the front reports their messages), acknowledge, say goodbye.
-                self.on_stop_request()
-                await self.dispatch.idle.wait()
-                self.acks.flush()
-            except BaseException as exc:
-                # Dying (a bug, or a handler raising SystemExit/KeyboardInterrupt): the front
-                # will see the death on the sentinel; this tells it why, traceback included.
-                if not isinstance(exc, asyncio.CancelledError):
-                    self._report_failure(ToFront.CRASH, exc)
-                raise
-            finally:
-                for task in tasks:
-                    task.cancel()
-                pull.close(linger=0)
-            # BYE before the teardown hook: from here on nothing of ours will run a message.
-            self.acks.send(ToFront.BYE, self.stats())
-            if handler.teardown is not None:
-                await maybe_await(handler.teardown())
-            return EXIT_OK
+            pull.bind(self.spec.data_endpoint)  # the front connects once it has our READY
+            return await self._run(push, pull)
         finally:
+            pull.close(linger=0)
             push.close()
             ctx.term()
+
+    async def _run(self, push: zmq.Socket[bytes], pull: zmq.Socket[bytes]) -> int:
+        self.acks.push = push
+        try:
+            handler = load_handler(self.spec.handler, self.spec.handler_options)
+            mode = move_state_of(self.spec.move_state, handler, self.spec.handler)
+            if mode != self.spec.move_state:
+                self.spec = dataclasses.replace(self.spec, move_state=mode)
+            if handler.setup is not None:
+                await maybe_await(handler.setup(self.index))
+            slot = RunSlot(self.spec.run_slot) if self.spec.run_slot else None
+        except BaseException as exc:  # noqa: BLE001 - any start failure is reported, then fatal
+            self._report_failure(ToFront.FATAL, exc)
+            return EXIT_START_FAILED
+        self.dispatch = Dispatcher(self.spec, handler, self.acks, self.stop, slot)
+        loop = asyncio.get_running_loop()
+        if self.lease is not None:
+            self.lease.start(lambda: self._fence(loop))
+        # The loop callback wakes the serve loop; the plain handler (re-installed, since
+        # add_signal_handler replaced it) records the request at once, even mid-call.
+        loop.add_signal_handler(signal.SIGTERM, self.on_stop_request)
+        signal.signal(signal.SIGTERM, self.note_stop)
+        self.acks.send(ToFront.READY, os.getpid())
+        tasks = [loop.create_task(self._heartbeat())]
+        if self.spec.channel_idle_expiry_s > 0:
+            tasks.append(loop.create_task(self._sweep(self.spec.channel_idle_expiry_s)))
+        if self.spec.load_interval_s > 0:
+            tasks.append(loop.create_task(self._report_load(self.spec.load_interval_s)))
+        try:
+            await self.serve(pull)
+            # Asked to stop: report what is running, let it finish (halted channels stay
+            # parked; the front reports their messages), acknowledge, say goodbye.
+            self.on_stop_request()
+            await self.dispatch.idle.wait()
+            self.acks.flush()
+        except BaseException as exc:
+            # Dying (a bug, or a handler raising SystemExit/KeyboardInterrupt): the front will
+            # see the death on the sentinel; this tells it why, traceback included.
+            if not isinstance(exc, asyncio.CancelledError):
+                self._report_failure(ToFront.CRASH, exc)
+            raise
+        finally:
+            for task in tasks:
+                task.cancel()
+            if self.lease is not None:
+                self.lease.close()
+        # BYE before the teardown hook: from here on nothing of ours will run a message.
+        self.acks.send(ToFront.BYE, self.stats())
+        if handler.teardown is not None:
+            await maybe_await(handler.teardown())
+        return EXIT_OK
 
     def _report_failure(self, kind: ToFront, exc: BaseException) -> None:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         self.acks.send(kind, type(exc).__qualname__, str(exc), tb)
+
+    def _fence(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The lease ran out (the lease's thread): start no call from now on, end this
+        incarnation (the front gives its channels to other workers once the lease is surely
+        over on its side too)."""
+        self.stop.append(-1)
+        with contextlib.suppress(RuntimeError):  # the loop already closed: nothing to wake
+            loop.call_soon_threadsafe(self.on_stop_request)
 
     def on_stop_request(self) -> None:
         """Act on a stop request (event-loop callback; idempotent): from now on no handler call
@@ -162,7 +195,7 @@ class Worker:
         assert dispatch is not None
         loop = asyncio.get_running_loop()
         clock = loop.time
-        recv = pull.recv
+        recv = pull.recv if self.lease is None else self._recv_remote
         yield_due = clock() + YIELD_S
         while not stop:
             try:
@@ -191,6 +224,8 @@ class Worker:
             if epoch != self.epoch:
                 self.stale_frames += 1
                 continue
+            if self.lease is not None and not self._in_sequence(kind, msg):
+                return  # a frame went missing: nothing after it may run here
             if kind == ToWorker.BATCH:
                 if msg[3]:
                     await dispatch.careful_batch(msg)
@@ -198,6 +233,61 @@ class Worker:
                     dispatch.on_batch(msg)
             else:
                 self._cold_frame(dispatch, kind, msg)
+
+    def _recv_remote(self, flags: int = 0) -> bytes:
+        """A remote worker's next frame (as ``sock.recv(zmq.NOBLOCK)``). Everything ZeroMQ holds
+        is read ahead first, so that a LEASE is taken at once, not after the batches sent
+        before it have been served (up to a window of work): the lease measures the front, not
+        this worker's backlog. A LEASE frame is known by its first two bytes, without decoding.
+
+        Raises:
+            zmq.Again: nothing to serve.
+        """
+        queued = self._queued
+        sock = self._sock
+        assert sock is not None
+        while True:
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if frame[:2] == _LEASE_HEAD:
+                self._take_lease(frame)
+            else:
+                queued.append(frame)
+        if queued:
+            return queued.popleft()
+        raise zmq.Again
+
+    def _take_lease(self, frame: bytes) -> None:
+        try:
+            msg = codec.loads(frame)
+            if msg[1] == self.epoch and self.lease is not None:
+                self.lease.renew(msg[2])
+        except Exception:  # noqa: BLE001 - a malformed frame must not take the worker down
+            self.bad_frames += 1
+
+    def _in_sequence(self, kind: int, msg: list[Any]) -> bool:
+        """Whether a remote link's window entry (BATCH, INSTALL) follows the last one without a
+        gap. One tcp connection delivers in order or not at all, and a remote worker never
+        reconnects within an incarnation, so a gap is a bug somewhere: fence rather than run
+        messages past a missing one."""
+        if kind == ToWorker.BATCH:
+            n = len(msg) - 4
+        elif kind == ToWorker.INSTALL:
+            n = 1
+        else:
+            return True
+        first = msg[2]
+        if self._next_wseq is not None and first != self._next_wseq:
+            log.error(
+                "worker %d: frame %s follows %s: a frame is missing; leaving this incarnation",
+                self.index, first, self._next_wseq - 1,
+            )
+            self.stop.append(-1)
+            return False
+        self._next_wseq = first + n
+        return True
 
     async def _readable(self, loop: asyncio.AbstractEventLoop, pull: zmq.Socket[bytes]) -> bool:
         """Wait until ``pull``'s FD signals (a bare reader callback: cheaper per wake than a
@@ -229,6 +319,8 @@ class Worker:
             dispatch.handoff.on_drain(msg[2], msg[3], msg[4], msg[5])
         elif kind == ToWorker.CANCEL:
             dispatch.handoff.on_cancel(msg[2])
+        elif kind == ToWorker.LEASE and self.lease is not None:
+            self.lease.renew(msg[2])
         elif kind == ToWorker.STOP:
             self.stop.append(0)  # the in-band stop request, for a worker that cannot be signalled
         else:
@@ -242,7 +334,13 @@ class Worker:
             due = loop.time() + interval
             await asyncio.sleep(interval)
             self.loop_lag_s = max(0.0, loop.time() - due)
-            self.acks.send(ToFront.HEARTBEAT, self.loop_lag_s)
+            lease = self.lease
+            self.acks.send(
+                ToFront.HEARTBEAT,
+                self.loop_lag_s,
+                time.monotonic(),
+                0.0 if lease is None else lease.rtt_s,
+            )
 
     async def _report_load(self, interval: float) -> None:
         """Every ``interval`` seconds, tell the front how busy this worker was (CPU seconds) and
@@ -300,6 +398,10 @@ class Worker:
             "loop_lag_s": self.loop_lag_s,
             "hot_channels": [[c.id, c._expect - c._first] for c in hot],
         }
+
+
+_LEASE_HEAD = bytes((0x83, ToWorker.LEASE))
+"""The first two bytes of every LEASE frame: a 3-element CBOR array, then its kind."""
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

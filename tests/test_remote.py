@@ -1,0 +1,234 @@
+"""Remote workers on this host (loopback tcp): the handshake, joining by live moves, a clean
+leave, refusals, the lease; the rules of ``[remote]``. The tests across simulated hosts
+(namespaces: partitions, CURVE beyond loopback) are in ``test_multihost.py``."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from remote_tools import (
+    TESTS,
+    HostService,
+    Results,
+    check_journal,
+    check_results,
+    front_config,
+    joined,
+    wait_until,
+    worker_argv,
+)
+
+from shardpool import ShardPool
+from shardpool.config import config_from_dict
+from shardpool.errors import ConfigError
+from shardpool.exitcodes import EXIT_CONFIG, EXIT_OK
+from shardpool.front.window import Window
+from shardpool.security import load_remote_keys
+from shardpool.worker.lease import Lease
+from shardpool.worker.remote import options_from_config
+
+# -- the rules, without processes --------------------------------------------------------------
+
+
+def _problems(data: dict[str, Any], check: Any) -> list[tuple[str, object, str]]:
+    with pytest.raises(ConfigError) as err:
+        check(config_from_dict(data))
+    return list(err.value.problems)
+
+
+def test_a_non_loopback_bind_without_curve_is_refused_naming_the_key() -> None:
+    problems = _problems(
+        {"remote": {"bind": "tcp://10.1.2.3:5557", "workers": {"h2": 1}}}, load_remote_keys
+    )
+    assert [p[0] for p in problems] == ["remote.bind"]
+    assert "CURVE" in problems[0][2] and problems[0][1] == "tcp://10.1.2.3:5557"
+
+
+def test_bind_and_workers_go_together_and_front_is_not_a_worker_id() -> None:
+    assert _problems({"remote": {"workers": {"h2": 1}}}, load_remote_keys)[0][0] == "remote.bind"
+    assert _problems({"remote": {"bind": "tcp://127.0.0.1:1"}}, load_remote_keys)[0][0] == (
+        "remote.workers"
+    )
+    problems = _problems(
+        {"remote": {"bind": "tcp://127.0.0.1:1", "workers": {"front": 1}}}, load_remote_keys
+    )
+    assert problems[0][0] == "remote.workers" and '"front"' in problems[0][2]
+
+
+@pytest.mark.parametrize(
+    "workers",
+    [{".hidden": 1}, {"a/b": 1}, {"ok": 0}, {"ok": -1}, {"ok": float("nan")}, {"ok": True},
+     {"x" * 65: 1}, {"ok": "1"}],
+)
+def test_bad_worker_tables_are_refused_at_load(workers: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"remote": {"bind": "tcp://127.0.0.1:1", "workers": workers}})
+    assert err.value.problems[0][0] == "remote.workers"
+
+
+def test_every_listed_worker_needs_its_pinned_key(tmp_path: Path) -> None:
+    from remote_tools import make_keys
+
+    keys = make_keys(tmp_path, ["h2"])
+    problems = _problems(
+        {"remote": {"bind": "tcp://10.1.2.3:5557", "workers": {"h2": 1, "h3": 1}, **keys}},
+        load_remote_keys,
+    )
+    assert [p[0] for p in problems] == ["remote.workers_dir"]
+    assert "'h3'" in problems[0][2]
+    ok = load_remote_keys(config_from_dict(
+        {"remote": {"bind": "tcp://10.1.2.3:5557", "workers": {"h2": 1}, **keys}}
+    ))
+    assert ok is not None and sorted(ok.pinned.values()) == ["h2"]
+
+
+def test_worker_options_need_an_address_an_id_and_curve_beyond_loopback(tmp_path: Path) -> None:
+    problems = _problems({}, options_from_config)
+    assert [p[0] for p in problems] == ["remote.connect", "remote.worker_id"]
+    problems = _problems(
+        {"remote": {"connect": "tcp://10.1.2.3:5557", "worker_id": "h2"}}, options_from_config
+    )
+    assert [p[0] for p in problems] == ["remote.connect"] and "CURVE" in problems[0][2]
+    problems = _problems(
+        {"remote": {"connect": "tcp://10.1.2.3:5557", "worker_id": "h2",
+                    "front_public_key": str(tmp_path / "missing.key")}},
+        options_from_config,
+    )
+    assert [p[0] for p in problems] == ["remote.worker_secret_key"]
+    opts = options_from_config(config_from_dict(
+        {"remote": {"connect": "tcp://127.0.0.1:5557", "worker_id": "h2"}}
+    ))
+    assert (opts.worker_id, opts.secret_key) == ("h2", None)
+
+
+# -- units -------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(10)
+def test_the_lease_fences_at_its_deadline_and_only_extends_from_when_a_beat_was_sent() -> None:
+    now = time.monotonic()
+    lease = Lease(0.3, now, grace_s=60.0)
+    fenced: list[float] = []
+    lease.start(lambda: fenced.append(time.monotonic()))
+    while time.monotonic() < now + 0.1:  # a heartbeat sent 0.1 s later
+        pass
+    sent = time.monotonic()
+    lease.renew(sent)  # its answer: the lease runs until sent + 0.3
+    lease.renew(now)  # an older answer never shortens it
+    lease.renew(time.monotonic() + 3600)  # not a time of ours: ignored
+    wait_until(lambda: bool(fenced), 5, "the fence")
+    lease.close()
+    assert fenced[0] >= sent + 0.3 and lease.expired
+    assert fenced[0] - (sent + 0.3) < 0.2
+    assert lease.rtt_s < 0.2
+
+
+def test_take_all_empties_a_window_in_order_and_marks_what_may_have_run() -> None:
+    win = Window(0)
+    waiters = []
+    for i in range(5):
+        done = lambda v, e, i=i: None  # noqa: E731
+        waiters.append(done)
+        win.place(b"\x83" + b"\x41c", i, b"\xf6", done)
+        if i == 2:
+            batch = win.seal(1)
+            batch.sent = True
+    win.finish_range(1, 2, [])  # message 1 finished
+    taken = win.take_all()
+    assert [(item[1], ran) for item, _, ran, _ in taken] == [(0, True), (2, True), (3, False),
+                                                              (4, False)]
+    assert [w for _, w, _, _ in taken] == [waiters[0], waiters[2], waiters[3], waiters[4]]
+    assert (win.inflight, win.batches, win.parts, win.waiters) == (0, {}, [], {})
+    assert win.next_wseq == 5  # numbering goes on: no wseq is ever reused
+
+
+# -- one process, loopback ---------------------------------------------------------------------
+
+def _service(endpoint: str, wid: str) -> HostService:
+    return HostService(
+        lambda: subprocess.Popen(worker_argv(endpoint, wid, None), cwd=TESTS)  # noqa: S603
+    )
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_a_remote_worker_joins_takes_its_share_and_leaves_cleanly(tmp_path: Path) -> None:
+    results = Results()
+    cfg = front_config("tcp://127.0.0.1:*", ["w1"], tmp_path)
+    with ShardPool(config=cfg, on_result=results) as pool:
+        endpoint = pool._front.remote.endpoint  # type: ignore[union-attr]
+        service = _service(endpoint, "w1")
+        try:
+            wait_until(lambda: joined(pool, 1), 30, "the remote worker to join")
+            stats = pool.stats()
+            remote = stats["workers"][1]
+            assert (remote["remote"], remote["worker_id"], remote["link"]) == (True, "w1", "up")
+            assert stats["placement"]["slots_per_worker"] == [2048, 2048]
+            sent = {b"lb-%03d" % c: 0 for c in range(200)}
+            for _ in range(20):
+                for cid in sent:
+                    pool.submit(cid, {"i": sent[cid]})
+                    sent[cid] += 1
+            pool.drain(30)
+            assert pool.stats()["workers"][1]["processed"] > 0
+            # Stopped by its own host: it says BYE, its channels fail over at once, none in doubt.
+            assert service.stop() == EXIT_OK
+            wait_until(lambda: remote_state(pool) == "away", 10, "the clean leave")
+            assert pool.stats()["placement"]["slots_per_worker"] == [4096, 0]
+            for cid in sent:
+                pool.submit(cid, {"i": sent[cid]})
+                sent[cid] += 1
+            pool.drain(30)
+        finally:
+            service.stop()
+    check_results(results, sent)
+    stats = check_journal(tmp_path, sent)
+    assert stats["redelivered_dups"] == 0
+
+
+def remote_state(pool: ShardPool) -> str:
+    return str(pool.placement()["remote"]["workers"][1]["state"])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_an_unknown_worker_id_is_refused_for_good(tmp_path: Path) -> None:
+    cfg = front_config("tcp://127.0.0.1:*", ["w1"], tmp_path)
+    with ShardPool(config=cfg) as pool:
+        endpoint = pool._front.remote.endpoint  # type: ignore[union-attr]
+        proc = subprocess.Popen(worker_argv(endpoint, "stranger", None), cwd=TESTS,
+                                stderr=subprocess.PIPE)
+        try:
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        assert proc.returncode == EXIT_CONFIG
+        assert b"unknown worker id" in err
+        assert pool.placement()["remote"]["refused"] == 1
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_a_second_incarnation_is_refused_until_the_first_is_failed_over(tmp_path: Path) -> None:
+    cfg = front_config("tcp://127.0.0.1:*", ["w1"], tmp_path, lease_s=0.5, margin_s=0.3)
+    with ShardPool(config=cfg) as pool:
+        endpoint = pool._front.remote.endpoint  # type: ignore[union-attr]
+        first = _service(endpoint, "w1")
+        second = None
+        try:
+            wait_until(lambda: joined(pool, 1), 30, "the first worker to join")
+            second = _service(endpoint, "w1")
+            wait_until(lambda: pool.placement()["remote"]["refused"] >= 1, 10, "the refusal")
+            assert pool.stats()["workers"][1]["failovers"] == 0
+            first.stop()  # the first leaves (BYE): the second gets in
+            wait_until(lambda: pool.placement()["remote"]["joins"] == 2, 20, "the second to join")
+        finally:
+            first.stop()
+            if second is not None:
+                second.stop()
