@@ -56,6 +56,7 @@ __all__ = [
     "load_public_key",
     "load_remote_keys",
     "lock_endpoint",
+    "monitor_events",
     "resolve_endpoints",
     "runtime_dir",
     "secure_socket_file",
@@ -393,6 +394,22 @@ def check_endpoints(cfg: Config) -> CurveServerKeys | None:
     if problems:
         raise ConfigError(problems)
     return keys
+
+
+def monitor_events(mon: zmq.Socket[bytes]) -> Iterator[int]:
+    """The events waiting on a socket monitor (``get_monitor_socket``), read without blocking; a
+    message that cannot be parsed is skipped."""
+    from zmq.utils.monitor import parse_monitor_message
+
+    while True:
+        try:
+            frames = mon.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            yield int(parse_monitor_message(frames)["event"])
+        except Exception:  # noqa: BLE001 - a monitor message we cannot read changes nothing
+            continue
 
 
 # ------------------------------------------------------------------------------ CURVE key files

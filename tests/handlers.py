@@ -410,7 +410,7 @@ class Journal:
         return [seq, ledger]
 
 
-class HostJournal:
+class HostJournal(Journal):
     """The handler of the multi-host tests (``tests/test_multihost.py``): counts each channel's
     applied messages in ``channel.state`` (CBOR: it moves with its slot; lost with a lost
     worker) and returns ``[seq, count]``; journals every call to ``<dir>/journal`` (one file,
@@ -419,20 +419,6 @@ class HostJournal:
     and end (``time.time()``: the hosts share one clock), so that order, duplicates and calls of
     one channel on two hosts at once can be checked afterwards. ``message["ms"]``: the call takes
     that long (a slow handler)."""
-
-    def __init__(self, dir: str) -> None:
-        self.dir = dir
-        self.fd = -1
-        self.pid = 0
-
-    def setup(self, worker_index: int) -> None:
-        self.fd = os.open(
-            os.path.join(self.dir, "journal"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
-        )
-        self.pid = os.getpid()
-
-    def teardown(self) -> None:
-        os.close(self.fd)
 
     def handle(self, channel: Any, seq: int, message: Any, redelivered: bool) -> Any:
         start = time.time()

@@ -10,11 +10,13 @@ the tests check order, flagged duplicates and that no channel ever ran on two ho
 
 from __future__ import annotations
 
+import contextlib
 import random
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +125,23 @@ def _pool(tmp_path: Path, hosts: Hosts, ids: list[str], results: Results, **kw: 
     return ShardPool(config=cfg, on_result=results)
 
 
+@contextlib.contextmanager
+def cluster(
+    tmp_path: Path, ids: list[str], results: Results, local: int = 1, **kw: Any
+) -> Iterator[tuple[Hosts, ShardPool, list[HostService]]]:
+    """One simulated host per id, a front with ``local`` local workers, a ``shardpool worker``
+    in each host; returns once every remote worker has joined. Everything stops on exit."""
+    with Hosts(len(ids)) as hosts, _pool(tmp_path, hosts, ids, results, local=local,
+                                         **kw) as pool:
+        services = _services(hosts, f"tcp://{hosts.front_addr}:{PORT}", tmp_path / "keys", ids)
+        try:
+            wait_until(lambda: joined(pool, len(ids)), 60, "the remote workers to join")
+            yield hosts, pool, services
+        finally:
+            for service in services:
+                service.stop()
+
+
 def _remote_pids(pool: ShardPool) -> set[int]:
     return {w["pid"] for w in pool.placement()["remote"]["workers"].values() if w["pid"]}
 
@@ -143,27 +162,19 @@ def test_order_across_hosts_with_two_local_and_two_remote_workers(tmp_path: Path
         pool.drain(120)
         rates["local"] = stream.progress() / (time.perf_counter() - t0)
     check_results(results, stream.sent)
-    with Hosts(2) as hosts:
-        results = Results()
-        with _pool(tmp_path, hosts, ["h1", "h2"], results, local=2) as pool:
-            services = _services(hosts, f"tcp://{hosts.front_addr}:{PORT}", tmp_path / "keys",
-                                 ["h1", "h2"])
-            try:
-                wait_until(lambda: joined(pool, 2), 60, "both remote workers to join")
-                t0 = time.perf_counter()
-                stream = Stream(pool, channels, per_channel).start()
-                stream.join(180)
-                pool.drain(180)
-                rates["remote"] = stream.progress() / (time.perf_counter() - t0)
-                stats = pool.stats()
-                processed = [w["processed"] for w in stats["workers"]]
-                assert all(p > 0 for p in processed), processed  # every host took part
-                for w in stats["workers"]:
-                    assert (w["gaps"], w["duplicates"], w["reorders"]) == (0, 0, 0), w
-                    assert w["redelivered"] == 0
-            finally:
-                for s in services:
-                    s.stop()
+    results = Results()
+    with cluster(tmp_path, ["h1", "h2"], results, local=2) as (_, pool, _):
+        t0 = time.perf_counter()
+        stream = Stream(pool, channels, per_channel).start()
+        stream.join(180)
+        pool.drain(180)
+        rates["remote"] = stream.progress() / (time.perf_counter() - t0)
+        stats = pool.stats()
+        processed = [w["processed"] for w in stats["workers"]]
+        assert all(p > 0 for p in processed), processed  # every host took part
+        for w in stats["workers"]:
+            assert (w["gaps"], w["duplicates"], w["reorders"]) == (0, 0, 0), w
+            assert w["redelivered"] == 0
     check_results(results, stream.sent)
     counts = check_journal(tmp_path / "journal", stream.sent)
     assert counts["calls"] == channels * per_channel and counts["redelivered_dups"] == 0
@@ -177,32 +188,25 @@ def test_order_across_hosts_with_two_local_and_two_remote_workers(tmp_path: Path
 @pytest.mark.timeout(180)
 def test_a_remote_worker_killed_is_replayed_in_order_elsewhere(tmp_path: Path) -> None:
     results = Results()
-    with Hosts(1) as hosts, _pool(tmp_path, hosts, ["h1"], results) as pool:
-        (service,) = _services(hosts, f"tcp://{hosts.front_addr}:{PORT}", tmp_path / "keys",
-                               ["h1"])
-        try:
-            wait_until(lambda: joined(pool, 1), 60, "the remote worker to join")
-            local_pid = pool.worker_pids()[0]
-            stream = Stream(pool, 200, 40, ms=0.5).start()
-            wait_until(lambda: stream.progress() > 3000, 60, "traffic")
-            wait_until(lambda: pool.stats(timeout=2)["workers"][1].get("processed", 0) > 200, 60,
-                       "the remote worker to be busy")
-            killed_at = time.monotonic()
-            service.kill()  # kill -9; the service restarts it
-            wait_until(lambda: pool.placement()["remote"]["failovers"] == 1, 30,
-                       "the failover")
-            failover_s = time.monotonic() - killed_at
-            stream.join(120)
-            pool.drain(120)
-            # The restarted worker came back empty and got its share back by live moves.
-            wait_until(lambda: joined(pool, 1), 60, "the restarted worker to rejoin")
-            stats = pool.stats()
-            assert stats["remote"]["joins"] == 2
-            assert stats["workers"][0]["restarts"] == 0 and pool.worker_pids()[0] == local_pid
-            assert stats["replayed"] > 0
-            assert service.exits == [-9]
-        finally:
-            service.stop()
+    with cluster(tmp_path, ["h1"], results) as (hosts, pool, (service,)):
+        local_pid = pool.worker_pids()[0]
+        stream = Stream(pool, 200, 100, ms=0.5).start()
+        # Killed with a backlog: its window holds thousands of messages by then.
+        wait_until(lambda: stream.progress() > 5000, 60, "traffic")
+        killed_at = time.monotonic()
+        service.kill()  # kill -9; the service restarts it
+        wait_until(lambda: pool.placement()["remote"]["failovers"] == 1, 30,
+                   "the failover")
+        failover_s = time.monotonic() - killed_at
+        stream.join(120)
+        pool.drain(120)
+        # The restarted worker came back empty and got its share back by live moves.
+        wait_until(lambda: joined(pool, 1), 60, "the restarted worker to rejoin")
+        stats = pool.stats()
+        assert stats["remote"]["joins"] == 2
+        assert stats["workers"][0]["restarts"] == 0 and pool.worker_pids()[0] == local_pid
+        assert stats["replayed"] > 0
+        assert service.exits == [-9]
     check_results(results, stream.sent)
     counts = check_journal(tmp_path / "journal", stream.sent)
     print(f"\nkill -9 → slots served elsewhere in {failover_s:.2f} s "
@@ -215,35 +219,28 @@ def test_a_partition_longer_than_the_lease_fails_over_without_two_hosts_at_once(
     tmp_path: Path,
 ) -> None:
     results = Results()
-    with Hosts(1) as hosts, _pool(tmp_path, hosts, ["h1"], results) as pool:
-        (service,) = _services(hosts, f"tcp://{hosts.front_addr}:{PORT}", tmp_path / "keys",
-                               ["h1"])
-        try:
-            wait_until(lambda: joined(pool, 1), 60, "the remote worker to join")
-            remote_pids = _remote_pids(pool)
-            stream = Stream(pool, 200, 50, ms=0.5).start()
-            wait_until(lambda: pool.stats(timeout=2)["workers"][1].get("processed", 0) > 200, 60,
-                       "the remote worker to be busy")
-            down_at, down_mono = time.time(), time.monotonic()
-            hosts.link_down(1)
-            wait_until(lambda: pool.placement()["remote"]["failovers"] == 1, 30,
-                       "the failover")
-            failover_s = time.monotonic() - down_mono
-            # (the front last heard it up to a heartbeat interval, 0.2 s, before the cut)
-            assert failover_s >= LEASE_S + MARGIN_S - 0.25
-            stream.join(120)
-            pool.drain(120)  # served by the local worker alone: the remote is cut off
-            up_at = time.time()
-            hosts.link_up(1)
-            wait_until(lambda: pool.placement()["remote"]["joins"] == 2, 60,
-                       "the healed worker to rejoin")
-            wait_until(lambda: joined(pool, 1), 60, "its share of the slots back")
-            more = Stream(pool, 200, 5, after=stream.sent).start()
-            more.join(60)
-            pool.drain(60)
-            assert service.exits == []  # it fenced itself and joined again, never restarted
-        finally:
-            service.stop()
+    with cluster(tmp_path, ["h1"], results) as (hosts, pool, (service,)):
+        remote_pids = _remote_pids(pool)
+        stream = Stream(pool, 200, 50, ms=0.5).start()
+        wait_until(lambda: stream.progress() > 5000, 60, "traffic")
+        down_at, down_mono = time.time(), time.monotonic()
+        hosts.link_down(1)
+        wait_until(lambda: pool.placement()["remote"]["failovers"] == 1, 30,
+                   "the failover")
+        failover_s = time.monotonic() - down_mono
+        # (the front last heard it up to a heartbeat interval, 0.2 s, before the cut)
+        assert failover_s >= LEASE_S + MARGIN_S - 0.25
+        stream.join(120)
+        pool.drain(120)  # served by the local worker alone: the remote is cut off
+        up_at = time.time()
+        hosts.link_up(1)
+        wait_until(lambda: pool.placement()["remote"]["joins"] == 2, 60,
+                   "the healed worker to rejoin")
+        wait_until(lambda: joined(pool, 1), 60, "its share of the slots back")
+        more = Stream(pool, 200, 5, after=stream.sent).start()
+        more.join(60)
+        pool.drain(60)
+        assert service.exits == []  # it fenced itself and joined again, never restarted
     sent = more.sent  # (it continued stream's indexes)
     check_results(results, sent)
     journal = handlers.read_host_journal(str(tmp_path / "journal"))
@@ -260,62 +257,66 @@ def test_a_partition_longer_than_the_lease_fails_over_without_two_hosts_at_once(
 @pytest.mark.timeout(180)
 def test_a_flapping_link_keeps_order_and_moves_abort_cleanly(tmp_path: Path) -> None:
     results = Results()
-    with Hosts(1) as hosts, _pool(tmp_path, hosts, ["h1"], results,
-                                  pool={"move_timeout_s": 0.5}) as pool:
-        (service,) = _services(hosts, f"tcp://{hosts.front_addr}:{PORT}", tmp_path / "keys",
-                               ["h1"])
+    moves = {"pool": {"move_timeout_s": 0.5}}
+    with cluster(tmp_path, ["h1"], results, **moves) as (hosts, pool, _):
+        netem = True
         try:
-            wait_until(lambda: joined(pool, 1), 60, "the remote worker to join")
-            netem = True
-            try:
-                hosts.netem(1, "delay 50ms loss 30%")
-            except RuntimeError:
-                netem = False  # no sch_netem here: the link flaps by going down and up only
-            stream = Stream(pool, 100, 60, ms=0.2).start()
+            hosts.netem(1, "delay 50ms loss 30%")
+        except RuntimeError:
+            netem = False  # no sch_netem here: the link flaps by going down and up only
+        stream = Stream(pool, 100, 100, ms=0.2).start()
+        done = threading.Event()
+
+        def flap() -> None:
             rng = random.Random(7)
-            outcomes: dict[str, int] = {"committed": 0, "refused": 0}
-            deadline = time.monotonic() + 8
-            while time.monotonic() < deadline:
+            while not done.is_set():
                 hosts.link_down(1)
-                time.sleep(rng.choice((0.1, 0.3, 0.6, 1.8)))  # sleep-ok: the flap itself
+                done.wait(rng.choice((0.05, 0.2, 0.4, 0.8, 1.8)))  # the link's down time
                 hosts.link_up(1)
-                if pool.placement()["remote"]["workers"][1]["state"] != "ready":
-                    continue
-                slots = [s for s in range(4096) if pool.worker_of_slot(s) == 0][:20]
+                done.wait(rng.choice((0.1, 0.3, 0.6)))
+
+        flapper = threading.Thread(target=flap, daemon=True)
+        flapper.start()
+        outcomes = {"committed": 0, "refused": 0}
+        deadline = time.monotonic() + 8
+        try:
+            while time.monotonic() < deadline:
+                # Slots back and forth between the hosts, whatever the link is doing.
+                src, dst = (0, 1) if outcomes["committed"] % 2 == 0 else (1, 0)
+                slots = [s for s in range(4096) if pool.worker_of_slot(s) == src][:20]
                 try:
-                    pool.move_slots(slots, 1, timeout=5)
+                    pool.move_slots(slots, dst, timeout=3)
                     outcomes["committed"] += 1
                 except MoveRefused:
                     outcomes["refused"] += 1
-            if netem:
-                hosts.netem(1, None)
-            stream.join(120)
-            pool.drain(120)
+                    time.sleep(0.05)  # sleep-ok: pacing the next attempt
         finally:
-            service.stop()
+            done.set()
+            flapper.join(10)
+            hosts.link_up(1)
+        if netem:
+            hosts.netem(1, None)
+        stream.join(120)
+        pool.drain(120)
+        failovers = pool.placement()["remote"]["failovers"]
     check_results(results, stream.sent)
     check_journal(tmp_path / "journal", stream.sent)
-    print(f"\nflapping link (netem: {netem}): moves {outcomes}")
+    assert outcomes["committed"] + outcomes["refused"] > 2
+    print(f"\nflapping link (netem: {netem}): moves {outcomes}, failovers {failovers}")
 
 
 @pytest.mark.timeout(180)
 def test_live_moves_local_to_remote_and_back_keep_handler_state_exact(tmp_path: Path) -> None:
     results = Results()
-    with Hosts(1) as hosts, _pool(tmp_path, hosts, ["h1"], results) as pool:
-        (service,) = _services(hosts, f"tcp://{hosts.front_addr}:{PORT}", tmp_path / "keys",
-                               ["h1"])
-        try:
-            wait_until(lambda: joined(pool, 1), 60, "the remote worker to join")
-            slots = [s for s in range(4096) if pool.worker_of_slot(s) == 0][:100]
-            stream = Stream(pool, 400, 60).start()
-            there = pool.move_slots(slots, 1)
-            back = pool.move_slots(slots, 0)
-            stream.join(120)
-            pool.drain(120)
-            assert (there.state, back.state) == ("committed", "committed")
-            assert all(pool.worker_of_slot(s) == 0 for s in slots)
-        finally:
-            service.stop()
+    with cluster(tmp_path, ["h1"], results) as (hosts, pool, (service,)):
+        slots = [s for s in range(4096) if pool.worker_of_slot(s) == 0][:100]
+        stream = Stream(pool, 400, 60).start()
+        there = pool.move_slots(slots, 1)
+        back = pool.move_slots(slots, 0)
+        stream.join(120)
+        pool.drain(120)
+        assert (there.state, back.state) == ("committed", "committed")
+        assert all(pool.worker_of_slot(s) == 0 for s in slots)
     check_results(results, stream.sent)
     for c, got in results.by_channel.items():
         # [seq, count]: the state counted every message once, across both moves and hosts.

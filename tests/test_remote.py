@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import handlers
 import pytest
 from remote_tools import (
     TESTS,
@@ -232,3 +233,40 @@ def test_a_second_incarnation_is_refused_until_the_first_is_failed_over(tmp_path
             first.stop()
             if second is not None:
                 second.stop()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_closing_the_pool_stops_a_connected_remote_worker_and_settles_every_message(
+    tmp_path: Path,
+) -> None:
+    results = Results()
+    cfg = front_config("tcp://127.0.0.1:*", ["w1"], tmp_path)
+    pool = ShardPool(config=cfg, on_result=results)
+    service = None
+    try:
+        service = _service(pool._front.remote.endpoint, "w1")  # type: ignore[union-attr]
+        wait_until(lambda: joined(pool, 1), 30, "the remote worker to join")
+        sent = {b"cl-%03d" % c: 0 for c in range(50)}
+        for _ in range(40):
+            for cid in sent:
+                pool.submit(cid, {"i": sent[cid], "ms": 5})
+                sent[cid] += 1
+        report = pool.close(1.0)  # far less than the 5 s of work queued
+        assert service.proc.poll() is None  # it said BYE and waits for a front to come back
+    finally:
+        pool.close()
+        if service is not None:
+            assert service.stop() == EXIT_OK
+    total = sum(sent.values())
+    assert results.count + len(report.unfinished) + len(report.in_doubt) == total
+    assert report.unfinished and not report.in_doubt  # both workers stopped cleanly
+    journal = {
+        (key, call[0]) for key, calls in handlers.read_host_journal(str(tmp_path)).items()
+        for call in calls
+    }
+    assert not [e for e in report.unfinished if (e[0].hex(), e[1]) in journal], (
+        "a message handed back as unfinished had run"
+    )
+    for cid, got in results.by_channel.items():
+        assert [seq for seq, _ in got] == list(range(len(got))), cid

@@ -265,6 +265,7 @@ class FrontIO:
                 due = placement_due if due is None else min(due, placement_due)
         if f.remote is not None:
             remote_due = f.remote.tick(now, caught_up)
+            outcomes += f.remote.take_outcomes()
             if remote_due is not None:
                 due = remote_due if due is None else min(due, remote_due)
         decisions, restart_due = f.sup.tick(caught_up)
@@ -311,6 +312,7 @@ class FrontIO:
                 except Exception:  # noqa: BLE001 - another host must not stop the front
                     log.exception("remote worker %d sent a frame the front cannot use", msg[1])
                     f.remote.cut(msg[1])
+            outcomes += f.remote.take_outcomes()
             f.release_room_waiters()
         deliver(outcomes)
 

@@ -35,16 +35,16 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 from zmq.utils import z85
-from zmq.utils.monitor import parse_monitor_message
 
 from .. import codec
 from ..codec import ToFront, ToWorker
 from ..config import WORKER_ID_RE
 from ..protocol import describe
 from ..ratelog import RateLimitedLog
-from ..security import RemoteKeys
+from ..security import RemoteKeys, monitor_events
 from ..supervisor import WorkerState
 from .link import Link
+from .outcomes import Outcome
 from .resize import RETRY_S, start_wave
 from .state import PoolState
 
@@ -129,6 +129,9 @@ class Remote:
             ("refused", "auth_failures", "impersonations", "stray_frames", "failovers", "joins"), 0
         )
         self._warn = RateLimitedLog(log, 10.0)
+        # Outcomes a failover settled (operator skips the lost worker never acted on), for the
+        # I/O thread to deliver once the lock is released.
+        self.outcomes: list[Outcome] = []
         self._next_fill = 0.0
         ctx = front.ctx
         self.auth: Any = None
@@ -227,16 +230,18 @@ class Remote:
             self._wake()  # more than one burst waiting
         return msgs
 
+    def _unread(self) -> bool:
+        """Frames wait in the ROUTER: silence is judged only once they are read (a front that
+        fell behind must not take its own delay for a worker's silence)."""
+        return bool(int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+
+    def take_outcomes(self) -> list[Outcome]:
+        """The outcomes failovers settled since the last call (lock held; deliver after)."""
+        out, self.outcomes = self.outcomes, []
+        return out
+
     def _count_events(self) -> None:
-        while True:
-            try:
-                frames = self.mon.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                event = parse_monitor_message(frames)["event"]
-            except Exception:  # noqa: BLE001
-                continue
+        for event in monitor_events(self.mon):
             if event & _AUTH_FAILURES:
                 self.counters["auth_failures"] += 1
                 self._warn.warn(
@@ -363,7 +368,7 @@ class Remote:
                 continue
             silent = now - peer.last_heard
             late = rec.state is WorkerState.STARTING and now > rec.deadline
-            if (silent > limit or late) and caught_up():
+            if (silent > limit or late) and caught_up() and not self._unread():
                 why = (
                     f"no READY within {f.cfg.supervisor.ready_timeout_s} s" if late and
                     silent <= limit else
@@ -451,6 +456,9 @@ class Remote:
         f.mover.on_death(index)  # its moves are off: their held messages are in its window now
         if link.said_bye:
             link.window.worker_died(-1, True, False)  # it ran nothing it did not acknowledge
+        # An operator's skip it never acted on is settled here, or a new owner would run the
+        # skipped message.
+        f.io.settle_skips(link, self.outcomes)
         ready = [
             i for i in range(len(f.links))
             if i != index and f.sup.workers[i].state is WorkerState.READY

@@ -8,10 +8,9 @@ from typing import Any
 
 import zmq
 import zmq.auth
-from zmq.utils.monitor import parse_monitor_message
 
 from ..ratelog import RateLimitedLog
-from ..security import secure_socket_file
+from ..security import monitor_events, secure_socket_file
 from .outbox import REPLY_HWM
 from .settings import IngressSettings
 
@@ -51,15 +50,7 @@ class RouterSocket:
     def count_events(self, counters: dict[str, int], warn: RateLimitedLog) -> None:
         """Read every monitor event waiting: connections, disconnections, failed handshakes."""
         assert self.mon is not None
-        while True:
-            try:
-                frames = self.mon.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                event = parse_monitor_message(frames)["event"]
-            except Exception:  # noqa: BLE001 - a monitor message we cannot read changes nothing
-                continue
+        for event in monitor_events(self.mon):
             if event == zmq.EVENT_ACCEPTED:
                 counters["connections"] += 1
             elif event == zmq.EVENT_DISCONNECTED:

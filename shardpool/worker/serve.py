@@ -238,7 +238,8 @@ class Worker:
         """A remote worker's next frame (as ``sock.recv(zmq.NOBLOCK)``). Everything ZeroMQ holds
         is read ahead first, so that a LEASE is taken at once, not after the batches sent
         before it have been served (up to a window of work): the lease measures the front, not
-        this worker's backlog. A LEASE frame is known by its first two bytes, without decoding.
+        this worker's backlog. A STOP is taken at once too, as a local worker's SIGTERM is: no
+        call starts after it. Both are known by their first two bytes, without decoding.
 
         Raises:
             zmq.Again: nothing to serve.
@@ -251,13 +252,24 @@ class Worker:
                 frame = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            if frame[:2] == _LEASE_HEAD:
+            head = frame[:2]
+            if head == _LEASE_HEAD:
                 self._take_lease(frame)
+            elif head == _STOP_HEAD and self._current(frame):
+                self.stop.append(0)
             else:
                 queued.append(frame)
         if queued:
             return queued.popleft()
         raise zmq.Again
+
+    def _current(self, frame: bytes) -> bool:
+        """Whether a cold frame belongs to this incarnation."""
+        try:
+            return bool(codec.loads(frame)[1] == self.epoch)
+        except Exception:  # noqa: BLE001 - a malformed frame must not take the worker down
+            self.bad_frames += 1
+            return False
 
     def _take_lease(self, frame: bytes) -> None:
         try:
@@ -402,6 +414,8 @@ class Worker:
 
 _LEASE_HEAD = bytes((0x83, ToWorker.LEASE))
 """The first two bytes of every LEASE frame: a 3-element CBOR array, then its kind."""
+_STOP_HEAD = bytes((0x82, ToWorker.STOP))
+"""The first two bytes of every STOP frame."""
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
