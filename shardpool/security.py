@@ -285,7 +285,8 @@ def load_remote_keys(cfg: Config) -> RemoteKeys | None:
     """Validate ``[remote]`` on the front's side and return its CURVE keys (None: plain tcp,
     allowed on a loopback ``bind`` only).
 
-    Rules: ``bind`` and ``workers`` are set together; a non-loopback ``bind`` needs
+    Rules: ``bind`` and ``workers`` are set together; ``lease_s`` is at least twice the heartbeat
+    interval; a non-loopback ``bind`` needs
     ``curve_public_key``, ``curve_secret_key`` and ``workers_dir``; with CURVE every worker id of
     ``workers`` has its public key pinned in ``workers_dir/<id>.key`` (the file name binds the
     id to the key), and no key is pinned to two ids.
@@ -301,6 +302,11 @@ def load_remote_keys(cfg: Config) -> RemoteKeys | None:
              "remote.bind and remote.workers are set together (an address for remote workers "
              "to connect to, and their ids)")
         )
+    beat = cfg.supervisor.heartbeat_interval_s
+    if r.workers and r.lease_s < 2 * beat:
+        problems.append(("remote.lease_s", r.lease_s,
+                         f"at least twice supervisor.heartbeat_interval_s ({beat:g} s): the lease "
+                         "is renewed by the answers to the workers' heartbeats"))
     if "front" in r.workers:
         problems.append(("remote.workers", dict(r.workers),
                          'worker ids other than "front" (front.key is the front\'s own key)'))

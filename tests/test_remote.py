@@ -26,7 +26,7 @@ from remote_tools import (
 from shardpool import ShardPool
 from shardpool.config import config_from_dict
 from shardpool.errors import ConfigError
-from shardpool.exitcodes import EXIT_CONFIG, EXIT_OK
+from shardpool.exitcodes import EXIT_CONFIG, EXIT_FENCED, EXIT_OK
 from shardpool.front.window import Window
 from shardpool.security import load_remote_keys
 from shardpool.worker.lease import Lease
@@ -270,3 +270,38 @@ def test_closing_the_pool_stops_a_connected_remote_worker_and_settles_every_mess
     )
     for cid, got in results.by_channel.items():
         assert [seq for seq, _ in got] == list(range(len(got))), cid
+
+
+def test_a_lease_shorter_than_two_heartbeats_is_refused() -> None:
+    problems = _problems(
+        {"supervisor": {"heartbeat_interval_s": 0.5},
+         "remote": {"bind": "tcp://127.0.0.1:1", "workers": {"h2": 1}, "lease_s": 0.8}},
+        load_remote_keys,
+    )
+    assert [p[0] for p in problems] == ["remote.lease_s"] and "heartbeat" in problems[0][2]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_a_call_that_outlives_the_lease_ends_its_worker_before_the_channel_moves(
+    tmp_path: Path,
+) -> None:
+    # A sync call holds the remote worker's event loop past its lease: no heartbeat, no renewal.
+    # The lease thread ends the process (EXIT_FENCED) before the front moves the channel, and
+    # the message runs again elsewhere, flagged redelivered, after the first call was cut short.
+    results = Results()
+    cfg = front_config("tcp://127.0.0.1:*", ["w1"], tmp_path, lease_s=0.5, margin_s=0.4)
+    with ShardPool(config=cfg, on_result=results) as pool:
+        service = _service(pool._front.remote.endpoint, "w1")  # type: ignore[union-attr]
+        try:
+            wait_until(lambda: joined(pool, 1), 30, "the remote worker to join")
+            cid = next(c for c in (b"hang-%03d" % i for i in range(500)) if pool.worker_of(c) == 1)
+            local_pid = pool.worker_pids()[0]
+            fut = pool.request(cid, {"i": 0, "ms": 2000})
+            assert fut.result(timeout=30) == [0, 1]  # counted once: the state was lost with it
+            wait_until(lambda: service.exits == [EXIT_FENCED], 10, "the fenced exit")
+            assert pool.placement()["remote"]["failovers"] == 1
+        finally:
+            service.stop()
+    calls = handlers.read_host_journal(str(tmp_path))[cid.hex()]
+    assert [(c[0], c[2], c[3]) for c in calls] == [(0, True, local_pid)]  # the cut call left none
