@@ -7,7 +7,8 @@ memory, open file descriptors, start time). Served at ``/metrics``; any other pa
 
 Naming follows Prometheus' rules: ``shardpool_*``, base units in the name (``_seconds``,
 ``_bytes``), counters end ``_total``, ratios are 0..1, and every label has a bounded set of
-values: ``worker`` (the worker index, bounded by the worker count), ``result`` (committed,
+values: ``worker`` (the worker index, bounded by the worker count), ``host`` (a worker's host:
+"local", or a remote worker's host name; one per worker), ``result`` (committed,
 aborted), ``error`` (the ingress protocol's error codes), ``status`` (the reply statuses),
 ``version`` and ``python``. No series is labelled by channel: the hottest and the saturated
 channels change with the traffic, so ``shardpool status`` lists them and the metrics count them.
@@ -31,6 +32,14 @@ counter reset; per-worker series come and go with their worker when a resize cha
   finished has waited: a time-based lag, as Kafka's records-lag; 0 when nothing is in flight;
   messages parked behind a halted channel count, so a halted channel keeps it growing until it is
   resumed or skipped);
+* where each worker lives: ``shardpool_worker_info{worker, host}`` (always 1; host "local" for a
+  local worker), gauges ``shardpool_worker_remote`` (1 for a remote worker, 0 for a local one),
+  ``shardpool_worker_link_up`` (1 while the link is up; 0 for a remote worker away; local workers
+  1), ``shardpool_worker_lease_age_seconds`` (since the front last heard a remote worker; absent
+  while away) and ``shardpool_worker_rtt_seconds`` (heartbeat to lease round trip measured by a
+  remote worker; absent until measured), and the counter ``shardpool_worker_failovers_total``
+  (failovers of a remote worker: its channels taken over after it went away); remote workers only
+  except ``_info``, ``_remote`` and ``_link_up``;
 * latency: the histogram ``shardpool_batch_latency_seconds{worker}`` (``_bucket{le}``, ``_sum``,
   ``_count``): from a batch's seal to its last message finished, counted once for each message of
   the batch. Timed per batch, not per message (the producer's path reads no clock): each message
@@ -49,6 +58,10 @@ counter reset; per-worker series come and go with their worker when a resize cha
   ``_refused_messages_total``, ``_stalled_sends_total``, ``_rejected_total{error}``,
   ``_replies_total{status}``; gauges ``shardpool_ingress_producers``, ``_held_replies``,
   ``_stalled_producers``;
+* remote workers (only when some are configured): counters ``shardpool_remote_joins_total``,
+  ``_failovers_total``, ``_refused_total`` (joins refused),
+  ``_auth_failures_total``, ``_impersonations_total`` (frames from a peer claiming another
+  worker's identity), ``_stray_frames_total``;
 * dead letters (only with ``deadletters.enabled``): the gauge ``shardpool_dead_letters`` (entries
   stored) and the counter ``shardpool_dead_letters_dropped_total`` (dropped to keep
   ``deadletters.max_entries``, since the backend started).
@@ -77,6 +90,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import __version__
 from .front.window import LATENCY_BOUNDS
+from .status import remote_summary, worker_rows
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -210,6 +224,66 @@ def _worker_metrics(workers: list[dict[str, Any]]) -> Iterator[Metric]:
     yield g
 
 
+_REMOTE_COUNTERS = (
+    ("joins", "remote workers that joined (a first join or a rejoin)"),
+    ("failovers", "remote workers lost and their channels failed over"),
+    ("refused", "remote workers' joins refused (unknown, not failed over yet, pool not running)"),
+    ("auth_failures", "remote peers that failed the CURVE handshake"),
+    ("impersonations", "frames from a remote peer claiming another worker's identity"),
+    ("stray_frames", "remote frames from no current session (ignored)"),
+)
+
+
+def _where_workers_live(workers: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Where each worker lives: host, remote or not, link, lease age, round trip, failovers."""
+    g = GaugeMetricFamily(
+        "shardpool_worker_info",
+        "the host the worker runs on (always 1; host \"local\" for a local worker)",
+        labels=["worker", "host"],
+    )
+    for w in workers:
+        g.add_metric([str(w["index"]), str(w.get("host") or "?")], 1)
+    yield g
+    g = GaugeMetricFamily(
+        "shardpool_worker_remote", "1 for a worker on another host, 0 for a local one",
+        labels=["worker"],
+    )
+    for w in workers:
+        g.add_metric([str(w["index"])], 1 if w.get("remote") else 0)
+    yield g
+    g = GaugeMetricFamily(
+        "shardpool_worker_link_up",
+        "1 while the front's link to the worker is up (always for a local one), 0 while away",
+        labels=["worker"],
+    )
+    for w in workers:
+        g.add_metric([str(w["index"])], 0 if w.get("link") == "away" else 1)
+    yield g
+    remote = [w for w in workers if w.get("remote")]
+    for key, name, doc in (
+        ("lease_age_s", "lease_age_seconds", "since the front last heard the remote worker"),
+        ("rtt_s", "rtt_seconds", "heartbeat to lease round trip measured by the remote worker"),
+    ):
+        g = GaugeMetricFamily(f"shardpool_worker_{name}", doc, labels=["worker"])
+        for w in remote:
+            if w.get(key) is not None:
+                g.add_metric([str(w["index"])], w[key])
+        yield g
+    c = CounterMetricFamily(
+        "shardpool_worker_failovers",
+        "times the remote worker was lost and its channels failed over",
+        labels=["worker"],
+    )
+    for w in remote:
+        c.add_metric([str(w["index"])], w.get("failovers") or 0)
+    yield c
+
+
+def _remote_metrics(remote: dict[str, Any]) -> Iterator[Metric]:
+    for key, doc in _REMOTE_COUNTERS:
+        yield _counter(f"shardpool_remote_{key}", doc, remote.get(key) or 0)
+
+
 def _latency(workers: list[dict[str, Any]]) -> Metric:
     h = HistogramMetricFamily(
         "shardpool_batch_latency_seconds",
@@ -317,6 +391,10 @@ class SnapshotCollector(Collector):
         yield _build_info()
         yield from _pool_metrics(snap["pool"])
         yield from _worker_metrics(snap["workers"])
+        yield from _where_workers_live(worker_rows(snap))
+        remote = remote_summary(snap)
+        if remote is not None:
+            yield from _remote_metrics(remote)
         if snap.get("placement"):
             yield from _placement_metrics(snap["placement"])
         yield from _ingress_metrics(snap["ingress"])

@@ -5,6 +5,9 @@ The snapshot is what the control op ``status`` answers and what the Prometheus e
 plain values, channel ids in hex, rates computed against an earlier sample. Rendering is pure: no
 I/O, and no terminal control codes except the colours asked for; it fits a given width (columns
 dropped in :data:`DROP_ORDER`, long lines continued, ids never cut); the CLI redraws it in place.
+Where some workers are remote, the table shows each worker's host, link (ipc, up or away), lease
+age and round trip (:data:`REMOTE_COLUMNS`, not shown for a local-only pool), and a ``remote:``
+line with the endpoint and the remote counters.
 
 The worker count changes with a resize, and a worker's counters start again from 0 when it is
 restarted: the order-violation totals keep what each worker incarnation that is gone had counted
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import heapq
+import ipaddress
 import re
 import threading
 import time
@@ -24,7 +28,8 @@ from typing import Any, NamedTuple
 from .channelid import format_channel_hex
 
 __all__ = [
-    "DROP_ORDER", "HALTED_SHOWN", "HOT_TOP_K", "PLACEMENT_SHOWN", "Figures", "render_status",
+    "DROP_ORDER", "HALTED_SHOWN", "HOT_TOP_K", "PLACEMENT_SHOWN", "REMOTE_COLUMNS", "Figures",
+    "remote_summary", "render_status", "worker_rows",
 ]
 
 HALTED_SHOWN = 10
@@ -216,6 +221,7 @@ def _summary(snap: Snapshot) -> list[str]:
         f"state {svc['state']}  pool {pool['state']}  workers {len(snap['workers'])}",
         f"endpoints: ingress {svc['ingress']}  control {svc['control']}"
         + (f"  metrics {svc['metrics']}" if svc.get("metrics") else ""),
+        *_remote_line(snap),
         f"messages:  submitted {pool['submitted']}  acknowledged {pool['acknowledged']}  "
         f"in flight {pool['inflight']}  rate {_si(snap['rates']['processed_per_s'])}/s",
         _Line(
@@ -269,6 +275,48 @@ def _summary(snap: Snapshot) -> list[str]:
     return lines
 
 
+def remote_summary(snap: Snapshot) -> dict[str, Any] | None:
+    """The remote workers' summary (endpoint, counters, a report per worker index), from the
+    pool's stats or else from the placement; None when no remote workers are configured."""
+    remote = (snap.get("pool") or {}).get("remote")
+    if remote is None:
+        remote = (snap.get("placement") or {}).get("remote")
+    return remote if isinstance(remote, dict) else None
+
+
+def worker_rows(snap: Snapshot) -> list[dict[str, Any]]:
+    """The snapshot's workers, each with its remote report where the worker lacks one (the
+    summary's ``workers`` keyed by index, as an int or, through JSON, a string); a worker with
+    no report at all is local (``remote`` False, ``host`` "local", ``link`` "ipc")."""
+    reports = (remote_summary(snap) or {}).get("workers") or {}
+    rows = []
+    for w in snap["workers"]:
+        report = reports.get(w["index"]) or reports.get(str(w["index"])) or {}
+        rows.append({"remote": False, "host": "local", "link": "ipc", **report, **w})
+    return rows
+
+
+def _remote_line(snap: Snapshot) -> list[str]:
+    """The remote workers' line: endpoint, how many are away, and the counters."""
+    remote = remote_summary(snap)
+    if remote is None:
+        return []
+    rows = [w for w in worker_rows(snap) if w.get("remote")]
+    away = sum(1 for w in rows if w.get("link") == "away")
+    alarming = remote.get("auth_failures", 0) or remote.get("impersonations", 0)
+    return [
+        _Line(
+            f"remote:    endpoint {remote.get('endpoint', '-')}  workers {len(rows)}"
+            + (f" ({away} away)" if away else "")
+            + f"  joins {remote.get('joins', 0)}  failovers {remote.get('failovers', 0)}  "
+            f"refused {remote.get('refused', 0)}  auth failures {remote.get('auth_failures', 0)}  "
+            f"impersonations {remote.get('impersonations', 0)}  "
+            f"stray frames {remote.get('stray_frames', 0)}",
+            style=_RED if alarming else _YELLOW if away or remote.get("refused", 0) else "",
+        )
+    ]
+
+
 def _dash_or(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
@@ -285,6 +333,31 @@ def _mb(rss: float | None) -> str:
     return _dash_or(None if rss is None else rss / 1e6, ".1f")
 
 
+_HOST_WIDTH = 12
+
+
+def _host(host: Any) -> str:
+    """A host name that fits its column: whole if it fits, else its first label (not for an IP
+    address), else cut with "…"."""
+    name = str(host or "")
+    if len(name) <= _HOST_WIDTH:
+        return name
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        short = name.split(".", 1)[0]
+        if short and len(short) <= _HOST_WIDTH:
+            return short
+    return name[: _HOST_WIDTH - 1] + "…"
+
+
+def _age(seconds: float | None) -> str:
+    """A lease age: ``0.2s``, ``12.3s``, ``345s``; "-" for None (away, or a local worker)."""
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f}s" if seconds < 100 else f"{seconds:.0f}s"
+
+
 class _Column(NamedTuple):
     heading: str
     width: int  # negative: left-aligned
@@ -298,6 +371,12 @@ _COLUMNS: dict[str, _Column] = {
         _Column("W", 5, lambda w: w["index"]),
         _Column("PID", 7, lambda w: w.get("pid") or "-"),
         _Column("STATE", -8, lambda w: w["state"]),
+        _Column("HOST", -_HOST_WIDTH, lambda w: _host(w.get("host", ""))),
+        _Column("LINK", -4, lambda w: w.get("link", "")),
+        _Column("LEASE", 6, lambda w: _age(w.get("lease_age_s")) if w.get("remote") else
+                ("-" if "remote" in w else "")),
+        _Column("RTT ms", 7, lambda w: _ms_or_dash(w.get("rtt_s")) if w.get("remote") else
+                ("-" if "remote" in w else "")),
         _Column("EPOCH", 5, lambda w: w.get("epoch", "")),
         _Column("RST", 3, lambda w: w.get("restarts", "")),
         _Column("SLOTS", 5, lambda w: w.get("slots", "-")),
@@ -314,23 +393,27 @@ _COLUMNS: dict[str, _Column] = {
         _Column("RSS MB", 7, lambda w: _mb(w.get("rss_bytes"))),
     )
 }
+REMOTE_COLUMNS = ("HOST", "LINK", "LEASE", "RTT ms")
+"""Columns shown only when some worker is remote (a local-only pool's table is as before)."""
 DROP_ORDER = (
-    "EPOCH", "SLOTS", "REDELIV", "PROCESSED", "CHANNELS", "LOAD%", "LAG ms", "RST", "QUEUED",
-    "RSS MB", "PROC/S", "INFLIGHT", "CPU%", "FAILED",
+    "RTT ms", "LEASE", "EPOCH", "SLOTS", "REDELIV", "PROCESSED", "HOST", "CHANNELS", "LOAD%",
+    "LAG ms", "RST", "QUEUED", "RSS MB", "LINK", "PROC/S", "INFLIGHT", "CPU%", "FAILED",
 )
 """The worker table's columns dropped, first to last, until the table fits the width (W, PID and
-STATE stay)."""
+STATE stay); a column not shown (:data:`REMOTE_COLUMNS` without remote workers) is skipped."""
 
 
-def _columns(width: int | None) -> list[_Column]:
-    """The columns that fit ``width`` (all of them for None), dropped in :data:`DROP_ORDER`."""
-    shown = list(_COLUMNS)
+def _columns(width: int | None, remote: bool = False) -> list[_Column]:
+    """The columns that fit ``width`` (all of them for None), dropped in :data:`DROP_ORDER`;
+    :data:`REMOTE_COLUMNS` only if ``remote``."""
+    shown = [c for c in _COLUMNS if remote or c not in REMOTE_COLUMNS]
     if width is None:
         return [_COLUMNS[c] for c in shown]
     for name in DROP_ORDER:
         if sum(abs(_COLUMNS[c].width) + 1 for c in shown) - 1 <= width:
             break
-        shown.remove(name)
+        if name in shown:
+            shown.remove(name)
     return [_COLUMNS[c] for c in shown]
 
 
@@ -343,8 +426,10 @@ def _row(columns: list[_Column], values: list[Any]) -> str:
 
 def _worker_table(snap: Snapshot, width: int | None) -> list[str]:
     """The per-worker table, heading first, then the front's row and one row per worker; only
-    the columns that fit ``width``. A worker with failures or not ready is marked."""
-    columns = _columns(width)
+    the columns that fit ``width`` (host, link, lease age and round trip only when some worker
+    is remote). A worker with failures, not ready, or remote and away is marked."""
+    workers = worker_rows(snap)
+    columns = _columns(width, any(w.get("remote") for w in workers))
     lines = [_row(columns, [c.heading for c in columns])]
     svc = snap["service"]
     front = svc.get("front") or {"pid": svc.get("pid")}
@@ -363,9 +448,12 @@ def _worker_table(snap: Snapshot, width: int | None) -> list[str]:
         "restarts": pool.get("restarts", ""),
     }
     lines.append(_Line(_row(columns, [c.value(front_row) for c in columns]), style=_BOLD))
-    for w in snap["workers"]:
+    for w in workers:
         text = _row(columns, [c.value(w) for c in columns])
-        bad = w.get("failed", 0) or w["state"] not in ("ready", "starting")
+        bad = (
+            w.get("failed", 0) or w["state"] not in ("ready", "starting")
+            or w.get("link") == "away"
+        )
         lines.append(_Line(text, style=_RED if w.get("failed", 0) else _YELLOW) if bad else text)
     return lines
 

@@ -27,8 +27,9 @@ from shardpool.front.window import LATENCY_BOUNDS
 
 _NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-# Every label the endpoint may use: each has a bounded set of values (no channel ids, no top-N).
-_LABELS = {"worker", "result", "error", "status", "version", "python"}
+# Every label the endpoint may use: each has a bounded set of values (no channel ids, no top-N);
+# ``host`` (shardpool_worker_info) has one value per worker.
+_LABELS = {"worker", "result", "error", "status", "version", "python", "host"}
 _HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # Units other than the base ones (seconds, bytes), and percentages, are not allowed in a name.
 _NON_BASE = re.compile(r"(percent|_ms|_us|_ns|_millis|_kb|_mb|_gb|_kib|_mib|_minutes|_hours)(_|$)")
@@ -277,3 +278,96 @@ def test_a_failed_snapshot_still_answers_up_0() -> None:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(broken))
     assert "shardpool_up 0.0" in generate_latest(registry).decode()
+
+
+def _synthetic_snapshot(remote: bool) -> dict[str, Any]:
+    """A snapshot as :meth:`Figures.snapshot` gives it, without processes: worker 0 local and,
+    with ``remote``, worker 1 remote and up, worker 2 remote and away (the summary's ``workers``
+    keyed by strings, as through the control socket's JSON)."""
+    from shardpool.metrics import _INGRESS_COUNTERS, _POOL_COUNTERS
+
+    pool: dict[str, Any] = {key: 0 for key, _ in _POOL_COUNTERS}
+    pool.update(inflight=0, halted_channels=0, channels=0, remote=None)
+    ingress: dict[str, Any] = {key: 0 for key, _ in _INGRESS_COUNTERS}
+    ingress.update(dict.fromkeys(
+        ("ok", "failed", "closed", "in_doubt", "halted", "rejected", "producers", "held_replies",
+         "stalled_producers"), 0))
+    worker = {"state": "ready", "restarts": 0, "epoch": 1}
+    workers = [{**worker, "index": 0, "remote": False, "host": "local", "link": "ipc"}]
+    if remote:
+        reports = {
+            1: {"remote": True, "worker_id": "east-1", "host": "east-1.example", "pid": 51,
+                "link": "up", "lease_age_s": 0.25, "rtt_s": 0.002, "weight": 1.0,
+                "failovers": 1, "failover_s": [0.5], "last_lost": "lease expired",
+                "state": "ready"},
+            2: {"remote": True, "worker_id": "west-7", "host": "?", "pid": None,
+                "link": "away", "lease_age_s": None, "rtt_s": None, "weight": 1.0,
+                "failovers": 3, "failover_s": [0.4, 0.6, 0.7], "last_lost": "lease expired",
+                "state": "away"},
+        }
+        workers += [{**worker, **r, "index": i} for i, r in reports.items()]
+        pool["remote"] = {
+            "endpoint": "tcp://0.0.0.0:7100", "refused": 2, "auth_failures": 1,
+            "impersonations": 4, "stray_frames": 5, "failovers": 4, "joins": 6,
+            "workers": {str(i): r for i, r in reports.items()},
+        }
+    return {"pool": pool, "workers": workers, "placement": None, "ingress": ingress,
+            "dead_letters": None}
+
+
+def _collect(snap: dict[str, Any]) -> dict[str, Metric]:
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from shardpool.metrics import SnapshotCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: snap))
+    text = generate_latest(registry).decode()
+    return {m.name: m for m in text_string_to_metric_families(text)}
+
+
+def test_remote_workers_host_link_lease_round_trip_and_counters() -> None:
+    families = _collect(_synthetic_snapshot(remote=True))
+    assert _naming_problems(families) == []
+    info = {s.labels["worker"]: (s.labels["host"], s.value)
+            for s in families["shardpool_worker_info"].samples}
+    assert info == {"0": ("local", 1), "1": ("east-1.example", 1), "2": ("?", 1)}
+    assert _by_worker(families["shardpool_worker_remote"]) == {"0": 0, "1": 1, "2": 1}
+    assert _by_worker(families["shardpool_worker_link_up"]) == {"0": 1, "1": 1, "2": 0}
+    # remote workers only, and only with a value (the away one has neither)
+    assert _by_worker(families["shardpool_worker_lease_age_seconds"]) == {"1": 0.25}
+    assert _by_worker(families["shardpool_worker_rtt_seconds"]) == {"1": 0.002}
+    failovers = families["shardpool_worker_failovers"]
+    assert failovers.type == "counter"
+    assert _by_worker(failovers, "shardpool_worker_failovers_total") == {"1": 1, "2": 3}
+    for key, value in (("refused", 2), ("auth_failures", 1), ("impersonations", 4),
+                       ("joins", 6), ("failovers", 4), ("stray_frames", 5)):
+        fam = families[f"shardpool_remote_{key}"]
+        assert fam.type == "counter"
+        assert [(s.name, s.value) for s in fam.samples] == [
+            (f"shardpool_remote_{key}_total", value)]
+
+    # No remote workers configured: every worker local and up, no remote series, no counters.
+    local = _collect(_synthetic_snapshot(remote=False))
+    assert _naming_problems(local) == []
+    assert _by_worker(local["shardpool_worker_remote"]) == {"0": 0}
+    assert _by_worker(local["shardpool_worker_link_up"]) == {"0": 1}
+    for name in ("shardpool_worker_lease_age_seconds", "shardpool_worker_rtt_seconds",
+                 "shardpool_worker_failovers"):
+        assert not local.get(name) or not local[name].samples, name
+    assert not any(name.startswith("shardpool_remote_") for name in local)
+
+
+def test_remote_reports_come_from_the_summary_when_a_worker_lacks_them() -> None:
+    """A snapshot whose workers carry no remote fields still gets them from the summary's
+    reports (keyed by int indices, as in process)."""
+    snap = _synthetic_snapshot(remote=True)
+    remote = snap["pool"]["remote"]
+    remote["workers"] = {int(i): r for i, r in remote["workers"].items()}
+    for w in snap["workers"][1:]:
+        for key in ("remote", "host", "link", "lease_age_s", "rtt_s", "failovers"):
+            del w[key]
+    families = _collect(snap)
+    assert _by_worker(families["shardpool_worker_link_up"]) == {"0": 1, "1": 1, "2": 0}
+    assert _by_worker(families["shardpool_worker_rtt_seconds"]) == {"1": 0.002}

@@ -2,7 +2,8 @@
 :data:`~shardpool.status.DROP_ORDER`, never a channel id cut), colour only when asked (and not
 under ``NO_COLOR``), the front's own row, and a screenshot-equivalent check: the real command
 under a pseudo-terminal of 80 and 160 columns against a backend with halted channels, quit with
-``q``, the alternate screen left and the terminal's modes restored."""
+``q``, the alternate screen left and the terminal's modes restored; remote workers' host, link,
+lease age and round trip (columns shown only when some worker is remote) and their summary line."""
 
 from __future__ import annotations
 
@@ -24,7 +25,13 @@ from service_handlers import in_process_backend
 from shardpool.cli import main
 from shardpool.client import Client
 from shardpool.control import ControlClient
-from shardpool.status import DROP_ORDER, render_status
+from shardpool.status import (
+    DROP_ORDER,
+    REMOTE_COLUMNS,
+    remote_summary,
+    render_status,
+    worker_rows,
+)
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -32,6 +39,10 @@ LIGHTNING = bytes(range(32))  # a 32-byte channel id: printed as 64 hex digits
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 HEADINGS = ("W", "PID", "STATE", "EPOCH", "RST", "SLOTS", "LOAD%", "CHANNELS", "QUEUED",
             "INFLIGHT", "PROC/S", "PROCESSED", "FAILED", "REDELIV", "LAG ms", "CPU%", "RSS MB")
+# The columns of a pool with remote workers: host, link, lease age and round trip after STATE.
+REMOTE_HEADINGS = (*HEADINGS[:3], *REMOTE_COLUMNS, *HEADINGS[3:])
+# DROP_ORDER as a local-only table sees it (the remote columns are not shown there).
+LOCAL_DROP_ORDER = tuple(h for h in DROP_ORDER if h not in REMOTE_COLUMNS)
 
 
 def _snapshot() -> dict[str, Any]:
@@ -70,9 +81,9 @@ def _snapshot() -> dict[str, Any]:
     }
 
 
-def _headings(table: str) -> list[str]:
+def _headings(table: str, headings: tuple[str, ...] = HEADINGS) -> list[str]:
     line = next(line for line in table.splitlines() if line.split()[:2] == ["W", "PID"])
-    return [h for h in HEADINGS if re.search(rf"(^| ){re.escape(h)}( |$)", line)]
+    return [h for h in headings if re.search(rf"(^| ){re.escape(h)}( |$)", line)]
 
 
 @pytest.mark.parametrize("width", [80, 160])
@@ -98,14 +109,14 @@ def test_columns_are_dropped_least_important_first() -> None:
     at_80 = _headings(render_status(snap, 80))
     dropped = [h for h in HEADINGS if h not in at_80]
     assert dropped
-    assert set(dropped) == set(DROP_ORDER[: len(dropped)])
+    assert set(dropped) == set(LOCAL_DROP_ORDER[: len(dropped)])
     assert {"W", "PID", "STATE", "FAILED", "CPU%", "RSS MB"} <= set(at_80)
     previous: set[str] = set(HEADINGS)
     for width in range(160, 19, -1):  # narrower: the same order, one column after another
         shown = set(_headings(render_status(snap, width)))
         assert shown <= previous
-        gone = [h for h in DROP_ORDER if h not in shown]
-        assert gone == list(DROP_ORDER[: len(gone)]), (width, gone)
+        gone = [h for h in LOCAL_DROP_ORDER if h not in shown]
+        assert gone == list(LOCAL_DROP_ORDER[: len(gone)]), (width, gone)
         previous = shown
 
 
@@ -125,6 +136,138 @@ def test_colour_only_when_asked_and_the_layout_is_the_same() -> None:
     healthy["order"]["gaps"] = 0
     healthy["workers"][1].update(state="ready", failed=0)
     assert "\x1b[1;31m" not in render_status(healthy, 80, colour=True)
+
+
+# --------------------------------------------------------------------------------- remote workers
+
+
+def _remote_snapshot(json_keys: bool = False) -> dict[str, Any]:
+    """Three workers: 0 local, 1 remote and up (lease 0.2 s, round trip 1.5 ms), 2 remote and
+    away (no lease, no round trip); the remote summary in the pool's stats and the placement
+    (its ``workers`` keyed by strings when ``json_keys``, as through the control socket)."""
+    snap = _snapshot()
+    snap["pool"].update(halted=[], halted_channels=0, quarantined=0, failures=0)
+    snap["hot_channels"] = []  # a 64-digit id passes a narrow width: not what is tested here
+    local, up = snap["workers"]
+    local.update(remote=False, host="local", link="ipc")
+    up.update(state="ready", failed=0, pid=5151)
+    base = {"remote": True, "weight": 1.0, "failover_s": [], "last_lost": None}
+    reports = {
+        1: {**base, "worker_id": "east-1", "host": "east-1.dc2.example.com", "pid": 5151,
+            "link": "up", "lease_age_s": 0.2, "rtt_s": 0.0015, "failovers": 0, "state": "ready"},
+        2: {**base, "worker_id": "west-7", "host": "10.20.30.40", "pid": 6161, "link": "away",
+            "lease_age_s": None, "rtt_s": None, "failovers": 2, "failover_s": [0.4, 0.6],
+            "last_lost": "lease expired", "state": "away"},
+    }
+    up.update(reports[1])
+    away = {**up, **reports[2], "index": 2, "channels": 0, "processed": 10}
+    snap["workers"] = [local, up, away]
+    remote = {"endpoint": "tcp://0.0.0.0:7100", "refused": 3, "auth_failures": 1,
+              "impersonations": 0, "stray_frames": 4, "failovers": 2, "joins": 5,
+              "workers": {str(i) if json_keys else i: r for i, r in reports.items()}}
+    snap["pool"]["remote"] = remote
+    return snap
+
+
+def _row_of(table: str, index: int) -> str:
+    return next(ln for ln in table.splitlines() if ln.split()[:1] == [str(index)])
+
+
+def _cells(table: str, index: int) -> dict[str, str]:
+    """Worker ``index``'s row, heading by heading (no cell of a worker row is blank or holds a
+    space, so the row's words are its cells)."""
+    cells = _row_of(table, index).split()
+    headings = _headings(table, REMOTE_HEADINGS)
+    assert len(cells) == len(headings), (headings, cells)
+    return dict(zip(headings, cells, strict=True))
+
+
+def test_remote_workers_show_host_link_lease_and_round_trip() -> None:
+    for json_keys in (False, True):
+        snap = _remote_snapshot(json_keys)
+        table = render_status(snap)
+        headings = _headings(table, REMOTE_HEADINGS)
+        assert headings == list(REMOTE_HEADINGS)
+        shown = ("STATE", "HOST", "LINK", "LEASE", "RTT ms", "EPOCH")
+        cells = {i: {h: c for h, c in _cells(table, i).items() if h in shown} for i in (0, 1, 2)}
+        assert cells[0] == {"STATE": "ready", "HOST": "local", "LINK": "ipc", "LEASE": "-",
+                            "RTT ms": "-", "EPOCH": "1"}
+        # a long host name: its first label; an IP address whole
+        assert cells[1] == {"STATE": "ready", "HOST": "east-1", "LINK": "up", "LEASE": "0.2s",
+                            "RTT ms": "1.5", "EPOCH": "1"}
+        assert cells[2] == {"STATE": "away", "HOST": "10.20.30.40", "LINK": "away",
+                            "LEASE": "-", "RTT ms": "-", "EPOCH": "1"}
+        # the summary line: endpoint, workers away, and the counters
+        line = next(ln for ln in table.splitlines() if ln.startswith("remote:"))
+        assert line == (
+            "remote:    endpoint tcp://0.0.0.0:7100  workers 2 (1 away)  joins 5  failovers 2  "
+            "refused 3  auth failures 1  impersonations 0  stray frames 4"
+        )
+        # the front's row leaves the remote cells blank
+        front = next(ln for ln in table.splitlines() if ln.lstrip().startswith("front "))
+        assert front.split()[:3] == ["front", "4200", "running"]
+
+
+def test_an_away_worker_is_marked_and_the_remote_columns_drop_early() -> None:
+    snap = _remote_snapshot()
+    coloured = render_status(snap, 160, colour=True)
+    marked = [ANSI.sub("", ln) for ln in coloured.splitlines() if ln.startswith("\x1b[33m")]
+    assert any(ln.split()[:2] == ["2", "6161"] for ln in marked)  # away: marked
+    assert not any(ln.split()[:2] == ["1", "5151"] for ln in marked)  # up: not
+    assert not any(ln.split()[:2] == ["0", "4242"] for ln in marked)
+    red = [ANSI.sub("", ln) for ln in coloured.splitlines() if ln.startswith("\x1b[1;31m")]
+    assert any(ln.startswith("remote:") for ln in red)  # an auth failure
+    # the same remote worker away only by its link (state not yet updated) is marked too
+    snap["workers"][2]["state"] = "ready"
+    coloured = render_status(snap, 160, colour=True)
+    assert any(ANSI.sub("", ln).split()[:2] == ["2", "6161"]
+               for ln in coloured.splitlines() if ln.startswith("\x1b[33m"))
+
+    assert _headings(render_status(snap, 160), REMOTE_HEADINGS) == list(REMOTE_HEADINGS)
+    previous = set(REMOTE_HEADINGS)
+    for width in range(160, 19, -1):
+        table = render_status(snap, width)
+        assert all(len(ln) <= width for ln in table.splitlines()), width
+        shown = set(_headings(table, REMOTE_HEADINGS))
+        assert shown <= previous
+        gone = [h for h in DROP_ORDER if h not in shown]
+        assert gone == list(DROP_ORDER[: len(gone)]), (width, gone)
+        previous = shown
+    at_80 = _headings(render_status(snap, 80), REMOTE_HEADINGS)
+    assert "RTT ms" not in at_80 and "LEASE" not in at_80 and "LINK" in at_80
+    assert DROP_ORDER.index("HOST") > max(DROP_ORDER.index("LEASE"), DROP_ORDER.index("RTT ms"))
+
+
+def test_the_remote_summary_from_the_placement_and_long_host_names() -> None:
+    snap = _remote_snapshot(json_keys=True)
+    remote = snap["pool"].pop("remote")
+    for w in snap["workers"][1:]:  # no remote fields merged in: taken from the summary
+        for key in ("remote", "host", "link", "lease_age_s", "rtt_s"):
+            del w[key]
+    remote["workers"]["1"]["host"] = "a-very-long-host-name-without-dots"
+    remote["workers"]["2"]["host"] = "fd00:1234:5678::42"
+    snap["placement"] = {"remote": remote}  # only the summary is read from it here
+    assert remote_summary(snap) is remote
+    assert [w["link"] for w in worker_rows(snap)] == ["ipc", "up", "away"]
+    table = render_status({**snap, "placement": None, "pool": {**snap["pool"], "remote": remote}})
+    assert _cells(table, 1)["HOST"] == "a-very-long…"
+    assert _cells(table, 2)["HOST"] == "fd00:1234:5…"  # an IP address: cut, not split at dots
+    assert _cells(table, 1)["LEASE"] == "0.2s" and _cells(table, 2)["LINK"] == "away"
+    assert "remote:    endpoint tcp://0.0.0.0:7100" in table
+
+
+def test_a_local_only_pool_renders_as_before() -> None:
+    snap = _snapshot()
+    before = render_status(snap, 160)
+    for w in snap["workers"]:  # what stats() now adds for a local worker
+        w.update(remote=False, host="local", link="ipc")
+    snap["pool"]["remote"] = None
+    snap["placement"] = None
+    for width in (None, 80, 160):
+        table = render_status(snap, width)
+        assert table == render_status(_snapshot(), width)
+        assert not any(h in table for h in ("HOST", "LINK", "LEASE", "RTT", "remote:"))
+    assert render_status(snap, 160) == before
 
 
 # ------------------------------------------------------------------------- under a pseudo-terminal
