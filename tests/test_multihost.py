@@ -278,17 +278,24 @@ def test_a_flapping_link_keeps_order_and_moves_abort_cleanly(tmp_path: Path) -> 
         flapper = threading.Thread(target=flap, daemon=True)
         flapper.start()
         outcomes = {"committed": 0, "refused": 0}
+        reasons: dict[str, int] = {}
         deadline = time.monotonic() + 8
         try:
             while time.monotonic() < deadline:
-                # Slots back and forth between the hosts, whatever the link is doing.
+                # Slots back and forth between the hosts, whatever the link is doing (after a
+                # failover the remote worker owns nothing until it rejoins: then to it).
                 src, dst = (0, 1) if outcomes["committed"] % 2 == 0 else (1, 0)
                 slots = [s for s in range(4096) if pool.worker_of_slot(s) == src][:20]
+                if not slots:
+                    src, dst = dst, src
+                    slots = [s for s in range(4096) if pool.worker_of_slot(s) == src][:20]
                 try:
                     pool.move_slots(slots, dst, timeout=3)
                     outcomes["committed"] += 1
-                except MoveRefused:
+                except MoveRefused as exc:
                     outcomes["refused"] += 1
+                    why = str(exc).split(":")[0][:40]
+                    reasons[why] = reasons.get(why, 0) + 1
                     time.sleep(0.05)  # sleep-ok: pacing the next attempt
         finally:
             done.set()
@@ -302,7 +309,8 @@ def test_a_flapping_link_keeps_order_and_moves_abort_cleanly(tmp_path: Path) -> 
     check_results(results, stream.sent)
     check_journal(tmp_path / "journal", stream.sent)
     assert outcomes["committed"] + outcomes["refused"] > 2
-    print(f"\nflapping link (netem: {netem}): moves {outcomes}, failovers {failovers}")
+    print(f"\nflapping link (netem: {netem}): moves {outcomes}, failovers {failovers}, "
+          f"refusals {reasons}")
 
 
 @pytest.mark.timeout(180)
