@@ -9,8 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import handlers
 import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from remote_tools import (
     TESTS,
     HostService,
@@ -305,3 +309,103 @@ def test_a_call_that_outlives_the_lease_ends_its_worker_before_the_channel_moves
             service.stop()
     calls = handlers.read_host_journal(str(tmp_path))[cid.hex()]
     assert [(c[0], c[2], c[3]) for c in calls] == [(0, True, local_pid)]  # the cut call left none
+
+
+# -- arbitrary frames on the remote socket -------------------------------------------------------
+
+_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(),
+    st.text(max_size=6),
+    st.binary(max_size=20),
+)
+_junk = st.recursive(
+    _leaf,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    | st.builds(cbor2.CBORTag, st.integers(0, 2**16), inner),
+    max_leaves=12,
+)
+_hellos = st.one_of(
+    _junk,
+    st.lists(_junk, min_size=7, max_size=7).map(lambda x: [11, *x[1:]]),
+    st.tuples(st.sampled_from(["w2", "w9", "", "w2" * 40]), st.binary(min_size=16, max_size=16),
+              _junk, st.sampled_from([1, 2, -1, 2**70]), st.integers(-5, 2**40), _junk)
+    .map(lambda t: [11, t[0], t[1], "0", t[3], t[4], "h"]),
+    st.just([11, "w2", b"n" * 16, "0", 1, 4242, "fuzzer"]),  # a well-formed one: welcomed
+)
+# Frames of a session: any kind but READY (a worker that never says READY gets no channels, so
+# what it claims cannot touch real messages), with arbitrary fields; or not CBOR at all.
+_session_frames = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 99, -1]),
+                  st.lists(_junk, max_size=6)),
+        st.binary(max_size=30),
+    ),
+    max_size=12,
+)
+
+
+def _await_state(pool: ShardPool, index: int, state: str, timeout: float) -> None:
+    wait_until(
+        lambda: pool.placement()["remote"]["workers"][index]["state"] == state
+        and not pool.placement()["moves"]["in_progress"],
+        timeout,
+        f"worker {index} to be {state}",
+    )
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+def test_arbitrary_frames_on_the_remote_socket_stop_nothing(tmp_path: Path) -> None:
+    results = Results()
+    cfg = front_config("tcp://127.0.0.1:*", ["w1", "w2"], tmp_path, lease_s=0.5, margin_s=0.3)
+    sent = {b"fz-%03d" % c: 0 for c in range(60)}
+    ctx = zmq.Context()
+    with ShardPool(config=cfg, on_result=results) as pool:
+        endpoint = pool._front.remote.endpoint  # type: ignore[union-attr]
+        service = _service(endpoint, "w1")
+        examples: list[int] = []
+        try:
+            _await_state(pool, 1, "ready", 30)
+
+            @settings(max_examples=15, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))
+            @given(hello=_hellos, frames=_session_frames)
+            def one(hello: Any, frames: list[Any]) -> None:
+                sock = ctx.socket(zmq.DEALER)
+                sock.linger = 0
+                try:
+                    sock.connect(endpoint)
+                    sock.send(cbor2.dumps(hello))
+                    examples.append(1)
+                    welcome = cbor2.loads(sock.recv()) if sock.poll(500) else None
+                    if welcome is not None and welcome[0] == 7:  # WELCOME: a session as w2
+                        epoch, index = welcome[1], welcome[2]
+                        for frame in frames:
+                            if isinstance(frame, bytes):
+                                sock.send(frame)
+                            else:
+                                sock.send(cbor2.dumps([frame[0], index, epoch, *frame[1]]))
+                    for cid in sent:  # real traffic all along
+                        pool.submit(cid, {"i": sent[cid]})
+                        sent[cid] += 1
+                finally:
+                    sock.close()
+                # The session (if any) ends by silence: w2 fails over, w1 and worker 0 go on.
+                _await_state(pool, 2, "away", 10)
+
+            one()
+            pool.drain(60)
+            counters = pool.placement()["remote"]
+            # Every HELLO was answered (refused, or welcomed) or, not a HELLO at all, counted.
+            answered = counters["refused"] + counters["joins"] - 1 + counters["stray_frames"]
+            assert answered >= len(examples) > 0
+            assert pool.placement()["remote"]["workers"][1]["state"] == "ready"
+        finally:
+            service.stop()
+            ctx.term()
+    check_results(results, sent)
+    check_journal(tmp_path, sent)

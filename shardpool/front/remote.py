@@ -39,7 +39,7 @@ from zmq.utils import z85
 from .. import codec
 from ..codec import ToFront, ToWorker
 from ..config import WORKER_ID_RE
-from ..protocol import describe
+from ..protocol import describe, loads_frame
 from ..ratelog import RateLimitedLog
 from ..security import RemoteKeys, monitor_events
 from ..supervisor import WorkerState
@@ -196,8 +196,11 @@ class Remote:
                 self.counters["stray_frames"] += 1
                 continue
             rid, frame = parts[0].bytes, parts[1]
+            peer = self.sessions.get(rid)
             try:
-                msg = codec.loads(frame.bytes)
+                # A peer without a session has only a HELLO to say: decoded with the limits
+                # producer frames get (no value can make its decoding slow).
+                msg = (codec.loads if peer is not None else loads_frame)(frame.bytes)
                 kind = msg[0]
             except Exception:  # noqa: BLE001 - never let a bad frame stop the front
                 self.counters["stray_frames"] += 1
@@ -206,7 +209,6 @@ class Remote:
                 user = frame.get("User-Id") if self.keys is not None else None
                 self._on_hello(rid, None if user is None else str(user), msg, now)
                 continue
-            peer = self.sessions.get(rid)
             if peer is None:
                 self.counters["stray_frames"] += 1  # a session that is over
                 continue
@@ -221,9 +223,9 @@ class Remote:
             if peer.cut:
                 continue  # no longer heard: its lease runs out, then it fails over
             peer.last_heard = now
-            if kind == ToFront.HEARTBEAT and len(msg) >= 6:
+            if kind == ToFront.HEARTBEAT and len(msg) >= 6 and _is_time(msg[4]):
                 sock.send_multipart((rid, codec.frame(ToWorker.LEASE, msg[2], msg[4])))
-                if isinstance(msg[5], (int, float)) and msg[5] > 0:
+                if _is_time(msg[5]) and msg[5] > 0:
                     peer.rtt_s = float(msg[5])
             msgs.append(msg)
         if int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
@@ -258,12 +260,12 @@ class Remote:
 
     def _on_hello(self, rid: bytes, user: str | None, msg: list[Any], now: float) -> None:
         f = self.front
-        try:
-            hello = codec.Hello._make(msg[1:7])
-            claimed = str(hello.worker_id)
-        except Exception:  # noqa: BLE001
-            self._refuse(rid, "malformed HELLO", True, "?")
+        hello = _hello(msg)
+        if hello is None:
+            self._refuse(rid, "malformed HELLO (expected [11, id, nonce, version, protocol, pid, "
+                         "host]: text, 16 bytes, text, an integer, an integer, text)", True, "?")
             return
+        claimed = hello.worker_id
         shown = repr(claimed) if WORKER_ID_RE.fullmatch(claimed) else describe(claimed)
         if self.keys is not None and user != claimed:
             self.counters["impersonations"] += 1
@@ -276,7 +278,7 @@ class Remote:
         if hello.protocol != codec.PROTOCOL:
             self._refuse(
                 rid,
-                f"wire protocol {describe(hello.protocol)}; this front speaks "
+                f"wire protocol {hello.protocol}; this front speaks "
                 f"{codec.PROTOCOL} (shardpool versions differ)",
                 True,
                 shown,
@@ -299,9 +301,9 @@ class Remote:
         link = f.links[peer.index]
         link.incarnation(epoch)
         peer.session = rid
-        peer.host = str(hello.host)[:255]
-        peer.pid = hello.pid if isinstance(hello.pid, int) else None
-        peer.version = str(hello.version)[:64]
+        peer.host = hello.host
+        peer.pid = hello.pid
+        peer.version = hello.version
         peer.last_heard = now
         peer.rtt_s = None
         self.sessions[rid] = peer
@@ -584,3 +586,28 @@ class Remote:
 
 
 
+
+
+def _is_time(value: Any) -> bool:
+    """A number of seconds a worker may send (finite, no bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        -1e12 < value < 1e12
+    )
+
+
+def _hello(msg: list[Any]) -> codec.Hello | None:
+    """A HELLO's fields when each has its type and a sane size, else None."""
+    if not isinstance(msg, list) or len(msg) != 7:
+        return None
+    hello = codec.Hello._make(msg[1:])
+    ok = (
+        isinstance(hello.worker_id, str) and len(hello.worker_id) <= 64
+        and isinstance(hello.nonce, bytes) and len(hello.nonce) == 16
+        and isinstance(hello.version, str) and len(hello.version) <= 64
+        and isinstance(hello.protocol, int) and not isinstance(hello.protocol, bool)
+        and -(2**31) < hello.protocol < 2**31
+        and isinstance(hello.pid, int) and not isinstance(hello.pid, bool)
+        and 0 <= hello.pid < 2**31
+        and isinstance(hello.host, str) and len(hello.host) <= 255
+    )
+    return hello if ok else None
