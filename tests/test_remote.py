@@ -409,3 +409,18 @@ def test_arbitrary_frames_on_the_remote_socket_stop_nothing(tmp_path: Path) -> N
             ctx.term()
     check_results(results, sent)
     check_journal(tmp_path, sent)
+
+
+def test_a_remote_worker_never_runs_past_a_missing_frame() -> None:
+    from shardpool.codec import ToWorker
+    from shardpool.worker import Worker, WorkerSpec
+
+    spec = WorkerSpec(index=1, epoch=3, data_endpoint="", front_endpoint="", handler="x:y")
+    worker = Worker(spec, None, Lease(1.0, time.monotonic(), grace_s=1.0))
+    batch = lambda first, n: [ToWorker.BATCH, 3, first, False, *([[b"c", 0, b""]] * n)]  # noqa: E731
+    assert worker._in_sequence(ToWorker.BATCH, batch(40, 3))  # the first sets the base
+    assert worker._in_sequence(ToWorker.INSTALL, [ToWorker.INSTALL, 3, 43, 1, []])
+    assert worker._in_sequence(ToWorker.STATS, [ToWorker.STATS, 3, 9])  # not a window entry
+    assert worker._in_sequence(ToWorker.BATCH, batch(44, 2)) and not worker.stop
+    assert not worker._in_sequence(ToWorker.BATCH, batch(47, 1))  # 46 never came
+    assert worker.stop == [-1]  # fenced: this incarnation ends, nothing after the gap runs

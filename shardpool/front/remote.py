@@ -142,18 +142,7 @@ class Remote:
         sock.heartbeat_ivl = 1000
         sock.heartbeat_timeout = 5000
         if keys is not None:
-            from zmq.auth.thread import ThreadAuthenticator
-
-            pinned = keys.pinned
-
-            class _Pinned(ThreadAuthenticator):
-                def curve_user_id(self, client_public_key: bytes) -> str:
-                    # The User-Id of a connection is the id its key is pinned to.
-                    return pinned.get(z85.encode(client_public_key), "")
-
-            self.auth = _Pinned(ctx, log=logging.getLogger("shardpool.front.auth"))
-            self.auth.start()
-            self.auth.configure_curve_callback(domain=_ZAP_DOMAIN, credentials_provider=keys)
+            self.auth = _authenticator(ctx, keys)
             sock.curve_secretkey = keys.secret
             sock.curve_publickey = keys.public
             sock.curve_server = True
@@ -586,6 +575,21 @@ class Remote:
 
 
 
+
+
+def _authenticator(ctx: zmq.Context[Any], keys: RemoteKeys) -> Any:
+    """pyzmq's ZAP thread for the remote workers' socket, started: it admits only the pinned
+    keys, and names each connection (its User-Id) by the worker id its key is pinned to."""
+    from zmq.auth.thread import ThreadAuthenticator  # (only where CURVE is used)
+
+    class PinnedAuthenticator(ThreadAuthenticator):
+        def curve_user_id(self, client_public_key: bytes) -> str:
+            return keys.pinned.get(z85.encode(client_public_key), "")
+
+    auth = PinnedAuthenticator(ctx, log=logging.getLogger("shardpool.front.auth"))
+    auth.start()
+    auth.configure_curve_callback(domain=_ZAP_DOMAIN, credentials_provider=keys)
+    return auth
 
 
 def _is_time(value: Any) -> bool:
