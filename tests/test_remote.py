@@ -4,7 +4,10 @@ leave, refusals, the lease; the rules of ``[remote]``. The tests across simulate
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -424,3 +427,76 @@ def test_a_remote_worker_never_runs_past_a_missing_frame() -> None:
     assert worker._in_sequence(ToWorker.BATCH, batch(44, 2)) and not worker.stop
     assert not worker._in_sequence(ToWorker.BATCH, batch(47, 1))  # 46 never came
     assert worker.stop == [-1]  # fenced: this incarnation ends, nothing after the gap runs
+
+
+class _Lines:
+    """A process's stderr lines, read by a thread (so a test can wait for one with a deadline)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.lines: list[str] = []
+        assert proc.stderr is not None
+        stream = proc.stderr
+        self._thread = threading.Thread(
+            target=lambda: self.lines.extend(line.decode() for line in stream), daemon=True
+        )
+        self._thread.start()
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in list(self.lines))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_a_remote_worker_leaves_a_dead_front_within_its_lease_and_joins_the_next(
+    tmp_path: Path,
+) -> None:
+    from service_handlers import subprocess_env
+
+    with socket.socket() as s:  # a free loopback port for the fronts, one after the other
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rundir = tmp_path / "run"
+    rundir.mkdir(mode=0o700)
+    cfg = tmp_path / "front.toml"
+    cfg.write_text(
+        f'[pool]\nworkers = 1\n[transport]\nruntime_dir = "{rundir}"\n'
+        f'[supervisor]\nheartbeat_interval_s = 0.2\n'
+        f'[remote]\nbind = "tcp://127.0.0.1:{port}"\nworkers = {{ "w1" = 1.0 }}\n'
+        f"lease_s = 0.6\nlease_margin_s = 0.3\n"
+    )
+    env = subprocess_env()
+
+    def front() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "shardpool", "run", "-c", str(cfg)], env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    first = front()
+    worker = subprocess.Popen(  # noqa: S603
+        [*worker_argv(f"tcp://127.0.0.1:{port}", "w1", None)[:-2], "--log-level", "INFO"],
+        env=env, stderr=subprocess.PIPE,
+    )
+    second = None
+    try:
+        log = _Lines(worker)
+        wait_until(lambda: log.count("joined") == 1, 30, "the worker to join the first front")
+        first.kill()
+        killed = time.monotonic()
+        first.wait(10)
+        wait_until(lambda: log.count("lost its lease") == 1, 10, "the worker to leave")
+        left_after = time.monotonic() - killed
+        assert left_after < 0.6 + 0.5, left_after  # its lease (0.6 s), and a little polling
+        assert worker.poll() is None  # the process stays, a service waiting for its front
+        second = front()
+        wait_until(lambda: log.count("joined") == 2, 30, "the worker to join the next front")
+    finally:
+        for proc in (first, second, worker):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+    assert worker.returncode == EXIT_OK

@@ -186,12 +186,16 @@ def _incarnation(opts: RemoteOptions, stop: _Stop) -> int | None:
     sock = _socket(ctx, opts, nonce)
     try:
         sent_at = time.monotonic()
-        sock.send(
-            codec.frame(
-                ToFront.HELLO, opts.worker_id, nonce, __version__, codec.PROTOCOL, os.getpid(),
-                socket.gethostname(),
+        try:
+            sock.send(
+                codec.frame(
+                    ToFront.HELLO, opts.worker_id, nonce, __version__, codec.PROTOCOL,
+                    os.getpid(), socket.gethostname(),
+                ),
+                zmq.NOBLOCK,
             )
-        )
+        except zmq.Again:
+            return None  # no connection to queue it on: try again
         reply = _await_reply(sock, stop)
         if reply is None:
             return None

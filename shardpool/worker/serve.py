@@ -110,7 +110,9 @@ class Worker:
             ctx.term()
 
     async def _run(self, push: zmq.Socket[bytes], pull: zmq.Socket[bytes]) -> int:
-        self.acks.push = push
+        # A remote worker's socket has no peer once its connection dropped (it never
+        # reconnects), and a send with no peer would block: its sends never wait.
+        self.acks.push = push if self.lease is None else _Unblocked(push)
         try:
             handler = load_handler(self.spec.handler, self.spec.handler_options)
             mode = move_state_of(self.spec.move_state, handler, self.spec.handler)
@@ -410,6 +412,24 @@ class Worker:
             "loop_lag_s": self.loop_lag_s,
             "hot_channels": [[c.id, c._expect - c._first] for c in hot],
         }
+
+
+class _Unblocked:
+    """A remote worker's sends: never blocking. A frame that cannot leave (no connection any
+    more) is dropped: the front hears nothing more from this incarnation, whose lease then runs
+    out on both sides, and what it had unacknowledged is replayed elsewhere."""
+
+    __slots__ = ("sock", "dropped")
+
+    def __init__(self, sock: zmq.Socket[bytes]) -> None:
+        self.sock = sock
+        self.dropped = 0
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.send(data, zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
 
 
 _LEASE_HEAD = bytes((0x83, ToWorker.LEASE))
