@@ -500,3 +500,10 @@ def test_a_remote_worker_leaves_a_dead_front_within_its_lease_and_joins_the_next
                     proc.kill()
                     proc.wait(5)
     assert worker.returncode == EXIT_OK
+
+
+def test_remote_workers_need_a_handler_they_can_import(tmp_path: Path) -> None:
+    cfg = front_config("tcp://127.0.0.1:*", ["w1"], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        ShardPool(handlers.record, config=cfg)
+    assert err.value.problems[0][0] == "pool.handler"

@@ -26,6 +26,7 @@ from .. import codec, launch
 from ..config import Config
 from ..deadletters import DeadLetters
 from ..errors import (
+    ConfigError,
     DrainTimeout,
     MoveRefused,
     PayloadTooLarge,
@@ -87,6 +88,10 @@ class Front:
         Raises:
             WorkerStartError: a worker failed to import/set up its handler (the worker's traceback
                 is the ``__cause__``), died before READY, or missed the READY deadline.
+            ConfigError: ``[remote]`` is insecure or incomplete (see
+                :func:`~shardpool.security.load_remote_keys`), or remote workers are configured
+                with a handler object.
+            zmq.ZMQError: ``remote.bind`` cannot be bound.
         """
         self.cfg = config
         pool, transport = config.pool, config.transport
@@ -140,6 +145,12 @@ class Front:
         self.remote: Remote | None = None
         if remote_ids:
             try:
+                if not isinstance(self.handler, str):
+                    raise ConfigError([(
+                        "pool.handler", type(self.handler).__name__,
+                        'a "module:attribute" reference when remote.workers is set: a remote '
+                        "worker imports the handler on its own host (an object cannot be sent)",
+                    )])
                 self.remote = Remote(self, load_remote_keys(config), pool.workers)
             except BaseException:
                 self._release_early()

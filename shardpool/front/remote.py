@@ -273,10 +273,6 @@ class Remote:
                 shown,
             )
             return
-        if not isinstance(f.handler, str):
-            self._refuse(rid, "the front's handler is an object, not a module:attribute a remote "
-                         "worker can import", True, shown)
-            return
         rec = f.sup.workers[peer.index]
         if f.state != PoolState.RUNNING or rec.state not in (WorkerState.AWAY,):
             why = (
