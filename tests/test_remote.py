@@ -507,3 +507,29 @@ def test_remote_workers_need_a_handler_they_can_import(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         ShardPool(handlers.record, config=cfg)
     assert err.value.problems[0][0] == "pool.handler"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_a_remote_worker_whose_handler_cannot_start_is_left_out_with_its_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = front_config("tcp://127.0.0.1:*", ["w1"], tmp_path, pool={
+        "handler": "handlers:FailsToStartFrom", "handler_options": {"index": 1},
+    })
+    with ShardPool(config=cfg) as pool:
+        proc = subprocess.Popen(  # noqa: S603
+            worker_argv(pool._front.remote.endpoint, "w1", None), cwd=TESTS,  # type: ignore[union-attr]
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert proc.wait(30) == 3  # EXIT_START_FAILED: its service manager decides
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        assert pool.placement()["remote"]["workers"][1]["state"] == "away"
+        assert pool.call(b"still-fine", {"i": 0}, timeout=10) == [0, 1]  # the pool goes on
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "could not start its handler" in logged and "no database connection" in logged
+    assert "Traceback" in logged

@@ -383,7 +383,7 @@ class FrontIO:
         )
         err.__cause__ = RemoteTraceback(fatal.traceback)
         if f.remote is not None and f.remote.is_remote(link.index):
-            f.remote.on_fatal(link, f"{fatal.exc_type}: {fatal.message}")
+            f.remote.on_fatal(link, f"{fatal.exc_type}: {fatal.message}", fatal.traceback)
             return  # a remote host's install: the pool goes on without it
         if f.resizer.on_start_failed(link.index, err) or f.roller.on_start_failed(
             link.index, err

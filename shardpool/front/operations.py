@@ -70,14 +70,18 @@ def stats(front: Front, timeout: float) -> dict[str, Any]:
         req = next(front.stats_ids)
         replies = front.stats_replies[req] = {}
         front.flush_pending()
-        asked = [k.index for k in front.links if k.send(ToWorker.STATS, req)]
+        remote = front.remote
+        # (A remote worker silent past its lease is not asked: it would only hold the answer.)
+        asked = [
+            k.index for k in front.links
+            if not (remote is not None and remote.silent(k.index)) and k.send(ToWorker.STATS, req)
+        ]
         deadline = time.monotonic() + timeout
         while len(replies) < len(asked) and time.monotonic() < deadline:
             front.cv.wait(deadline - time.monotonic())
         del front.stats_replies[req]
         for index, reply in replies.items():
             front.links[index].stats = reply
-        remote = front.remote
         workers = [
             {
                 **k.report(),

@@ -306,6 +306,12 @@ class Remote:
         peer.filling = True
         self._next_fill = 0.0
 
+    def silent(self, index: int) -> bool:
+        """Remote worker ``index`` has said nothing for longer than its lease (it is about to be
+        failed over, or gone)."""
+        peer = self.by_index.get(index)
+        return peer is not None and time.monotonic() - peer.last_heard > self.lease_s
+
     def cut(self, index: int) -> None:
         """Stop listening to remote worker ``index`` (it sent a frame the front could not use):
         nothing more is sent to it, its frames are ignored and its lease is no longer renewed,
@@ -314,11 +320,12 @@ class Remote:
         peer.cut = True
         self.front.links[index].disconnect()
 
-    def on_fatal(self, link: Link, why: str) -> None:
-        """The worker could not start its handler: it gets nothing (the pool goes on)."""
+    def on_fatal(self, link: Link, why: str, tb: str) -> None:
+        """The worker could not start its handler (its traceback: ``tb``): it gets nothing (the
+        pool goes on)."""
         peer = self.by_index[link.index]
-        log.error("remote worker %s (%s) could not start its handler: %s", peer.worker_id,
-                  peer.host, why)
+        log.error("remote worker %s (%s) could not start its handler: %s\n%s", peer.worker_id,
+                  peer.host, why, tb)
         self.fail_over(peer, f"its handler failed to start: {why}")
 
     def on_bye(self, link: Link) -> None:
