@@ -50,8 +50,8 @@ def front_config(
     *,
     local: int = 1,
     keys: dict[str, Any] | None = None,
-    lease_s: float = 1.0,
-    margin_s: float = 0.5,
+    lease_s: float = 3.0,
+    margin_s: float = 1.0,
     pool: dict[str, Any] | None = None,
 ) -> Config:
     return config_from_dict({

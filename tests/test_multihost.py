@@ -120,8 +120,9 @@ def _pool(tmp_path: Path, hosts: Hosts, ids: list[str], results: Results, **kw: 
     keys = make_keys(tmp_path / "keys", ids)
     journal = tmp_path / "journal"
     journal.mkdir(exist_ok=True)
-    cfg = front_config(f"tcp://{hosts.front_addr}:{PORT}", ids, journal, keys=keys,
-                       lease_s=LEASE_S, margin_s=MARGIN_S, **kw)
+    kw.setdefault("lease_s", LEASE_S)
+    kw.setdefault("margin_s", MARGIN_S)
+    cfg = front_config(f"tcp://{hosts.front_addr}:{PORT}", ids, journal, keys=keys, **kw)
     return ShardPool(config=cfg, on_result=results)
 
 
@@ -163,7 +164,11 @@ def test_order_across_hosts_with_two_local_and_two_remote_workers(tmp_path: Path
         rates["local"] = stream.progress() / (time.perf_counter() - t0)
     check_results(results, stream.sent)
     results = Results()
-    with cluster(tmp_path, ["h1", "h2"], results, local=2) as (_, pool, _):
+    # The default lease: this test is about order and cost, not failures (a slow machine must not
+    # turn a scheduling hiccup into a failover).
+    with cluster(tmp_path, ["h1", "h2"], results, local=2, lease_s=3.0, margin_s=1.0) as (
+        _, pool, _
+    ):
         t0 = time.perf_counter()
         stream = Stream(pool, channels, per_channel).start()
         stream.join(180)
@@ -316,7 +321,7 @@ def test_a_flapping_link_keeps_order_and_moves_abort_cleanly(tmp_path: Path) -> 
 @pytest.mark.timeout(180)
 def test_live_moves_local_to_remote_and_back_keep_handler_state_exact(tmp_path: Path) -> None:
     results = Results()
-    with cluster(tmp_path, ["h1"], results) as (hosts, pool, (service,)):
+    with cluster(tmp_path, ["h1"], results, lease_s=3.0, margin_s=1.0) as (_, pool, _):
         slots = [s for s in range(4096) if pool.worker_of_slot(s) == 0][:100]
         stream = Stream(pool, 400, 60).start()
         there = pool.move_slots(slots, 1)
