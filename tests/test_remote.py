@@ -533,3 +533,31 @@ def test_a_remote_worker_whose_handler_cannot_start_is_left_out_with_its_traceba
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "could not start its handler" in logged and "no database connection" in logged
     assert "Traceback" in logged
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_a_long_batch_of_slow_calls_costs_a_remote_worker_neither_its_lease_nor_a_prompt_stop(
+    tmp_path: Path,
+) -> None:
+    # 150 calls of 20 ms in few batches: 3 s of work, six times the lease. The worker serves a
+    # batch a slice at a time and reads the front's LEASE answers between slices.
+    results = Results()
+    cfg = front_config("tcp://127.0.0.1:*", ["w1"], tmp_path, lease_s=0.5, margin_s=0.3)
+    with ShardPool(config=cfg, on_result=results) as pool:
+        service = _service(pool._front.remote.endpoint, "w1")  # type: ignore[union-attr]
+        try:
+            wait_until(lambda: joined(pool, 1), 30, "the remote worker to join")
+            remote = [c for c in (b"sl-%03d" % i for i in range(400)) if pool.worker_of(c) == 1]
+            sent = dict.fromkeys(remote[:30], 0)
+            for _ in range(5):
+                for cid in sent:
+                    pool.submit(cid, {"i": sent[cid], "ms": 20})
+                    sent[cid] += 1
+            pool.drain(60)
+            assert pool.placement()["remote"]["failovers"] == 0
+            assert service.exits == []
+        finally:
+            service.stop()
+    check_results(results, sent)
+    assert check_journal(tmp_path, sent)["redelivered_dups"] == 0

@@ -231,10 +231,47 @@ class Worker:
             if kind == ToWorker.BATCH:
                 if msg[3]:
                     await dispatch.careful_batch(msg)
-                else:
+                elif self.lease is None:
                     dispatch.on_batch(msg)
+                else:
+                    await self._remote_batch(dispatch, msg)
             else:
                 self._cold_frame(dispatch, kind, msg)
+
+    async def _remote_batch(self, dispatch: Dispatcher, msg: list[Any]) -> None:
+        """A remote worker's batch, a slice of at most :data:`YIELD_S` at a time: between slices
+        the event loop runs (the heartbeat goes out) and what the front sent meanwhile is read
+        (a LEASE renews the lease, a STOP stops), so a long batch of a sync handler costs
+        neither the lease nor a prompt stop."""
+        first: int = msg[2]
+        items = msg[4:]
+        end = first + len(items)
+        clock = dispatch.clock
+        at = dispatch.on_batch(msg, clock() + YIELD_S)
+        while at < end and not self.stop:
+            await asyncio.sleep(0)
+            self._read_ahead()
+            at = dispatch.on_batch([msg[0], msg[1], at, False, *items[at - first:]],
+                                   clock() + YIELD_S)
+
+    def _read_ahead(self) -> None:
+        """Read everything ZeroMQ holds for a remote worker: LEASE and STOP are taken now, the
+        other frames queued to be served in order (see :meth:`_recv_remote`)."""
+        queued = self._queued
+        sock = self._sock
+        assert sock is not None
+        while True:
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            head = frame[:2]
+            if head == _LEASE_HEAD:
+                self._take_lease(frame)
+            elif head == _STOP_HEAD and self._current(frame):
+                self.stop.append(0)
+            else:
+                queued.append(frame)
 
     def _recv_remote(self, flags: int = 0) -> bytes:
         """A remote worker's next frame (as ``sock.recv(zmq.NOBLOCK)``). Everything ZeroMQ holds
@@ -246,23 +283,9 @@ class Worker:
         Raises:
             zmq.Again: nothing to serve.
         """
-        queued = self._queued
-        sock = self._sock
-        assert sock is not None
-        while True:
-            try:
-                frame = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            head = frame[:2]
-            if head == _LEASE_HEAD:
-                self._take_lease(frame)
-            elif head == _STOP_HEAD and self._current(frame):
-                self.stop.append(0)
-            else:
-                queued.append(frame)
-        if queued:
-            return queued.popleft()
+        self._read_ahead()
+        if self._queued:
+            return self._queued.popleft()
         raise zmq.Again
 
     def _current(self, frame: bytes) -> bool:
