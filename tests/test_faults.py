@@ -502,3 +502,17 @@ def test_failure_policy_by_message_type(tmp_path: Path) -> None:
     verify(out, skipped=frozenset({(5, 3), (6, 3)}))
     policies = {(f.channel_id, f.policy) for f in out.failures}
     assert policies == {(cid(5), "skip"), (cid(6), "halt"), (cid(6), "skipped")}
+
+
+@pytest.mark.timeout(60)
+def test_a_long_batch_of_slow_calls_does_not_read_as_a_hung_worker() -> None:
+    # 60 calls of 25 ms on one worker: 1.5 s of work in one batch, three times the heartbeat
+    # timeout. The worker hands a batch of slow calls over in slices and beats in between.
+    with ShardPool(
+        handlers.sleepy, workers=1, heartbeat_interval_s=0.05, heartbeat_timeout_s=0.5
+    ) as pool:
+        futs = [pool.request(b"slow-%02d" % (i % 6), {"ms": 25}) for i in range(60)]
+        got = [f.result(timeout=30) for f in futs]
+        stats = pool.stats()
+    assert got == [i // 6 for i in range(60)]  # each channel's seqs, in order
+    assert stats["restarts"] == 0 and stats["replayed"] == 0

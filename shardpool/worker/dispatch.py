@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import heapq
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -83,18 +82,13 @@ class Dispatcher:
         self.careful = False  # running a replayed batch: one call at a time, in the run slot
         self.handoff = Handoff(self)  # channels leaving and arriving with slot moves
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
-        self.clock = time.monotonic  # the event loop's clock (asyncio's default)
 
     # -- batches -------------------------------------------------------------------------------
 
-    def on_batch(  # noqa: C901 - the hot path, one function on purpose
-        self, msg: list[Any], deadline: float | None = None
-    ) -> int:
-        """A BATCH frame that is not a replay (those go to :meth:`careful_batch`). With a
-        ``deadline`` (the event loop's clock) it hands over no message once that has passed and
-        returns the wseq it stopped at: the caller lets the loop run, then calls again with the
-        rest (``msg`` renumbered from there). Returns the wseq after the last message handed
-        over (the batch's end once all were)."""
+    def on_batch(self, msg: list[Any]) -> int:  # noqa: C901 - the hot path, one function on purpose
+        """A BATCH frame that is not a replay (those go to :meth:`careful_batch`), or a slice of
+        one (``[BATCH, epoch, first wseq of the slice, False, items...]``). Returns the wseq after
+        the last message handed over: the end, unless a stop request came first."""
         # The worker's hot path: the loop body runs once per message, so it does only what every
         # message needs. Messages that do not finish inline with a None result are noted as
         # holes; the acknowledged ranges are the batch minus the holes, computed once at the end.
@@ -113,15 +107,11 @@ class Dispatcher:
         end = first + len(items)
         if self.run_slot is not None:
             self.run_slot.take(end - 1)
-        clock = self.clock
         for wseq, item in enumerate(items, first):
             if stop:
                 # Asked to stop: the rest of the batch is never handed to the handler (and is not
                 # acknowledged; the front reports it as unfinished).
                 end = wseq
-                break
-            if deadline is not None and clock() > deadline:
-                end = wseq  # the rest comes in the next call
                 break
             # admit() inlined: every message passes here.
             try:

@@ -23,6 +23,7 @@ import os
 import signal
 import time
 import traceback
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -49,7 +50,11 @@ SWEEP_CHUNK = 5000
 
 YIELD_S = 0.005
 """A worker kept busy lets its event loop run the other tasks (heartbeat, LOAD report, idle sweep,
-async handler calls) at least this often (seconds)."""
+async handler calls) at least this often (seconds), one handler call permitting: between frames,
+and between the slices of a batch of slow calls."""
+
+MAX_SLICE = 65_536
+"""The most messages of one batch handed over at once (more than any batch holds)."""
 
 
 class Worker:
@@ -67,6 +72,9 @@ class Worker:
         self._next_wseq: int | None = None
         # A remote worker's frames read ahead of the one being served (see _recv_remote).
         self._queued: collections.deque[bytes] = collections.deque()
+        # Messages of a batch handed over at once: a whole batch while calls are fast, fewer
+        # once a batch took longer than YIELD_S (see _sliced_batch).
+        self._slice = MAX_SLICE
         self.index = spec.index
         self.epoch = spec.epoch
         # Non-empty once a stop was requested (the signal numbers; 0 for a STOP frame). A list so
@@ -231,28 +239,51 @@ class Worker:
             if kind == ToWorker.BATCH:
                 if msg[3]:
                     await dispatch.careful_batch(msg)
-                elif self.lease is None:
-                    dispatch.on_batch(msg)
+                elif len(msg) - 4 <= self._slice:
+                    self._whole_batch(dispatch, msg, clock)
                 else:
-                    await self._remote_batch(dispatch, msg)
+                    await self._sliced_batch(dispatch, msg, clock)
             else:
                 self._cold_frame(dispatch, kind, msg)
 
-    async def _remote_batch(self, dispatch: Dispatcher, msg: list[Any]) -> None:
-        """A remote worker's batch, a slice of at most :data:`YIELD_S` at a time: between slices
-        the event loop runs (the heartbeat goes out) and what the front sent meanwhile is read
-        (a LEASE renews the lease, a STOP stops), so a long batch of a sync handler costs
-        neither the lease nor a prompt stop."""
+    def _whole_batch(
+        self, dispatch: Dispatcher, msg: list[Any], clock: Callable[[], float]
+    ) -> None:
+        """A batch in one go (the common case: calls are fast). If it took longer than
+        :data:`YIELD_S`, the next batches are handed over in slices (see :meth:`_sliced_batch`)."""
+        start = clock()
+        dispatch.on_batch(msg)
+        took = clock() - start
+        if took > YIELD_S:
+            self._slice = max(1, int((len(msg) - 4) * YIELD_S / took))
+
+    async def _sliced_batch(
+        self, dispatch: Dispatcher, msg: list[Any], clock: Callable[[], float]
+    ) -> None:
+        """A batch of slow calls, a slice of about :data:`YIELD_S` at a time: between slices the
+        event loop runs (the heartbeat goes out, so a long batch of a sync handler does not read
+        as a hung worker), and a remote worker reads what the front sent meanwhile (a LEASE
+        renews its lease, a STOP stops it). The slice follows the calls' cost: it halves when a
+        slice took too long and doubles when calls are fast again, back to whole batches."""
         first: int = msg[2]
         items = msg[4:]
-        end = first + len(items)
-        clock = dispatch.clock
-        at = dispatch.on_batch(msg, clock() + YIELD_S)
-        while at < end and not self.stop:
-            await asyncio.sleep(0)
-            self._read_ahead()
-            at = dispatch.on_batch([msg[0], msg[1], at, False, *items[at - first:]],
-                                   clock() + YIELD_S)
+        count = len(items)
+        size = self._slice
+        at = 0
+        while at < count and not self.stop:
+            start = clock()
+            end = dispatch.on_batch([msg[0], msg[1], first + at, False, *items[at : at + size]])
+            took = clock() - start
+            at = end - first
+            if took > YIELD_S:
+                size = max(1, int(size * YIELD_S / took))
+            elif took < YIELD_S / 4:
+                size = min(MAX_SLICE, size * 2)
+            if at < count:
+                await asyncio.sleep(0)
+                if self.lease is not None:
+                    self._read_ahead()
+        self._slice = size
 
     def _read_ahead(self) -> None:
         """Read everything ZeroMQ holds for a remote worker: LEASE and STOP are taken now, the
