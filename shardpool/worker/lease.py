@@ -15,14 +15,22 @@ over only ``lease_s + lease_margin_s`` after that frame: by then the worker has 
 A thread watches the deadline, so the fence holds while a synchronous handler holds the event
 loop; it needs the GIL only for a moment. Clocks of the two hosts are never compared: each side
 measures only its own intervals.
+
+The same thread watches the connection (a ZeroMQ socket monitor it alone reads): a connection the
+front's side closed (its process died, or it closed the socket) ends the lease at once, since an
+incarnation never reconnects. A link that is cut silently (a partition) is left to the deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
+
+import zmq
 
 from ..exitcodes import EXIT_FENCED
 
@@ -37,14 +45,28 @@ class Lease:
         granted_at: when the lease starts (the worker's monotonic clock: when it sent HELLO).
         grace_s: how long after the lease ran out a handler call may still finish before the
             process exits with :data:`EXIT_FENCED` (seconds; less than the front's margin).
+        monitor: the link socket's monitor (``get_monitor_socket(EVENT_DISCONNECTED)``), or
+            None; the lease's thread reads it, and closes it when it ends (or :meth:`close`
+            does, if the thread never started).
     """
 
-    def __init__(self, lease_s: float, granted_at: float, grace_s: float) -> None:
+    POLL_S = 0.05
+    """How often the thread looks at the monitor (seconds)."""
+
+    def __init__(
+        self,
+        lease_s: float,
+        granted_at: float,
+        grace_s: float,
+        monitor: zmq.Socket[bytes] | None = None,
+    ) -> None:
         self.lease_s = lease_s
         self.grace_s = grace_s
         self.until = granted_at + lease_s  # monotonic seconds
         self.rtt_s = 0.0  # the last heartbeat → LEASE round trip
         self.expired = False
+        self.link_closed = False  # the connection was closed from the front's side
+        self._monitor: Any = monitor
         self._cv = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -69,18 +91,50 @@ class Lease:
         self._thread.start()
 
     def close(self) -> None:
-        """The incarnation ended: stop watching."""
+        """The incarnation ended: stop watching (idempotent)."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
+            if self._thread is None:
+                self._close_monitor()
+
+    def _close_monitor(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+    def _link_closed(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds on the monitor (the lock not held); True once the
+        connection was closed."""
+        mon = self._monitor
+        if mon is None:
+            with self._cv:
+                if not self._closed:
+                    self._cv.wait(timeout)
+            return False
+        with contextlib.suppress(zmq.ZMQError):
+            if mon.poll(max(1, int(timeout * 1000))):
+                mon.recv_multipart(zmq.NOBLOCK)  # only EVENT_DISCONNECTED is asked for
+                self.link_closed = True
+        return self.link_closed
 
     def _watch(self, on_expire: Callable[[], None]) -> None:
-        with self._cv:
-            while not self._closed:
+        try:
+            self._watch_lease(on_expire)
+        finally:
+            with self._cv:
+                self._close_monitor()
+
+    def _watch_lease(self, on_expire: Callable[[], None]) -> None:
+        while True:
+            with self._cv:
+                if self._closed:
+                    return
                 left = self.until - time.monotonic()
-                if left <= 0:
-                    break
-                self._cv.wait(left)
+            wait = left if self._monitor is None else min(left, self.POLL_S)
+            if left <= 0 or self._link_closed(wait):
+                break
+        with self._cv:
             if self._closed:
                 return
             self.expired = True

@@ -20,6 +20,7 @@ worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -215,7 +216,12 @@ def _incarnation(opts: RemoteOptions, stop: _Stop) -> int | None:
             **{k: settings[k] for k in SETTINGS},
         )
         lease_s = float(settings["lease_s"])
-        lease = Lease(lease_s, sent_at, grace_s=float(settings["lease_margin_s"]) / 2)
+        lease = Lease(
+            lease_s,
+            sent_at,
+            grace_s=float(settings["lease_margin_s"]) / 2,
+            monitor=sock.get_monitor_socket(zmq.EVENT_DISCONNECTED),
+        )
         log.info("worker %s joined %s as worker %d (epoch %d)", opts.worker_id, opts.connect,
                  index, epoch)
         worker = Worker(spec, sock, lease)
@@ -226,17 +232,23 @@ def _incarnation(opts: RemoteOptions, stop: _Stop) -> int | None:
         try:
             code = asyncio.run(worker.run())
         finally:
+            lease.close()
             signal.signal(signal.SIGTERM, stop.note)
             signal.signal(signal.SIGINT, stop.note)
         if worker.stop and worker.stop[0] > 0:
             stop.event.set()  # a signal ended it: leave
         if code == EXIT_START_FAILED:
             return code
-        if lease.expired:
+        if lease.link_closed:
+            log.warning("worker %s: the front at %s closed the connection; joining again",
+                        opts.worker_id, opts.connect)
+        elif lease.expired:
             log.warning("worker %s: lost its lease to %s; joining again", opts.worker_id,
                         opts.connect)
         return EXIT_OK if stop.event.is_set() else None
     finally:
+        with contextlib.suppress(zmq.ZMQError):
+            sock.disable_monitor()
         sock.close()
         ctx.term()
 
