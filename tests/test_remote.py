@@ -4,11 +4,13 @@ leave, refusals, the lease; the rules of ``[remote]``. The tests across simulate
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +200,22 @@ def test_a_remote_worker_joins_takes_its_share_and_leaves_cleanly(tmp_path: Path
     assert stats["redelivered_dups"] == 0
 
 
+@contextlib.contextmanager
+def loopback(
+    tmp_path: Path, results: Results | None = None, **kw: Any
+) -> Iterator[tuple[ShardPool, HostService]]:
+    """A front with one local worker and remote worker w1 (a ``shardpool worker`` process on
+    loopback), once w1 has joined; everything stops on exit."""
+    cfg = front_config("tcp://127.0.0.1:*", ["w1"], tmp_path, **kw)
+    with ShardPool(config=cfg, on_result=results) as pool:
+        service = _service(pool._front.remote.endpoint, "w1")  # type: ignore[union-attr]
+        try:
+            wait_until(lambda: joined(pool, 1), 30, "the remote worker to join")
+            yield pool, service
+        finally:
+            service.stop()
+
+
 def remote_state(pool: ShardPool) -> str:
     return str(pool.placement()["remote"]["workers"][1]["state"])
 
@@ -297,19 +315,13 @@ def test_a_call_that_outlives_the_lease_ends_its_worker_before_the_channel_moves
     # The lease thread ends the process (EXIT_FENCED) before the front moves the channel, and
     # the message runs again elsewhere, flagged redelivered, after the first call was cut short.
     results = Results()
-    cfg = front_config("tcp://127.0.0.1:*", ["w1"], tmp_path, lease_s=0.5, margin_s=0.4)
-    with ShardPool(config=cfg, on_result=results) as pool:
-        service = _service(pool._front.remote.endpoint, "w1")  # type: ignore[union-attr]
-        try:
-            wait_until(lambda: joined(pool, 1), 30, "the remote worker to join")
-            cid = next(c for c in (b"hang-%03d" % i for i in range(500)) if pool.worker_of(c) == 1)
-            local_pid = pool.worker_pids()[0]
-            fut = pool.request(cid, {"i": 0, "ms": 2000})
-            assert fut.result(timeout=30) == [0, 1]  # counted once: the state was lost with it
-            wait_until(lambda: service.exits == [EXIT_FENCED], 10, "the fenced exit")
-            assert pool.placement()["remote"]["failovers"] == 1
-        finally:
-            service.stop()
+    with loopback(tmp_path, results, lease_s=0.5, margin_s=0.4) as (pool, service):
+        cid = next(c for c in (b"hang-%03d" % i for i in range(500)) if pool.worker_of(c) == 1)
+        local_pid = pool.worker_pids()[0]
+        fut = pool.request(cid, {"i": 0, "ms": 2000})
+        assert fut.result(timeout=30) == [0, 1]  # counted once: the state was lost with it
+        wait_until(lambda: service.exits == [EXIT_FENCED], 10, "the fenced exit")
+        assert pool.placement()["remote"]["failovers"] == 1
     calls = handlers.read_host_journal(str(tmp_path))[cid.hex()]
     assert [(c[0], c[2], c[3]) for c in calls] == [(0, True, local_pid)]  # the cut call left none
 
@@ -545,21 +557,15 @@ def test_a_long_batch_of_slow_calls_costs_a_remote_worker_neither_its_lease_nor_
     # 150 calls of 20 ms in few batches: 3 s of work, six times the lease. The worker serves a
     # batch a slice at a time and reads the front's LEASE answers between slices.
     results = Results()
-    cfg = front_config("tcp://127.0.0.1:*", ["w1"], tmp_path, lease_s=0.5, margin_s=0.3)
-    with ShardPool(config=cfg, on_result=results) as pool:
-        service = _service(pool._front.remote.endpoint, "w1")  # type: ignore[union-attr]
-        try:
-            wait_until(lambda: joined(pool, 1), 30, "the remote worker to join")
-            remote = [c for c in (b"sl-%03d" % i for i in range(400)) if pool.worker_of(c) == 1]
-            sent = dict.fromkeys(remote[:30], 0)
-            for _ in range(5):
-                for cid in sent:
-                    pool.submit(cid, {"i": sent[cid], "ms": 20})
-                    sent[cid] += 1
-            pool.drain(60)
-            assert pool.placement()["remote"]["failovers"] == 0
-            assert service.exits == []
-        finally:
-            service.stop()
+    with loopback(tmp_path, results, lease_s=0.5, margin_s=0.3) as (pool, service):
+        remote = [c for c in (b"sl-%03d" % i for i in range(400)) if pool.worker_of(c) == 1]
+        sent = dict.fromkeys(remote[:30], 0)
+        for _ in range(5):
+            for cid in sent:
+                pool.submit(cid, {"i": sent[cid], "ms": 20})
+                sent[cid] += 1
+        pool.drain(60)
+        assert pool.placement()["remote"]["failovers"] == 0
+        assert service.exits == []
     check_results(results, sent)
     assert check_journal(tmp_path, sent)["redelivered_dups"] == 0
