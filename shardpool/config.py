@@ -674,7 +674,6 @@ class RemoteConfig(_Section):
     """
 
     SECTION: ClassVar[str] = "remote"
-    CHECKS: ClassVar[tuple[Check, ...]] = ()
 
     bind: str = _str(
         default="", allowed=_TCP_ALLOWED, check=_is_tcp_endpoint,

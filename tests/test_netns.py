@@ -149,7 +149,8 @@ def test_everything_removed_and_no_default_route() -> None:
         ).stdout
         assert "UP" in lo.split(">")[0], lo
         # A process left running in a namespace is reaped on exit.
-        sleeper = hosts.popen(1, [sys.executable, "-c", "import time; time.sleep(120)"])
+        idle = "import time; time.sleep(120)"  # sleep-ok: a process for the cleanup to reap
+        sleeper = hosts.popen(1, [sys.executable, "-c", idle])
         raise RuntimeError("body failed")
     assert sleeper.poll() is not None, "the process in the namespace was not reaped"
     spaces = subprocess.run(

@@ -549,6 +549,7 @@ class Remote:
             "worker_id": peer.worker_id,
             "host": peer.host or "?",
             "pid": peer.pid,
+            "version": peer.version or None,
             "link": "up" if up else "away",
             "lease_age_s": time.monotonic() - peer.last_heard if up else None,
             "rtt_s": peer.rtt_s,

@@ -387,8 +387,6 @@ class Worker:
             dispatch.handoff.on_drain(msg[2], msg[3], msg[4], msg[5])
         elif kind == ToWorker.CANCEL:
             dispatch.handoff.on_cancel(msg[2])
-        elif kind == ToWorker.LEASE and self.lease is not None:
-            self.lease.renew(msg[2])
         elif kind == ToWorker.STOP:
             self.stop.append(0)  # the in-band stop request, for a worker that cannot be signalled
         else:
